@@ -1,0 +1,342 @@
+//! The node's HTTP API: health, readiness, and the admin view of the cluster. (The chat
+//! WebSocket API joins it in the chat service.)
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chatd_raftlog::{GroupId, NodeId};
+use serde::{Deserialize, Serialize};
+
+use crate::node::{Node, ProposeError};
+use crate::partition::{self, PartitionCommand, PartitionReply};
+
+/// Largest record accepted by the admin append endpoint.
+pub const RECORD_BYTES_MAX: usize = 1 << 20;
+/// Most records returned by one read.
+pub const READ_RECORDS_MAX: usize = 1000;
+
+/// The router for `node`.
+pub fn router(node: Arc<Node>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/admin/cluster", get(cluster_status))
+        .route(
+            "/v1/admin/partitions/{group}/records",
+            post(append_record).get(read_records),
+        )
+        .route("/v1/admin/partitions/{group}/digest", get(digest))
+        .layer(DefaultBodyLimit::max(RECORD_BYTES_MAX))
+        .with_state(node)
+}
+
+/// A JSON error body: a stable code and a sentence.
+#[derive(Serialize)]
+struct ApiError {
+    code: &'static str,
+    message: String,
+}
+
+fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(ApiError {
+            code,
+            message: message.into(),
+        }),
+    )
+        .into_response()
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    if node.ready() {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "metadata not bootstrapped or a hosted partition has no leader",
+        )
+    }
+}
+
+#[derive(Serialize)]
+struct Appended {
+    group: GroupId,
+    index: u64,
+    seq: u64,
+    leader: NodeId,
+}
+
+async fn append_record(
+    State(node): State<Arc<Node>>,
+    Path(group): Path<GroupId>,
+    body: axum::body::Bytes,
+) -> Response {
+    if group == 0 {
+        return error(StatusCode::BAD_REQUEST, "bad_group", "group 0 takes no records");
+    }
+    let cmd = match chatd_codec::encode(&PartitionCommand::Append(body.to_vec())) {
+        Ok(c) => c,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "encode", e.to_string()),
+    };
+    match node.propose(group, cmd).await {
+        Ok(p) => match chatd_codec::decode::<PartitionReply>(&p.response) {
+            Ok(PartitionReply::Appended { seq }) => Json(Appended {
+                group,
+                index: p.index,
+                seq,
+                leader: p.leader,
+            })
+            .into_response(),
+            Ok(PartitionReply::Malformed(m)) => error(StatusCode::BAD_REQUEST, "malformed", m),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "decode", e.to_string()),
+        },
+        Err(e @ ProposeError::UnknownGroup(_)) => {
+            error(StatusCode::NOT_FOUND, "unknown_partition", e.to_string())
+        }
+        Err(e @ ProposeError::NoLeader { .. }) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "no_leader", e.to_string())
+        }
+        Err(e @ ProposeError::Unknown { .. }) => {
+            error(StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", e.to_string())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ReadQuery {
+    #[serde(default = "one")]
+    from: u64,
+    #[serde(default = "hundred")]
+    limit: usize,
+}
+fn one() -> u64 {
+    1
+}
+fn hundred() -> usize {
+    100
+}
+
+#[derive(Serialize)]
+struct RecordOut {
+    seq: u64,
+    index: u64,
+    payload: String,
+}
+
+#[derive(Serialize)]
+struct RecordsOut {
+    node: NodeId,
+    group: GroupId,
+    count: u64,
+    records: Vec<RecordOut>,
+}
+
+/// This node's committed records of a partition (a local read, for checking replicas).
+async fn read_records(
+    State(node): State<Arc<Node>>,
+    Path(group): Path<GroupId>,
+    Query(q): Query<ReadQuery>,
+) -> Response {
+    if node.registry.get(group).is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_hosted",
+            format!("node {} does not host partition {group}", node.id),
+        );
+    }
+    let limit = q.limit.min(READ_RECORDS_MAX);
+    let result = partition::record_count(&node.store, group).and_then(|count| {
+        Ok((
+            count,
+            partition::read_records(&node.store, group, q.from, limit)?,
+        ))
+    });
+    match result {
+        Ok((count, records)) => Json(RecordsOut {
+            node: node.id,
+            group,
+            count,
+            records: records
+                .into_iter()
+                .map(|r| RecordOut {
+                    seq: r.seq,
+                    index: r.index,
+                    payload: String::from_utf8_lossy(&r.payload).into_owned(),
+                })
+                .collect(),
+        })
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    }
+}
+
+#[derive(Serialize)]
+struct DigestOut {
+    node: NodeId,
+    group: GroupId,
+    count: u64,
+    digest: String,
+}
+
+/// A digest of every committed record of a partition on this node.
+async fn digest(State(node): State<Arc<Node>>, Path(group): Path<GroupId>) -> Response {
+    if node.registry.get(group).is_none() {
+        return error(StatusCode::NOT_FOUND, "not_hosted", "partition not hosted here");
+    }
+    let mut h = chatd_membership::stable_hash(b"");
+    let mut count = 0u64;
+    let mut from = 1;
+    loop {
+        let batch = match partition::read_records(&node.store, group, from, READ_RECORDS_MAX) {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        };
+        let Some(last) = batch.last().map(|r| r.seq) else { break };
+        for r in &batch {
+            let mut bytes = r.seq.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&r.payload);
+            h = chatd_membership::stable_hash(&[h.to_be_bytes().as_slice(), &bytes].concat());
+            count += 1;
+        }
+        from = last + 1;
+    }
+    Json(DigestOut {
+        node: node.id,
+        group,
+        count,
+        digest: format!("{h:016x}"),
+    })
+    .into_response()
+}
+
+/// One replica's view of a partition.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ReplicaView {
+    pub node: NodeId,
+    pub role: String,
+    pub term: u64,
+    pub last_index: u64,
+    pub committed_index: u64,
+    pub applied_index: u64,
+    pub purged_index: Option<u64>,
+    pub snapshot_index: Option<u64>,
+}
+
+/// A partition in the cluster view.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PartitionView {
+    pub group: GroupId,
+    pub replicas: Vec<NodeId>,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub last_index: u64,
+    pub committed_index: u64,
+    pub applied_index: u64,
+    /// Replicas that did not answer or are behind the leader's commit.
+    pub healthy: bool,
+    pub replica_views: Vec<ReplicaView>,
+}
+
+/// A node in the cluster view.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: NodeId,
+    pub api_addr: String,
+    pub cluster_addr: String,
+    pub reachable: bool,
+    pub error: Option<String>,
+}
+
+/// The admin view of the cluster.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ClusterView {
+    pub cluster_id: String,
+    pub answered_by: NodeId,
+    pub metadata_bootstrapped: bool,
+    pub nodes: Vec<NodeView>,
+    pub partitions: Vec<PartitionView>,
+}
+
+async fn cluster_status(State(node): State<Arc<Node>>) -> Json<ClusterView> {
+    let ids: Vec<NodeId> = node.peers().keys().copied().collect();
+    let statuses =
+        futures::future::join_all(ids.iter().map(|id| node.peer_status(*id))).await;
+    let mut nodes = Vec::new();
+    let mut per_group: BTreeMap<GroupId, Vec<ReplicaView>> = BTreeMap::new();
+    let mut leaders: BTreeMap<GroupId, (u64, NodeId)> = BTreeMap::new();
+    for (id, status) in ids.iter().zip(statuses) {
+        let peer = &node.peers()[id];
+        nodes.push(NodeView {
+            id: *id,
+            api_addr: peer.api_addr.to_string(),
+            cluster_addr: peer.cluster_addr.to_string(),
+            reachable: status.is_ok(),
+            error: status.as_ref().err().cloned(),
+        });
+        let Ok(status) = status else { continue };
+        for g in status.groups {
+            if g.role == "Leader" {
+                let e = leaders.entry(g.group).or_insert((g.term, *id));
+                if g.term >= e.0 {
+                    *e = (g.term, *id);
+                }
+            }
+            per_group.entry(g.group).or_default().push(ReplicaView {
+                node: *id,
+                role: g.role,
+                term: g.term,
+                last_index: g.last_index,
+                committed_index: g.committed_index,
+                applied_index: g.applied_index,
+                purged_index: g.purged_index,
+                snapshot_index: g.snapshot_index,
+            });
+        }
+    }
+    let mut groups: Vec<(GroupId, Vec<NodeId>)> = vec![(0, ids.clone())];
+    groups.extend(
+        node.table
+            .assignments
+            .iter()
+            .map(|a| (a.group, a.replicas.clone())),
+    );
+    let partitions = groups
+        .into_iter()
+        .map(|(group, replicas)| {
+            let views = per_group.remove(&group).unwrap_or_default();
+            let leader = leaders.get(&group).map(|(_, n)| *n);
+            let lv = views.iter().find(|v| Some(v.node) == leader);
+            let (term, last, committed, applied) = lv
+                .map(|v| (v.term, v.last_index, v.committed_index, v.applied_index))
+                .unwrap_or((0, 0, 0, 0));
+            let healthy = leader.is_some()
+                && views.len() == replicas.len()
+                && views.iter().all(|v| v.applied_index + 1000 >= committed);
+            PartitionView {
+                group,
+                replicas,
+                leader,
+                term,
+                last_index: last,
+                committed_index: committed,
+                applied_index: applied,
+                healthy,
+                replica_views: views,
+            }
+        })
+        .collect();
+    Json(ClusterView {
+        cluster_id: node.config.cluster_id.clone(),
+        answered_by: node.id,
+        metadata_bootstrapped: node.meta.current().is_some(),
+        nodes,
+        partitions,
+    })
+}

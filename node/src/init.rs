@@ -1,0 +1,142 @@
+//! `chatd cluster init`: the cluster CA, node certificates and node configs.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use chatd_transport::pki::ClusterCa;
+
+use crate::config::{ClusterSection, Config, LogSection, Peer, RaftSection, StorageSection, TlsPaths};
+
+/// What `cluster init` produces.
+#[derive(Clone, Debug)]
+pub struct InitSpec {
+    /// Number of nodes.
+    pub nodes: u32,
+    /// Output directory.
+    pub out: PathBuf,
+    /// One host per node, or one host for all (ports then differ per node).
+    pub hosts: Vec<IpAddr>,
+    /// First port; node i uses base + 10·(i−1) for the API and +1 for QUIC.
+    pub base_port: u16,
+    /// Number of partitions.
+    pub partitions: u32,
+    /// Raft settings written into every config.
+    pub raft: RaftSection,
+}
+
+/// The files written for one node.
+#[derive(Clone, Debug)]
+pub struct NodeFiles {
+    /// Node id.
+    pub id: u64,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its peer entry.
+    pub peer: Peer,
+}
+
+/// Writes `out/ca.pem`, `out/ca.key` and `out/node-<id>/{chatd.toml,node.pem,node.key,ca.pem}`.
+/// Refuses to overwrite an existing CA.
+pub fn init_cluster(spec: &InitSpec) -> anyhow::Result<Vec<NodeFiles>> {
+    if spec.nodes == 0 || spec.nodes > 64 {
+        bail!("--nodes must be between 1 and 64, got {}", spec.nodes);
+    }
+    if spec.hosts.is_empty() {
+        bail!("at least one host is needed");
+    }
+    if spec.hosts.len() > 1 && spec.hosts.len() != spec.nodes as usize {
+        bail!(
+            "give one host for all nodes or one per node ({} hosts for {} nodes)",
+            spec.hosts.len(),
+            spec.nodes
+        );
+    }
+    let ca_path = spec.out.join("ca.pem");
+    if ca_path.exists() {
+        bail!(
+            "{} already exists: refusing to replace the cluster CA of an existing cluster",
+            ca_path.display()
+        );
+    }
+    std::fs::create_dir_all(&spec.out)
+        .with_context(|| format!("cannot create {}", spec.out.display()))?;
+    let cluster_id = new_cluster_id();
+    let ca = ClusterCa::generate(&cluster_id).context("cannot generate the cluster CA")?;
+    write_file(&ca_path, ca.cert_pem(), false)?;
+    write_file(&spec.out.join("ca.key"), ca.key_pem(), true)?;
+
+    let peers: Vec<Peer> = (1..=spec.nodes as u64)
+        .map(|id| {
+            let (host, offset) = if spec.hosts.len() == 1 {
+                (spec.hosts[0], (id - 1) as u16 * 10)
+            } else {
+                (spec.hosts[(id - 1) as usize], 0)
+            };
+            let api = spec.base_port.saturating_add(offset);
+            Peer {
+                id,
+                api_addr: SocketAddr::new(host, api),
+                cluster_addr: SocketAddr::new(host, api.saturating_add(1)),
+            }
+        })
+        .collect();
+
+    let mut out = Vec::new();
+    for peer in &peers {
+        let dir = spec.out.join(format!("node-{}", peer.id));
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let cert = ca
+            .issue_node(peer.id, &[peer.cluster_addr.ip()])
+            .context("cannot issue a node certificate")?;
+        write_file(&dir.join("ca.pem"), ca.cert_pem(), false)?;
+        write_file(&dir.join("node.pem"), &cert.cert_pem, false)?;
+        write_file(&dir.join("node.key"), &cert.key_pem, true)?;
+        let config = Config {
+            cluster_id: cluster_id.clone(),
+            node_id: peer.id,
+            data_dir: "data".into(),
+            tls: TlsPaths {
+                ca_cert: "ca.pem".into(),
+                cert: "node.pem".into(),
+                key: "node.key".into(),
+            },
+            peers: peers.clone(),
+            cluster: ClusterSection {
+                partitions: spec.partitions,
+                replication: None,
+            },
+            raft: spec.raft.clone(),
+            storage: StorageSection::default(),
+            log: LogSection::default(),
+        };
+        config
+            .validate()
+            .map_err(|e| anyhow::anyhow!("generated config is invalid: {e}"))?;
+        let text = toml::to_string_pretty(&config).context("cannot encode the config")?;
+        let path = dir.join("chatd.toml");
+        write_file(&path, &text, false)?;
+        out.push(NodeFiles {
+            id: peer.id,
+            config: path,
+            peer: peer.clone(),
+        });
+    }
+    Ok(out)
+}
+
+fn write_file(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    if secret {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("cannot restrict {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn new_cluster_id() -> String {
+    let r: u64 = rand::random();
+    format!("chatd-{r:016x}")
+}

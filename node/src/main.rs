@@ -1,0 +1,230 @@
+//! The `chatd` binary: thin glue over the chatd library.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use chatd::config::RaftSection;
+use chatd::init::{init_cluster, InitSpec};
+use clap::{Parser, Subcommand};
+
+/// chatd: a self-contained live chat cluster node.
+///
+/// With no arguments it runs a single-node cluster with its data in ./chatd-data,
+/// creating it on first start.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a node.
+    Run {
+        /// The node's config file [default: ./chatd-data/node-1/chatd.toml, created if absent]
+        #[arg(long, env = "CHATD_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Cluster administration.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
+    /// Start a local cluster of child processes on loopback and write DIR/demo.json.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value = "chatd-demo")]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 7000)]
+        base_port: u16,
+        #[arg(long, default_value_t = 64)]
+        partitions: u32,
+    },
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        command: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Generate the cluster CA, node certificates and node configs.
+    Init {
+        /// Number of nodes.
+        #[arg(long)]
+        nodes: u32,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// Host address(es): one for all nodes (ports differ), or one per node.
+        #[arg(long = "host", default_value = "127.0.0.1")]
+        hosts: Vec<IpAddr>,
+        /// Node i listens for clients on base-port + 10·(i−1) and for nodes on that +1.
+        #[arg(long, default_value_t = 7000)]
+        base_port: u16,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 64)]
+        partitions: u32,
+        /// Leader heartbeat interval (ms).
+        #[arg(long)]
+        heartbeat_interval_ms: Option<u64>,
+        /// Election timeout lower bound (ms); the upper bound is twice it.
+        #[arg(long)]
+        election_timeout_ms: Option<u64>,
+        /// Snapshot after this many entries.
+        #[arg(long)]
+        snapshot_logs_since_last: Option<u64>,
+        /// Entries kept below a snapshot.
+        #[arg(long)]
+        snapshot_logs_to_keep: Option<u64>,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Replicated appends on an in-process cluster (real RocksDB with fsync, real QUIC).
+    Log {
+        #[arg(long, default_value_t = 3)]
+        nodes: u32,
+        #[arg(long, default_value_t = 64)]
+        partitions: u32,
+        #[arg(long, default_value_t = 256)]
+        in_flight: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 1024)]
+        entry_bytes: usize,
+        #[arg(long, default_value_t = 17000)]
+        base_port: u16,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Cmd::Run { config: None }) {
+        Cmd::Run { config } => {
+            let path = match config {
+                Some(p) => p,
+                None => default_single_node()?,
+            };
+            chatd::run::run(&path).await
+        }
+        Cmd::Cluster {
+            command:
+                ClusterCmd::Init {
+                    nodes,
+                    out,
+                    hosts,
+                    base_port,
+                    partitions,
+                    heartbeat_interval_ms,
+                    election_timeout_ms,
+                    snapshot_logs_since_last,
+                    snapshot_logs_to_keep,
+                },
+        } => {
+            let mut raft = RaftSection::default();
+            if let Some(v) = heartbeat_interval_ms {
+                raft.heartbeat_interval_ms = v;
+            }
+            if let Some(v) = election_timeout_ms {
+                raft.election_timeout_min_ms = v;
+                raft.election_timeout_max_ms = v * 2;
+            }
+            if let Some(v) = snapshot_logs_since_last {
+                raft.snapshot_logs_since_last = v;
+            }
+            if let Some(v) = snapshot_logs_to_keep {
+                raft.snapshot_logs_to_keep = v;
+            }
+            let files = init_cluster(&InitSpec {
+                nodes,
+                out: out.clone(),
+                hosts,
+                base_port,
+                partitions,
+                raft,
+            })?;
+            println!("cluster initialised in {}", out.display());
+            for f in files {
+                println!(
+                    "  node {}: config {}  api {}  cluster {}",
+                    f.id,
+                    f.config.display(),
+                    f.peer.api_addr,
+                    f.peer.cluster_addr
+                );
+            }
+            Ok(())
+        }
+        Cmd::Demo {
+            nodes,
+            data_dir,
+            base_port,
+            partitions,
+        } => chatd::demo::demo(nodes, &data_dir, base_port, partitions).await,
+        Cmd::Bench {
+            command:
+                BenchCmd::Log {
+                    nodes,
+                    partitions,
+                    in_flight,
+                    seconds,
+                    entry_bytes,
+                    base_port,
+                    json,
+                },
+        } => {
+            let r = chatd::bench::bench_log(&chatd::bench::BenchSpec {
+                nodes,
+                partitions,
+                in_flight,
+                seconds,
+                entry_bytes,
+                base_port,
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "nodes={} partitions={} in_flight={} entry_bytes={} seconds={:.1}",
+                    r.nodes, r.partitions, r.in_flight, r.entry_bytes, r.seconds
+                );
+                println!(
+                    "entries={} errors={} entries/s={:.0}  commit latency ms: p50={:.2} p99={:.2} p99.9={:.2} max={:.2}",
+                    r.entries, r.errors, r.entries_per_sec, r.p50_ms, r.p99_ms, r.p999_ms, r.max_ms
+                );
+                println!("fdatasyncs per node: {:?}", r.fsyncs_per_node);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The embedded default: a single-node cluster in ./chatd-data, created on first start.
+fn default_single_node() -> anyhow::Result<PathBuf> {
+    let dir = Path::new("chatd-data");
+    let config = dir.join("node-1").join("chatd.toml");
+    if !config.exists() {
+        init_cluster(&InitSpec {
+            nodes: 1,
+            out: dir.to_path_buf(),
+            hosts: vec![IpAddr::from([127, 0, 0, 1])],
+            base_port: 7000,
+            partitions: 64,
+            raft: RaftSection::default(),
+        })
+        .context("cannot create the single-node cluster in ./chatd-data")?;
+        eprintln!("created a single-node cluster in ./chatd-data (API on 127.0.0.1:7000)");
+    }
+    Ok(config)
+}

@@ -1,0 +1,530 @@
+//! A running chatd node: storage, QUIC, the Raft groups it hosts, and proposal routing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chatd_membership::{
+    place, ClusterMeta, MetaApplier, MetaCommand, NodeInfo, PartitionTable, RoutingTable,
+    META_GROUP,
+};
+use chatd_raftlog::{Command, GroupId, GroupStatus, NodeId, RaftReply, Registry, RAFT_SERVICE_TAG};
+use chatd_storage::{NodeIdentity, Storage};
+use chatd_transport::{Endpoint, PeerInfo, TlsIdentity, TransportError, TransportLimits};
+use futures::future::BoxFuture;
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::BasicNode;
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, Peer};
+use crate::partition::PartitionApplier;
+
+/// First byte of node-to-node requests that are not Raft RPCs.
+pub const NODE_SERVICE_TAG: u8 = 0x02;
+/// Upper bound on routing attempts of one proposal.
+pub const PROPOSE_ATTEMPTS_MAX: u32 = 20;
+/// Pause between routing attempts when no leader is known.
+const PROPOSE_BACKOFF_MS: u64 = 50;
+/// Timeout of a status call to a peer.
+const STATUS_CALL_TIMEOUT_MS: u64 = 1_000;
+
+/// Node-to-node requests.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum NodeRequest {
+    /// Propose `command` to `group`, here only (the receiver does not forward).
+    Propose { group: GroupId, command: Vec<u8> },
+    /// The receiver's view of its groups.
+    Status,
+}
+
+/// Answers to [`NodeRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum NodeReply {
+    /// Committed and applied at `index`, with the state machine's answer.
+    Proposed { index: u64, response: Vec<u8> },
+    /// The receiver is not the leader; `leader` is its hint.
+    NotLeader { leader: Option<NodeId> },
+    /// The receiver's status.
+    Status(NodeStatus),
+    /// The request failed; the outcome of a proposal is unknown.
+    Failed(String),
+}
+
+/// One node's view of its groups.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node.
+    pub node_id: NodeId,
+    /// Every group it hosts.
+    pub groups: Vec<GroupStatus>,
+}
+
+/// A committed proposal.
+#[derive(Clone, Debug)]
+pub struct Proposed {
+    /// Raft log index of the entry.
+    pub index: u64,
+    /// The state machine's answer.
+    pub response: Vec<u8>,
+    /// The leader that committed it.
+    pub leader: NodeId,
+}
+
+/// Why a proposal has no result.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// The group does not exist in this cluster.
+    #[error("partition {0} does not exist")]
+    UnknownGroup(GroupId),
+    /// No leader accepted it within the time or attempt bound; it was not committed.
+    #[error("no leader for partition {group} after {attempts} attempts")]
+    NoLeader { group: GroupId, attempts: u32 },
+    /// The request may or may not have been committed (a leader failed mid-request).
+    #[error("outcome unknown for partition {group}: {cause}")]
+    Unknown { group: GroupId, cause: String },
+}
+
+/// The QUIC handler: routes on the first byte to Raft or node services.
+#[derive(Default)]
+struct QuicHandler {
+    registry: OnceLock<Arc<Registry>>,
+    node: OnceLock<Weak<Node>>,
+}
+
+impl QuicHandler {
+    fn serve(self: &Arc<Self>, _peer: PeerInfo, request: Bytes) -> BoxFuture<'static, Bytes> {
+        let this = self.clone();
+        Box::pin(async move {
+            match request.first() {
+                Some(&RAFT_SERVICE_TAG) => match this.registry.get() {
+                    Some(r) => r.handle(&request[1..]).await,
+                    None => encode_or_empty(&RaftReply::UnknownGroup(0)),
+                },
+                Some(&NODE_SERVICE_TAG) => {
+                    let node = this.node.get().and_then(Weak::upgrade);
+                    let reply = match (node, chatd_codec::decode::<NodeRequest>(&request[1..])) {
+                        (None, _) => NodeReply::Failed("node is starting".into()),
+                        (_, Err(e)) => NodeReply::Failed(format!("malformed request: {e}")),
+                        (Some(node), Ok(req)) => node.serve(req).await,
+                    };
+                    encode_or_empty(&reply)
+                }
+                _ => {
+                    tracing::warn!("QUIC request with an unknown service tag; ignored");
+                    Bytes::new()
+                }
+            }
+        })
+    }
+}
+
+fn encode_or_empty<T: Serialize>(v: &T) -> Bytes {
+    match chatd_codec::encode(v) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode a reply");
+            Bytes::new()
+        }
+    }
+}
+
+/// A running node.
+pub struct Node {
+    /// Its configuration.
+    pub config: Config,
+    /// Its id.
+    pub id: NodeId,
+    /// Its database.
+    pub store: Storage,
+    /// Its QUIC endpoint.
+    pub endpoint: Endpoint,
+    /// The Raft groups it hosts.
+    pub registry: Arc<Registry>,
+    /// Group 0's state.
+    pub meta: Arc<MetaApplier>,
+    /// The placement computed from the static peer list.
+    pub table: PartitionTable,
+    /// Partition → leader hints.
+    pub routing: RoutingTable,
+    peers: BTreeMap<NodeId, Peer>,
+    propose_timeout: Duration,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The data directory cannot be used.
+    #[error(transparent)]
+    Storage(#[from] chatd_storage::StorageError),
+    /// TLS files or the QUIC endpoint.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Raft groups.
+    #[error(transparent)]
+    Raft(#[from] chatd_raftlog::RaftlogError),
+    /// Placement.
+    #[error(transparent)]
+    Placement(#[from] chatd_membership::PlacementError),
+    /// Group 0's stored state.
+    #[error(transparent)]
+    Membership(#[from] chatd_membership::MembershipError),
+}
+
+impl Node {
+    /// Opens the node's data, binds QUIC, and starts (or recovers) every group it hosts.
+    pub async fn start(config: Config) -> Result<Arc<Self>, StartError> {
+        let id = config.node_id;
+        let identity = NodeIdentity {
+            cluster_id: config.cluster_id.clone(),
+            node_id: id,
+        };
+        let tls = TlsIdentity::load(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
+        let store = Storage::open(&config.data_dir.join("db"), &identity, &config.storage.options())?;
+        let me = config.me().cloned().ok_or_else(|| {
+            chatd_raftlog::RaftlogError::Config(format!("node {id} is not in the peer list"))
+        })?;
+        let handler = Arc::new(QuicHandler::default());
+        let h = handler.clone();
+        let endpoint = Endpoint::bind(
+            me.cluster_addr,
+            &tls,
+            TransportLimits::default(),
+            Arc::new(move |peer: PeerInfo, req: Bytes| h.serve(peer, req)),
+        )?;
+        let registry = Registry::new(
+            id,
+            store.clone(),
+            endpoint.clone(),
+            config.data_dir.join("snapshots"),
+            &config.raft.options(),
+            &config.cluster_id,
+        )?;
+        let _ = handler.registry.set(registry.clone());
+
+        let peers: BTreeMap<NodeId, Peer> =
+            config.peers.iter().map(|p| (p.id, p.clone())).collect();
+        let ids: Vec<NodeId> = peers.keys().copied().collect();
+        let table = place(&ids, config.cluster.partitions, config.replication())?;
+
+        let meta = MetaApplier::new();
+        meta.load(&store)?;
+        registry.open_group(META_GROUP, meta.clone()).await?;
+        if ids.first() == Some(&id) {
+            let voters = peers
+                .values()
+                .map(|p| (p.id, BasicNode::new(p.cluster_addr.to_string())))
+                .collect();
+            registry.initialize(META_GROUP, voters).await?;
+        }
+        let applier = Arc::new(PartitionApplier);
+        for group in table.groups_of(id) {
+            registry.open_group(group, applier.clone()).await?;
+            let Some(a) = table.get(group) else { continue };
+            if a.replicas.first() == Some(&id) {
+                let voters = a
+                    .replicas
+                    .iter()
+                    .filter_map(|r| peers.get(r))
+                    .map(|p| (p.id, BasicNode::new(p.cluster_addr.to_string())))
+                    .collect();
+                registry.initialize(group, voters).await?;
+            }
+        }
+        let node = Arc::new(Node {
+            propose_timeout: Duration::from_millis(config.raft.propose_timeout_ms),
+            config,
+            id,
+            store,
+            endpoint,
+            registry,
+            meta,
+            table,
+            routing: RoutingTable::new(),
+            peers,
+        });
+        let _ = handler.node.set(Arc::downgrade(&node));
+        tokio::spawn(bootstrap_meta(Arc::downgrade(&node)));
+        tracing::info!(
+            node = id,
+            groups = node.registry.groups().len(),
+            cluster_addr = %me.cluster_addr,
+            "node started"
+        );
+        Ok(node)
+    }
+
+    /// The peers of the static peer list.
+    pub fn peers(&self) -> &BTreeMap<NodeId, Peer> {
+        &self.peers
+    }
+
+    /// This node's client API address.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.peers.get(&self.id).map(|p| p.api_addr)
+    }
+
+    /// True when the metadata is bootstrapped and every hosted group knows a leader.
+    pub fn ready(&self) -> bool {
+        self.meta.current().is_some()
+            && self.registry.groups().iter().all(|g| {
+                self.registry
+                    .get(*g)
+                    .map(|r| r.metrics().borrow().current_leader.is_some())
+                    .unwrap_or(false)
+            })
+    }
+
+    async fn serve(&self, req: NodeRequest) -> NodeReply {
+        match req {
+            NodeRequest::Propose { group, command } => self.propose_here(group, command).await,
+            NodeRequest::Status => NodeReply::Status(self.local_status().await),
+        }
+    }
+
+    /// This node's view of the groups it hosts.
+    pub async fn local_status(&self) -> NodeStatus {
+        let mut groups = Vec::new();
+        for g in self.registry.groups() {
+            if let Some(s) = self.registry.status(g).await {
+                groups.push(s);
+            }
+        }
+        NodeStatus {
+            node_id: self.id,
+            groups,
+        }
+    }
+
+    /// Asks `peer` for its status over QUIC (or answers locally for this node).
+    pub async fn peer_status(&self, peer: NodeId) -> Result<NodeStatus, String> {
+        if peer == self.id {
+            return Ok(self.local_status().await);
+        }
+        let addr = self
+            .peers
+            .get(&peer)
+            .ok_or_else(|| format!("unknown node {peer}"))?
+            .cluster_addr;
+        match self
+            .call(addr, &NodeRequest::Status, Duration::from_millis(STATUS_CALL_TIMEOUT_MS))
+            .await
+        {
+            Ok(NodeReply::Status(s)) => Ok(s),
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    async fn call(
+        &self,
+        addr: SocketAddr,
+        req: &NodeRequest,
+        timeout: Duration,
+    ) -> Result<NodeReply, CallError> {
+        let mut frame = vec![NODE_SERVICE_TAG];
+        chatd_codec::encode_into(req, &mut frame).map_err(|e| CallError::Failed(e.to_string()))?;
+        let reply = self
+            .endpoint
+            .call_with_timeout(addr, Bytes::from(frame), timeout)
+            .await
+            .map_err(|e| match e {
+                TransportError::Connect { .. } | TransportError::ConnectTimeout { .. } => {
+                    CallError::NotSent(e.to_string())
+                }
+                other => CallError::Failed(other.to_string()),
+            })?;
+        chatd_codec::decode(&reply).map_err(|e| CallError::Failed(e.to_string()))
+    }
+
+    async fn propose_here(&self, group: GroupId, command: Vec<u8>) -> NodeReply {
+        let Some(raft) = self.registry.get(group) else {
+            return NodeReply::NotLeader { leader: None };
+        };
+        match raft.client_write(Command(command)).await {
+            Ok(resp) => NodeReply::Proposed {
+                index: resp.log_id.index,
+                response: resp.data.0,
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                NodeReply::NotLeader {
+                    leader: f.leader_id,
+                }
+            }
+            Err(e) => NodeReply::Failed(e.to_string()),
+        }
+    }
+
+    fn leader_hint(&self, group: GroupId, avoid: &HashSet<NodeId>) -> Option<NodeId> {
+        if let Some(l) = self.routing.leader(group).filter(|l| !avoid.contains(l)) {
+            return Some(l);
+        }
+        if let Some(raft) = self.registry.get(group) {
+            if let Some(l) = raft.metrics().borrow().current_leader {
+                if !avoid.contains(&l) {
+                    return Some(l);
+                }
+            }
+        }
+        let replicas: Vec<NodeId> = if group == META_GROUP {
+            self.peers.keys().copied().collect()
+        } else {
+            self.table.get(group)?.replicas.clone()
+        };
+        replicas.into_iter().find(|r| !avoid.contains(r))
+    }
+
+    /// Proposes `command` to `group` on its leader, wherever it is, and waits until it is
+    /// committed on a majority and applied. Retries only where the command surely was not
+    /// appended (not leader, not connected), so a command is never appended twice by us.
+    pub async fn propose(&self, group: GroupId, command: Vec<u8>) -> Result<Proposed, ProposeError> {
+        if group != META_GROUP && self.table.get(group).is_none() {
+            return Err(ProposeError::UnknownGroup(group));
+        }
+        let deadline = Instant::now() + self.propose_timeout;
+        let mut avoid = HashSet::new();
+        for attempt in 1..=PROPOSE_ATTEMPTS_MAX {
+            if Instant::now() >= deadline {
+                return Err(ProposeError::NoLeader { group, attempts: attempt - 1 });
+            }
+            let Some(target) = self.leader_hint(group, &avoid) else {
+                avoid.clear();
+                tokio::time::sleep(Duration::from_millis(PROPOSE_BACKOFF_MS)).await;
+                continue;
+            };
+            let reply = if target == self.id {
+                self.propose_here(group, command.clone()).await
+            } else {
+                let Some(peer) = self.peers.get(&target) else {
+                    avoid.insert(target);
+                    continue;
+                };
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let req = NodeRequest::Propose {
+                    group,
+                    command: command.clone(),
+                };
+                match self.call(peer.cluster_addr, &req, remaining).await {
+                    Ok(r) => r,
+                    Err(CallError::NotSent(cause)) => {
+                        tracing::debug!(group, target, %cause, "leader unreachable");
+                        self.routing.update(group, None);
+                        avoid.insert(target);
+                        tokio::time::sleep(Duration::from_millis(PROPOSE_BACKOFF_MS)).await;
+                        continue;
+                    }
+                    Err(CallError::Failed(cause)) => {
+                        self.routing.update(group, None);
+                        return Err(ProposeError::Unknown { group, cause });
+                    }
+                }
+            };
+            match reply {
+                NodeReply::Proposed { index, response } => {
+                    self.routing.update(group, Some(target));
+                    return Ok(Proposed {
+                        index,
+                        response,
+                        leader: target,
+                    });
+                }
+                NodeReply::NotLeader { leader } => {
+                    avoid.insert(target);
+                    let hint = leader.filter(|l| *l != target);
+                    self.routing.update(group, hint);
+                    if hint.is_none() {
+                        tokio::time::sleep(Duration::from_millis(PROPOSE_BACKOFF_MS)).await;
+                    } else if let Some(h) = hint {
+                        avoid.remove(&h);
+                    }
+                }
+                NodeReply::Failed(cause) => {
+                    self.routing.update(group, None);
+                    return Err(ProposeError::Unknown { group, cause });
+                }
+                NodeReply::Status(_) => {
+                    return Err(ProposeError::Unknown {
+                        group,
+                        cause: "peer answered a proposal with a status".into(),
+                    })
+                }
+            }
+        }
+        Err(ProposeError::NoLeader {
+            group,
+            attempts: PROPOSE_ATTEMPTS_MAX,
+        })
+    }
+
+    /// Stops the Raft groups and the QUIC endpoint; data is synced.
+    pub async fn shutdown(&self) {
+        self.registry.shutdown().await;
+        self.endpoint.close().await;
+        if let Err(e) = self.store.sync_wal() {
+            tracing::warn!(error = %e, "final sync failed");
+        }
+        tracing::info!(node = self.id, "node stopped");
+    }
+
+    /// The cluster metadata this node would bootstrap group 0 with.
+    fn initial_meta(&self) -> ClusterMeta {
+        ClusterMeta {
+            cluster_id: self.config.cluster_id.clone(),
+            nodes: self
+                .peers
+                .values()
+                .map(|p| {
+                    (
+                        p.id,
+                        NodeInfo {
+                            id: p.id,
+                            cluster_addr: p.cluster_addr.to_string(),
+                            api_addr: p.api_addr.to_string(),
+                        },
+                    )
+                })
+                .collect(),
+            table: self.table.clone(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    /// The request never reached the peer.
+    #[error("not sent: {0}")]
+    NotSent(String),
+    /// The request may have reached the peer.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Writes the cluster metadata into group 0 once; every node tries until it is there.
+async fn bootstrap_meta(node: Weak<Node>) {
+    loop {
+        let Some(n) = node.upgrade() else { return };
+        if let Some(meta) = n.meta.current() {
+            if meta.table != n.table {
+                tracing::error!(
+                    "the partition table in group 0 differs from the one this node's config \
+                     describes; this node serves the stored table's groups it hosts"
+                );
+            }
+            return;
+        }
+        let cmd = match chatd_codec::encode(&MetaCommand::Bootstrap(n.initial_meta())) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode the bootstrap command");
+                return;
+            }
+        };
+        match n.propose(META_GROUP, cmd).await {
+            Ok(_) => tracing::info!("cluster metadata bootstrapped"),
+            Err(e) => tracing::debug!(error = %e, "metadata bootstrap not yet possible"),
+        }
+        drop(n);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,6 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! chatd end to end: real node processes, real RocksDB, real QUIC on loopback.
+
+mod bad_input;
+mod harness;
+mod replication;

@@ -1,0 +1,139 @@
+//! Per-partition Raft logs: openraft groups that share one node's RocksDB and one QUIC
+//! connection per peer.
+//!
+//! `raftlog` knows Raft, but nothing of chats: a group's commands are opaque bytes handed to
+//! an [`Applier`] that the layer above provides. It knows the network only as
+//! `chatd_transport::Endpoint` moving opaque bytes between nodes.
+//!
+//! Durability: a log append is acknowledged to openraft only after the storage layer's group
+//! commit has fdatasynced it; votes and purges are synced before they return. The state
+//! machine writes its effects and its last-applied log id in one RocksDB write batch, so an
+//! entry is applied exactly once even across crashes.
+
+mod keys;
+mod log_store;
+mod network;
+mod registry;
+mod state_machine;
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+pub use log_store::LogStore;
+pub use network::{NetworkFactory, RaftReply, RaftRequest, RAFT_SERVICE_TAG};
+pub use registry::{GroupStatus, Registry};
+pub use state_machine::{read_record, scan_records, Applier, ApplyTxn, StateMachine};
+
+/// A node's id in the cluster.
+pub type NodeId = u64;
+/// A Raft group's id: 0 is the metadata group, 1..=P the partitions.
+pub type GroupId = u64;
+
+/// An opaque command for a group's state machine.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command(pub Vec<u8>);
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "command({} bytes)", self.0.len())
+    }
+}
+
+/// The state machine's answer to one command, opaque to raftlog.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response(pub Vec<u8>);
+
+openraft::declare_raft_types!(
+    /// chatd's openraft type configuration.
+    pub TypeConfig:
+        D = Command,
+        R = Response,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = tokio::fs::File,
+        AsyncRuntime = openraft::TokioRuntime,
+);
+
+/// A group's Raft handle.
+pub type Raft = openraft::Raft<TypeConfig>;
+/// Log id of an entry.
+pub type LogId = openraft::LogId<NodeId>;
+/// openraft's storage error for our node id type.
+pub type StorageError = openraft::StorageError<NodeId>;
+
+/// Errors raised by raftlog outside openraft's own error types.
+#[derive(Debug, thiserror::Error)]
+pub enum RaftlogError {
+    /// The openraft configuration is invalid.
+    #[error("invalid raft configuration: {0}")]
+    Config(String),
+    /// openraft refused to start the group (storage unreadable, ...).
+    #[error("cannot start raft group {group}: {cause}")]
+    Start { group: GroupId, cause: String },
+    /// Storage failed.
+    #[error(transparent)]
+    Storage(#[from] chatd_storage::StorageError),
+    /// The snapshot directory could not be prepared.
+    #[error("snapshot directory {path}: {cause}")]
+    SnapshotDir { path: String, cause: String },
+}
+
+/// Tunables of every group, with units in their names.
+#[derive(Clone, Debug)]
+pub struct RaftOptions {
+    /// Leader heartbeat period.
+    pub heartbeat_interval_ms: u64,
+    /// Lower bound of the randomised election timeout.
+    pub election_timeout_min_ms: u64,
+    /// Upper bound of the randomised election timeout.
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many applied entries since the last one.
+    pub snapshot_logs_since_last: u64,
+    /// Entries kept in the log below the snapshot, for slow followers.
+    pub snapshot_logs_to_keep: u64,
+    /// Size of one snapshot chunk sent to a follower.
+    pub snapshot_chunk_bytes_max: u64,
+    /// Entries sent in one AppendEntries.
+    pub append_entries_max: u64,
+}
+
+impl Default for RaftOptions {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_logs_since_last: 50_000,
+            snapshot_logs_to_keep: 5_000,
+            snapshot_chunk_bytes_max: 1 << 20,
+            append_entries_max: 512,
+        }
+    }
+}
+
+impl RaftOptions {
+    /// The validated openraft configuration for a group.
+    pub fn to_config(&self, cluster_name: &str) -> Result<openraft::Config, RaftlogError> {
+        let config = openraft::Config {
+            cluster_name: cluster_name.to_string(),
+            heartbeat_interval: self.heartbeat_interval_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            install_snapshot_timeout: 5_000,
+            max_payload_entries: self.append_entries_max,
+            replication_lag_threshold: self.snapshot_logs_to_keep.max(1),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
+                self.snapshot_logs_since_last,
+            ),
+            snapshot_max_chunk_size: self.snapshot_chunk_bytes_max,
+            max_in_snapshot_log_to_keep: self.snapshot_logs_to_keep,
+            purge_batch_size: 1024,
+            ..Default::default()
+        };
+        config
+            .validate()
+            .map_err(|e| RaftlogError::Config(e.to_string()))
+    }
+}

@@ -1,0 +1,192 @@
+//! The Raft log of one group, in the node's shared RocksDB.
+
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+use chatd_storage::{Batch, Cf, Storage};
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{Entry, OptionalSend, RaftLogReader, StorageIOError, Vote};
+
+use crate::keys::{log_key, meta_key, META_PURGED, META_VOTE};
+use crate::{GroupId, LogId, NodeId, StorageError, TypeConfig};
+
+/// Upper bound on entries returned by one log read.
+pub const LOG_READ_ENTRIES_MAX: usize = 4096;
+
+/// One group's log. Clones share the database and are used as log readers.
+#[derive(Clone)]
+pub struct LogStore {
+    group: GroupId,
+    store: Storage,
+}
+
+fn io_read(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_logs(&e).into()
+}
+fn io_write(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_logs(&e).into()
+}
+
+impl LogStore {
+    /// The log of `group` in `store`.
+    pub fn new(group: GroupId, store: Storage) -> Self {
+        Self { group, store }
+    }
+
+    fn read_meta<T: serde::de::DeserializeOwned>(
+        &self,
+        tag: u8,
+    ) -> Result<Option<T>, StorageError> {
+        match self
+            .store
+            .get(Cf::RaftMeta, &meta_key(self.group, tag))
+            .map_err(io_read)?
+        {
+            Some(bytes) => chatd_codec::decode(&bytes).map(Some).map_err(io_read),
+            None => Ok(None),
+        }
+    }
+
+    fn last_purged(&self) -> Result<Option<LogId>, StorageError> {
+        self.read_meta(META_PURGED)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&i) => log_key(self.group, i.saturating_add(1)),
+            Bound::Excluded(&i) => log_key(self.group, i),
+            Bound::Unbounded => log_key(self.group, u64::MAX),
+        };
+        let mut out = Vec::new();
+        let mut failure = None;
+        self.store
+            .scan_with(Cf::RaftLog, &log_key(self.group, start), &end, |_, v| {
+                match chatd_codec::decode::<Entry<TypeConfig>>(v) {
+                    Ok(entry) => out.push(entry),
+                    Err(e) => {
+                        failure = Some(e);
+                        return false;
+                    }
+                }
+                out.len() < LOG_READ_ENTRIES_MAX
+            })
+            .map_err(io_read)?;
+        if let Some(e) = failure {
+            return Err(io_read(e));
+        }
+        Ok(out)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id = self.last_purged()?;
+        let last = self
+            .store
+            .last_in_range(
+                Cf::RaftLog,
+                &log_key(self.group, 0),
+                &log_key(self.group, u64::MAX),
+            )
+            .map_err(io_read)?;
+        let last_log_id = match last {
+            Some((_, v)) => Some(
+                chatd_codec::decode::<Entry<TypeConfig>>(&v)
+                    .map_err(io_read)?
+                    .log_id,
+            ),
+            None => last_purged_log_id,
+        };
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<NodeId>) -> Result<(), StorageError> {
+        let bytes = chatd_codec::encode(vote).map_err(|e| StorageIOError::write_vote(&e))?;
+        let mut b = Batch::new();
+        self.store
+            .batch(&mut b)
+            .put(Cf::RaftMeta, &meta_key(self.group, META_VOTE), &bytes);
+        self.store
+            .write_synced(b)
+            .await
+            .map_err(|e| StorageIOError::write_vote(&e).into())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
+        self.read_meta(META_VOTE)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut batch = Batch::new();
+        let mut buf = Vec::with_capacity(1200);
+        {
+            let mut w = self.store.batch(&mut batch);
+            for entry in entries {
+                buf.clear();
+                chatd_codec::encode_into(&entry, &mut buf).map_err(io_write)?;
+                w.put(Cf::RaftLog, &log_key(self.group, entry.log_id.index), &buf);
+            }
+        }
+        // Visible to readers on return; openraft hears of it only once fdatasynced.
+        self.store
+            .write_durable(
+                batch,
+                Box::new(move |result| {
+                    callback.log_io_completed(result.map_err(std::io::Error::other));
+                }),
+            )
+            .map_err(io_write)
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut b = Batch::new();
+        self.store.batch(&mut b).delete_range(
+            Cf::RaftLog,
+            &log_key(self.group, log_id.index),
+            &log_key(self.group, u64::MAX),
+        );
+        self.store.write_synced(b).await.map_err(io_write)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let bytes = chatd_codec::encode(&log_id).map_err(io_write)?;
+        let mut b = Batch::new();
+        {
+            let mut w = self.store.batch(&mut b);
+            w.put(Cf::RaftMeta, &meta_key(self.group, META_PURGED), &bytes);
+            w.delete_range(
+                Cf::RaftLog,
+                &log_key(self.group, 0),
+                &log_key(self.group, log_id.index.saturating_add(1)),
+            );
+        }
+        self.store.write_synced(b).await.map_err(io_write)
+    }
+}

@@ -1,0 +1,540 @@
+//! The state machine of one group: the application's records under the group's prefix in
+//! the shared database, plus last-applied and membership, written in one batch per apply.
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chatd_storage::{Batch, Cf, Storage};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
+    StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::keys::{
+    group_range, meta_key, sm_key, META_LAST_APPLIED, META_MEMBERSHIP, META_PENDING_INSTALL,
+    META_SNAPSHOT,
+};
+use crate::{GroupId, LogId, NodeId, Response, StorageError, TypeConfig};
+
+/// Target size of one frame of a snapshot file; a frame holds whole records.
+pub const SNAPSHOT_FRAME_BYTES_TARGET: usize = 1 << 20;
+/// Upper bound on one frame when reading a snapshot file: a larger length is corruption.
+pub const SNAPSHOT_FRAME_BYTES_MAX: usize = 64 << 20;
+
+/// The application side of a group: turns committed commands into records.
+///
+/// `apply` must be deterministic: every replica applies the same commands in the same order
+/// and must end in the same state. It reads and writes only through `txn`.
+pub trait Applier: Send + Sync + 'static {
+    /// Applies the command committed at `index` of `group`; the returned bytes go back to
+    /// the proposer. An error stops the group (storage is broken), it is not a reply.
+    fn apply(
+        &self,
+        group: GroupId,
+        index: u64,
+        command: &[u8],
+        txn: &mut ApplyTxn<'_>,
+    ) -> Result<Vec<u8>, chatd_storage::StorageError>;
+
+    /// Called after a batch of applied entries is written, with the events that `apply`
+    /// emitted, in order. Runs on the apply path: it must not block.
+    fn applied(&self, _group: GroupId, _events: Vec<Vec<u8>>) {}
+}
+
+/// The reads and writes of one apply batch: writes are buffered and land atomically with
+/// the new last-applied log id; reads see the batch's own earlier writes.
+pub struct ApplyTxn<'a> {
+    group: GroupId,
+    store: &'a Storage,
+    overlay: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    events: Vec<Vec<u8>>,
+}
+
+impl ApplyTxn<'_> {
+    /// Reads `key` of this group.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, chatd_storage::StorageError> {
+        if let Some(v) = self.overlay.get(key) {
+            return Ok(v.clone());
+        }
+        self.store.get(Cf::StateMachine, &sm_key(self.group, key))
+    }
+    /// Sets `key` of this group to `value`.
+    pub fn put(&mut self, key: &[u8], value: Vec<u8>) {
+        self.overlay.insert(key.to_vec(), Some(value));
+    }
+    /// Deletes `key` of this group.
+    pub fn delete(&mut self, key: &[u8]) {
+        self.overlay.insert(key.to_vec(), None);
+    }
+    /// Emits an event delivered to [`Applier::applied`] once the batch is written.
+    pub fn emit(&mut self, event: Vec<u8>) {
+        self.events.push(event);
+    }
+}
+
+/// Reads a group's committed records directly (outside apply).
+pub fn read_record(
+    store: &Storage,
+    group: GroupId,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, chatd_storage::StorageError> {
+    store.get(Cf::StateMachine, &sm_key(group, key))
+}
+
+/// Scans up to `limit` committed records of `group` with user keys in `from..to`.
+pub fn scan_records(
+    store: &Storage,
+    group: GroupId,
+    from: &[u8],
+    to: &[u8],
+    limit: usize,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, chatd_storage::StorageError> {
+    let mut out = store.scan(
+        Cf::StateMachine,
+        &sm_key(group, from),
+        &sm_key(group, to),
+        limit,
+    )?;
+    for (k, _) in out.iter_mut() {
+        k.drain(..8);
+    }
+    Ok(out)
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SnapshotRecord {
+    meta: SnapshotMeta<NodeId, BasicNode>,
+    file: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotFrame {
+    records: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_state_machine(&e).into()
+}
+fn sm_write(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_state_machine(&e).into()
+}
+fn snap_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_snapshot(None, &e).into()
+}
+
+/// One group's state machine.
+pub struct StateMachine {
+    group: GroupId,
+    store: Storage,
+    applier: Arc<dyn Applier>,
+    dir: PathBuf,
+    last_applied: Option<LogId>,
+    membership: StoredMembership<NodeId, BasicNode>,
+    receiving: Option<PathBuf>,
+    snapshot_lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+fn decode_meta<T: serde::de::DeserializeOwned>(
+    bytes: Option<Vec<u8>>,
+) -> Result<Option<T>, StorageError> {
+    bytes
+        .map(|b| chatd_codec::decode(&b))
+        .transpose()
+        .map_err(sm_read)
+}
+
+impl StateMachine {
+    /// Opens the state machine of `group`, finishing a snapshot install a crash interrupted.
+    pub fn open(
+        group: GroupId,
+        store: Storage,
+        applier: Arc<dyn Applier>,
+        snapshot_root: &Path,
+    ) -> Result<Self, StorageError> {
+        let dir = snapshot_root.join(format!("group-{group}"));
+        std::fs::create_dir_all(&dir).map_err(|e| snap_err(e))?;
+        let pending: Option<SnapshotRecord> = decode_meta(
+            store
+                .get(Cf::StateMeta, &meta_key(group, META_PENDING_INSTALL))
+                .map_err(sm_read)?,
+        )?;
+        if let Some(record) = pending {
+            tracing::warn!(group, file = %record.file, "finishing an interrupted snapshot install");
+            install_from_file(&store, group, &dir, &record)?;
+        }
+        let last_applied: Option<LogId> = decode_meta::<Option<LogId>>(
+            store
+                .get(Cf::StateMeta, &meta_key(group, META_LAST_APPLIED))
+                .map_err(sm_read)?,
+        )?
+        .flatten();
+        let membership = decode_meta(
+            store
+                .get(Cf::StateMeta, &meta_key(group, META_MEMBERSHIP))
+                .map_err(sm_read)?,
+        )?
+        .unwrap_or_default();
+        Ok(Self {
+            group,
+            store,
+            applier,
+            dir,
+            last_applied,
+            membership,
+            receiving: None,
+            snapshot_lock: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId>, StoredMembership<NodeId, BasicNode>), StorageError> {
+        Ok((self.last_applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut txn = ApplyTxn {
+            group: self.group,
+            store: &self.store,
+            overlay: BTreeMap::new(),
+            events: Vec::new(),
+        };
+        let mut responses = Vec::new();
+        let mut last_applied = self.last_applied;
+        let mut membership = None;
+        for entry in entries {
+            let response = match &entry.payload {
+                EntryPayload::Blank => Response::default(),
+                EntryPayload::Normal(cmd) => Response(
+                    self.applier
+                        .apply(self.group, entry.log_id.index, &cmd.0, &mut txn)
+                        .map_err(|e| StorageIOError::apply(entry.log_id, &e))?,
+                ),
+                EntryPayload::Membership(m) => {
+                    membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
+                    Response::default()
+                }
+            };
+            last_applied = Some(entry.log_id);
+            responses.push(response);
+        }
+        let ApplyTxn {
+            overlay, events, ..
+        } = txn;
+        let mut batch = Batch::new();
+        {
+            let mut w = self.store.batch(&mut batch);
+            for (k, v) in &overlay {
+                let key = sm_key(self.group, k);
+                match v {
+                    Some(v) => w.put(Cf::StateMachine, &key, v),
+                    None => w.delete(Cf::StateMachine, &key),
+                }
+            }
+            let la = chatd_codec::encode(&last_applied).map_err(sm_write)?;
+            w.put(
+                Cf::StateMeta,
+                &meta_key(self.group, META_LAST_APPLIED),
+                &la,
+            );
+            if let Some(m) = &membership {
+                let mb = chatd_codec::encode(m).map_err(sm_write)?;
+                w.put(Cf::StateMeta, &meta_key(self.group, META_MEMBERSHIP), &mb);
+            }
+        }
+        // Effects and last-applied land together: a restart never applies an entry twice.
+        self.store.write(batch).map_err(sm_write)?;
+        self.last_applied = last_applied;
+        if let Some(m) = membership {
+            self.membership = m;
+        }
+        if !events.is_empty() {
+            self.applier.applied(self.group, events);
+        }
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        SnapshotBuilder {
+            group: self.group,
+            store: self.store.clone(),
+            dir: self.dir.clone(),
+            lock: self.snapshot_lock.clone(),
+        }
+    }
+
+    async fn begin_receiving_snapshot(
+        &mut self,
+    ) -> Result<Box<tokio::fs::File>, StorageError> {
+        let path = self.dir.join(format!("recv-{}.tmp", unique_suffix()));
+        let file = tokio::fs::File::create(&path).await.map_err(snap_err)?;
+        if let Some(old) = self.receiving.replace(path) {
+            let _ = std::fs::remove_file(old);
+        }
+        Ok(Box::new(file))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, BasicNode>,
+        snapshot: Box<tokio::fs::File>,
+    ) -> Result<(), StorageError> {
+        let _guard = self.snapshot_lock.clone().lock_owned().await;
+        snapshot.sync_all().await.map_err(snap_err)?;
+        drop(snapshot);
+        let received = self.receiving.take().ok_or_else(|| {
+            snap_err(std::io::Error::other("install without a received snapshot"))
+        })?;
+        let file = snapshot_file_name(meta);
+        std::fs::rename(&received, self.dir.join(&file)).map_err(snap_err)?;
+        let record = SnapshotRecord {
+            meta: meta.clone(),
+            file,
+        };
+        // Record the intent first: a crash from here on finishes the install at open.
+        let mut b = Batch::new();
+        let bytes = chatd_codec::encode(&record).map_err(snap_err)?;
+        self.store.batch(&mut b).put(
+            Cf::StateMeta,
+            &meta_key(self.group, META_PENDING_INSTALL),
+            &bytes,
+        );
+        self.store.write_synced(b).await.map_err(snap_err)?;
+        let (store, group, dir) = (self.store.clone(), self.group, self.dir.clone());
+        let rec = record.clone();
+        tokio::task::spawn_blocking(move || install_from_file(&store, group, &dir, &rec))
+            .await
+            .map_err(snap_err)??;
+        self.last_applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        tracing::info!(group = self.group, last_log_id = ?meta.last_log_id, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let record: Option<SnapshotRecord> = decode_meta(
+            self.store
+                .get(Cf::StateMeta, &meta_key(self.group, META_SNAPSHOT))
+                .map_err(sm_read)?,
+        )?;
+        let Some(record) = record else {
+            return Ok(None);
+        };
+        let file = tokio::fs::File::open(self.dir.join(&record.file))
+            .await
+            .map_err(|e| StorageIOError::read_snapshot(Some(record.meta.signature()), &e))?;
+        Ok(Some(Snapshot {
+            meta: record.meta,
+            snapshot: Box::new(file),
+        }))
+    }
+}
+
+/// Builds a group's snapshot from a point-in-time view of its records.
+pub struct SnapshotBuilder {
+    group: GroupId,
+    store: Storage,
+    dir: PathBuf,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let _guard = self.lock.clone().lock_owned().await;
+        let (store, group, dir) = (self.store.clone(), self.group, self.dir.clone());
+        let record = tokio::task::spawn_blocking(move || build_to_file(&store, group, &dir))
+            .await
+            .map_err(snap_err)??;
+        let file = tokio::fs::File::open(self.dir.join(&record.file))
+            .await
+            .map_err(snap_err)?;
+        tracing::debug!(group = self.group, last_log_id = ?record.meta.last_log_id, "built snapshot");
+        Ok(Snapshot {
+            meta: record.meta,
+            snapshot: Box::new(file),
+        })
+    }
+}
+
+fn unique_suffix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{nanos:x}")
+}
+
+fn snapshot_file_name(meta: &SnapshotMeta<NodeId, BasicNode>) -> String {
+    let (term, index) = meta
+        .last_log_id
+        .map(|l| (l.leader_id.term, l.index))
+        .unwrap_or((0, 0));
+    format!("snap-{term}-{index}-{}.bin", unique_suffix())
+}
+
+fn build_to_file(
+    store: &Storage,
+    group: GroupId,
+    dir: &Path,
+) -> Result<SnapshotRecord, StorageError> {
+    let view = store.view();
+    let last_log_id: Option<LogId> = decode_meta::<Option<LogId>>(
+        view.get(Cf::StateMeta, &meta_key(group, META_LAST_APPLIED))
+            .map_err(sm_read)?,
+    )?
+    .flatten();
+    let last_membership: StoredMembership<NodeId, BasicNode> = decode_meta(
+        view.get(Cf::StateMeta, &meta_key(group, META_MEMBERSHIP))
+            .map_err(sm_read)?,
+    )?
+    .unwrap_or_default();
+    let meta = SnapshotMeta {
+        last_log_id,
+        last_membership,
+        snapshot_id: format!(
+            "{}-{}",
+            last_log_id.map(|l| l.index).unwrap_or(0),
+            unique_suffix()
+        ),
+    };
+    let file = snapshot_file_name(&meta);
+    let tmp = dir.join(format!("{file}.tmp"));
+    let mut out = BufWriter::new(std::fs::File::create(&tmp).map_err(snap_err)?);
+    let mut frame = SnapshotFrame {
+        records: Vec::new(),
+    };
+    let mut frame_bytes = 0usize;
+    let (start, end) = group_range(group);
+    let mut write_err = None;
+    view.scan_with(Cf::StateMachine, &start, &end, |k, v| {
+        frame.records.push((k[8..].to_vec(), v.to_vec()));
+        frame_bytes += k.len() + v.len();
+        if frame_bytes >= SNAPSHOT_FRAME_BYTES_TARGET {
+            if let Err(e) = write_frame(&mut out, &frame) {
+                write_err = Some(e);
+                return Ok(false);
+            }
+            frame.records.clear();
+            frame_bytes = 0;
+        }
+        Ok(true)
+    })
+    .map_err(snap_err)?;
+    if let Some(e) = write_err {
+        return Err(snap_err(e));
+    }
+    if !frame.records.is_empty() {
+        write_frame(&mut out, &frame).map_err(snap_err)?;
+    }
+    let f = out.into_inner().map_err(|e| snap_err(e.into_error()))?;
+    f.sync_all().map_err(snap_err)?;
+    drop(f);
+    std::fs::rename(&tmp, dir.join(&file)).map_err(snap_err)?;
+    let record = SnapshotRecord { meta, file };
+    let previous: Option<SnapshotRecord> = decode_meta(
+        store
+            .get(Cf::StateMeta, &meta_key(group, META_SNAPSHOT))
+            .map_err(sm_read)?,
+    )?;
+    let mut b = Batch::new();
+    let bytes = chatd_codec::encode(&record).map_err(snap_err)?;
+    store
+        .batch(&mut b)
+        .put(Cf::StateMeta, &meta_key(group, META_SNAPSHOT), &bytes);
+    store.write_synced_blocking(b).map_err(snap_err)?;
+    if let Some(prev) = previous {
+        let _ = std::fs::remove_file(dir.join(prev.file));
+    }
+    Ok(record)
+}
+
+fn write_frame(out: &mut impl Write, frame: &SnapshotFrame) -> std::io::Result<()> {
+    let bytes = chatd_codec::encode(frame).map_err(std::io::Error::other)?;
+    let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
+    out.write_all(&len.to_le_bytes())?;
+    out.write_all(&bytes)
+}
+
+/// Reads the next frame; `None` at a clean end of file.
+fn read_frame(input: &mut impl Read) -> std::io::Result<Option<SnapshotFrame>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u32::from_le_bytes(len) as usize;
+    if len > SNAPSHOT_FRAME_BYTES_MAX {
+        return Err(std::io::Error::other(format!(
+            "snapshot frame of {len} bytes exceeds the {SNAPSHOT_FRAME_BYTES_MAX} byte bound"
+        )));
+    }
+    let mut bytes = vec![0u8; len];
+    input.read_exact(&mut bytes)?;
+    chatd_codec::decode(&bytes)
+        .map(Some)
+        .map_err(std::io::Error::other)
+}
+
+/// Replaces the group's records with the snapshot's and records it as current. Idempotent,
+/// so a crash at any point is repaired by running it again at open.
+fn install_from_file(
+    store: &Storage,
+    group: GroupId,
+    dir: &Path,
+    record: &SnapshotRecord,
+) -> Result<(), StorageError> {
+    let file = std::fs::File::open(dir.join(&record.file)).map_err(snap_err)?;
+    let mut input = BufReader::new(file);
+    let (start, end) = group_range(group);
+    let mut b = Batch::new();
+    store
+        .batch(&mut b)
+        .delete_range(Cf::StateMachine, &start, &end);
+    store.write(b).map_err(snap_err)?;
+    while let Some(frame) = read_frame(&mut input).map_err(snap_err)? {
+        let mut b = Batch::new();
+        {
+            let mut w = store.batch(&mut b);
+            for (k, v) in &frame.records {
+                w.put(Cf::StateMachine, &sm_key(group, k), v);
+            }
+        }
+        store.write(b).map_err(snap_err)?;
+    }
+    let previous: Option<SnapshotRecord> = decode_meta(
+        store
+            .get(Cf::StateMeta, &meta_key(group, META_SNAPSHOT))
+            .map_err(sm_read)?,
+    )?;
+    let mut b = Batch::new();
+    {
+        let mut w = store.batch(&mut b);
+        let la = chatd_codec::encode(&record.meta.last_log_id).map_err(snap_err)?;
+        w.put(Cf::StateMeta, &meta_key(group, META_LAST_APPLIED), &la);
+        let mb = chatd_codec::encode(&record.meta.last_membership).map_err(snap_err)?;
+        w.put(Cf::StateMeta, &meta_key(group, META_MEMBERSHIP), &mb);
+        let rb = chatd_codec::encode(record).map_err(snap_err)?;
+        w.put(Cf::StateMeta, &meta_key(group, META_SNAPSHOT), &rb);
+        w.delete(Cf::StateMeta, &meta_key(group, META_PENDING_INSTALL));
+    }
+    store.write_synced_blocking(b).map_err(snap_err)?;
+    if let Some(prev) = previous {
+        if prev.file != record.file {
+            let _ = std::fs::remove_file(dir.join(prev.file));
+        }
+    }
+    Ok(())
+}

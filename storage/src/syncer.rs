@@ -1,0 +1,86 @@
+//! The group-commit syncer: one thread that turns many durable-write requests into one
+//! fdatasync of the WAL.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError};
+use std::sync::{Arc, Weak};
+
+use crate::{Inner, StorageError};
+
+/// Called once the write it belongs to is on disk (or the sync failed).
+pub type DurableCallback = Box<dyn FnOnce(Result<(), StorageError>) + Send>;
+
+/// Upper bound on callbacks served by one fdatasync; more wait for the next one.
+pub(crate) const SYNC_BATCH_WRITES_MAX: usize = 8192;
+
+pub(crate) struct Syncer {
+    tx: SyncSender<DurableCallback>,
+    stats: Arc<Stats>,
+}
+
+#[derive(Default)]
+struct Stats {
+    syncs: AtomicU64,
+    writes: AtomicU64,
+}
+
+impl Syncer {
+    pub(crate) fn start(db: Weak<Inner>, queue_writes_max: usize) -> Self {
+        let (tx, rx) = sync_channel(queue_writes_max.max(1));
+        let stats = Arc::new(Stats::default());
+        let thread_stats = stats.clone();
+        let spawned = std::thread::Builder::new()
+            .name("chatd-syncer".into())
+            .spawn(move || run(db, rx, thread_stats));
+        if let Err(e) = spawned {
+            // Without the thread every durable write fails with Closed: loud, never silent.
+            tracing::error!(error = %e, "cannot start the WAL syncer thread");
+        }
+        Self { tx, stats }
+    }
+
+    /// Queues `cb` for the next sync. Blocks while `queue_writes_max` callbacks are waiting:
+    /// backpressure on writers when the disk cannot keep up.
+    pub(crate) fn submit(&self, cb: DurableCallback) -> Result<(), StorageError> {
+        self.tx.send(cb).map_err(|_| StorageError::Closed)
+    }
+
+    pub(crate) fn stats(&self) -> (u64, u64) {
+        (
+            self.stats.syncs.load(Ordering::Relaxed),
+            self.stats.writes.load(Ordering::Relaxed),
+        )
+    }
+}
+
+fn run(db: Weak<Inner>, rx: Receiver<DurableCallback>, stats: Arc<Stats>) {
+    let mut pending: Vec<DurableCallback> = Vec::with_capacity(SYNC_BATCH_WRITES_MAX);
+    while let Ok(first) = rx.recv() {
+        pending.push(first);
+        while pending.len() < SYNC_BATCH_WRITES_MAX {
+            match rx.try_recv() {
+                Ok(cb) => pending.push(cb),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        // Every write whose callback is in `pending` returned before its callback was
+        // queued, so it is in the WAL buffer now and this one sync covers all of them.
+        let result = match db.upgrade() {
+            Some(inner) => inner.db.flush_wal(true).map_err(|e| e.into_string()),
+            None => Err("storage is shut down".to_string()),
+        };
+        stats.syncs.fetch_add(1, Ordering::Relaxed);
+        stats
+            .writes
+            .fetch_add(pending.len() as u64, Ordering::Relaxed);
+        if let Err(cause) = &result {
+            tracing::error!(%cause, "WAL fdatasync failed; failing {} durable writes", pending.len());
+        }
+        for cb in pending.drain(..) {
+            cb(result.clone().map_err(|cause| StorageError::Rocks {
+                op: "sync_wal",
+                cause,
+            }));
+        }
+    }
+}

@@ -1,0 +1,173 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Storage against real RocksDB in temp directories.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use chatd_storage::{Batch, Cf, NodeIdentity, Storage, StorageError, StorageOptions};
+
+fn ident(cluster: &str, node: u64) -> NodeIdentity {
+    NodeIdentity {
+        cluster_id: cluster.into(),
+        node_id: node,
+    }
+}
+
+fn put(store: &Storage, key: &[u8], value: &[u8]) -> Batch {
+    let mut b = Batch::new();
+    store.batch(&mut b).put(Cf::RaftLog, key, value);
+    b
+}
+
+#[tokio::test]
+async fn synced_writes_survive_reopen_and_group_commit_shares_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StorageOptions::default();
+    {
+        let store = Storage::open(dir.path(), &ident("c1", 1), &opts).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..2000u32 {
+            let s = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let b = put(&s, &i.to_be_bytes(), b"v");
+                s.write_synced(b).await
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap().unwrap();
+        }
+        let (syncs, writes) = store.sync_stats();
+        assert_eq!(writes, 2000);
+        assert!(syncs >= 1 && syncs <= writes, "syncs {syncs} writes {writes}");
+    }
+    let store = Storage::open(dir.path(), &ident("c1", 1), &opts).unwrap();
+    let all = store
+        .scan(Cf::RaftLog, &[], &[0xff; 8], usize::MAX)
+        .unwrap();
+    assert_eq!(all.len(), 2000);
+    assert_eq!(
+        store.get(Cf::RaftLog, &7u32.to_be_bytes()).unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+}
+
+#[tokio::test]
+async fn a_full_sync_queue_applies_backpressure_not_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StorageOptions {
+        sync_queue_writes_max: 1,
+        ..StorageOptions::default()
+    };
+    let store = Storage::open(dir.path(), &ident("c1", 1), &opts).unwrap();
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut threads = Vec::new();
+    for t in 0..4u32 {
+        let s = store.clone();
+        let d = done.clone();
+        threads.push(std::thread::spawn(move || {
+            for i in 0..200u32 {
+                let d = d.clone();
+                let key = [t.to_be_bytes(), i.to_be_bytes()].concat();
+                s.write_durable(
+                    put(&s, &key, b"x"),
+                    Box::new(move |r| {
+                        r.unwrap();
+                        d.fetch_add(1, Ordering::SeqCst);
+                    }),
+                )
+                .unwrap();
+            }
+        }));
+    }
+    for t in threads {
+        t.join().unwrap();
+    }
+    // One more synced write flushes the tail; then every callback has fired exactly once.
+    store.write_synced(put(&store, b"z", b"z")).await.unwrap();
+    assert_eq!(done.load(Ordering::SeqCst), 800);
+}
+
+#[test]
+fn a_directory_of_another_node_or_cluster_is_refused_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StorageOptions::default();
+    {
+        let store = Storage::open(dir.path(), &ident("c1", 1), &opts).unwrap();
+        store.write(put(&store, b"k", b"v")).unwrap();
+        store.sync_wal().unwrap();
+    }
+    let err = Storage::open(dir.path(), &ident("c1", 2), &opts)
+        .err()
+        .expect("other node id must be refused");
+    assert!(matches!(err, StorageError::IdentityMismatch { .. }), "{err}");
+    assert!(err.to_string().contains("node 1 of cluster c1"), "{err}");
+    let err = Storage::open(dir.path(), &ident("c2", 1), &opts)
+        .err()
+        .expect("other cluster must be refused");
+    assert!(err.to_string().contains("cluster c2"), "{err}");
+    let store = Storage::open(dir.path(), &ident("c1", 1), &opts).unwrap();
+    assert_eq!(store.get(Cf::RaftLog, b"k").unwrap().as_deref(), Some(&b"v"[..]));
+}
+
+#[test]
+fn a_truncated_directory_is_an_open_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StorageOptions::default();
+    {
+        let store = Storage::open(dir.path(), &ident("c1", 1), &opts).unwrap();
+        store.write(put(&store, b"k", b"v")).unwrap();
+        store.sync_wal().unwrap();
+    }
+    // Lose CURRENT: RocksDB no longer knows which MANIFEST is live.
+    std::fs::remove_file(dir.path().join("CURRENT")).unwrap();
+    let err = Storage::open(dir.path(), &ident("c1", 1), &opts)
+        .err()
+        .expect("truncated directory must be refused");
+    assert!(matches!(err, StorageError::Open { .. }), "{err}");
+    assert!(err.to_string().contains("CURRENT"), "{err}");
+
+    // Lose the MANIFEST files but keep CURRENT.
+    let dir2 = tempfile::tempdir().unwrap();
+    {
+        let store = Storage::open(dir2.path(), &ident("c1", 1), &opts).unwrap();
+        store.write(put(&store, b"k", b"v")).unwrap();
+    }
+    for e in std::fs::read_dir(dir2.path()).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with("MANIFEST") {
+            std::fs::remove_file(e.path()).unwrap();
+        }
+    }
+    let err = Storage::open(dir2.path(), &ident("c1", 1), &opts)
+        .err()
+        .expect("missing manifest must be refused");
+    assert!(matches!(err, StorageError::Open { .. }), "{err}");
+}
+
+#[test]
+fn scans_respect_bounds_and_views_are_point_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Storage::open(dir.path(), &ident("c1", 1), &StorageOptions::default()).unwrap();
+    for i in 0u8..10 {
+        store.write(put(&store, &[i], &[i])).unwrap();
+    }
+    let got = store.scan(Cf::RaftLog, &[2], &[5], 100).unwrap();
+    assert_eq!(got.iter().map(|(k, _)| k[0]).collect::<Vec<_>>(), vec![2, 3, 4]);
+    assert_eq!(store.scan(Cf::RaftLog, &[0], &[10], 3).unwrap().len(), 3);
+    assert_eq!(
+        store.last_in_range(Cf::RaftLog, &[0], &[7]).unwrap().unwrap().0,
+        vec![6]
+    );
+    assert!(store.last_in_range(Cf::RaftLog, &[20], &[30]).unwrap().is_none());
+    let view = store.view();
+    let mut b = Batch::new();
+    store.batch(&mut b).delete_range(Cf::RaftLog, &[0], &[10]);
+    store.write(b).unwrap();
+    let mut seen = 0;
+    view.scan_with(Cf::RaftLog, &[0], &[10], |_, _| {
+        seen += 1;
+        Ok(true)
+    })
+    .unwrap();
+    assert_eq!(seen, 10, "the view predates the delete");
+    assert!(store.scan(Cf::RaftLog, &[0], &[10], 100).unwrap().is_empty());
+}

@@ -1,0 +1,83 @@
+//! Node-to-node RPC over QUIC with mutual TLS under a cluster CA.
+//!
+//! The transport moves opaque request bytes to a peer and response bytes back; it knows nothing
+//! about what they mean. Every endpoint presents a certificate signed by the cluster CA
+//! ([`pki::ClusterCa`]) and accepts only peers whose certificate is signed by that CA.
+//!
+//! * [`Endpoint::bind`] serves calls with a [`Handler`] and can make calls;
+//!   [`Endpoint::client_only`] only makes calls.
+//! * All calls to one peer address share one cached QUIC connection; each call is one
+//!   bidirectional stream carrying the request one way and the response back.
+//! * Requests and responses are limited to [`TransportLimits::frame_bytes_max`] bytes.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+
+mod config;
+mod der;
+mod endpoint;
+mod error;
+pub mod pki;
+
+pub use endpoint::Endpoint;
+pub use error::{Frame, TransportError};
+pub use pki::{ClusterCa, NodeCert, TlsIdentity};
+
+/// Sizes, timeouts and concurrency limits of an [`Endpoint`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// Largest request or response, in bytes (default 64 MiB).
+    pub frame_bytes_max: usize,
+    /// How long dialling a peer (QUIC + TLS handshake) may take, in ms (default 2000).
+    pub connect_timeout_ms: u64,
+    /// Default timeout of [`Endpoint::call`], dial included, in ms (default 5000).
+    pub call_timeout_ms: u64,
+    /// Concurrent calls (streams) a peer may have open on one connection (default 1024);
+    /// further calls wait for a free stream.
+    pub concurrent_streams_max: u32,
+    /// A connection with no traffic for this long is closed, in ms (default 10000);
+    /// keep-alives are sent at a third of it.
+    pub idle_timeout_ms: u64,
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        Self {
+            frame_bytes_max: 64 * 1024 * 1024,
+            connect_timeout_ms: 2000,
+            call_timeout_ms: 5000,
+            concurrent_streams_max: 1024,
+            idle_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// Who made an incoming call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The caller's UDP address.
+    pub remote: SocketAddr,
+    /// DNS names (subjectAltName) of the caller's verified client certificate, e.g.
+    /// `["chatd-node", "node-3"]`.
+    pub cert_names: Vec<String>,
+}
+
+/// Serves incoming calls: turns a request into a response.
+///
+/// Each call runs in its own task. A handler that panics aborts only its call (the caller gets
+/// [`TransportError::StreamClosed`]). Closures of the right shape implement this trait.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one request from `peer`.
+    fn handle(&self, peer: PeerInfo, request: Bytes) -> BoxFuture<'static, Bytes>;
+}
+
+impl<F> Handler for F
+where
+    F: Fn(PeerInfo, Bytes) -> BoxFuture<'static, Bytes> + Send + Sync + 'static,
+{
+    fn handle(&self, peer: PeerInfo, request: Bytes) -> BoxFuture<'static, Bytes> {
+        self(peer, request)
+    }
+}
