@@ -31,6 +31,7 @@ pub fn router(node: Arc<Node>) -> Router {
             post(append_record).get(read_records),
         )
         .route("/v1/admin/partitions/{group}/digest", get(digest))
+        .route("/v1/admin/partitions/{group}/local", get(local_group))
         .layer(DefaultBodyLimit::max(RECORD_BYTES_MAX))
         .with_state(node)
 }
@@ -174,6 +175,14 @@ async fn read_records(
         })
         .into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    }
+}
+
+/// This node's own view of one of its groups (no calls to other nodes).
+async fn local_group(State(node): State<Arc<Node>>, Path(group): Path<GroupId>) -> Response {
+    match node.registry.status(group).await {
+        Some(s) => Json(s).into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_hosted", "partition not hosted here"),
     }
 }
 

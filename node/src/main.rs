@@ -72,7 +72,7 @@ enum ClusterCmd {
         /// Leader heartbeat interval (ms).
         #[arg(long)]
         heartbeat_interval_ms: Option<u64>,
-        /// Election timeout lower bound (ms); the upper bound is twice it.
+        /// Election timeout lower bound (ms); the upper bound is 1.5 times it.
         #[arg(long)]
         election_timeout_ms: Option<u64>,
         /// Snapshot after this many entries.
@@ -137,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
             }
             if let Some(v) = election_timeout_ms {
                 raft.election_timeout_min_ms = v;
-                raft.election_timeout_max_ms = v * 2;
+                raft.election_timeout_max_ms = v + v / 2;
             }
             if let Some(v) = snapshot_logs_since_last {
                 raft.snapshot_logs_since_last = v;

@@ -27,6 +27,8 @@ pub const NODE_SERVICE_TAG: u8 = 0x02;
 pub const PROPOSE_ATTEMPTS_MAX: u32 = 20;
 /// Pause between routing attempts when no leader is known.
 const PROPOSE_BACKOFF_MS: u64 = 50;
+/// A QUIC connection silent for this long is dead (keep-alives go at a third of it).
+const CLUSTER_IDLE_TIMEOUT_MS: u64 = 3_000;
 /// Timeout of a status call to a peer.
 const STATUS_CALL_TIMEOUT_MS: u64 = 1_000;
 
@@ -190,7 +192,11 @@ impl Node {
         let endpoint = Endpoint::bind(
             me.cluster_addr,
             &tls,
-            TransportLimits::default(),
+            TransportLimits {
+                // A dead peer is noticed within this bound, not after the default 10 s.
+                idle_timeout_ms: CLUSTER_IDLE_TIMEOUT_MS,
+                ..TransportLimits::default()
+            },
             Arc::new(move |peer: PeerInfo, req: Bytes| h.serve(peer, req)),
         )?;
         let registry = Registry::new(
@@ -211,27 +217,46 @@ impl Node {
         let meta = MetaApplier::new();
         meta.load(&store)?;
         registry.open_group(META_GROUP, meta.clone()).await?;
-        if ids.first() == Some(&id) {
-            let voters = peers
-                .values()
-                .map(|p| (p.id, BasicNode::new(p.cluster_addr.to_string())))
-                .collect();
-            registry.initialize(META_GROUP, voters).await?;
-        }
+        let all_voters: BTreeMap<NodeId, BasicNode> = peers
+            .values()
+            .map(|p| (p.id, BasicNode::new(p.cluster_addr.to_string())))
+            .collect();
+        let mut inits = vec![(META_GROUP, all_voters, ids.first() == Some(&id))];
         let applier = Arc::new(PartitionApplier);
         for group in table.groups_of(id) {
             registry.open_group(group, applier.clone()).await?;
             let Some(a) = table.get(group) else { continue };
-            if a.replicas.first() == Some(&id) {
-                let voters = a
-                    .replicas
-                    .iter()
-                    .filter_map(|r| peers.get(r))
-                    .map(|p| (p.id, BasicNode::new(p.cluster_addr.to_string())))
-                    .collect();
+            let voters = a
+                .replicas
+                .iter()
+                .filter_map(|r| peers.get(r))
+                .map(|p| (p.id, BasicNode::new(p.cluster_addr.to_string())))
+                .collect();
+            inits.push((group, voters, a.replicas.first() == Some(&id)));
+        }
+        // The preferred leader initializes its groups now, so leadership starts spread
+        // evenly; the other replicas initialize with the same (deterministic) membership after
+        // a delay if nobody did, so a group forms even when its preferred leader is down.
+        // openraft allows several nodes to initialize with an identical config.
+        let fallback_delay =
+            Duration::from_millis(config.raft.election_timeout_max_ms.saturating_mul(3));
+        let mut deferred = Vec::new();
+        for (group, voters, preferred) in inits {
+            if preferred {
                 registry.initialize(group, voters).await?;
+            } else {
+                deferred.push((group, voters));
             }
         }
+        let reg = registry.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(fallback_delay).await;
+            for (group, voters) in deferred {
+                if let Err(e) = reg.initialize(group, voters).await {
+                    tracing::warn!(group, error = %e, "fallback initialization failed");
+                }
+            }
+        });
         let node = Arc::new(Node {
             propose_timeout: Duration::from_millis(config.raft.propose_timeout_ms),
             config,
@@ -357,15 +382,16 @@ impl Node {
     }
 
     fn leader_hint(&self, group: GroupId, avoid: &HashSet<NodeId>) -> Option<NodeId> {
-        if let Some(l) = self.routing.leader(group).filter(|l| !avoid.contains(l)) {
-            return Some(l);
-        }
+        // A replica's own Raft view is fresher than any hint: it changes with each election.
         if let Some(raft) = self.registry.get(group) {
             if let Some(l) = raft.metrics().borrow().current_leader {
                 if !avoid.contains(&l) {
                     return Some(l);
                 }
             }
+        }
+        if let Some(l) = self.routing.leader(group).filter(|l| !avoid.contains(l)) {
+            return Some(l);
         }
         let replicas: Vec<NodeId> = if group == META_GROUP {
             self.peers.keys().copied().collect()

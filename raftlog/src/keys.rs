@@ -39,6 +39,7 @@ pub(crate) fn group_range(group: GroupId) -> (Vec<u8>, Vec<u8>) {
 
 pub(crate) const META_VOTE: u8 = 1;
 pub(crate) const META_PURGED: u8 = 2;
+pub(crate) const META_COMMITTED: u8 = 3;
 pub(crate) const META_LAST_APPLIED: u8 = 10;
 pub(crate) const META_MEMBERSHIP: u8 = 11;
 pub(crate) const META_SNAPSHOT: u8 = 12;

@@ -103,8 +103,10 @@ impl Default for RaftOptions {
     fn default() -> Self {
         Self {
             heartbeat_interval_ms: 100,
-            election_timeout_min_ms: 400,
-            election_timeout_max_ms: 800,
+            // openraft's leader lease equals the maximum: a follower grants no vote within it
+            // of the last heartbeat, so a tight range keeps failover near one timeout.
+            election_timeout_min_ms: 300,
+            election_timeout_max_ms: 450,
             snapshot_logs_since_last: 50_000,
             snapshot_logs_to_keep: 5_000,
             snapshot_chunk_bytes_max: 1 << 20,
@@ -129,7 +131,9 @@ impl RaftOptions {
             ),
             snapshot_max_chunk_size: self.snapshot_chunk_bytes_max,
             max_in_snapshot_log_to_keep: self.snapshot_logs_to_keep,
-            purge_batch_size: 1024,
+            // Purge in steps of a quarter snapshot interval (bounded): a purge is one
+            // synced range delete, cheap, but not worth doing per entry.
+            purge_batch_size: (self.snapshot_logs_since_last / 4).clamp(1, 1024),
             ..Default::default()
         };
         config

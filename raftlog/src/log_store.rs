@@ -7,7 +7,7 @@ use chatd_storage::{Batch, Cf, Storage};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, OptionalSend, RaftLogReader, StorageIOError, Vote};
 
-use crate::keys::{log_key, meta_key, META_PURGED, META_VOTE};
+use crate::keys::{log_key, meta_key, META_COMMITTED, META_PURGED, META_VOTE};
 use crate::{GroupId, LogId, NodeId, StorageError, TypeConfig};
 
 /// Upper bound on entries returned by one log read.
@@ -133,6 +133,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
         self.read_meta(META_VOTE)
+    }
+
+    /// Recorded without a sync: a stale committed id after a crash only means re-learning it
+    /// from the leader; with it, a restarted node re-applies its committed entries at once.
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        let bytes = chatd_codec::encode(&committed).map_err(io_write)?;
+        let mut b = Batch::new();
+        self.store
+            .batch(&mut b)
+            .put(Cf::RaftMeta, &meta_key(self.group, META_COMMITTED), &bytes);
+        self.store.write(b).map_err(io_write)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.read_meta::<Option<LogId>>(META_COMMITTED)?.flatten())
     }
 
     async fn append<I>(

@@ -34,7 +34,9 @@ fn tls_error(context: &str, e: impl std::fmt::Display) -> TransportError {
 }
 
 /// Checks the limits and turns them into a quinn transport configuration.
-pub(crate) fn transport_config(limits: &TransportLimits) -> Result<TransportConfig, TransportError> {
+pub(crate) fn transport_config(
+    limits: &TransportLimits,
+) -> Result<TransportConfig, TransportError> {
     fn invalid<T>(reason: &str) -> Result<T, TransportError> {
         Err(TransportError::InvalidLimits {
             reason: reason.to_owned(),

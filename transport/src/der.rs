@@ -161,6 +161,9 @@ mod tests {
         assert!(split_tlv(&[0x30, 0x05, 0x00]).is_none());
         assert!(split_tlv(&[0x30, 0x85, 0, 0, 0, 0, 1]).is_none());
         assert!(cert_dns_names(&[0x30, 0x82, 0xff]).is_empty());
-        assert_eq!(split_tlv(&[0x04, 0x01, 0xaa, 0xbb]), Some((0x04, &[0xaa][..], &[0xbb][..])));
+        assert_eq!(
+            split_tlv(&[0x04, 0x01, 0xaa, 0xbb]),
+            Some((0x04, &[0xaa][..], &[0xbb][..]))
+        );
     }
 }

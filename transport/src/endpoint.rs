@@ -52,7 +52,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 
 /// Error code telling the peer that a frame exceeded `limit`.
 fn frame_code(base: u64, limit: usize) -> VarInt {
-    let limit = u64::try_from(limit).unwrap_or(u64::MAX).min(code::LIMIT_MAX);
+    let limit = u64::try_from(limit)
+        .unwrap_or(u64::MAX)
+        .min(code::LIMIT_MAX);
     VarInt::from_u64(base + limit).unwrap_or(VarInt::from_u32(code::CANCELLED))
 }
 
@@ -229,14 +231,20 @@ impl Endpoint {
     ) -> Result<Self, TransportError> {
         let runtime = current_runtime()?;
         let configs = quic_configs(identity, &limits)?;
-        let mut endpoint = quinn::Endpoint::server(configs.server, listen)
-            .map_err(|source| TransportError::Bind {
+        let mut endpoint = quinn::Endpoint::server(configs.server, listen).map_err(|source| {
+            TransportError::Bind {
                 addr: listen,
                 source,
-            })?;
+            }
+        })?;
         endpoint.set_default_client_config(configs.client.clone());
         let accept_task = runtime.spawn(accept_loop(endpoint.clone(), handler, limits));
-        Ok(Self::new(endpoint, configs.client, limits, Some(accept_task)))
+        Ok(Self::new(
+            endpoint,
+            configs.client,
+            limits,
+            Some(accept_task),
+        ))
     }
 
     /// Creates an endpoint that only makes calls (bound to `0.0.0.0:0`; IPv6 peers get their
@@ -525,7 +533,9 @@ fn describe_connection_error(e: &ConnectionError) -> String {
             format!("{e} (we refused the peer's TLS handshake: is its certificate from our cluster CA?)")
         }
         ConnectionError::ConnectionClosed(c) if is_tls_failure(c.error_code) => {
-            format!("{e} (the peer refused our TLS handshake: is our certificate from its cluster CA?)")
+            format!(
+                "{e} (the peer refused our TLS handshake: is our certificate from its cluster CA?)"
+            )
         }
         _ => e.to_string(),
     }
@@ -559,7 +569,11 @@ fn peer_cert_names(connection: &Connection) -> Vec<String> {
 }
 
 /// Accepts connections until the endpoint closes; each is served by its own task.
-async fn accept_loop(endpoint: quinn::Endpoint, handler: Arc<dyn Handler>, limits: TransportLimits) {
+async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    handler: Arc<dyn Handler>,
+    limits: TransportLimits,
+) {
     while let Some(incoming) = endpoint.accept().await {
         tokio::spawn(serve_connection(incoming, handler.clone(), limits));
     }
@@ -673,12 +687,19 @@ mod tests {
         let e = error_from_code(peer, frame_code(code::REQUEST_TOO_LARGE, 1024));
         assert!(matches!(
             e,
-            TransportError::FrameTooLarge { frame: Frame::Request, bytes_max: 1024, .. }
+            TransportError::FrameTooLarge {
+                frame: Frame::Request,
+                bytes_max: 1024,
+                ..
+            }
         ));
         let e = error_from_code(peer, frame_code(code::RESPONSE_TOO_LARGE, usize::MAX));
         assert!(matches!(
             e,
-            TransportError::FrameTooLarge { frame: Frame::Response, .. }
+            TransportError::FrameTooLarge {
+                frame: Frame::Response,
+                ..
+            }
         ));
         let e = error_from_code(peer, VarInt::from_u32(code::HANDLER_FAILED));
         assert!(e.to_string().contains("handler failed"), "{e}");

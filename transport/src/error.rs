@@ -131,7 +131,10 @@ pub enum TransportError {
     },
 
     /// A request or response exceeded a frame size limit (ours, or the peer's for requests).
-    #[error("{frame} exchanged with {peer} exceeds the frame size limit of {bytes_max} bytes")]
+    #[error(
+        "{} {peer} exceeds the frame size limit of {bytes_max} bytes",
+        match frame { Frame::Request => "request to", Frame::Response => "response from" }
+    )]
     FrameTooLarge {
         /// The peer.
         peer: SocketAddr,

@@ -92,11 +92,11 @@ fn cert_error(e: rcgen::Error) -> TransportError {
 
 /// Sets `params` to be valid from (now - [`BACKDATE`]) to (now + [`VALIDITY`]).
 fn set_validity(params: &mut CertificateParams) -> Result<(), TransportError> {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_err(|_| TransportError::CertGeneration {
+    let since_epoch = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|_| {
+        TransportError::CertGeneration {
             reason: "the system clock is set before 1970".into(),
-        })?;
+        }
+    })?;
     let now = rcgen::date_time_ymd(1970, 1, 1) + since_epoch;
     params.not_before = now - BACKDATE;
     params.not_after = now + VALIDITY;
@@ -199,7 +199,10 @@ impl ClusterCa {
         }
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "chatd");
-        dn.push(DnType::CommonName, format!("chatd cluster CA {cluster_name}"));
+        dn.push(
+            DnType::CommonName,
+            format!("chatd cluster CA {cluster_name}"),
+        );
         let mut params = ca_params(dn);
         set_validity(&mut params)?;
         let key = KeyPair::generate().map_err(cert_error)?;
@@ -365,7 +368,8 @@ impl TlsIdentity {
     /// Decodes the PEM texts.
     pub(crate) fn parse(&self) -> Result<ParsedIdentity, TransportError> {
         let certs = |what: &'static str, pem: &str| {
-            let certs = pem_certs(pem).map_err(|reason| TransportError::InvalidPem { what, reason })?;
+            let certs =
+                pem_certs(pem).map_err(|reason| TransportError::InvalidPem { what, reason })?;
             if certs.is_empty() {
                 return Err(TransportError::InvalidPem {
                     what,

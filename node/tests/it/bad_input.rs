@@ -95,8 +95,8 @@ async fn another_clusters_or_nodes_data_directory_is_refused_and_left_intact() {
     // Nothing was changed: the cluster restarts with its record.
     c.start_all();
     c.wait_ready(READY).await;
+    c.wait_converged(&[1, 2], 1, 1, READY).await;
     let recs = c.records(1, 1).await.unwrap();
-    assert_eq!(recs.len(), 1);
     assert_eq!(recs[0].payload, "keep-me");
 }
 
@@ -118,8 +118,7 @@ async fn a_truncated_database_is_refused_and_the_data_is_intact_once_restored() 
     std::fs::write(db.join("CURRENT"), current).unwrap();
     c.start(1);
     c.wait_ready(READY).await;
-    let recs = c.records(1, 2).await.unwrap();
-    assert_eq!(recs.len(), 5);
+    c.wait_converged(&[1], 2, 5, READY).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

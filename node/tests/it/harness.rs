@@ -84,7 +84,7 @@ impl Cluster {
             .args(["cluster", "init", "--nodes", &n.to_string(), "--out"])
             .arg(dir.path())
             .args(["--base-port", &base.to_string(), "--partitions", "16"])
-            .args(["--heartbeat-interval-ms", "100", "--election-timeout-ms", "500"])
+            .args(["--heartbeat-interval-ms", "100", "--election-timeout-ms", "300"])
             .args(extra)
             .output()
             .expect("run chatd cluster init");
@@ -151,10 +151,6 @@ impl Cluster {
             let _ = c.kill();
             let _ = c.wait();
         }
-    }
-
-    pub fn pid(&self, id: u64) -> Option<u32> {
-        self.node(id).child.as_ref().map(|c| c.id())
     }
 
     pub fn log_text(&self, id: u64) -> String {
@@ -229,6 +225,37 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Like `append_retry`, but an unknown outcome (a leader died mid-request) is returned as
+    /// `None` instead of failing: the entry may or may not be committed.
+    pub async fn append_maybe(&self, via: &[u64], group: u64, payload: &str) -> Option<Appended> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut i = 0;
+        loop {
+            let node = via[i % via.len()];
+            i += 1;
+            match self.append(node, group, payload).await {
+                Ok(a) => return Some(a),
+                Err(e) if e.contains("outcome_unknown") => return None,
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "append to {group} never succeeded: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Node `id`'s own view of `group` (role, leader, term, indexes).
+    pub async fn local(&self, id: u64, group: u64) -> Option<Value> {
+        let r = self
+            .http
+            .get(self.url(id, &format!("/v1/admin/partitions/{group}/local")))
+            .timeout(Duration::from_millis(500))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
     }
 
     pub async fn records(&self, id: u64, group: u64) -> Result<Vec<Record>, String> {

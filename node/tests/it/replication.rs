@@ -88,35 +88,59 @@ async fn killing_a_leader_elects_another_loses_nothing_and_the_node_catches_up()
     c.kill(leader);
     let killed_at = Instant::now();
     let new_leader = loop {
-        if let Some(l) = c.leader(survivors[0], group).await {
-            if l != leader {
-                break l;
+        let mut found = None;
+        for s in &survivors {
+            if let Some(v) = c.local(*s, group).await {
+                if v["role"] == "Leader" {
+                    found = Some(*s);
+                }
             }
         }
+        if let Some(l) = found {
+            break l;
+        }
         assert!(killed_at.elapsed() < Duration::from_secs(20), "no new leader");
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let election = killed_at.elapsed();
     println!(
         "leader {leader} of partition {group} killed; node {new_leader} elected after {} ms",
         election.as_millis()
     );
+    // Proposals resume. A proposal in flight to the dead leader has an unknown outcome: it
+    // is not counted as acked, and may or may not appear below.
+    let mut unknown = Vec::new();
     for i in 0..50 {
         let p = format!("after-{i}");
-        c.append_retry(&survivors, group, &p).await;
-        acked.push(p);
+        match c.append_maybe(&survivors, group, &p).await {
+            Some(_) => acked.push(p),
+            None => unknown.push(p),
+        }
     }
+    assert!(unknown.len() <= 2, "too many unknown outcomes: {unknown:?}");
     c.start(leader);
-    c.wait_converged(&[1, 2, 3], group, acked.len() as u64, CONVERGE)
-        .await;
-    let got: Vec<String> = c
-        .records(leader, group)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|r| r.payload)
-        .collect();
-    assert_eq!(got, acked, "the restarted node has every entry, in order");
+    let deadline = Instant::now() + CONVERGE;
+    loop {
+        let got: Vec<String> = c
+            .records(leader, group)
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| r.payload)
+            .collect();
+        // Every acked entry, in ack order, with only unknown-outcome entries in between.
+        let acked_only: Vec<&String> = got.iter().filter(|p| !unknown.contains(p)).collect();
+        if acked_only.len() == acked.len() {
+            assert_eq!(acked_only, acked.iter().collect::<Vec<_>>());
+            let d = c.digest(leader, group).await.unwrap();
+            for s in &survivors {
+                assert_eq!(c.digest(*s, group).await.unwrap(), d, "replicas identical");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "restarted node missing entries: {got:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -164,7 +188,7 @@ async fn a_follower_behind_a_purge_catches_up_through_a_snapshot() {
     let group = groups_preferring(1, 16)[0];
     c.kill(3);
     let mut acked = Vec::new();
-    for i in 0..300 {
+    for i in 0..400 {
         let p = format!("s{i}");
         c.append_retry(&[1, 2], group, &p).await;
         acked.push(p);
