@@ -69,13 +69,12 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, CodecError> {
             expected: FORMAT_VERSION,
         });
     }
-    let (value, read) =
-        bincode::serde::decode_from_slice::<T, _>(body, config()).map_err(|e| {
-            CodecError::Malformed {
-                what,
-                cause: e.to_string(),
-            }
-        })?;
+    let (value, read) = bincode::serde::decode_from_slice::<T, _>(body, config()).map_err(|e| {
+        CodecError::Malformed {
+            what,
+            cause: e.to_string(),
+        }
+    })?;
     if read != body.len() {
         return Err(CodecError::TrailingBytes {
             what,

@@ -15,7 +15,9 @@ use chatd_raftlog::{Applier, ApplyTxn, GroupId, NodeId};
 use serde::{Deserialize, Serialize};
 
 pub use hash::{partition_of, stable_hash};
-pub use placement::{default_replication, place, PartitionAssignment, PartitionTable, PlacementError};
+pub use placement::{
+    default_replication, place, PartitionAssignment, PartitionTable, PlacementError,
+};
 pub use routing::RoutingTable;
 
 /// The metadata group's id.
@@ -159,9 +161,7 @@ mod tests {
             table: place(&[1], 1, 1).unwrap(),
         };
         let bytes = chatd_codec::encode(&MetaCommand::Bootstrap(meta.clone())).unwrap();
-        let golden: &[u8] = &[
-            1, 0, 1, b'c', 1, 1, 1, 1, b'a', 1, b'b', 1, 1, 1, 1, 1, 1,
-        ];
+        let golden: &[u8] = &[1, 0, 1, b'c', 1, 1, 1, 1, b'a', 1, b'b', 1, 1, 1, 1, 1, 1];
         assert_eq!(bytes, golden);
         let back: MetaCommand = chatd_codec::decode(golden).unwrap();
         let MetaCommand::Bootstrap(m) = back;

@@ -112,7 +112,11 @@ mod tests {
         let t = place(&[3, 1, 2], 64, 3).unwrap();
         assert_eq!(t.assignments.len(), 64);
         for node in 1..=3 {
-            assert_eq!(t.groups_of(node).len(), 64, "every node replicates all at R=N");
+            assert_eq!(
+                t.groups_of(node).len(),
+                64,
+                "every node replicates all at R=N"
+            );
             let leads = t
                 .assignments
                 .iter()

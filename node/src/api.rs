@@ -80,7 +80,11 @@ async fn append_record(
     body: axum::body::Bytes,
 ) -> Response {
     if group == 0 {
-        return error(StatusCode::BAD_REQUEST, "bad_group", "group 0 takes no records");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_group",
+            "group 0 takes no records",
+        );
     }
     let cmd = match chatd_codec::encode(&PartitionCommand::Append(body.to_vec())) {
         Ok(c) => c,
@@ -101,12 +105,17 @@ async fn append_record(
         Err(e @ ProposeError::UnknownGroup(_)) => {
             error(StatusCode::NOT_FOUND, "unknown_partition", e.to_string())
         }
+        Err(e @ ProposeError::Overloaded { .. }) => {
+            error(StatusCode::TOO_MANY_REQUESTS, "overloaded", e.to_string())
+        }
         Err(e @ ProposeError::NoLeader { .. }) => {
             error(StatusCode::SERVICE_UNAVAILABLE, "no_leader", e.to_string())
         }
-        Err(e @ ProposeError::Unknown { .. }) => {
-            error(StatusCode::GATEWAY_TIMEOUT, "outcome_unknown", e.to_string())
-        }
+        Err(e @ ProposeError::Unknown { .. }) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            "outcome_unknown",
+            e.to_string(),
+        ),
     }
 }
 
@@ -182,7 +191,11 @@ async fn read_records(
 async fn local_group(State(node): State<Arc<Node>>, Path(group): Path<GroupId>) -> Response {
     match node.registry.status(group).await {
         Some(s) => Json(s).into_response(),
-        None => error(StatusCode::NOT_FOUND, "not_hosted", "partition not hosted here"),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_hosted",
+            "partition not hosted here",
+        ),
     }
 }
 
@@ -197,7 +210,11 @@ struct DigestOut {
 /// A digest of every committed record of a partition on this node.
 async fn digest(State(node): State<Arc<Node>>, Path(group): Path<GroupId>) -> Response {
     if node.registry.get(group).is_none() {
-        return error(StatusCode::NOT_FOUND, "not_hosted", "partition not hosted here");
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_hosted",
+            "partition not hosted here",
+        );
     }
     let mut h = chatd_membership::stable_hash(b"");
     let mut count = 0u64;
@@ -207,7 +224,9 @@ async fn digest(State(node): State<Arc<Node>>, Path(group): Path<GroupId>) -> Re
             Ok(b) => b,
             Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
         };
-        let Some(last) = batch.last().map(|r| r.seq) else { break };
+        let Some(last) = batch.last().map(|r| r.seq) else {
+            break;
+        };
         for r in &batch {
             let mut bytes = r.seq.to_be_bytes().to_vec();
             bytes.extend_from_slice(&r.payload);
@@ -275,8 +294,7 @@ pub struct ClusterView {
 
 async fn cluster_status(State(node): State<Arc<Node>>) -> Json<ClusterView> {
     let ids: Vec<NodeId> = node.peers().keys().copied().collect();
-    let statuses =
-        futures::future::join_all(ids.iter().map(|id| node.peer_status(*id))).await;
+    let statuses = futures::future::join_all(ids.iter().map(|id| node.peer_status(*id))).await;
     let mut nodes = Vec::new();
     let mut per_group: BTreeMap<GroupId, Vec<ReplicaView>> = BTreeMap::new();
     let mut leaders: BTreeMap<GroupId, (u64, NodeId)> = BTreeMap::new();

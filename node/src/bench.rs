@@ -60,7 +60,10 @@ pub async fn bench_log(spec: &BenchSpec) -> anyhow::Result<BenchResult> {
     }
     let ready_deadline = Instant::now() + Duration::from_secs(30);
     while !nodes.iter().all(|n| n.ready()) {
-        anyhow::ensure!(Instant::now() < ready_deadline, "cluster not ready within 30 s");
+        anyhow::ensure!(
+            Instant::now() < ready_deadline,
+            "cluster not ready within 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let syncs_before: Vec<u64> = nodes.iter().map(|n| n.store.sync_stats().0).collect();
@@ -113,7 +116,9 @@ pub async fn bench_log(spec: &BenchSpec) -> anyhow::Result<BenchResult> {
         .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
     for t in tasks {
         let h = t.await.context("bench worker panicked")??;
-        total.add(h).map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
+        total
+            .add(h)
+            .map_err(|e| anyhow::anyhow!("histogram: {e}"))?;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let fsyncs_per_node = nodes

@@ -239,9 +239,9 @@ impl Config {
         if self.cluster_id.trim().is_empty() {
             return Err("cluster_id is empty".into());
         }
-        let me = self.me().ok_or_else(|| {
-            format!("node_id {} is not in the peers list", self.node_id)
-        })?;
+        let me = self
+            .me()
+            .ok_or_else(|| format!("node_id {} is not in the peers list", self.node_id))?;
         let _ = me;
         let mut ids: Vec<u64> = self.peers.iter().map(|p| p.id).collect();
         ids.sort_unstable();
@@ -267,10 +267,15 @@ impl Config {
         if self.raft.election_timeout_min_ms <= self.raft.heartbeat_interval_ms
             || self.raft.election_timeout_max_ms <= self.raft.election_timeout_min_ms
         {
-            return Err("raft timeouts must satisfy heartbeat < election_min < election_max".into());
+            return Err(
+                "raft timeouts must satisfy heartbeat < election_min < election_max".into(),
+            );
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            return Err(format!("log.format must be \"text\" or \"json\", got {:?}", self.log.format));
+            return Err(format!(
+                "log.format must be \"text\" or \"json\", got {:?}",
+                self.log.format
+            ));
         }
         Ok(())
     }
@@ -327,7 +332,10 @@ api_addr = "127.0.0.1:7000"
     fn an_unknown_key_is_named_with_the_file() {
         let (_d, p) = write(&format!("{GOOD}\n[raft]\nheartbeat_ms = 5\n"));
         let e = Config::load(&p).unwrap_err().to_string();
-        assert!(e.contains("heartbeat_ms") && e.contains("chatd.toml"), "{e}");
+        assert!(
+            e.contains("heartbeat_ms") && e.contains("chatd.toml"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -335,7 +343,10 @@ api_addr = "127.0.0.1:7000"
         let e = Config::load(Path::new("/nonexistent/chatd.toml")).unwrap_err();
         assert!(matches!(e, ConfigError::Missing(_)), "{e}");
         let (_d, p) = write("cluster_id = \n\u{0}garbage[[");
-        assert!(matches!(Config::load(&p).unwrap_err(), ConfigError::Parse { .. }));
+        assert!(matches!(
+            Config::load(&p).unwrap_err(),
+            ConfigError::Parse { .. }
+        ));
         let (_d, p) = write(&GOOD.replace("node_id = 1", "node_id = 9"));
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("node_id 9 is not in the peers"), "{e}");

@@ -51,7 +51,10 @@ pub async fn demo(nodes: u32, dir: &Path, base_port: u16, partitions: u32) -> an
         let config_path = node_dir.join("chatd.toml");
         let config = Config::load(&config_path)?;
         cluster_id = config.cluster_id.clone();
-        let me = config.me().context("node missing from its own peer list")?.clone();
+        let me = config
+            .me()
+            .context("node missing from its own peer list")?
+            .clone();
         let log_path = node_dir.join("chatd.log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -77,15 +80,27 @@ pub async fn demo(nodes: u32, dir: &Path, base_port: u16, partitions: u32) -> an
         });
         children.push((id, child));
     }
-    let file = DemoFile { cluster_id, nodes: out };
+    let file = DemoFile {
+        cluster_id,
+        nodes: out,
+    };
     let json = serde_json::to_string_pretty(&file)?;
     std::fs::write(dir.join("demo.json"), &json)
         .with_context(|| format!("cannot write {}", dir.join("demo.json").display()))?;
     println!("chatd demo cluster {} ({} nodes)", file.cluster_id, nodes);
     for n in &file.nodes {
-        println!("  node {}  {}  pid {}  log {}", n.id, n.client_url, n.pid, n.log.display());
+        println!(
+            "  node {}  {}  pid {}  log {}",
+            n.id,
+            n.client_url,
+            n.pid,
+            n.log.display()
+        );
     }
-    println!("details in {}; Ctrl-C stops the cluster", dir.join("demo.json").display());
+    println!(
+        "details in {}; Ctrl-C stops the cluster",
+        dir.join("demo.json").display()
+    );
     crate::run::wait_for_signal().await;
     stop_children(&mut children);
     Ok(())

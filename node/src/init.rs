@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use chatd_transport::pki::ClusterCa;
 
-use crate::config::{ClusterSection, Config, LogSection, Peer, RaftSection, StorageSection, TlsPaths};
+use crate::config::{
+    ClusterSection, Config, LogSection, Peer, RaftSection, StorageSection, TlsPaths,
+};
 
 /// What `cluster init` produces.
 #[derive(Clone, Debug)]

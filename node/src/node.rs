@@ -10,11 +10,13 @@ use chatd_membership::{
     place, ClusterMeta, MetaApplier, MetaCommand, NodeInfo, PartitionTable, RoutingTable,
     META_GROUP,
 };
-use chatd_raftlog::{Command, GroupId, GroupStatus, NodeId, RaftReply, Registry, RAFT_SERVICE_TAG};
+use chatd_raftlog::{
+    GroupId, GroupStatus, NodeId, ProposeError as RaftProposeError, RaftReply, Registry,
+    RAFT_SERVICE_TAG,
+};
 use chatd_storage::{NodeIdentity, Storage};
 use chatd_transport::{Endpoint, PeerInfo, TlsIdentity, TransportError, TransportLimits};
 use futures::future::BoxFuture;
-use openraft::error::{ClientWriteError, RaftError};
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
@@ -36,7 +38,11 @@ const STATUS_CALL_TIMEOUT_MS: u64 = 1_000;
 #[derive(Debug, Serialize, Deserialize)]
 pub enum NodeRequest {
     /// Propose `command` to `group`, here only (the receiver does not forward).
-    Propose { group: GroupId, command: Vec<u8> },
+    Propose {
+        group: GroupId,
+        #[serde(with = "serde_bytes")]
+        command: Vec<u8>,
+    },
     /// The receiver's view of its groups.
     Status,
 }
@@ -45,11 +51,17 @@ pub enum NodeRequest {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum NodeReply {
     /// Committed and applied at `index`, with the state machine's answer.
-    Proposed { index: u64, response: Vec<u8> },
+    Proposed {
+        index: u64,
+        #[serde(with = "serde_bytes")]
+        response: Vec<u8>,
+    },
     /// The receiver is not the leader; `leader` is its hint.
     NotLeader { leader: Option<NodeId> },
     /// The receiver's status.
     Status(NodeStatus),
+    /// The receiver's queue for the group is full; nothing was appended.
+    Overloaded(String),
     /// The request failed; the outcome of a proposal is unknown.
     Failed(String),
 }
@@ -83,6 +95,9 @@ pub enum ProposeError {
     /// No leader accepted it within the time or attempt bound; it was not committed.
     #[error("no leader for partition {group} after {attempts} attempts")]
     NoLeader { group: GroupId, attempts: u32 },
+    /// The leader's proposal queue is full; nothing was appended.
+    #[error("partition {group} is overloaded: {cause}")]
+    Overloaded { group: GroupId, cause: String },
     /// The request may or may not have been committed (a leader failed mid-request).
     #[error("outcome unknown for partition {group}: {cause}")]
     Unknown { group: GroupId, cause: String },
@@ -183,7 +198,11 @@ impl Node {
             node_id: id,
         };
         let tls = TlsIdentity::load(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
-        let store = Storage::open(&config.data_dir.join("db"), &identity, &config.storage.options())?;
+        let store = Storage::open(
+            &config.data_dir.join("db"),
+            &identity,
+            &config.storage.options(),
+        )?;
         let me = config.me().cloned().ok_or_else(|| {
             chatd_raftlog::RaftlogError::Config(format!("node {id} is not in the peer list"))
         })?;
@@ -333,7 +352,11 @@ impl Node {
             .ok_or_else(|| format!("unknown node {peer}"))?
             .cluster_addr;
         match self
-            .call(addr, &NodeRequest::Status, Duration::from_millis(STATUS_CALL_TIMEOUT_MS))
+            .call(
+                addr,
+                &NodeRequest::Status,
+                Duration::from_millis(STATUS_CALL_TIMEOUT_MS),
+            )
             .await
         {
             Ok(NodeReply::Status(s)) => Ok(s),
@@ -364,20 +387,13 @@ impl Node {
     }
 
     async fn propose_here(&self, group: GroupId, command: Vec<u8>) -> NodeReply {
-        let Some(raft) = self.registry.get(group) else {
-            return NodeReply::NotLeader { leader: None };
-        };
-        match raft.client_write(Command(command)).await {
-            Ok(resp) => NodeReply::Proposed {
-                index: resp.log_id.index,
-                response: resp.data.0,
-            },
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                NodeReply::NotLeader {
-                    leader: f.leader_id,
-                }
-            }
-            Err(e) => NodeReply::Failed(e.to_string()),
+        match self.registry.propose(group, command).await {
+            Ok((index, response)) => NodeReply::Proposed { index, response },
+            Err(RaftProposeError::NotLeader { leader }) => NodeReply::NotLeader { leader },
+            Err(RaftProposeError::NotHosted(_)) => NodeReply::NotLeader { leader: None },
+            // Not appended: the caller may retry elsewhere or later.
+            Err(e @ RaftProposeError::Overloaded { .. }) => NodeReply::Overloaded(e.to_string()),
+            Err(e @ RaftProposeError::Raft(_)) => NodeReply::Failed(e.to_string()),
         }
     }
 
@@ -404,7 +420,11 @@ impl Node {
     /// Proposes `command` to `group` on its leader, wherever it is, and waits until it is
     /// committed on a majority and applied. Retries only where the command surely was not
     /// appended (not leader, not connected), so a command is never appended twice by us.
-    pub async fn propose(&self, group: GroupId, command: Vec<u8>) -> Result<Proposed, ProposeError> {
+    pub async fn propose(
+        &self,
+        group: GroupId,
+        command: Vec<u8>,
+    ) -> Result<Proposed, ProposeError> {
         if group != META_GROUP && self.table.get(group).is_none() {
             return Err(ProposeError::UnknownGroup(group));
         }
@@ -412,7 +432,10 @@ impl Node {
         let mut avoid = HashSet::new();
         for attempt in 1..=PROPOSE_ATTEMPTS_MAX {
             if Instant::now() >= deadline {
-                return Err(ProposeError::NoLeader { group, attempts: attempt - 1 });
+                return Err(ProposeError::NoLeader {
+                    group,
+                    attempts: attempt - 1,
+                });
             }
             let Some(target) = self.leader_hint(group, &avoid) else {
                 avoid.clear();
@@ -464,6 +487,9 @@ impl Node {
                     } else if let Some(h) = hint {
                         avoid.remove(&h);
                     }
+                }
+                NodeReply::Overloaded(cause) => {
+                    return Err(ProposeError::Overloaded { group, cause });
                 }
                 NodeReply::Failed(cause) => {
                     self.routing.update(group, None);

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum PartitionCommand {
     /// Appends an opaque record; the answer is its sequence number in the partition.
-    Append(Vec<u8>),
+    Append(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// A stored record.
@@ -19,6 +19,7 @@ pub struct LogRecord {
     /// The Raft log index it was committed at.
     pub index: u64,
     /// The record.
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
@@ -73,7 +74,10 @@ impl Applier for PartitionApplier {
                     index,
                     payload,
                 };
-                txn.put(&record_key(seq), chatd_codec::encode(&record).map_err(corrupt)?);
+                txn.put(
+                    &record_key(seq),
+                    chatd_codec::encode(&record).map_err(corrupt)?,
+                );
                 txn.put(COUNT_KEY, chatd_codec::encode(&seq).map_err(corrupt)?);
                 PartitionReply::Appended { seq }
             }
@@ -83,10 +87,7 @@ impl Applier for PartitionApplier {
 }
 
 /// Number of records in a partition's committed state.
-pub fn record_count(
-    store: &chatd_storage::Storage,
-    group: GroupId,
-) -> Result<u64, anyhow::Error> {
+pub fn record_count(store: &chatd_storage::Storage, group: GroupId) -> Result<u64, anyhow::Error> {
     Ok(match chatd_raftlog::read_record(store, group, COUNT_KEY)? {
         Some(b) => chatd_codec::decode::<u64>(&b)?,
         None => 0,

@@ -10,6 +10,7 @@
 //! machine writes its effects and its last-applied log id in one RocksDB write batch, so an
 //! entry is applied exactly once even across crashes.
 
+mod batcher;
 mod keys;
 mod log_store;
 mod network;
@@ -20,6 +21,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use batcher::{
+    Committed, ProposeError, BATCHES_IN_FLIGHT_MAX, BATCH_BYTES_MAX, BATCH_COMMANDS_MAX,
+    PROPOSAL_QUEUE_MAX,
+};
 pub use log_store::LogStore;
 pub use network::{NetworkFactory, RaftReply, RaftRequest, RAFT_SERVICE_TAG};
 pub use registry::{GroupStatus, Registry};
@@ -30,19 +35,20 @@ pub type NodeId = u64;
 /// A Raft group's id: 0 is the metadata group, 1..=P the partitions.
 pub type GroupId = u64;
 
-/// An opaque command for a group's state machine.
+/// The payload of one Raft entry: a batch of opaque commands for the group's state machine,
+/// applied in order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Command(pub Vec<u8>);
+pub struct Command(pub Vec<serde_bytes::ByteBuf>);
 
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "command({} bytes)", self.0.len())
+        write!(f, "batch of {} commands", self.0.len())
     }
 }
 
-/// The state machine's answer to one command, opaque to raftlog.
+/// The state machine's answers to one entry's commands, in order; opaque to raftlog.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Response(pub Vec<u8>);
+pub struct Response(pub Vec<serde_bytes::ByteBuf>);
 
 openraft::declare_raft_types!(
     /// chatd's openraft type configuration.
@@ -126,9 +132,7 @@ impl RaftOptions {
             install_snapshot_timeout: 5_000,
             max_payload_entries: self.append_entries_max,
             replication_lag_threshold: self.snapshot_logs_to_keep.max(1),
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(
-                self.snapshot_logs_since_last,
-            ),
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_logs_since_last),
             snapshot_max_chunk_size: self.snapshot_chunk_bytes_max,
             max_in_snapshot_log_to_keep: self.snapshot_logs_to_keep,
             // Purge in steps of a quarter snapshot interval (bounded): a purge is one

@@ -11,8 +11,8 @@ use openraft::error::{
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
-    InstallSnapshotResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
@@ -126,13 +126,11 @@ impl Network {
             .map_err(|e| match e {
                 TransportError::Connect { .. }
                 | TransportError::ConnectTimeout { .. }
-                | TransportError::Timeout { .. } => {
-                    RPCError::Unreachable(Unreachable::new(&e))
-                }
+                | TransportError::Timeout { .. } => RPCError::Unreachable(Unreachable::new(&e)),
                 other => RPCError::Network(NetworkError::new(&other)),
             })?;
-        let reply: RaftReply = chatd_codec::decode(&reply)
-            .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply: RaftReply =
+            chatd_codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         match reply {
             RaftReply::UnknownGroup(g) => Err(RPCError::Unreachable(Unreachable::new(
                 &std::io::Error::other(format!("node {} does not host group {g}", self.target)),
@@ -145,7 +143,11 @@ impl Network {
     }
 
     fn remote<E: std::error::Error>(&self, e: RaftError<NodeId, E>) -> RpcErr<E> {
-        RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e))
+        RPCError::RemoteError(RemoteError::new_with_node(
+            self.target,
+            self.node.clone(),
+            e,
+        ))
     }
 
     fn unexpected<E: std::error::Error>(&self) -> RpcErr<E> {
@@ -161,7 +163,10 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        match self.send(RaftRequest::Append(rpc), option.hard_ttl()).await? {
+        match self
+            .send(RaftRequest::Append(rpc), option.hard_ttl())
+            .await?
+        {
             RaftReply::Append(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.unexpected()),
         }
@@ -172,7 +177,10 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        match self.send(RaftRequest::Snapshot(rpc), option.hard_ttl()).await? {
+        match self
+            .send(RaftRequest::Snapshot(rpc), option.hard_ttl())
+            .await?
+        {
             RaftReply::Snapshot(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.unexpected()),
         }

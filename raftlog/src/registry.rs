@@ -10,10 +10,9 @@ use chatd_transport::Endpoint;
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
+use crate::batcher::{Committed, Proposal, ProposeError, PROPOSAL_QUEUE_MAX};
 use crate::network::{NetworkFactory, RaftEnvelope, RaftReply, RaftRequest};
-use crate::{
-    Applier, GroupId, LogStore, NodeId, Raft, RaftOptions, RaftlogError, StateMachine,
-};
+use crate::{Applier, GroupId, LogStore, NodeId, Raft, RaftOptions, RaftlogError, StateMachine};
 
 /// A group's replication state as this node sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,7 +46,13 @@ pub struct Registry {
     endpoint: Endpoint,
     snapshot_root: PathBuf,
     config: Arc<openraft::Config>,
-    groups: RwLock<HashMap<GroupId, Raft>>,
+    groups: RwLock<HashMap<GroupId, Hosted>>,
+}
+
+#[derive(Clone)]
+struct Hosted {
+    raft: Raft,
+    proposals: tokio::sync::mpsc::Sender<Proposal>,
 }
 
 impl Registry {
@@ -106,7 +111,51 @@ impl Registry {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        Ok(groups.entry(group).or_insert(raft).clone())
+        let hosted = groups.entry(group).or_insert_with(|| Hosted {
+            proposals: crate::batcher::start(group, raft.clone()),
+            raft,
+        });
+        Ok(hosted.raft.clone())
+    }
+
+    /// Proposes `command` to `group` if this node leads it, batched with the proposals made
+    /// at the same time; returns once the entry is committed on a majority and applied.
+    pub async fn propose(
+        &self,
+        group: GroupId,
+        command: Vec<u8>,
+    ) -> Result<Committed, ProposeError> {
+        let hosted = {
+            let groups = match self.groups.read() {
+                Ok(g) => g,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            groups.get(&group).cloned()
+        };
+        let Some(hosted) = hosted else {
+            return Err(ProposeError::NotHosted(group));
+        };
+        // Refuse at once when another node leads: no need to queue behind a batch.
+        let leader = hosted.raft.metrics().borrow().current_leader;
+        if leader != Some(self.node_id) {
+            return Err(ProposeError::NotLeader { leader });
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        hosted
+            .proposals
+            .try_send(Proposal { command, reply })
+            .map_err(|e| match e {
+                tokio::sync::mpsc::error::TrySendError::Full(_) => ProposeError::Overloaded {
+                    group,
+                    max: PROPOSAL_QUEUE_MAX,
+                },
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => {
+                    ProposeError::Raft(format!("group {group} stopped"))
+                }
+            })?;
+        answer
+            .await
+            .map_err(|_| ProposeError::Raft(format!("group {group} stopped")))?
     }
 
     /// Initializes `group` with `members` as voters if it has never been initialized.
@@ -119,10 +168,13 @@ impl Registry {
             group,
             cause: "group not opened".into(),
         })?;
-        let initialized = raft.is_initialized().await.map_err(|e| RaftlogError::Start {
-            group,
-            cause: e.to_string(),
-        })?;
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| RaftlogError::Start {
+                group,
+                cause: e.to_string(),
+            })?;
         if initialized {
             return Ok(());
         }
@@ -145,7 +197,7 @@ impl Registry {
             Ok(g) => g,
             Err(poisoned) => poisoned.into_inner(),
         };
-        groups.get(&group).cloned()
+        groups.get(&group).map(|h| h.raft.clone())
     }
 
     /// Ids of the hosted groups, sorted.
@@ -190,9 +242,7 @@ impl Registry {
                 Some(raft) => match env.request {
                     RaftRequest::Append(r) => RaftReply::Append(raft.append_entries(r).await),
                     RaftRequest::Vote(r) => RaftReply::Vote(raft.vote(r).await),
-                    RaftRequest::Snapshot(r) => {
-                        RaftReply::Snapshot(raft.install_snapshot(r).await)
-                    }
+                    RaftRequest::Snapshot(r) => RaftReply::Snapshot(raft.install_snapshot(r).await),
                 },
             },
         };
@@ -212,7 +262,7 @@ impl Registry {
                 Ok(g) => g,
                 Err(poisoned) => poisoned.into_inner(),
             };
-            groups.values().cloned().collect()
+            groups.values().map(|h| h.raft.clone()).collect()
         };
         for raft in all {
             if let Err(e) = raft.shutdown().await {

@@ -113,7 +113,7 @@ struct SnapshotRecord {
 
 #[derive(Serialize, Deserialize)]
 struct SnapshotFrame {
-    records: Vec<(Vec<u8>, Vec<u8>)>,
+    records: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
 }
 
 fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
@@ -217,11 +217,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for entry in entries {
             let response = match &entry.payload {
                 EntryPayload::Blank => Response::default(),
-                EntryPayload::Normal(cmd) => Response(
-                    self.applier
-                        .apply(self.group, entry.log_id.index, &cmd.0, &mut txn)
-                        .map_err(|e| StorageIOError::apply(entry.log_id, &e))?,
-                ),
+                EntryPayload::Normal(batch) => {
+                    let mut answers = Vec::with_capacity(batch.0.len());
+                    for cmd in &batch.0 {
+                        let answer = self
+                            .applier
+                            .apply(self.group, entry.log_id.index, cmd, &mut txn)
+                            .map_err(|e| StorageIOError::apply(entry.log_id, &e))?;
+                        answers.push(serde_bytes::ByteBuf::from(answer));
+                    }
+                    Response(answers)
+                }
                 EntryPayload::Membership(m) => {
                     membership = Some(StoredMembership::new(Some(entry.log_id), m.clone()));
                     Response::default()
@@ -244,11 +250,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
             }
             let la = chatd_codec::encode(&last_applied).map_err(sm_write)?;
-            w.put(
-                Cf::StateMeta,
-                &meta_key(self.group, META_LAST_APPLIED),
-                &la,
-            );
+            w.put(Cf::StateMeta, &meta_key(self.group, META_LAST_APPLIED), &la);
             if let Some(m) = &membership {
                 let mb = chatd_codec::encode(m).map_err(sm_write)?;
                 w.put(Cf::StateMeta, &meta_key(self.group, META_MEMBERSHIP), &mb);
@@ -275,9 +277,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn begin_receiving_snapshot(
-        &mut self,
-    ) -> Result<Box<tokio::fs::File>, StorageError> {
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
         let path = self.dir.join(format!("recv-{}.tmp", unique_suffix()));
         let file = tokio::fs::File::create(&path).await.map_err(snap_err)?;
         if let Some(old) = self.receiving.replace(path) {
@@ -419,7 +419,10 @@ fn build_to_file(
     let (start, end) = group_range(group);
     let mut write_err = None;
     view.scan_with(Cf::StateMachine, &start, &end, |k, v| {
-        frame.records.push((k[8..].to_vec(), v.to_vec()));
+        frame.records.push((
+            serde_bytes::ByteBuf::from(&k[8..]),
+            serde_bytes::ByteBuf::from(v),
+        ));
         frame_bytes += k.len() + v.len();
         if frame_bytes >= SNAPSHOT_FRAME_BYTES_TARGET {
             if let Err(e) = write_frame(&mut out, &frame) {

@@ -37,10 +37,12 @@ pub(crate) fn check_or_claim(
             path: path.to_path_buf(),
             cause: "column family node_meta is missing".into(),
         })?;
-    let stored = db.get_cf(cf, IDENTITY_KEY).map_err(|e| StorageError::Rocks {
-        op: "read identity",
-        cause: e.into_string(),
-    })?;
+    let stored = db
+        .get_cf(cf, IDENTITY_KEY)
+        .map_err(|e| StorageError::Rocks {
+            op: "read identity",
+            cause: e.into_string(),
+        })?;
     match stored {
         Some(bytes) => {
             let found: NodeIdentity =

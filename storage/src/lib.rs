@@ -165,7 +165,9 @@ impl BatchWriter<'_> {
     }
     /// Deletes every key in `from..to` in `cf`.
     pub fn delete_range(&mut self, cf: Cf, from: &[u8], to: &[u8]) {
-        self.batch.inner.delete_range_cf(self.store.cf(cf), from, to);
+        self.batch
+            .inner
+            .delete_range_cf(self.store.cf(cf), from, to);
         self.batch.push();
     }
 }

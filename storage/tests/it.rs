@@ -38,7 +38,10 @@ async fn synced_writes_survive_reopen_and_group_commit_shares_syncs() {
         }
         let (syncs, writes) = store.sync_stats();
         assert_eq!(writes, 2000);
-        assert!(syncs >= 1 && syncs <= writes, "syncs {syncs} writes {writes}");
+        assert!(
+            syncs >= 1 && syncs <= writes,
+            "syncs {syncs} writes {writes}"
+        );
     }
     let store = Storage::open(dir.path(), &ident("c1", 1), &opts).unwrap();
     let all = store
@@ -46,7 +49,10 @@ async fn synced_writes_survive_reopen_and_group_commit_shares_syncs() {
         .unwrap();
     assert_eq!(all.len(), 2000);
     assert_eq!(
-        store.get(Cf::RaftLog, &7u32.to_be_bytes()).unwrap().as_deref(),
+        store
+            .get(Cf::RaftLog, &7u32.to_be_bytes())
+            .unwrap()
+            .as_deref(),
         Some(&b"v"[..])
     );
 }
@@ -99,14 +105,20 @@ fn a_directory_of_another_node_or_cluster_is_refused_unchanged() {
     let err = Storage::open(dir.path(), &ident("c1", 2), &opts)
         .err()
         .expect("other node id must be refused");
-    assert!(matches!(err, StorageError::IdentityMismatch { .. }), "{err}");
+    assert!(
+        matches!(err, StorageError::IdentityMismatch { .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("node 1 of cluster c1"), "{err}");
     let err = Storage::open(dir.path(), &ident("c2", 1), &opts)
         .err()
         .expect("other cluster must be refused");
     assert!(err.to_string().contains("cluster c2"), "{err}");
     let store = Storage::open(dir.path(), &ident("c1", 1), &opts).unwrap();
-    assert_eq!(store.get(Cf::RaftLog, b"k").unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        store.get(Cf::RaftLog, b"k").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
 }
 
 #[test]
@@ -151,13 +163,23 @@ fn scans_respect_bounds_and_views_are_point_in_time() {
         store.write(put(&store, &[i], &[i])).unwrap();
     }
     let got = store.scan(Cf::RaftLog, &[2], &[5], 100).unwrap();
-    assert_eq!(got.iter().map(|(k, _)| k[0]).collect::<Vec<_>>(), vec![2, 3, 4]);
+    assert_eq!(
+        got.iter().map(|(k, _)| k[0]).collect::<Vec<_>>(),
+        vec![2, 3, 4]
+    );
     assert_eq!(store.scan(Cf::RaftLog, &[0], &[10], 3).unwrap().len(), 3);
     assert_eq!(
-        store.last_in_range(Cf::RaftLog, &[0], &[7]).unwrap().unwrap().0,
+        store
+            .last_in_range(Cf::RaftLog, &[0], &[7])
+            .unwrap()
+            .unwrap()
+            .0,
         vec![6]
     );
-    assert!(store.last_in_range(Cf::RaftLog, &[20], &[30]).unwrap().is_none());
+    assert!(store
+        .last_in_range(Cf::RaftLog, &[20], &[30])
+        .unwrap()
+        .is_none());
     let view = store.view();
     let mut b = Batch::new();
     store.batch(&mut b).delete_range(Cf::RaftLog, &[0], &[10]);
@@ -169,5 +191,8 @@ fn scans_respect_bounds_and_views_are_point_in_time() {
     })
     .unwrap();
     assert_eq!(seen, 10, "the view predates the delete");
-    assert!(store.scan(Cf::RaftLog, &[0], &[10], 100).unwrap().is_empty());
+    assert!(store
+        .scan(Cf::RaftLog, &[0], &[10], 100)
+        .unwrap()
+        .is_empty());
 }

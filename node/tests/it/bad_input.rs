@@ -38,19 +38,28 @@ fn missing_corrupt_and_unknown_key_configs_are_named_errors() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nope.toml");
     let err = run_expect_failure(&missing);
-    assert!(err.contains("does not exist") && err.contains("nope.toml"), "{err}");
+    assert!(
+        err.contains("does not exist") && err.contains("nope.toml"),
+        "{err}"
+    );
 
     let c = Cluster::init(1, &[]);
     let good = std::fs::read_to_string(&c.node(1).config).unwrap();
     let corrupt = dir.path().join("corrupt.toml");
     std::fs::write(&corrupt, &good[..good.len() / 2]).unwrap();
     let err = run_expect_failure(&corrupt);
-    assert!(err.contains("invalid config file") && err.contains("corrupt.toml"), "{err}");
+    assert!(
+        err.contains("invalid config file") && err.contains("corrupt.toml"),
+        "{err}"
+    );
 
     let unknown = dir.path().join("unknown.toml");
     std::fs::write(&unknown, format!("colour = \"blue\"\n{good}")).unwrap();
     let err = run_expect_failure(&unknown);
-    assert!(err.contains("colour") && err.contains("unknown.toml"), "{err}");
+    assert!(
+        err.contains("colour") && err.contains("unknown.toml"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -90,7 +99,10 @@ async fn another_clusters_or_nodes_data_directory_is_refused_and_left_intact() {
     )
     .unwrap();
     let err = run_expect_failure(&other_cfg);
-    assert!(err.contains("belongs to") && err.contains("cluster"), "{err}");
+    assert!(
+        err.contains("belongs to") && err.contains("cluster"),
+        "{err}"
+    );
 
     // Nothing was changed: the cluster restarts with its record.
     c.start_all();
@@ -148,7 +160,10 @@ async fn garbage_on_the_quic_port_and_a_foreign_ca_are_refused_while_the_cluster
     }
     c.start(3);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(!c.ready(3).await, "a node with a foreign certificate must not join");
+    assert!(
+        !c.ready(3).await,
+        "a node with a foreign certificate must not join"
+    );
 
     // The cluster still commits (nodes 1 and 2 are a majority) and neither died.
     let a = c.append_retry(&[1, 2], 1, "still-works").await;

@@ -84,7 +84,12 @@ impl Cluster {
             .args(["cluster", "init", "--nodes", &n.to_string(), "--out"])
             .arg(dir.path())
             .args(["--base-port", &base.to_string(), "--partitions", "16"])
-            .args(["--heartbeat-interval-ms", "100", "--election-timeout-ms", "300"])
+            .args([
+                "--heartbeat-interval-ms",
+                "100",
+                "--election-timeout-ms",
+                "300",
+            ])
             .args(extra)
             .output()
             .expect("run chatd cluster init");
@@ -181,7 +186,10 @@ impl Cluster {
             if all {
                 return;
             }
-            assert!(Instant::now() < deadline, "cluster not ready within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "cluster not ready within {timeout:?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -239,7 +247,10 @@ impl Cluster {
                 Ok(a) => return Some(a),
                 Err(e) if e.contains("outcome_unknown") => return None,
                 Err(e) => {
-                    assert!(Instant::now() < deadline, "append to {group} never succeeded: {e}");
+                    assert!(
+                        Instant::now() < deadline,
+                        "append to {group} never succeeded: {e}"
+                    );
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }

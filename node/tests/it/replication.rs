@@ -11,7 +11,9 @@ const CONVERGE: Duration = Duration::from_secs(60);
 /// Groups whose preferred leader (first replica) is `node`: with 3 nodes, group g's
 /// replicas start at node ((g-1) % 3) + 1.
 fn groups_preferring(node: u64, partitions: u64) -> Vec<u64> {
-    (1..=partitions).filter(|g| (g - 1) % 3 + 1 == node).collect()
+    (1..=partitions)
+        .filter(|g| (g - 1) % 3 + 1 == node)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,7 +101,10 @@ async fn killing_a_leader_elects_another_loses_nothing_and_the_node_catches_up()
         if let Some(l) = found {
             break l;
         }
-        assert!(killed_at.elapsed() < Duration::from_secs(20), "no new leader");
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(20),
+            "no new leader"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let election = killed_at.elapsed();
@@ -138,7 +143,10 @@ async fn killing_a_leader_elects_another_loses_nothing_and_the_node_catches_up()
             }
             break;
         }
-        assert!(Instant::now() < deadline, "restarted node missing entries: {got:?}");
+        assert!(
+            Instant::now() < deadline,
+            "restarted node missing entries: {got:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -181,7 +189,12 @@ async fn a_whole_cluster_restart_keeps_every_entry_and_applies_none_twice() {
 async fn a_follower_behind_a_purge_catches_up_through_a_snapshot() {
     let mut c = Cluster::init(
         3,
-        &["--snapshot-logs-since-last", "50", "--snapshot-logs-to-keep", "5"],
+        &[
+            "--snapshot-logs-since-last",
+            "50",
+            "--snapshot-logs-to-keep",
+            "5",
+        ],
     );
     c.start_all();
     c.wait_ready(READY).await;
@@ -293,7 +306,10 @@ async fn an_acked_entry_survives_the_loss_of_every_node_that_did_not_ack_it() {
             if done {
                 break;
             }
-            assert!(Instant::now() < deadline, "group {g}: acked entries missing");
+            assert!(
+                Instant::now() < deadline,
+                "group {g}: acked entries missing"
+            );
             // Followers apply once a new leader (one of them) commits in its term.
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
