@@ -92,7 +92,7 @@ pub fn scan_records(
     from: &[u8],
     to: &[u8],
     limit: usize,
-) -> Result<Vec<(Vec<u8>, Vec<u8>)>, chatd_storage::StorageError> {
+) -> Result<Vec<chatd_storage::KeyValue>, chatd_storage::StorageError> {
     let mut out = store.scan(
         Cf::StateMachine,
         &sm_key(group, from),
@@ -156,7 +156,7 @@ impl StateMachine {
         snapshot_root: &Path,
     ) -> Result<Self, StorageError> {
         let dir = snapshot_root.join(format!("group-{group}"));
-        std::fs::create_dir_all(&dir).map_err(|e| snap_err(e))?;
+        std::fs::create_dir_all(&dir).map_err(snap_err)?;
         let pending: Option<SnapshotRecord> = decode_meta(
             store
                 .get(Cf::StateMeta, &meta_key(group, META_PENDING_INSTALL))

@@ -17,6 +17,9 @@ use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, WriteOptions, 
 pub use syncer::DurableCallback;
 use syncer::Syncer;
 
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// The column families of a chatd node's database.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Cf {
@@ -273,7 +276,7 @@ impl Storage {
         from: &[u8],
         to: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StorageError> {
+    ) -> Result<Vec<KeyValue>, StorageError> {
         let mut out = Vec::new();
         self.scan_with(cf, from, to, |k, v| {
             out.push((k.to_vec(), v.to_vec()));
@@ -309,7 +312,7 @@ impl Storage {
         cf: Cf,
         from: &[u8],
         to: &[u8],
-    ) -> Result<Option<(Vec<u8>, Vec<u8>)>, StorageError> {
+    ) -> Result<Option<KeyValue>, StorageError> {
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_lower_bound(from.to_vec());
         ro.set_iterate_upper_bound(to.to_vec());

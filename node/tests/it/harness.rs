@@ -65,7 +65,6 @@ pub struct Record {
 
 #[derive(Debug, Deserialize)]
 pub struct Records {
-    pub count: u64,
     pub records: Vec<Record>,
 }
 

@@ -34,6 +34,7 @@ async fn entries_to_many_partitions_commit_identically_on_every_replica() {
                 let payload = format!("g{group}-e{i}");
                 let a = c.append_retry(&[via], group, &payload).await;
                 assert_eq!(a.group, group);
+                assert!(a.index > 0 && (1..=3).contains(&a.leader), "{a:?}");
                 assert_eq!(a.seq, i + 1, "seqs are gapless per partition");
                 sent.push(payload);
             }
