@@ -53,15 +53,29 @@ impl Syncer {
     }
 }
 
+/// How long the syncer waits for more writes once several are already waiting.
+pub(crate) const SYNC_LINGER_US: u64 = 200;
+
+fn drain(rx: &Receiver<DurableCallback>, pending: &mut Vec<DurableCallback>) {
+    while pending.len() < SYNC_BATCH_WRITES_MAX {
+        match rx.try_recv() {
+            Ok(cb) => pending.push(cb),
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+        }
+    }
+}
+
 fn run(db: Weak<Inner>, rx: Receiver<DurableCallback>, stats: Arc<Stats>) {
     let mut pending: Vec<DurableCallback> = Vec::with_capacity(SYNC_BATCH_WRITES_MAX);
     while let Ok(first) = rx.recv() {
         pending.push(first);
-        while pending.len() < SYNC_BATCH_WRITES_MAX {
-            match rx.try_recv() {
-                Ok(cb) => pending.push(cb),
-                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-            }
+        drain(&rx, &mut pending);
+        // Under load (more than one writer waiting), linger briefly so the fdatasync serves
+        // more writes: on a VM an fdatasync costs CPU (exits) as well as time. A lone writer
+        // is synced at once.
+        if pending.len() > 1 && SYNC_LINGER_US > 0 {
+            std::thread::sleep(std::time::Duration::from_micros(SYNC_LINGER_US));
+            drain(&rx, &mut pending);
         }
         // Every write whose callback is in `pending` returned before its callback was
         // queued, so it is in the WAL buffer now and this one sync covers all of them.
