@@ -51,6 +51,31 @@ pub enum MetaCommand {
     /// Sets the cluster metadata if it was never set; a second bootstrap is a no-op that
     /// answers with the metadata already there (so every node may try it safely).
     Bootstrap(ClusterMeta),
+    /// Creates a user with the SHA-256 (hex) of its bearer token; refused if the id exists.
+    CreateUser { user: String, token_sha256: String },
+    /// Disables a user: its token stops working.
+    DisableUser { user: String },
+}
+
+/// A user as group 0 stores it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub user: String,
+    pub token_sha256: String,
+    pub disabled: bool,
+}
+
+/// Answers of user commands.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UserReply {
+    Created,
+    Disabled,
+    Exists,
+    Unknown,
+}
+
+fn user_key(user: &str) -> Vec<u8> {
+    [b"user\0".as_slice(), user.as_bytes()].concat()
 }
 
 const CLUSTER_KEY: &[u8] = b"cluster";
@@ -59,6 +84,25 @@ const CLUSTER_KEY: &[u8] = b"cluster";
 #[derive(Default)]
 pub struct MetaApplier {
     current: RwLock<Option<Arc<ClusterMeta>>>,
+    users: RwLock<Users>,
+}
+
+#[derive(Default)]
+struct Users {
+    by_id: std::collections::HashMap<String, UserRecord>,
+    by_token: std::collections::HashMap<String, String>,
+}
+
+impl Users {
+    fn set(&mut self, u: UserRecord) {
+        if let Some(old) = self.by_id.get(&u.user) {
+            self.by_token.remove(&old.token_sha256);
+        }
+        if !u.disabled {
+            self.by_token.insert(u.token_sha256.clone(), u.user.clone());
+        }
+        self.by_id.insert(u.user.clone(), u);
+    }
 }
 
 impl MetaApplier {
@@ -73,7 +117,45 @@ impl MetaApplier {
             let meta: ClusterMeta = chatd_codec::decode(&bytes)?;
             self.set(meta);
         }
+        let prefix = user_key("");
+        let mut end = prefix.clone();
+        end.push(0xff);
+        for (_, v) in chatd_raftlog::scan_records(store, META_GROUP, &prefix, &end, usize::MAX)? {
+            let u: UserRecord = chatd_codec::decode(&v)?;
+            self.users_mut().set(u);
+        }
         Ok(())
+    }
+
+    fn users_mut(&self) -> std::sync::RwLockWriteGuard<'_, Users> {
+        match self.users.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn users(&self) -> std::sync::RwLockReadGuard<'_, Users> {
+        match self.users.read() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    /// The enabled user whose token hashes to `token_sha256`.
+    pub fn user_by_token(&self, token_sha256: &str) -> Option<String> {
+        self.users().by_token.get(token_sha256).cloned()
+    }
+
+    /// True if `user` exists and is enabled.
+    pub fn user_enabled(&self, user: &str) -> bool {
+        self.users().by_id.get(user).is_some_and(|u| !u.disabled)
+    }
+
+    /// Every user, sorted by id.
+    pub fn list_users(&self) -> Vec<UserRecord> {
+        let mut v: Vec<UserRecord> = self.users().by_id.values().cloned().collect();
+        v.sort_by(|a, b| a.user.cmp(&b.user));
+        v
     }
 
     /// The metadata applied so far, if the cluster was bootstrapped.
@@ -124,6 +206,37 @@ impl Applier for MetaApplier {
                 self.set(applied);
                 Ok(stored)
             }
+            MetaCommand::CreateUser { user, token_sha256 } => {
+                let key = user_key(&user);
+                let reply = if txn.get(&key)?.is_some() {
+                    UserReply::Exists
+                } else {
+                    let record = UserRecord {
+                        user,
+                        token_sha256,
+                        disabled: false,
+                    };
+                    txn.put(&key, chatd_codec::encode(&record).map_err(corrupt)?);
+                    self.users_mut().set(record);
+                    UserReply::Created
+                };
+                chatd_codec::encode(&reply).map_err(corrupt)
+            }
+            MetaCommand::DisableUser { user } => {
+                let key = user_key(&user);
+                let reply = match txn.get(&key)? {
+                    None => UserReply::Unknown,
+                    Some(bytes) => {
+                        let mut record: UserRecord =
+                            chatd_codec::decode(&bytes).map_err(corrupt)?;
+                        record.disabled = true;
+                        txn.put(&key, chatd_codec::encode(&record).map_err(corrupt)?);
+                        self.users_mut().set(record);
+                        UserReply::Disabled
+                    }
+                };
+                chatd_codec::encode(&reply).map_err(corrupt)
+            }
         }
     }
 }
@@ -164,7 +277,12 @@ mod tests {
         let golden: &[u8] = &[1, 0, 1, b'c', 1, 1, 1, 1, b'a', 1, b'b', 1, 1, 1, 1, 1, 1];
         assert_eq!(bytes, golden);
         let back: MetaCommand = chatd_codec::decode(golden).unwrap();
-        let MetaCommand::Bootstrap(m) = back;
-        assert_eq!(m, meta);
+        assert!(matches!(back, MetaCommand::Bootstrap(m) if m == meta));
+        let user = chatd_codec::encode(&MetaCommand::CreateUser {
+            user: "a".into(),
+            token_sha256: "b".into(),
+        })
+        .unwrap();
+        assert_eq!(user, vec![1, 1, 1, b'a', 1, b'b']);
     }
 }

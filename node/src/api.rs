@@ -12,8 +12,12 @@ use axum::{Json, Router};
 use chatd_raftlog::{GroupId, NodeId};
 use serde::{Deserialize, Serialize};
 
+use axum::extract::ws::WebSocketUpgrade;
+use axum::http::HeaderMap;
+use axum::middleware::{self, Next};
+use chatd_chat::{ChatCommand, ChatReply};
+
 use crate::node::{Node, ProposeError};
-use crate::partition::{self, PartitionCommand, PartitionReply};
 
 /// Largest record accepted by the admin append endpoint.
 pub const RECORD_BYTES_MAX: usize = 1 << 20;
@@ -22,18 +26,194 @@ pub const READ_RECORDS_MAX: usize = 1000;
 
 /// The router for `node`.
 pub fn router(node: Arc<Node>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
+    let admin = Router::new()
         .route("/v1/admin/cluster", get(cluster_status))
+        .route("/v1/admin/users", post(create_user).get(list_users))
+        .route("/v1/admin/users/{user}/disable", post(disable_user))
         .route(
             "/v1/admin/partitions/{group}/records",
             post(append_record).get(read_records),
         )
         .route("/v1/admin/partitions/{group}/digest", get(digest))
         .route("/v1/admin/partitions/{group}/local", get(local_group))
+        .layer(middleware::from_fn_with_state(node.clone(), require_admin));
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/ws", get(websocket))
+        .merge(admin)
         .layer(DefaultBodyLimit::max(RECORD_BYTES_MAX))
         .with_state(node)
+}
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(|t| t.trim().to_string())
+}
+
+/// Admin endpoints need the admin token when the config has one.
+async fn require_admin(
+    State(node): State<Arc<Node>>,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    if let Some(expected) = &node.config.admin_token_sha256 {
+        let given = bearer(request.headers()).map(|t| crate::auth::sha256_hex(&t));
+        let ok = given.is_some_and(|g| crate::auth::constant_time_eq(&g, expected));
+        if !ok {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "admin endpoints need Authorization: Bearer <admin token>",
+            );
+        }
+    }
+    next.run(request).await
+}
+
+async fn websocket(
+    State(node): State<Arc<Node>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let token = bearer(&headers);
+    // The codec refuses frames over twice the protocol bound outright; frames between the
+    // bound and that get a typed error and a close from the session.
+    ws.max_message_size(chatd_proto::FRAME_BYTES_MAX * 2)
+        .max_frame_size(chatd_proto::FRAME_BYTES_MAX * 2)
+        .on_upgrade(move |socket| crate::gateway::serve(node, socket, token))
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> Response {
+    let mut lag = Vec::new();
+    for g in node.registry.groups() {
+        if let Some(s) = node.registry.status(g).await {
+            lag.push((g, s.committed_index.saturating_sub(s.applied_index)));
+        }
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        node.gateway.metrics.render(&lag),
+    )
+        .into_response()
+}
+
+#[derive(Deserialize)]
+struct NewUser {
+    user: String,
+}
+
+#[derive(Serialize)]
+struct CreatedUser {
+    user: String,
+    token: String,
+}
+
+async fn create_user(State(node): State<Arc<Node>>, Json(req): Json<NewUser>) -> Response {
+    let valid = !req.user.is_empty()
+        && req.user.len() <= chatd_proto::USER_ID_BYTES_MAX
+        && req.user.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+        });
+    if !valid {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_field",
+            "user ids are 1-32 of a-z 0-9 _ . -",
+        );
+    }
+    let token = crate::auth::new_token();
+    let cmd = chatd_membership::MetaCommand::CreateUser {
+        user: req.user.clone(),
+        token_sha256: crate::auth::sha256_hex(&token),
+    };
+    let bytes = match chatd_codec::encode(&cmd) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "encode", e.to_string()),
+    };
+    match node.propose(chatd_membership::META_GROUP, bytes).await {
+        Ok(p) => match chatd_codec::decode::<chatd_membership::UserReply>(&p.response) {
+            Ok(chatd_membership::UserReply::Created) => (
+                StatusCode::CREATED,
+                Json(CreatedUser {
+                    user: req.user,
+                    token,
+                }),
+            )
+                .into_response(),
+            Ok(chatd_membership::UserReply::Exists) => error(
+                StatusCode::CONFLICT,
+                "exists",
+                format!("user {} exists", req.user),
+            ),
+            Ok(other) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("{other:?}"),
+            ),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "decode", e.to_string()),
+        },
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+#[derive(Serialize)]
+struct UserOut {
+    user: String,
+    disabled: bool,
+}
+
+async fn list_users(State(node): State<Arc<Node>>) -> Response {
+    let users: Vec<UserOut> = node
+        .meta
+        .list_users()
+        .into_iter()
+        .map(|u| UserOut {
+            user: u.user,
+            disabled: u.disabled,
+        })
+        .collect();
+    Json(users).into_response()
+}
+
+async fn disable_user(State(node): State<Arc<Node>>, Path(user): Path<String>) -> Response {
+    let cmd = chatd_membership::MetaCommand::DisableUser { user: user.clone() };
+    let bytes = match chatd_codec::encode(&cmd) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "encode", e.to_string()),
+    };
+    match node.propose(chatd_membership::META_GROUP, bytes).await {
+        Ok(p) => match chatd_codec::decode::<chatd_membership::UserReply>(&p.response) {
+            Ok(chatd_membership::UserReply::Disabled) => Json(UserOut {
+                user,
+                disabled: true,
+            })
+            .into_response(),
+            Ok(_) => error(
+                StatusCode::NOT_FOUND,
+                "unknown_user",
+                format!("no user {user}"),
+            ),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "decode", e.to_string()),
+        },
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
 }
 
 /// A JSON error body: a stable code and a sentence.
@@ -86,20 +266,20 @@ async fn append_record(
             "group 0 takes no records",
         );
     }
-    let cmd = match chatd_codec::encode(&PartitionCommand::Append(body.to_vec())) {
+    let cmd = match chatd_codec::encode(&ChatCommand::Append(body.to_vec())) {
         Ok(c) => c,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "encode", e.to_string()),
     };
     match node.propose(group, cmd).await {
-        Ok(p) => match chatd_codec::decode::<PartitionReply>(&p.response) {
-            Ok(PartitionReply::Appended { seq }) => Json(Appended {
+        Ok(p) => match chatd_codec::decode::<ChatReply>(&p.response) {
+            Ok(ChatReply::Appended { seq }) => Json(Appended {
                 group,
                 index: p.index,
                 seq,
                 leader: p.leader,
             })
             .into_response(),
-            Ok(PartitionReply::Malformed(m)) => error(StatusCode::BAD_REQUEST, "malformed", m),
+            Ok(other) => error(StatusCode::BAD_REQUEST, "rejected", format!("{other:?}")),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "decode", e.to_string()),
         },
         Err(e @ ProposeError::UnknownGroup(_)) => {
@@ -162,10 +342,10 @@ async fn read_records(
         );
     }
     let limit = q.limit.min(READ_RECORDS_MAX);
-    let result = partition::record_count(&node.store, group).and_then(|count| {
+    let result = chatd_chat::log_count(&node.store, group).and_then(|count| {
         Ok((
             count,
-            partition::read_records(&node.store, group, q.from, limit)?,
+            chatd_chat::log_records(&node.store, group, q.from, limit)?,
         ))
     });
     match result {
@@ -220,7 +400,7 @@ async fn digest(State(node): State<Arc<Node>>, Path(group): Path<GroupId>) -> Re
     let mut count = 0u64;
     let mut from = 1;
     loop {
-        let batch = match partition::read_records(&node.store, group, from, READ_RECORDS_MAX) {
+        let batch = match chatd_chat::log_records(&node.store, group, from, READ_RECORDS_MAX) {
             Ok(b) => b,
             Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
         };

@@ -12,7 +12,7 @@ use serde::Serialize;
 use crate::config::{Config, RaftSection};
 use crate::init::{init_cluster, InitSpec};
 use crate::node::Node;
-use crate::partition::PartitionCommand;
+use chatd_chat::ChatCommand;
 
 /// What to run.
 #[derive(Clone, Debug)]
@@ -95,7 +95,7 @@ pub async fn bench_log(spec: &BenchSpec) -> anyhow::Result<BenchResult> {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;
                 };
-                let cmd = chatd_codec::encode(&PartitionCommand::Append(payload.clone()))?;
+                let cmd = chatd_codec::encode(&ChatCommand::Append(payload.clone()))?;
                 let t = Instant::now();
                 match node.propose(group, cmd).await {
                     Ok(_) => {

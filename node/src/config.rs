@@ -196,6 +196,25 @@ pub struct Config {
     /// Logging.
     #[serde(default)]
     pub log: LogSection,
+    /// Client gateway limits.
+    #[serde(default)]
+    pub gateway: crate::gateway::GatewayConfig,
+    /// SHA-256 (hex) of the admin bearer token; admin endpoints need it when set.
+    #[serde(default)]
+    pub admin_token_sha256: Option<String>,
+    /// Offline notifications.
+    #[serde(default)]
+    pub notify: NotifySection,
+}
+
+/// Offline notifications through a webhook.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifySection {
+    /// URL that receives a JSON POST per notification; none disables notifications.
+    pub webhook_url: Option<String>,
+    /// At most one notification per user per this window.
+    pub coalesce_window_ms: u64,
 }
 
 impl Config {

@@ -64,6 +64,8 @@ pub fn init_cluster(spec: &InitSpec) -> anyhow::Result<Vec<NodeFiles>> {
     std::fs::create_dir_all(&spec.out)
         .with_context(|| format!("cannot create {}", spec.out.display()))?;
     let cluster_id = new_cluster_id();
+    let admin_token = crate::auth::new_token();
+    write_file(&spec.out.join("admin.token"), &admin_token, true)?;
     let ca = ClusterCa::generate(&cluster_id).context("cannot generate the cluster CA")?;
     write_file(&ca_path, ca.cert_pem(), false)?;
     write_file(&spec.out.join("ca.key"), ca.key_pem(), true)?;
@@ -112,6 +114,9 @@ pub fn init_cluster(spec: &InitSpec) -> anyhow::Result<Vec<NodeFiles>> {
             raft: spec.raft.clone(),
             storage: StorageSection::default(),
             log: LogSection::default(),
+            gateway: Default::default(),
+            admin_token_sha256: Some(crate::auth::sha256_hex(&admin_token)),
+            notify: Default::default(),
         };
         config
             .validate()

@@ -3,10 +3,13 @@
 //! Only this crate speaks HTTP and WebSocket.
 
 pub mod api;
+pub mod auth;
 pub mod bench;
 pub mod config;
 pub mod demo;
+pub mod gateway;
 pub mod init;
+pub mod metrics;
 pub mod node;
-pub mod partition;
+pub mod queries;
 pub mod run;

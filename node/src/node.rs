@@ -21,7 +21,7 @@ use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Peer};
-use crate::partition::PartitionApplier;
+use crate::queries::{ChatQuery, ChatQueryReply};
 
 /// First byte of node-to-node requests that are not Raft RPCs.
 pub const NODE_SERVICE_TAG: u8 = 0x02;
@@ -31,6 +31,8 @@ pub const PROPOSE_ATTEMPTS_MAX: u32 = 20;
 const PROPOSE_BACKOFF_MS: u64 = 50;
 /// A QUIC connection silent for this long is dead (keep-alives go at a third of it).
 const CLUSTER_IDLE_TIMEOUT_MS: u64 = 3_000;
+/// Timeout of a broadcast call to a peer.
+const BROADCAST_TIMEOUT_MS: u64 = 2_000;
 /// Timeout of a status call to a peer.
 const STATUS_CALL_TIMEOUT_MS: u64 = 1_000;
 
@@ -45,6 +47,16 @@ pub enum NodeRequest {
     },
     /// The receiver's view of its groups.
     Status,
+    /// A read of `group`'s chat state, on its leader.
+    Query { group: GroupId, query: ChatQuery },
+    /// Chat events applied by a partition leader, for the receiver's local sessions.
+    Deliver { events: Vec<chatd_chat::ChatEvent> },
+    /// Ephemeral frames (typing, presence) for the receiver's local sessions.
+    Ephemeral {
+        items: Vec<crate::gateway::Ephemeral>,
+    },
+    /// The receiver's local presence of `users`.
+    Presence { users: Vec<String> },
 }
 
 /// Answers to [`NodeRequest`].
@@ -60,6 +72,12 @@ pub enum NodeReply {
     NotLeader { leader: Option<NodeId> },
     /// The receiver's status.
     Status(NodeStatus),
+    /// The answer to a query.
+    QueryResult(ChatQueryReply),
+    /// Delivered to local sessions.
+    Delivered,
+    /// Local presence: (user, online, last seen ms).
+    Presence(Vec<(String, bool, Option<u64>)>),
     /// The receiver's queue for the group is full; nothing was appended.
     Overloaded(String),
     /// The request failed; the outcome of a proposal is unknown.
@@ -165,6 +183,8 @@ pub struct Node {
     pub table: PartitionTable,
     /// Partition → leader hints.
     pub routing: RoutingTable,
+    /// Client sessions on this node.
+    pub gateway: crate::gateway::Gateway,
     peers: BTreeMap<NodeId, Peer>,
     propose_timeout: Duration,
 }
@@ -241,7 +261,16 @@ impl Node {
             .map(|p| (p.id, BasicNode::new(p.cluster_addr.to_string())))
             .collect();
         let mut inits = vec![(META_GROUP, all_voters, ids.first() == Some(&id))];
-        let applier = Arc::new(PartitionApplier);
+        let (events_tx, events_rx) =
+            tokio::sync::mpsc::channel(crate::gateway::DELIVERY_QUEUE_BATCHES_MAX);
+        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let dropped_in_apply = dropped.clone();
+        // On the apply path: never block; a full queue drops the batch (clients sync).
+        let applier = Arc::new(chatd_chat::ChatApplier::new(move |group, events| {
+            if events_tx.try_send((group, events)).is_err() {
+                dropped_in_apply.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }));
         for group in table.groups_of(id) {
             registry.open_group(group, applier.clone()).await?;
             let Some(a) = table.get(group) else { continue };
@@ -278,6 +307,7 @@ impl Node {
         });
         let node = Arc::new(Node {
             propose_timeout: Duration::from_millis(config.raft.propose_timeout_ms),
+            gateway: crate::gateway::Gateway::new(config.gateway.clone(), dropped),
             config,
             id,
             store,
@@ -290,6 +320,11 @@ impl Node {
         });
         let _ = handler.node.set(Arc::downgrade(&node));
         tokio::spawn(bootstrap_meta(Arc::downgrade(&node)));
+        tokio::spawn(crate::gateway::run_delivery(
+            Arc::downgrade(&node),
+            events_rx,
+        ));
+        tokio::spawn(crate::gateway::run_receipts(Arc::downgrade(&node)));
         tracing::info!(
             node = id,
             groups = node.registry.groups().len(),
@@ -324,6 +359,36 @@ impl Node {
         match req {
             NodeRequest::Propose { group, command } => self.propose_here(group, command).await,
             NodeRequest::Status => NodeReply::Status(self.local_status().await),
+            NodeRequest::Query { group, query } => {
+                let leads = self
+                    .registry
+                    .get(group)
+                    .map(|r| r.metrics().borrow().current_leader);
+                match leads {
+                    None => NodeReply::NotLeader { leader: None },
+                    Some(l) if l != Some(self.id) => NodeReply::NotLeader { leader: l },
+                    Some(_) => {
+                        NodeReply::QueryResult(crate::queries::run(&self.store, group, query))
+                    }
+                }
+            }
+            NodeRequest::Deliver { events } => {
+                self.gateway.deliver_local(&events);
+                NodeReply::Delivered
+            }
+            NodeRequest::Ephemeral { items } => {
+                self.gateway.ephemeral_local(&items);
+                NodeReply::Delivered
+            }
+            NodeRequest::Presence { users } => NodeReply::Presence(
+                users
+                    .into_iter()
+                    .map(|u| {
+                        let (online, seen) = self.gateway.local_presence(&u);
+                        (u, online, seen)
+                    })
+                    .collect(),
+            ),
         }
     }
 
@@ -425,6 +490,54 @@ impl Node {
         group: GroupId,
         command: Vec<u8>,
     ) -> Result<Proposed, ProposeError> {
+        let (target, reply) = self
+            .call_leader(group, |_| NodeRequest::Propose {
+                group,
+                command: command.clone(),
+            })
+            .await?;
+        match reply {
+            NodeReply::Proposed { index, response } => Ok(Proposed {
+                index,
+                response,
+                leader: target,
+            }),
+            other => Err(ProposeError::Unknown {
+                group,
+                cause: format!("unexpected reply {other:?}"),
+            }),
+        }
+    }
+
+    /// Runs `query` on the leader of `group` (reads see every acknowledged write).
+    pub async fn query(
+        &self,
+        group: GroupId,
+        query: ChatQuery,
+    ) -> Result<ChatQueryReply, ProposeError> {
+        let (_, reply) = self
+            .call_leader(group, |_| NodeRequest::Query {
+                group,
+                query: query.clone(),
+            })
+            .await?;
+        match reply {
+            NodeReply::QueryResult(r) => Ok(r),
+            other => Err(ProposeError::Unknown {
+                group,
+                cause: format!("unexpected reply {other:?}"),
+            }),
+        }
+    }
+
+    /// Sends the request `make` builds to the leader of `group`, following "not leader"
+    /// hints (bounded attempts and time). Answers `Proposed`/`QueryResult` replies; errors
+    /// otherwise.
+    async fn call_leader(
+        &self,
+        group: GroupId,
+        make: impl Fn(NodeId) -> NodeRequest,
+    ) -> Result<(NodeId, NodeReply), ProposeError> {
         if group != META_GROUP && self.table.get(group).is_none() {
             return Err(ProposeError::UnknownGroup(group));
         }
@@ -442,18 +555,15 @@ impl Node {
                 tokio::time::sleep(Duration::from_millis(PROPOSE_BACKOFF_MS)).await;
                 continue;
             };
+            let req = make(target);
             let reply = if target == self.id {
-                self.propose_here(group, command.clone()).await
+                self.serve(req).await
             } else {
                 let Some(peer) = self.peers.get(&target) else {
                     avoid.insert(target);
                     continue;
                 };
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                let req = NodeRequest::Propose {
-                    group,
-                    command: command.clone(),
-                };
                 match self.call(peer.cluster_addr, &req, remaining).await {
                     Ok(r) => r,
                     Err(CallError::NotSent(cause)) => {
@@ -470,22 +580,19 @@ impl Node {
                 }
             };
             match reply {
-                NodeReply::Proposed { index, response } => {
+                r @ (NodeReply::Proposed { .. } | NodeReply::QueryResult(_)) => {
                     self.routing.update(group, Some(target));
-                    return Ok(Proposed {
-                        index,
-                        response,
-                        leader: target,
-                    });
+                    return Ok((target, r));
                 }
                 NodeReply::NotLeader { leader } => {
                     avoid.insert(target);
                     let hint = leader.filter(|l| *l != target);
                     self.routing.update(group, hint);
-                    if hint.is_none() {
-                        tokio::time::sleep(Duration::from_millis(PROPOSE_BACKOFF_MS)).await;
-                    } else if let Some(h) = hint {
-                        avoid.remove(&h);
+                    match hint {
+                        Some(h) => {
+                            avoid.remove(&h);
+                        }
+                        None => tokio::time::sleep(Duration::from_millis(PROPOSE_BACKOFF_MS)).await,
                     }
                 }
                 NodeReply::Overloaded(cause) => {
@@ -495,10 +602,10 @@ impl Node {
                     self.routing.update(group, None);
                     return Err(ProposeError::Unknown { group, cause });
                 }
-                NodeReply::Status(_) => {
+                other => {
                     return Err(ProposeError::Unknown {
                         group,
-                        cause: "peer answered a proposal with a status".into(),
+                        cause: format!("unexpected reply {other:?}"),
                     })
                 }
             }
@@ -507,6 +614,73 @@ impl Node {
             group,
             attempts: PROPOSE_ATTEMPTS_MAX,
         })
+    }
+
+    /// Sends `req` to every other node, in the background, once each (best effort).
+    pub fn broadcast(&self, req: NodeRequest) {
+        let mut frame = vec![NODE_SERVICE_TAG];
+        if let Err(e) = chatd_codec::encode_into(&req, &mut frame) {
+            tracing::error!(error = %e, "cannot encode a broadcast");
+            return;
+        }
+        let frame = Bytes::from(frame);
+        for p in self.peers.values().filter(|p| p.id != self.id) {
+            let (endpoint, addr, frame) = (self.endpoint.clone(), p.cluster_addr, frame.clone());
+            tokio::spawn(async move {
+                let _ = endpoint
+                    .call_with_timeout(addr, frame, Duration::from_millis(BROADCAST_TIMEOUT_MS))
+                    .await;
+            });
+        }
+    }
+
+    /// Sends ephemeral items to every other node's sessions.
+    pub fn broadcast_ephemeral(&self, items: Vec<crate::gateway::Ephemeral>) {
+        self.broadcast(NodeRequest::Ephemeral { items });
+    }
+
+    /// Presence of `users` across the cluster: online if any node has a session; a node
+    /// that does not answer counts as having none (its users go offline with it).
+    pub async fn presence(&self, users: &[String]) -> Vec<chatd_proto::PresenceView> {
+        let calls = self.peers.values().map(|p| {
+            let users = users.to_vec();
+            async move {
+                if p.id == self.id {
+                    return users
+                        .iter()
+                        .map(|u| {
+                            let (online, seen) = self.gateway.local_presence(u);
+                            (u.clone(), online, seen)
+                        })
+                        .collect::<Vec<_>>();
+                }
+                match self
+                    .call(
+                        p.cluster_addr,
+                        &NodeRequest::Presence { users },
+                        Duration::from_millis(STATUS_CALL_TIMEOUT_MS),
+                    )
+                    .await
+                {
+                    Ok(NodeReply::Presence(v)) => v,
+                    _ => Vec::new(),
+                }
+            }
+        });
+        let views = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|v| {
+                v.into_iter()
+                    .map(|(user, online, last_seen)| chatd_proto::PresenceView {
+                        user,
+                        online,
+                        last_seen,
+                    })
+                    .collect()
+            })
+            .collect();
+        crate::gateway::merge_presence(views, users)
     }
 
     /// Stops the Raft groups and the QUIC endpoint; data is synced.

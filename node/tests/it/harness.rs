@@ -44,6 +44,7 @@ pub struct NodeProc {
 
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    pub admin_token: String,
     pub nodes: Vec<NodeProc>,
     pub http: reqwest::Client,
 }
@@ -110,11 +111,19 @@ impl Cluster {
                 }
             })
             .collect();
+        let token = std::fs::read_to_string(dir.path().join("admin.token")).expect("admin token");
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().expect("header"),
+        );
         Cluster {
             dir,
             nodes,
+            admin_token: token,
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
+                .default_headers(headers)
                 .build()
                 .expect("http client"),
         }

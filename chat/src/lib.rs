@@ -1,0 +1,587 @@
+//! The chat state machine: what a partition's log means.
+//!
+//! Commands are applied deterministically by every replica: per-chat gapless seqs, the
+//! dedup records of retried sends, membership spans (a member sees exactly the messages
+//! from its join to its leave), edits and deletes as ordered log entries, and monotonic
+//! receipt cursors. `chat` knows chats and the raftlog `Applier` interface; it knows
+//! nothing of WebSockets, QUIC or RocksDB.
+
+mod keys;
+mod model;
+mod read;
+
+use std::collections::BTreeMap;
+
+use chatd_raftlog::{Applier, ApplyTxn, GroupId};
+use chatd_storage::StorageError;
+use serde::{Deserialize, Serialize};
+
+pub use model::LogRecord;
+pub use model::{ChatKind, ChatRecord, Cursor, DedupRecord, MessageRecord, Span};
+pub use read::{
+    chat_record, cursors, history, log_count, log_records, message, unread, user_chats,
+    HistoryPage, UNREAD_SCAN_MAX,
+};
+
+/// Default (and upper) bound of a group's members.
+pub const GROUP_MEMBERS_MAX: usize = 256;
+
+/// A command of a partition's log. The gateway validates ids and sizes and stamps `ts`
+/// (milliseconds since the epoch); the state machine checks everything that depends on
+/// state (membership, existence, ownership).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ChatCommand {
+    /// An opaque record (the foundation's test log).
+    Append(#[serde(with = "serde_bytes")] Vec<u8>),
+    Send {
+        chat: String,
+        sender: String,
+        client_msg_id: String,
+        text: String,
+        reply_to: Option<u64>,
+        ts: u64,
+    },
+    Edit {
+        chat: String,
+        sender: String,
+        seq: u64,
+        text: String,
+        ts: u64,
+    },
+    Delete {
+        chat: String,
+        sender: String,
+        seq: u64,
+        ts: u64,
+    },
+    /// Creates the direct chat of `a` and `b` if it does not exist.
+    OpenDirect {
+        chat: String,
+        a: String,
+        b: String,
+        ts: u64,
+    },
+    CreateGroup {
+        chat: String,
+        creator: String,
+        name: String,
+        members: Vec<String>,
+        members_max: usize,
+        ts: u64,
+    },
+    AddMembers {
+        chat: String,
+        by: String,
+        users: Vec<String>,
+        members_max: usize,
+        ts: u64,
+    },
+    /// Removes `user` (by itself: leaving).
+    RemoveMember {
+        chat: String,
+        by: String,
+        user: String,
+        ts: u64,
+    },
+    /// Moves cursors forward (max-merge); a batch from one gateway.
+    Receipts(Vec<ReceiptUpdate>),
+    /// Records that `user` is in `chat` (kept on the user's own partition).
+    IndexChat { user: String, chat: String },
+}
+
+/// One cursor move.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReceiptUpdate {
+    pub chat: String,
+    pub user: String,
+    pub delivered: Option<u64>,
+    pub read: Option<u64>,
+}
+
+/// The answer to a command.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChatReply {
+    /// Send committed (or found committed: `duplicate`).
+    Acked { seq: u64, ts: u64, duplicate: bool },
+    /// The change is at `seq` of the chat's log (0: nothing appended).
+    Done { seq: u64 },
+    /// The command changed nothing; `code` is a protocol error code.
+    Rejected { code: String, message: String },
+    /// Foundation log answer.
+    Appended { seq: u64 },
+}
+
+/// What delivery needs to know after a batch is applied.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum ChatEvent {
+    /// A new entry in a chat's log, with everyone who may see it.
+    Message {
+        message: MessageRecord,
+        recipients: Vec<String>,
+    },
+    /// An earlier message changed (edited or deleted).
+    Updated {
+        message: MessageRecord,
+        recipients: Vec<String>,
+    },
+    /// A member's cursors moved.
+    Receipt {
+        chat: String,
+        user: String,
+        cursor: Cursor,
+        recipients: Vec<String>,
+    },
+}
+
+fn reject(code: &str, message: impl Into<String>) -> ChatReply {
+    ChatReply::Rejected {
+        code: code.to_string(),
+        message: message.into(),
+    }
+}
+
+fn corrupt(e: chatd_codec::CodecError) -> StorageError {
+    StorageError::Corrupt {
+        cf: "sm",
+        cause: e.to_string(),
+    }
+}
+
+fn get<T: serde::de::DeserializeOwned>(
+    txn: &ApplyTxn<'_>,
+    key: &[u8],
+) -> Result<Option<T>, StorageError> {
+    txn.get(key)?
+        .map(|b| chatd_codec::decode(&b).map_err(corrupt))
+        .transpose()
+}
+
+fn put<T: Serialize>(txn: &mut ApplyTxn<'_>, key: &[u8], value: &T) -> Result<(), StorageError> {
+    txn.put(key, chatd_codec::encode(value).map_err(corrupt)?);
+    Ok(())
+}
+
+/// The partition state machine.
+pub struct ChatApplier<F: Fn(GroupId, Vec<ChatEvent>) + Send + Sync + 'static> {
+    on_events: F,
+}
+
+impl<F: Fn(GroupId, Vec<ChatEvent>) + Send + Sync + 'static> ChatApplier<F> {
+    /// A state machine that hands the events of each applied batch to `on_events`.
+    pub fn new(on_events: F) -> Self {
+        Self { on_events }
+    }
+}
+
+impl<F: Fn(GroupId, Vec<ChatEvent>) + Send + Sync + 'static> Applier for ChatApplier<F> {
+    fn apply(
+        &self,
+        _group: GroupId,
+        index: u64,
+        command: &[u8],
+        txn: &mut ApplyTxn<'_>,
+    ) -> Result<Vec<u8>, StorageError> {
+        let reply = match chatd_codec::decode::<ChatCommand>(command) {
+            Err(e) => reject("malformed", format!("undecodable command: {e}")),
+            Ok(cmd) => apply_command(index, cmd, txn)?,
+        };
+        chatd_codec::encode(&reply).map_err(corrupt)
+    }
+
+    fn applied(&self, group: GroupId, events: Vec<Vec<u8>>) {
+        let decoded: Vec<ChatEvent> = events
+            .iter()
+            .filter_map(|e| chatd_codec::decode(e).ok())
+            .collect();
+        if !decoded.is_empty() {
+            (self.on_events)(group, decoded);
+        }
+    }
+}
+
+fn emit(txn: &mut ApplyTxn<'_>, event: &ChatEvent) -> Result<(), StorageError> {
+    txn.emit(chatd_codec::encode(event).map_err(corrupt)?);
+    Ok(())
+}
+
+/// Appends a message to `chat`'s log: next seq, stored, emitted to the visible members.
+fn append_message(
+    txn: &mut ApplyTxn<'_>,
+    chat: &mut ChatRecord,
+    mut message: MessageRecord,
+) -> Result<u64, StorageError> {
+    chat.last_seq += 1;
+    message.seq = chat.last_seq;
+    put(txn, &keys::message(&message.chat, message.seq), &message)?;
+    let recipients = chat.members_at(message.seq);
+    emit(
+        txn,
+        &ChatEvent::Message {
+            message: message.clone(),
+            recipients,
+        },
+    )?;
+    Ok(message.seq)
+}
+
+fn apply_command(
+    index: u64,
+    cmd: ChatCommand,
+    txn: &mut ApplyTxn<'_>,
+) -> Result<ChatReply, StorageError> {
+    Ok(match cmd {
+        ChatCommand::Append(payload) => {
+            let n: u64 = get(txn, keys::LOG_COUNT)?.unwrap_or(0) + 1;
+            put(txn, keys::LOG_COUNT, &n)?;
+            put(
+                txn,
+                &keys::log_record(n),
+                &model::LogRecord {
+                    seq: n,
+                    index,
+                    payload,
+                },
+            )?;
+            ChatReply::Appended { seq: n }
+        }
+        ChatCommand::Send {
+            chat,
+            sender,
+            client_msg_id,
+            text,
+            reply_to,
+            ts,
+        } => {
+            let dedup_key = keys::dedup(&sender, &client_msg_id);
+            if let Some(d) = get::<DedupRecord>(txn, &dedup_key)? {
+                return Ok(if d.chat == chat {
+                    ChatReply::Acked {
+                        seq: d.seq,
+                        ts: d.ts,
+                        duplicate: true,
+                    }
+                } else {
+                    reject(
+                        "invalid_field",
+                        "client_msg_id already used for another chat",
+                    )
+                });
+            }
+            let Some(mut record) = get::<ChatRecord>(txn, &keys::chat(&chat))? else {
+                return Ok(reject("unknown_chat", format!("no chat {chat}")));
+            };
+            if !record.is_member(&sender) {
+                return Ok(reject("not_member", format!("{sender} is not in {chat}")));
+            }
+            if let Some(r) = reply_to {
+                if r == 0 || r > record.last_seq {
+                    return Ok(reject(
+                        "unknown_message",
+                        format!("no message {r} in {chat}"),
+                    ));
+                }
+            }
+            let seq = append_message(
+                txn,
+                &mut record,
+                MessageRecord {
+                    chat: chat.clone(),
+                    seq: 0,
+                    sender: sender.clone(),
+                    kind: "text".into(),
+                    text,
+                    ts,
+                    reply_to,
+                    target: None,
+                    edited_ts: None,
+                },
+            )?;
+            put(txn, &keys::chat(&chat), &record)?;
+            put(txn, &dedup_key, &DedupRecord { chat, seq, ts })?;
+            ChatReply::Acked {
+                seq,
+                ts,
+                duplicate: false,
+            }
+        }
+        ChatCommand::Edit {
+            chat,
+            sender,
+            seq,
+            text,
+            ts,
+        } => change_message(txn, &chat, &sender, seq, Some(text), ts)?,
+        ChatCommand::Delete {
+            chat,
+            sender,
+            seq,
+            ts,
+        } => change_message(txn, &chat, &sender, seq, None, ts)?,
+        ChatCommand::OpenDirect { chat, a, b, ts } => {
+            if let Some(existing) = get::<ChatRecord>(txn, &keys::chat(&chat))? {
+                return Ok(ChatReply::Done {
+                    seq: existing.last_seq,
+                });
+            }
+            let mut record = ChatRecord {
+                chat: chat.clone(),
+                kind: ChatKind::Direct,
+                name: String::new(),
+                creator: a.clone(),
+                members: BTreeMap::new(),
+                last_seq: 0,
+                created_ts: ts,
+            };
+            for u in [&a, &b] {
+                record.members.insert(u.clone(), Span { from: 1, to: None });
+            }
+            put(txn, &keys::chat(&chat), &record)?;
+            ChatReply::Done { seq: 0 }
+        }
+        ChatCommand::CreateGroup {
+            chat,
+            creator,
+            name,
+            members,
+            members_max,
+            ts,
+        } => {
+            if get::<ChatRecord>(txn, &keys::chat(&chat))?.is_some() {
+                return Ok(reject("invalid_field", format!("chat {chat} exists")));
+            }
+            let mut all: Vec<String> = vec![creator.clone()];
+            for m in members {
+                if !all.contains(&m) {
+                    all.push(m);
+                }
+            }
+            if all.len() > members_max {
+                return Ok(reject(
+                    "group_full",
+                    format!("{} members exceed the limit of {members_max}", all.len()),
+                ));
+            }
+            let mut record = ChatRecord {
+                chat: chat.clone(),
+                kind: ChatKind::Group,
+                name,
+                creator: creator.clone(),
+                members: BTreeMap::new(),
+                last_seq: 0,
+                created_ts: ts,
+            };
+            let mut seq = 0;
+            for u in all {
+                seq = join(txn, &mut record, &creator, &u, ts)?;
+            }
+            put(txn, &keys::chat(&chat), &record)?;
+            ChatReply::Done { seq }
+        }
+        ChatCommand::AddMembers {
+            chat,
+            by,
+            users,
+            members_max,
+            ts,
+        } => {
+            let Some(mut record) = get::<ChatRecord>(txn, &keys::chat(&chat))? else {
+                return Ok(reject("unknown_chat", format!("no chat {chat}")));
+            };
+            if record.kind != ChatKind::Group {
+                return Ok(reject(
+                    "forbidden",
+                    "members of a direct chat cannot change",
+                ));
+            }
+            if !record.is_member(&by) {
+                return Ok(reject("not_member", format!("{by} is not in {chat}")));
+            }
+            let new: Vec<String> = users.into_iter().filter(|u| !record.is_member(u)).collect();
+            if record.current_members().len() + new.len() > members_max {
+                return Ok(reject(
+                    "group_full",
+                    format!("the group would exceed {members_max} members"),
+                ));
+            }
+            let mut seq = record.last_seq;
+            for u in new {
+                seq = join(txn, &mut record, &by, &u, ts)?;
+            }
+            put(txn, &keys::chat(&chat), &record)?;
+            ChatReply::Done { seq }
+        }
+        ChatCommand::RemoveMember { chat, by, user, ts } => {
+            let Some(mut record) = get::<ChatRecord>(txn, &keys::chat(&chat))? else {
+                return Ok(reject("unknown_chat", format!("no chat {chat}")));
+            };
+            if record.kind != ChatKind::Group {
+                return Ok(reject(
+                    "forbidden",
+                    "members of a direct chat cannot change",
+                ));
+            }
+            if !record.is_member(&by) {
+                return Ok(reject("not_member", format!("{by} is not in {chat}")));
+            }
+            if by != user && by != record.creator {
+                return Ok(reject("forbidden", "only the creator removes others"));
+            }
+            if !record.is_member(&user) {
+                return Ok(reject("not_member", format!("{user} is not in {chat}")));
+            }
+            let seq = append_message(
+                txn,
+                &mut record,
+                MessageRecord {
+                    chat: chat.clone(),
+                    seq: 0,
+                    sender: by.clone(),
+                    kind: "leave".into(),
+                    text: user.clone(),
+                    ts,
+                    reply_to: None,
+                    target: None,
+                    edited_ts: None,
+                },
+            )?;
+            if let Some(span) = record.members.get_mut(&user) {
+                span.to = Some(seq);
+            }
+            put(txn, &keys::chat(&chat), &record)?;
+            ChatReply::Done { seq }
+        }
+        ChatCommand::Receipts(updates) => {
+            for u in updates {
+                let Some(record) = get::<ChatRecord>(txn, &keys::chat(&u.chat))? else {
+                    continue;
+                };
+                if !record.is_member(&u.user) {
+                    continue;
+                }
+                let key = keys::cursor(&u.chat, &u.user);
+                let old: Cursor = get(txn, &key)?.unwrap_or_default();
+                let last = record.last_seq;
+                let read = u.read.unwrap_or(0).min(last).max(old.read);
+                let delivered = u
+                    .delivered
+                    .unwrap_or(0)
+                    .min(last)
+                    .max(old.delivered)
+                    .max(read);
+                let new = Cursor { delivered, read };
+                if new != old {
+                    put(txn, &key, &new)?;
+                    emit(
+                        txn,
+                        &ChatEvent::Receipt {
+                            chat: u.chat.clone(),
+                            user: u.user.clone(),
+                            cursor: new,
+                            recipients: record.current_members(),
+                        },
+                    )?;
+                }
+            }
+            ChatReply::Done { seq: 0 }
+        }
+        ChatCommand::IndexChat { user, chat } => {
+            txn.put(&keys::user_chat(&user, &chat), Vec::new());
+            ChatReply::Done { seq: 0 }
+        }
+    })
+}
+
+/// Adds `user` to `record` with a join entry; returns the entry's seq.
+fn join(
+    txn: &mut ApplyTxn<'_>,
+    record: &mut ChatRecord,
+    by: &str,
+    user: &str,
+    ts: u64,
+) -> Result<u64, StorageError> {
+    let from = record.last_seq + 1;
+    record
+        .members
+        .insert(user.to_string(), Span { from, to: None });
+    append_message(
+        txn,
+        record,
+        MessageRecord {
+            chat: record.chat.clone(),
+            seq: 0,
+            sender: by.to_string(),
+            kind: "join".into(),
+            text: user.to_string(),
+            ts,
+            reply_to: None,
+            target: None,
+            edited_ts: None,
+        },
+    )
+}
+
+/// Edit (`text` is Some) or delete (None) of `seq` by `sender`: the original changes and a
+/// marker entry is appended to the log, so every member sees the change in order.
+fn change_message(
+    txn: &mut ApplyTxn<'_>,
+    chat: &str,
+    sender: &str,
+    seq: u64,
+    text: Option<String>,
+    ts: u64,
+) -> Result<ChatReply, StorageError> {
+    let Some(mut record) = get::<ChatRecord>(txn, &keys::chat(chat))? else {
+        return Ok(reject("unknown_chat", format!("no chat {chat}")));
+    };
+    if !record.is_member(sender) {
+        return Ok(reject("not_member", format!("{sender} is not in {chat}")));
+    }
+    let key = keys::message(chat, seq);
+    let Some(mut original) = get::<MessageRecord>(txn, &key)? else {
+        return Ok(reject(
+            "unknown_message",
+            format!("no message {seq} in {chat}"),
+        ));
+    };
+    if original.sender != sender || original.kind != "text" {
+        return Ok(reject(
+            "forbidden",
+            "only the sender edits or deletes a text message",
+        ));
+    }
+    let kind = if text.is_some() { "edit" } else { "delete" };
+    match &text {
+        Some(t) => original.text = t.clone(),
+        None => {
+            original.kind = "deleted".into();
+            original.text = String::new();
+        }
+    }
+    original.edited_ts = Some(ts);
+    put(txn, &key, &original)?;
+    let recipients = record.members_at(seq);
+    emit(
+        txn,
+        &ChatEvent::Updated {
+            message: original,
+            recipients,
+        },
+    )?;
+    let marker = append_message(
+        txn,
+        &mut record,
+        MessageRecord {
+            chat: chat.to_string(),
+            seq: 0,
+            sender: sender.to_string(),
+            kind: kind.into(),
+            text: text.unwrap_or_default(),
+            ts,
+            reply_to: None,
+            target: Some(seq),
+            edited_ts: None,
+        },
+    )?;
+    put(txn, &keys::chat(chat), &record)?;
+    Ok(ChatReply::Done { seq: marker })
+}

@@ -1,0 +1,113 @@
+//! Records of the chat state machine (encoded with chatd-codec; golden tests in lib tests).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Direct (two users, fixed) or group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChatKind {
+    Direct,
+    Group,
+}
+
+/// The seqs a member may see: from its join entry to its leave entry (inclusive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Span {
+    pub from: u64,
+    pub to: Option<u64>,
+}
+
+impl Span {
+    /// True if `seq` is inside the span.
+    pub fn contains(&self, seq: u64) -> bool {
+        seq >= self.from && self.to.is_none_or(|t| seq <= t)
+    }
+}
+
+/// A chat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatRecord {
+    pub chat: String,
+    pub kind: ChatKind,
+    pub name: String,
+    pub creator: String,
+    /// Current and former members with their spans.
+    pub members: BTreeMap<String, Span>,
+    pub last_seq: u64,
+    pub created_ts: u64,
+}
+
+impl ChatRecord {
+    /// True if `user` is a member now.
+    pub fn is_member(&self, user: &str) -> bool {
+        self.members.get(user).is_some_and(|s| s.to.is_none())
+    }
+    /// Current members.
+    pub fn current_members(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|(_, s)| s.to.is_none())
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+    /// Members (current or former) who may see `seq`.
+    pub fn members_at(&self, seq: u64) -> Vec<String> {
+        self.members
+            .iter()
+            .filter(|(_, s)| s.contains(seq))
+            .map(|(u, _)| u.clone())
+            .collect()
+    }
+    /// The span `user` may read, if any.
+    pub fn span_of(&self, user: &str) -> Option<Span> {
+        self.members.get(user).copied()
+    }
+}
+
+/// An entry of a chat's log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageRecord {
+    pub chat: String,
+    pub seq: u64,
+    pub sender: String,
+    /// `text`, `join`, `leave`, `edit`, `delete`, or `deleted` (a deleted text message).
+    pub kind: String,
+    pub text: String,
+    pub ts: u64,
+    pub reply_to: Option<u64>,
+    /// For `edit` and `delete` entries: the seq they change.
+    pub target: Option<u64>,
+    pub edited_ts: Option<u64>,
+}
+
+impl MessageRecord {
+    /// The globally unique id of the entry.
+    pub fn msg_id(&self) -> String {
+        format!("{}/{}", self.chat, self.seq)
+    }
+}
+
+/// A send's idempotency record: (sender, client_msg_id) → where it went.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DedupRecord {
+    pub chat: String,
+    pub seq: u64,
+    pub ts: u64,
+}
+
+/// A member's delivered and read cursors in a chat; only ever move forward.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    pub delivered: u64,
+    pub read: u64,
+}
+
+/// A record of the foundation's opaque log.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub seq: u64,
+    pub index: u64,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}

@@ -1,0 +1,1142 @@
+//! The client gateway: WebSocket sessions, request handling, local delivery.
+//!
+//! Every node is a gateway: it authenticates clients, turns their frames into proposals and
+//! queries on the partitions' leaders, and pushes applied events to its own sessions. A
+//! partition leader sends each applied batch of events to every other node once (one batch
+//! per destination node); each node fans it out to its local sessions. Live push is best
+//! effort: a session that cannot keep up is closed (`SLOW_CONSUMER`) and catches up by sync.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use chatd_chat::{ChatCommand, ChatEvent, ChatReply, MessageRecord, ReceiptUpdate};
+use chatd_proto::{close, code, ClientFrame, MessageView, PresenceView, ServerFrame};
+use futures::{SinkExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+use crate::node::{Node, ProposeError};
+use crate::queries::{ChatQuery, ChatQueryReply};
+
+/// Limits of the gateway, each with its unit.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// Frames queued for one session before it is closed as a slow consumer.
+    pub outbound_queue_frames_max: usize,
+    /// Concurrent sessions of one user.
+    pub sessions_per_user_max: usize,
+    /// Largest message text in bytes.
+    pub text_bytes_max: usize,
+    /// Largest group.
+    pub group_members_max: usize,
+    /// Sustained sends per second per user (token bucket rate).
+    pub send_rate_per_sec: f64,
+    /// Burst of sends per user (token bucket size).
+    pub send_burst: f64,
+    /// Requests of one session being handled at once; more wait (TCP backpressure).
+    pub requests_in_flight_max: usize,
+    /// Time a client has to authenticate.
+    pub auth_timeout_ms: u64,
+    /// A session with no frame for this long is closed (presence TTL).
+    pub presence_ttl_ms: u64,
+    /// Interval at which clients should ping (advertised in docs; presence refresh).
+    pub heartbeat_interval_ms: u64,
+    /// Typing indicators per chat per session: at most one per this interval.
+    pub typing_interval_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            outbound_queue_frames_max: 1024,
+            sessions_per_user_max: 8,
+            text_bytes_max: chatd_proto::TEXT_BYTES_MAX,
+            group_members_max: chatd_chat::GROUP_MEMBERS_MAX,
+            send_rate_per_sec: 50.0,
+            send_burst: 200.0,
+            requests_in_flight_max: 64,
+            auth_timeout_ms: 5_000,
+            presence_ttl_ms: 60_000,
+            heartbeat_interval_ms: 30_000,
+            typing_interval_ms: 1_000,
+        }
+    }
+}
+
+/// Receipts waiting to be proposed, at most.
+pub const RECEIPT_QUEUE_MAX: usize = 65_536;
+/// Receipts in one proposal.
+pub const RECEIPT_BATCH_MAX: usize = 1024;
+/// How long receipts wait to be batched.
+const RECEIPT_FLUSH_MS: u64 = 10;
+/// Applied event batches waiting for delivery, at most (more are dropped: clients sync).
+pub const DELIVERY_QUEUE_BATCHES_MAX: usize = 4096;
+
+/// Ephemeral items (never stored) sent between gateways.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Ephemeral {
+    Typing {
+        chat: String,
+        user: String,
+        recipients: Vec<String>,
+    },
+    Presence {
+        user: String,
+        online: bool,
+        last_seen: u64,
+    },
+}
+
+enum Outbound {
+    Frame(ServerFrame),
+}
+
+struct SessionHandle {
+    id: u64,
+    tx: mpsc::Sender<Outbound>,
+    closer: watch::Sender<Option<(u16, String)>>,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Sessions on this node, and the gateway's shared state.
+pub struct Gateway {
+    pub config: GatewayConfig,
+    sessions: RwLock<HashMap<String, Vec<SessionHandle>>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+    next_session: AtomicU64,
+    receipts: mpsc::Sender<ReceiptUpdate>,
+    receipts_rx: Mutex<Option<mpsc::Receiver<ReceiptUpdate>>>,
+    last_seen: Mutex<HashMap<String, u64>>,
+    pub metrics: crate::metrics::Metrics,
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn view(m: &MessageRecord) -> MessageView {
+    MessageView {
+        chat: m.chat.clone(),
+        seq: m.seq,
+        msg_id: m.msg_id(),
+        sender: m.sender.clone(),
+        kind: m.kind.clone(),
+        text: m.text.clone(),
+        ts: m.ts,
+        reply_to: m.reply_to.or(m.target),
+        edited_ts: m.edited_ts,
+    }
+}
+
+fn err(id: Option<String>, code: &str, message: impl Into<String>) -> ServerFrame {
+    ServerFrame::Error {
+        id,
+        code: code.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Ids: 1–N of `[A-Za-z0-9_.:-]`.
+fn valid_id(s: &str, max: usize) -> bool {
+    !s.is_empty()
+        && s.len() <= max
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// The partition group of a chat.
+pub fn chat_group(node: &Node, chat: &str) -> u64 {
+    chatd_membership::partition_of(chat.as_bytes(), node.table.partitions)
+}
+
+/// The partition group holding a user's chat index.
+pub fn user_group(node: &Node, user: &str) -> u64 {
+    chatd_membership::partition_of(format!("u:{user}").as_bytes(), node.table.partitions)
+}
+
+/// The direct chat id of two users.
+pub fn direct_chat_id(a: &str, b: &str) -> String {
+    let (x, y) = if a <= b { (a, b) } else { (b, a) };
+    format!("d:{x}:{y}")
+}
+
+impl Gateway {
+    /// A gateway with `config`.
+    pub fn new(config: GatewayConfig, delivery_dropped: Arc<AtomicU64>) -> Self {
+        let (tx, rx) = mpsc::channel(RECEIPT_QUEUE_MAX);
+        Self {
+            config,
+            sessions: RwLock::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            receipts: tx,
+            receipts_rx: Mutex::new(Some(rx)),
+            last_seen: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::Metrics {
+                delivery_dropped,
+                ..Default::default()
+            },
+        }
+    }
+
+    fn sessions_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<SessionHandle>>> {
+        self.sessions.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sessions_write(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Vec<SessionHandle>>> {
+        self.sessions.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Users with at least one session here.
+    pub fn online_users(&self) -> Vec<String> {
+        self.sessions_read().keys().cloned().collect()
+    }
+
+    /// Local presence of `user`: online, or the last time a session of it ended here.
+    pub fn local_presence(&self, user: &str) -> (bool, Option<u64>) {
+        let online = self.sessions_read().contains_key(user);
+        let seen = self
+            .last_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(user)
+            .copied();
+        (online, seen)
+    }
+
+    /// Pushes `frame` to every local session of `user`; closes those that cannot keep up.
+    fn push(&self, user: &str, frame: &ServerFrame) {
+        let sessions = self.sessions_read();
+        let Some(list) = sessions.get(user) else {
+            return;
+        };
+        for s in list {
+            match s.tx.try_send(Outbound::Frame(frame.clone())) {
+                Ok(()) => self.metrics.frames_out.fetch_add(1, Ordering::Relaxed),
+                Err(_) => {
+                    let _ = s.closer.send(Some((
+                        close::SLOW_CONSUMER,
+                        "outbound queue full: reconnect and sync".into(),
+                    )));
+                    0
+                }
+            };
+        }
+    }
+
+    /// Delivers applied chat events to this node's sessions.
+    pub fn deliver_local(&self, events: &[ChatEvent]) {
+        let now = now_ms();
+        for e in events {
+            match e {
+                ChatEvent::Message {
+                    message,
+                    recipients,
+                } => {
+                    let frame = ServerFrame::Message {
+                        message: view(message),
+                    };
+                    self.metrics
+                        .deliver_latency
+                        .record(now.saturating_sub(message.ts));
+                    for r in recipients {
+                        self.push(r, &frame);
+                    }
+                }
+                ChatEvent::Updated {
+                    message,
+                    recipients,
+                } => {
+                    let frame = ServerFrame::Updated {
+                        message: view(message),
+                    };
+                    for r in recipients {
+                        self.push(r, &frame);
+                    }
+                }
+                ChatEvent::Receipt {
+                    chat,
+                    user,
+                    cursor,
+                    recipients,
+                } => {
+                    let frame = ServerFrame::Receipt {
+                        chat: chat.clone(),
+                        user: user.clone(),
+                        delivered: cursor.delivered,
+                        read: cursor.read,
+                    };
+                    for r in recipients {
+                        self.push(r, &frame);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Delivers ephemeral items to this node's sessions.
+    pub fn ephemeral_local(&self, items: &[Ephemeral]) {
+        for i in items {
+            match i {
+                Ephemeral::Typing {
+                    chat,
+                    user,
+                    recipients,
+                } => {
+                    let frame = ServerFrame::Typing {
+                        chat: chat.clone(),
+                        user: user.clone(),
+                    };
+                    for r in recipients.iter().filter(|r| *r != user) {
+                        self.push(r, &frame);
+                    }
+                }
+                Ephemeral::Presence { .. } => {}
+            }
+        }
+    }
+
+    /// Takes a send token of `user`; false when the bucket is empty.
+    fn take_send_token(&self, user: &str) -> bool {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let b = buckets.entry(user.to_string()).or_insert(Bucket {
+            tokens: self.config.send_burst,
+            at: now,
+        });
+        let refill = now.duration_since(b.at).as_secs_f64() * self.config.send_rate_per_sec;
+        b.tokens = (b.tokens + refill).min(self.config.send_burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Applied events of the local replicas → delivery. Only a group's leader sends a batch to
+/// the other nodes and delivers it here; followers drop theirs (the leader's copy reaches
+/// them), so each batch is delivered once per node.
+pub async fn run_delivery(node: Weak<Node>, mut rx: mpsc::Receiver<(u64, Vec<ChatEvent>)>) {
+    while let Some((group, events)) = rx.recv().await {
+        let Some(n) = node.upgrade() else { return };
+        let leads = n
+            .registry
+            .get(group)
+            .map(|r| r.metrics().borrow().current_leader == Some(n.id))
+            .unwrap_or(false);
+        if !leads {
+            continue;
+        }
+        n.gateway.deliver_local(&events);
+        n.broadcast(crate::node::NodeRequest::Deliver { events });
+    }
+}
+
+/// Batches receipts and proposes them per partition.
+pub async fn run_receipts(node: Weak<Node>) {
+    let rx = {
+        let Some(n) = node.upgrade() else { return };
+        let taken = n
+            .gateway
+            .receipts_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        taken
+    };
+    let Some(mut rx) = rx else { return };
+    while let Some(first) = rx.recv().await {
+        tokio::time::sleep(Duration::from_millis(RECEIPT_FLUSH_MS)).await;
+        let mut batch = vec![first];
+        while batch.len() < RECEIPT_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        let Some(n) = node.upgrade() else { return };
+        let mut by_group: BTreeMap<u64, Vec<ReceiptUpdate>> = BTreeMap::new();
+        for r in batch {
+            by_group.entry(chat_group(&n, &r.chat)).or_default().push(r);
+        }
+        for (group, updates) in by_group {
+            let n = n.clone();
+            tokio::spawn(async move {
+                let cmd = match chatd_codec::encode(&ChatCommand::Receipts(updates)) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode receipts");
+                        return;
+                    }
+                };
+                if let Err(e) = n.propose(group, cmd).await {
+                    tracing::debug!(group, error = %e, "receipts not written");
+                }
+            });
+        }
+    }
+}
+
+/// Serves one WebSocket connection; `header_token` came in the Authorization header.
+pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<String>) {
+    let (mut sink, mut stream) = socket.split();
+    let gw = &node.gateway;
+    let cfg = gw.config.clone();
+    // Authenticate: header, or the first frame.
+    let token = match header_token {
+        Some(t) => Some(t),
+        None => {
+            let first =
+                tokio::time::timeout(Duration::from_millis(cfg.auth_timeout_ms), stream.next())
+                    .await;
+            match first {
+                Err(_) => {
+                    let _ =
+                        close_with(&mut sink, close::AUTH_TIMEOUT, "no auth frame in time").await;
+                    return;
+                }
+                Ok(Some(Ok(Message::Text(t)))) => match chatd_proto::parse_client_frame(&t) {
+                    Ok(ClientFrame::Auth { token }) => Some(token),
+                    _ => None,
+                },
+                _ => None,
+            }
+        }
+    };
+    let user = token
+        .as_deref()
+        .and_then(|t| node.meta.user_by_token(&crate::auth::sha256_hex(t)));
+    let Some(user) = user else {
+        let _ = send_frame(
+            &mut sink,
+            &err(None, code::UNAUTHORIZED, "unknown or disabled token"),
+        )
+        .await;
+        let _ = close_with(&mut sink, close::UNAUTHORIZED, "unauthorized").await;
+        return;
+    };
+    // Register the session (bounded per user).
+    let (tx, mut rx) = mpsc::channel::<Outbound>(cfg.outbound_queue_frames_max.max(1));
+    let (closer, mut closed) = watch::channel::<Option<(u16, String)>>(None);
+    let session_id = gw.next_session.fetch_add(1, Ordering::Relaxed);
+    let registered = {
+        let mut sessions = gw.sessions_write();
+        let list = sessions.entry(user.clone()).or_default();
+        if list.len() >= cfg.sessions_per_user_max {
+            false
+        } else {
+            list.push(SessionHandle {
+                id: session_id,
+                tx: tx.clone(),
+                closer: closer.clone(),
+            });
+            true
+        }
+    };
+    {
+        if !registered {
+            let _ = send_frame(
+                &mut sink,
+                &err(
+                    None,
+                    code::FORBIDDEN,
+                    format!("{user} already has {} sessions", cfg.sessions_per_user_max),
+                ),
+            )
+            .await;
+            let _ = close_with(&mut sink, close::TOO_MANY_SESSIONS, "too many sessions").await;
+            return;
+        }
+    }
+    gw.metrics.connections.fetch_add(1, Ordering::Relaxed);
+    let was_online = gw.sessions_read().get(&user).map(|l| l.len()).unwrap_or(0) > 1;
+    if !was_online {
+        node.broadcast_ephemeral(vec![Ephemeral::Presence {
+            user: user.clone(),
+            online: true,
+            last_seen: now_ms(),
+        }]);
+    }
+    let _ = tx.try_send(Outbound::Frame(ServerFrame::Ready {
+        user: user.clone(),
+        session: format!("{}-{session_id}", node.id),
+    }));
+
+    // Writer: frames in queue order; closes on request.
+    let writer = tokio::spawn(async move {
+        let mut last_seq: HashMap<String, u64> = HashMap::new();
+        loop {
+            tokio::select! {
+                biased;
+                _ = closed.changed() => {
+                    let reason = closed.borrow().clone();
+                    if let Some((c, why)) = reason {
+                        let _ = close_with(&mut sink, c, &why).await;
+                    }
+                    return;
+                }
+                next = rx.recv() => {
+                    let Some(Outbound::Frame(frame)) = next else {
+                        let _ = sink.close().await;
+                        return;
+                    };
+                    // Per connection, a chat's messages go out once each, in seq order.
+                    if let ServerFrame::Message { message } = &frame {
+                        let last = last_seq.entry(message.chat.clone()).or_insert(0);
+                        if message.seq <= *last {
+                            continue;
+                        }
+                        *last = message.seq;
+                    }
+                    if send_frame(&mut sink, &frame).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+
+    // Reader: parse, bound, dispatch.
+    let in_flight = Arc::new(Semaphore::new(cfg.requests_in_flight_max.max(1)));
+    let idle = Duration::from_millis(cfg.presence_ttl_ms);
+    let typing_last: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    loop {
+        let next = tokio::time::timeout(idle, stream.next()).await;
+        let msg = match next {
+            Err(_) => {
+                let _ = closer.send(Some((close::IDLE, "no heartbeat within the TTL".into())));
+                break;
+            }
+            Ok(None) | Ok(Some(Err(_))) => {
+                // Includes invalid UTF-8 and oversized frames rejected by the codec.
+                let _ = closer.send(Some((close::BAD_FRAME, "unreadable frame".into())));
+                break;
+            }
+            Ok(Some(Ok(m))) => m,
+        };
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                let _ = closer.send(Some((
+                    close::BAD_FRAME,
+                    "binary frames are not accepted".into(),
+                )));
+                break;
+            }
+            Message::Close(_) => break,
+            Message::Ping(_) | Message::Pong(_) => continue,
+        };
+        gw.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
+        if text.len() > chatd_proto::FRAME_BYTES_MAX {
+            let _ = tx.try_send(Outbound::Frame(err(
+                None,
+                code::TOO_LARGE,
+                format!(
+                    "frame of {} bytes exceeds {}",
+                    text.len(),
+                    chatd_proto::FRAME_BYTES_MAX
+                ),
+            )));
+            let _ = closer.send(Some((close::BAD_FRAME, "frame too large".into())));
+            break;
+        }
+        let frame = match chatd_proto::parse_client_frame(&text) {
+            Ok(f) => f,
+            Err((c, m)) => {
+                if tx
+                    .try_send(Outbound::Frame(err(
+                        chatd_proto::request_id_of(&text),
+                        c,
+                        m,
+                    )))
+                    .is_err()
+                {
+                    let _ = closer.send(Some((close::SLOW_CONSUMER, "outbound queue full".into())));
+                    break;
+                }
+                continue;
+            }
+        };
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let (node, user, tx2, closer2, typing) = (
+            node.clone(),
+            user.clone(),
+            tx.clone(),
+            closer.clone(),
+            typing_last.clone(),
+        );
+        tokio::spawn(async move {
+            if let Some(reply) = handle(&node, &user, frame, &typing).await {
+                if tx2.try_send(Outbound::Frame(reply)).is_err() {
+                    let _ = closer2.send(Some((
+                        close::SLOW_CONSUMER,
+                        "outbound queue full: reconnect and sync".into(),
+                    )));
+                }
+            }
+            drop(permit);
+        });
+    }
+    // Unregister.
+    {
+        let mut sessions = gw.sessions_write();
+        if let Some(list) = sessions.get_mut(&user) {
+            list.retain(|s| s.id != session_id);
+            if list.is_empty() {
+                sessions.remove(&user);
+            }
+        }
+    }
+    let still_online = gw.sessions_read().contains_key(&user);
+    if !still_online {
+        let now = now_ms();
+        gw.last_seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(user.clone(), now);
+        node.broadcast_ephemeral(vec![Ephemeral::Presence {
+            user: user.clone(),
+            online: false,
+            last_seen: now,
+        }]);
+    }
+    gw.metrics.connections.fetch_sub(1, Ordering::Relaxed);
+    drop(tx);
+    let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
+}
+
+async fn send_frame(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    frame: &ServerFrame,
+) -> Result<(), axum::Error> {
+    let text = serde_json::to_string(frame).unwrap_or_else(|e| {
+        format!(r#"{{"type":"error","code":"internal","message":"encode: {e}"}}"#)
+    });
+    sink.send(Message::Text(text.into())).await
+}
+
+async fn close_with(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    code: u16,
+    reason: &str,
+) -> Result<(), axum::Error> {
+    sink.send(Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.to_string().into(),
+    })))
+    .await
+}
+
+fn propose_error(id: Option<String>, e: ProposeError) -> ServerFrame {
+    match e {
+        ProposeError::Unknown { .. } => err(id, code::OUTCOME_UNKNOWN, e.to_string()),
+        ProposeError::Overloaded { .. } => err(id, code::RATE_LIMITED, e.to_string()),
+        _ => err(id, code::UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// Proposes a chat command to `group` and decodes its reply.
+async fn propose_chat(
+    node: &Node,
+    group: u64,
+    cmd: &ChatCommand,
+) -> Result<ChatReply, ProposeError> {
+    let bytes = chatd_codec::encode(cmd).map_err(|e| ProposeError::Unknown {
+        group,
+        cause: e.to_string(),
+    })?;
+    let p = node.propose(group, bytes).await?;
+    chatd_codec::decode(&p.response).map_err(|e| ProposeError::Unknown {
+        group,
+        cause: e.to_string(),
+    })
+}
+
+/// Records `chat` in each user's chat index (idempotent; retried by the next change).
+async fn index_chat(node: &Node, chat: &str, users: &[String]) {
+    for u in users {
+        let cmd = ChatCommand::IndexChat {
+            user: u.clone(),
+            chat: chat.to_string(),
+        };
+        if let Err(e) = propose_chat(node, user_group(node, u), &cmd).await {
+            tracing::warn!(user = %u, chat, error = %e, "chat index not updated");
+        }
+    }
+}
+
+fn done_or_error(id: String, chat: String, reply: Result<ChatReply, ProposeError>) -> ServerFrame {
+    match reply {
+        Ok(ChatReply::Done { seq }) => ServerFrame::Done { id, chat, seq },
+        Ok(ChatReply::Rejected { code, message }) => err(Some(id), &code, message),
+        Ok(other) => err(
+            Some(id),
+            code::INTERNAL,
+            format!("unexpected reply {other:?}"),
+        ),
+        Err(e) => propose_error(Some(id), e),
+    }
+}
+
+fn check_users(node: &Node, users: &[String]) -> Result<(), (String, String)> {
+    for u in users {
+        if !valid_id(u, chatd_proto::USER_ID_BYTES_MAX) || !node.meta.user_enabled(u) {
+            return Err((code::UNKNOWN_USER.into(), format!("no user {u:?}")));
+        }
+    }
+    Ok(())
+}
+
+/// Handles one request; `None` for frames that get no answer.
+async fn handle(
+    node: &Node,
+    user: &str,
+    frame: ClientFrame,
+    typing: &Mutex<HashMap<String, Instant>>,
+) -> Option<ServerFrame> {
+    let cfg = &node.gateway.config;
+    let id_ok = |id: &str| id.len() <= chatd_proto::REQUEST_ID_BYTES_MAX;
+    let chat_ok = |c: &str| valid_id(c, chatd_proto::CHAT_ID_BYTES_MAX);
+    Some(match frame {
+        ClientFrame::Auth { .. } => err(None, code::INVALID_FIELD, "already authenticated"),
+        ClientFrame::Ping { id } => ServerFrame::Pong { id },
+        ClientFrame::Send {
+            id,
+            chat,
+            client_msg_id,
+            text,
+            reply_to,
+        } => {
+            if !id_ok(&id) || !chat_ok(&chat) {
+                return Some(err(Some(id), code::INVALID_FIELD, "bad id or chat"));
+            }
+            if client_msg_id.is_empty()
+                || client_msg_id.len() > chatd_proto::CLIENT_MSG_ID_BYTES_MAX
+            {
+                return Some(err(
+                    Some(id),
+                    code::INVALID_FIELD,
+                    "client_msg_id must be 1-64 bytes",
+                ));
+            }
+            if text.len() > cfg.text_bytes_max {
+                return Some(err(
+                    Some(id),
+                    code::TOO_LARGE,
+                    format!(
+                        "text of {} bytes exceeds {}",
+                        text.len(),
+                        cfg.text_bytes_max
+                    ),
+                ));
+            }
+            if !node.gateway.take_send_token(user) {
+                return Some(err(
+                    Some(id),
+                    code::RATE_LIMITED,
+                    "send rate limit: slow down",
+                ));
+            }
+            node.gateway
+                .metrics
+                .messages_in
+                .fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
+            let cmd = ChatCommand::Send {
+                chat: chat.clone(),
+                sender: user.to_string(),
+                client_msg_id,
+                text,
+                reply_to,
+                ts: now_ms(),
+            };
+            let reply = propose_chat(node, chat_group(node, &chat), &cmd).await;
+            match reply {
+                Ok(ChatReply::Acked { seq, ts, duplicate }) => {
+                    node.gateway
+                        .metrics
+                        .ack_latency
+                        .record(started.elapsed().as_millis() as u64);
+                    ServerFrame::Ack {
+                        id,
+                        msg_id: format!("{chat}/{seq}"),
+                        chat,
+                        seq,
+                        ts,
+                        duplicate,
+                    }
+                }
+                Ok(ChatReply::Rejected { code, message }) => err(Some(id), &code, message),
+                Ok(other) => err(
+                    Some(id),
+                    code::INTERNAL,
+                    format!("unexpected reply {other:?}"),
+                ),
+                Err(e) => propose_error(Some(id), e),
+            }
+        }
+        ClientFrame::Edit {
+            id,
+            chat,
+            seq,
+            text,
+        } => {
+            if !chat_ok(&chat) {
+                return Some(err(Some(id), code::INVALID_FIELD, "bad chat"));
+            }
+            if text.len() > cfg.text_bytes_max {
+                return Some(err(Some(id), code::TOO_LARGE, "text too large"));
+            }
+            let cmd = ChatCommand::Edit {
+                chat: chat.clone(),
+                sender: user.to_string(),
+                seq,
+                text,
+                ts: now_ms(),
+            };
+            done_or_error(
+                id,
+                chat.clone(),
+                propose_chat(node, chat_group(node, &chat), &cmd).await,
+            )
+        }
+        ClientFrame::Delete { id, chat, seq } => {
+            if !chat_ok(&chat) {
+                return Some(err(Some(id), code::INVALID_FIELD, "bad chat"));
+            }
+            let cmd = ChatCommand::Delete {
+                chat: chat.clone(),
+                sender: user.to_string(),
+                seq,
+                ts: now_ms(),
+            };
+            done_or_error(
+                id,
+                chat.clone(),
+                propose_chat(node, chat_group(node, &chat), &cmd).await,
+            )
+        }
+        ClientFrame::OpenDirect { id, user: other } => {
+            if let Err((c, m)) = check_users(node, std::slice::from_ref(&other)) {
+                return Some(err(Some(id), &c, m));
+            }
+            if other == user {
+                return Some(err(
+                    Some(id),
+                    code::INVALID_FIELD,
+                    "a direct chat needs another user",
+                ));
+            }
+            let chat = direct_chat_id(user, &other);
+            let cmd = ChatCommand::OpenDirect {
+                chat: chat.clone(),
+                a: user.to_string(),
+                b: other.clone(),
+                ts: now_ms(),
+            };
+            let reply = propose_chat(node, chat_group(node, &chat), &cmd).await;
+            if matches!(reply, Ok(ChatReply::Done { .. })) {
+                index_chat(node, &chat, &[user.to_string(), other]).await;
+            }
+            done_or_error(id, chat, reply)
+        }
+        ClientFrame::CreateGroup { id, name, members } => {
+            if name.len() > 128 {
+                return Some(err(
+                    Some(id),
+                    code::INVALID_FIELD,
+                    "name longer than 128 bytes",
+                ));
+            }
+            if members.len() > cfg.group_members_max {
+                return Some(err(Some(id), code::GROUP_FULL, "too many members"));
+            }
+            if let Err((c, m)) = check_users(node, &members) {
+                return Some(err(Some(id), &c, m));
+            }
+            let chat = format!("g:{:016x}", rand::random::<u64>());
+            let cmd = ChatCommand::CreateGroup {
+                chat: chat.clone(),
+                creator: user.to_string(),
+                name,
+                members: members.clone(),
+                members_max: cfg.group_members_max,
+                ts: now_ms(),
+            };
+            let reply = propose_chat(node, chat_group(node, &chat), &cmd).await;
+            if matches!(reply, Ok(ChatReply::Done { .. })) {
+                let mut all = members;
+                all.push(user.to_string());
+                index_chat(node, &chat, &all).await;
+            }
+            done_or_error(id, chat, reply)
+        }
+        ClientFrame::AddMembers { id, chat, users } => {
+            if !chat_ok(&chat) || users.len() > chatd_proto::ADD_MEMBERS_MAX {
+                return Some(err(
+                    Some(id),
+                    code::INVALID_FIELD,
+                    "bad chat or too many users",
+                ));
+            }
+            if let Err((c, m)) = check_users(node, &users) {
+                return Some(err(Some(id), &c, m));
+            }
+            let cmd = ChatCommand::AddMembers {
+                chat: chat.clone(),
+                by: user.to_string(),
+                users: users.clone(),
+                members_max: cfg.group_members_max,
+                ts: now_ms(),
+            };
+            let reply = propose_chat(node, chat_group(node, &chat), &cmd).await;
+            if matches!(reply, Ok(ChatReply::Done { .. })) {
+                index_chat(node, &chat, &users).await;
+            }
+            done_or_error(id, chat, reply)
+        }
+        ClientFrame::RemoveMember {
+            id,
+            chat,
+            user: who,
+        } => {
+            if !chat_ok(&chat) {
+                return Some(err(Some(id), code::INVALID_FIELD, "bad chat"));
+            }
+            let cmd = ChatCommand::RemoveMember {
+                chat: chat.clone(),
+                by: user.to_string(),
+                user: who,
+                ts: now_ms(),
+            };
+            done_or_error(
+                id,
+                chat.clone(),
+                propose_chat(node, chat_group(node, &chat), &cmd).await,
+            )
+        }
+        ClientFrame::Leave { id, chat } => {
+            if !chat_ok(&chat) {
+                return Some(err(Some(id), code::INVALID_FIELD, "bad chat"));
+            }
+            let cmd = ChatCommand::RemoveMember {
+                chat: chat.clone(),
+                by: user.to_string(),
+                user: user.to_string(),
+                ts: now_ms(),
+            };
+            done_or_error(
+                id,
+                chat.clone(),
+                propose_chat(node, chat_group(node, &chat), &cmd).await,
+            )
+        }
+        ClientFrame::History {
+            id,
+            chat,
+            before,
+            after,
+            limit,
+        } => {
+            if !chat_ok(&chat) {
+                return Some(err(Some(id), code::INVALID_FIELD, "bad chat"));
+            }
+            if before.is_some() && after.is_some() {
+                return Some(err(
+                    Some(id),
+                    code::INVALID_FIELD,
+                    "give before or after, not both",
+                ));
+            }
+            let limit = limit.unwrap_or(chatd_proto::HISTORY_PAGE_MAX);
+            if limit == 0 || limit > chatd_proto::HISTORY_PAGE_MAX {
+                return Some(err(Some(id), code::INVALID_FIELD, "limit must be 1-100"));
+            }
+            let q = ChatQuery::History {
+                chat: chat.clone(),
+                user: user.to_string(),
+                before,
+                after,
+                limit,
+            };
+            match node.query(chat_group(node, &chat), q).await {
+                Ok(ChatQueryReply::History { messages, more }) => ServerFrame::History {
+                    id,
+                    chat,
+                    messages: messages.iter().map(view).collect(),
+                    more,
+                },
+                Ok(ChatQueryReply::Rejected { code, message }) => err(Some(id), &code, message),
+                Ok(other) => err(Some(id), code::INTERNAL, format!("unexpected {other:?}")),
+                Err(e) => err(Some(id), code::UNAVAILABLE, e.to_string()),
+            }
+        }
+        ClientFrame::Sync { id } => match sync(node, user).await {
+            Ok(chats) => ServerFrame::Chats { id, chats },
+            Err(e) => err(Some(id), code::UNAVAILABLE, e),
+        },
+        ClientFrame::Receipt {
+            chat,
+            delivered,
+            read,
+        } => {
+            if !chat_ok(&chat) {
+                return Some(err(None, code::INVALID_FIELD, "bad chat"));
+            }
+            let update = ReceiptUpdate {
+                chat,
+                user: user.to_string(),
+                delivered,
+                read,
+            };
+            if node.gateway.receipts.try_send(update).is_err() {
+                return Some(err(None, code::RATE_LIMITED, "receipt queue full; retry"));
+            }
+            return None;
+        }
+        ClientFrame::Presence { id, users } => {
+            if users.len() > chatd_proto::PRESENCE_USERS_MAX {
+                return Some(err(Some(id), code::INVALID_FIELD, "at most 256 users"));
+            }
+            ServerFrame::PresenceList {
+                id,
+                users: node.presence(&users).await,
+            }
+        }
+        ClientFrame::Subscribe { id, users } => {
+            if users.len() > chatd_proto::PRESENCE_USERS_MAX {
+                return Some(err(Some(id), code::INVALID_FIELD, "at most 256 users"));
+            }
+            // Subscriptions: presence changes are pushed to members of shared chats in a
+            // later change; for now the answer is the current state.
+            ServerFrame::PresenceList {
+                id,
+                users: node.presence(&users).await,
+            }
+        }
+        ClientFrame::Typing { chat } => {
+            if !chat_ok(&chat) {
+                return Some(err(None, code::INVALID_FIELD, "bad chat"));
+            }
+            {
+                let mut last = typing.lock().unwrap_or_else(|p| p.into_inner());
+                let now = Instant::now();
+                if let Some(t) = last.get(&chat) {
+                    if now.duration_since(*t) < Duration::from_millis(cfg.typing_interval_ms) {
+                        return None;
+                    }
+                }
+                last.insert(chat.clone(), now);
+            }
+            let members = match node
+                .query(
+                    chat_group(node, &chat),
+                    ChatQuery::Members { chat: chat.clone() },
+                )
+                .await
+            {
+                Ok(ChatQueryReply::Members(Some(m))) if m.iter().any(|x| x == user) => m,
+                Ok(ChatQueryReply::Members(Some(_))) => {
+                    return Some(err(None, code::NOT_MEMBER, "not a member"))
+                }
+                Ok(_) => return Some(err(None, code::UNKNOWN_CHAT, "no such chat")),
+                Err(e) => return Some(err(None, code::UNAVAILABLE, e.to_string())),
+            };
+            let item = Ephemeral::Typing {
+                chat,
+                user: user.to_string(),
+                recipients: members,
+            };
+            node.gateway.ephemeral_local(std::slice::from_ref(&item));
+            node.broadcast_ephemeral(vec![item]);
+            return None;
+        }
+    })
+}
+
+/// The caller's chats with their state, from the user's index and each chat's partition.
+async fn sync(node: &Node, user: &str) -> Result<Vec<chatd_proto::ChatState>, String> {
+    let chats = match node
+        .query(
+            user_group(node, user),
+            ChatQuery::UserChats {
+                user: user.to_string(),
+            },
+        )
+        .await
+    {
+        Ok(ChatQueryReply::UserChats(c)) => c,
+        Ok(other) => return Err(format!("unexpected {other:?}")),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut by_group: BTreeMap<u64, Vec<String>> = BTreeMap::new();
+    for c in chats {
+        by_group.entry(chat_group(node, &c)).or_default().push(c);
+    }
+    let queries = by_group.into_iter().map(|(g, chats)| {
+        node.query(
+            g,
+            ChatQuery::Summaries {
+                chats,
+                user: user.to_string(),
+            },
+        )
+    });
+    let mut out = Vec::new();
+    for r in futures::future::join_all(queries).await {
+        match r {
+            Ok(ChatQueryReply::Summaries(list)) => {
+                out.extend(list.into_iter().map(|s| chatd_proto::ChatState {
+                    chat: s.chat,
+                    kind: if s.direct { "direct" } else { "group" }.into(),
+                    name: s.name,
+                    members: s.members,
+                    last_seq: s.last_seq,
+                    delivered: s.delivered,
+                    read: s.read,
+                    unread: s.unread,
+                }))
+            }
+            Ok(other) => return Err(format!("unexpected {other:?}")),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    out.sort_by(|a, b| a.chat.cmp(&b.chat));
+    Ok(out)
+}
+
+/// Presence of `users` as this node knows it (local sessions plus peers' announcements).
+pub fn merge_presence(views: Vec<Vec<PresenceView>>, users: &[String]) -> Vec<PresenceView> {
+    users
+        .iter()
+        .map(|u| {
+            let mine = views.iter().flatten().filter(|v| &v.user == u);
+            let online = mine.clone().any(|v| v.online);
+            let last_seen = mine.filter_map(|v| v.last_seen).max();
+            PresenceView {
+                user: u.clone(),
+                online,
+                last_seen,
+            }
+        })
+        .collect()
+}

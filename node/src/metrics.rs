@@ -1,0 +1,143 @@
+//! Prometheus text metrics of a node.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+
+/// Bucket upper bounds of latency histograms, in milliseconds.
+pub const LATENCY_BUCKETS_MS: [u64; 12] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
+
+/// A fixed-bucket histogram of milliseconds.
+#[derive(Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; 12],
+    count: AtomicU64,
+    sum_ms: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn record(&self, ms: u64) {
+        for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            if ms <= *le {
+                self.buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_ms.fetch_add(ms, Ordering::Relaxed);
+    }
+
+    fn render(&self, name: &str, help: &str, out: &mut String) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (i, le) in LATENCY_BUCKETS_MS.iter().enumerate() {
+            let secs = *le as f64 / 1000.0;
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{secs}\"}} {}",
+                self.buckets[i].load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(
+            out,
+            "{name}_sum {}",
+            self.sum_ms.load(Ordering::Relaxed) as f64 / 1000.0
+        );
+        let _ = writeln!(out, "{name}_count {count}");
+    }
+}
+
+/// Counters and histograms of the gateway.
+#[derive(Default)]
+pub struct Metrics {
+    pub connections: AtomicI64,
+    pub frames_in: AtomicU64,
+    pub frames_out: AtomicU64,
+    pub messages_in: AtomicU64,
+    pub ack_latency: Histogram,
+    pub deliver_latency: Histogram,
+    pub delivery_dropped: std::sync::Arc<AtomicU64>,
+}
+
+impl Metrics {
+    /// The metrics in Prometheus text format; `lag` is (group, committed − applied).
+    pub fn render(&self, lag: &[(u64, u64)]) -> String {
+        let mut out = String::new();
+        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: String| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        };
+        gauge(
+            &mut out,
+            "chatd_connections",
+            "Open client WebSocket sessions.",
+            "gauge",
+            self.connections.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "chatd_frames_in_total",
+            "Client frames received.",
+            "counter",
+            self.frames_in.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "chatd_frames_out_total",
+            "Frames pushed to clients.",
+            "counter",
+            self.frames_out.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "chatd_messages_in_total",
+            "Send requests received.",
+            "counter",
+            self.messages_in.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "chatd_delivery_batches_dropped_total",
+            "Applied event batches dropped because the delivery queue was full.",
+            "counter",
+            self.delivery_dropped.load(Ordering::Relaxed).to_string(),
+        );
+        self.ack_latency.render(
+            "chatd_send_to_ack_seconds",
+            "From receiving a send to its ack (committed and applied).",
+            &mut out,
+        );
+        self.deliver_latency.render(
+            "chatd_send_to_deliver_seconds",
+            "From a message's timestamp to its push by this node.",
+            &mut out,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP chatd_apply_lag_entries Committed but not yet applied entries.\n# TYPE chatd_apply_lag_entries gauge"
+        );
+        for (g, l) in lag {
+            let _ = writeln!(out, "chatd_apply_lag_entries{{partition=\"{g}\"}} {l}");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.ack_latency.record(3);
+        m.ack_latency.record(7000);
+        let text = m.render(&[(1, 0), (2, 5)]);
+        assert!(text.contains("chatd_send_to_ack_seconds_bucket{le=\"0.005\"} 1"));
+        assert!(text.contains("chatd_send_to_ack_seconds_bucket{le=\"+Inf\"} 2"));
+        assert!(text.contains("chatd_apply_lag_entries{partition=\"2\"} 5"));
+        assert!(text.contains("# TYPE chatd_connections gauge"));
+    }
+}

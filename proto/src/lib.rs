@@ -1,0 +1,356 @@
+//! The client protocol of chatd: JSON text frames over WebSocket (`/v1/ws`).
+//!
+//! Every frame is a JSON object with a `type` field. Client requests that expect an answer
+//! carry an `id` (a client-chosen string, ≤ 64 bytes) that the answer repeats. This crate
+//! holds the frame types, their limits, the error codes and the close codes; `docs/protocol.md`
+//! documents them for client authors. It knows nothing of Raft, storage or sockets.
+
+use serde::{Deserialize, Serialize};
+
+/// Largest WebSocket frame a client may send.
+pub const FRAME_BYTES_MAX: usize = 64 * 1024;
+/// Largest message text, in bytes of UTF-8 (default; configurable per cluster).
+pub const TEXT_BYTES_MAX: usize = 16 * 1024;
+/// Longest request id.
+pub const REQUEST_ID_BYTES_MAX: usize = 64;
+/// Longest client message id (idempotency key).
+pub const CLIENT_MSG_ID_BYTES_MAX: usize = 64;
+/// Longest chat id.
+pub const CHAT_ID_BYTES_MAX: usize = 96;
+/// Longest user id.
+pub const USER_ID_BYTES_MAX: usize = 32;
+/// Most messages in one history page.
+pub const HISTORY_PAGE_MAX: u32 = 100;
+/// Most users in one presence query or subscription.
+pub const PRESENCE_USERS_MAX: usize = 256;
+/// Most members added in one request.
+pub const ADD_MEMBERS_MAX: usize = 256;
+
+/// WebSocket close codes chatd uses (4000–4999 are application codes).
+pub mod close {
+    /// The token was missing, malformed or wrong.
+    pub const UNAUTHORIZED: u16 = 4001;
+    /// The client did not authenticate within the deadline.
+    pub const AUTH_TIMEOUT: u16 = 4002;
+    /// The user already has the maximum number of sessions.
+    pub const TOO_MANY_SESSIONS: u16 = 4003;
+    /// The client did not read fast enough: its outbound queue filled. Reconnect and sync.
+    pub const SLOW_CONSUMER: u16 = 4008;
+    /// A frame larger than `FRAME_BYTES_MAX`, or a binary / non-UTF-8 frame.
+    pub const BAD_FRAME: u16 = 4009;
+    /// The node is shutting down: reconnect to another node.
+    pub const GOING_AWAY: u16 = 1001;
+    /// Heartbeats stopped: no frame within the presence TTL.
+    pub const IDLE: u16 = 4010;
+}
+
+/// Error codes in `error` frames (stable strings).
+pub mod code {
+    pub const MALFORMED: &str = "malformed";
+    pub const UNKNOWN_TYPE: &str = "unknown_type";
+    pub const INVALID_FIELD: &str = "invalid_field";
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const FORBIDDEN: &str = "forbidden";
+    pub const NOT_MEMBER: &str = "not_member";
+    pub const UNKNOWN_CHAT: &str = "unknown_chat";
+    pub const UNKNOWN_USER: &str = "unknown_user";
+    pub const UNKNOWN_MESSAGE: &str = "unknown_message";
+    pub const TOO_LARGE: &str = "too_large";
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const GROUP_FULL: &str = "group_full";
+    pub const UNAVAILABLE: &str = "unavailable";
+    pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
+    pub const INTERNAL: &str = "internal";
+}
+
+/// Frames a client sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// First frame when the token is not in the Authorization header.
+    Auth { token: String },
+    /// Keeps presence alive; answered with `pong`.
+    Ping {
+        #[serde(default)]
+        id: Option<String>,
+    },
+    /// Sends a message. A retry with the same `client_msg_id` returns the original ack.
+    Send {
+        id: String,
+        chat: String,
+        client_msg_id: String,
+        text: String,
+        #[serde(default)]
+        reply_to: Option<u64>,
+    },
+    /// Replaces the text of one of the sender's messages.
+    Edit {
+        id: String,
+        chat: String,
+        seq: u64,
+        text: String,
+    },
+    /// Deletes one of the sender's messages (history keeps a tombstone).
+    Delete { id: String, chat: String, seq: u64 },
+    /// The direct chat with `user` (created on first use); answers `chat`.
+    OpenDirect { id: String, user: String },
+    /// Creates a group with the caller and `members`; answers `chat`.
+    CreateGroup {
+        id: String,
+        name: String,
+        #[serde(default)]
+        members: Vec<String>,
+    },
+    /// Adds users to a group (members may add).
+    AddMembers {
+        id: String,
+        chat: String,
+        users: Vec<String>,
+    },
+    /// Removes a user from a group (its creator may remove anyone; anyone may remove self).
+    RemoveMember {
+        id: String,
+        chat: String,
+        user: String,
+    },
+    /// Leaves a group.
+    Leave { id: String, chat: String },
+    /// A page of history: `before` or `after` a seq (exclusive), at most `limit` (≤ 100).
+    History {
+        id: String,
+        chat: String,
+        #[serde(default)]
+        before: Option<u64>,
+        #[serde(default)]
+        after: Option<u64>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
+    /// Every chat of the caller with its last seq, cursors and unread count.
+    Sync { id: String },
+    /// Moves the caller's delivered and/or read cursor forward in a chat.
+    Receipt {
+        chat: String,
+        #[serde(default)]
+        delivered: Option<u64>,
+        #[serde(default)]
+        read: Option<u64>,
+    },
+    /// Who is online among `users` (≤ 256).
+    Presence { id: String, users: Vec<String> },
+    /// Subscribes to presence changes of `users` (≤ 256 per request).
+    Subscribe { id: String, users: Vec<String> },
+    /// The caller is typing in `chat` (ephemeral, rate-limited, never stored).
+    Typing { chat: String },
+}
+
+/// A message as clients see it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MessageView {
+    pub chat: String,
+    pub seq: u64,
+    pub msg_id: String,
+    pub sender: String,
+    /// `text`, `join`, `leave` (membership events are messages too), or `deleted`.
+    pub kind: String,
+    pub text: String,
+    pub ts: u64,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reply_to: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub edited_ts: Option<u64>,
+}
+
+/// One chat in a sync answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChatState {
+    pub chat: String,
+    /// `direct` or `group`.
+    pub kind: String,
+    pub name: String,
+    pub members: Vec<String>,
+    pub last_seq: u64,
+    pub delivered: u64,
+    pub read: u64,
+    pub unread: u64,
+}
+
+/// Presence of one user.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PresenceView {
+    pub user: String,
+    pub online: bool,
+    /// Milliseconds since the epoch; absent if never seen.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub last_seen: Option<u64>,
+}
+
+/// Frames the server sends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// Authentication succeeded.
+    Ready { user: String, session: String },
+    /// Answer to `ping`.
+    Pong {
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        id: Option<String>,
+    },
+    /// The send is committed (fsynced on a majority). `duplicate` is true for a retry.
+    Ack {
+        id: String,
+        chat: String,
+        seq: u64,
+        msg_id: String,
+        ts: u64,
+        duplicate: bool,
+    },
+    /// Answer to open_direct / create_group / add_members / remove_member / leave / edit /
+    /// delete: the chat and the seq of the log entry the change made (0 if none).
+    Done { id: String, chat: String, seq: u64 },
+    /// A history page, in ascending seq order.
+    History {
+        id: String,
+        chat: String,
+        messages: Vec<MessageView>,
+        /// True if more messages exist in the paging direction.
+        more: bool,
+    },
+    /// Answer to sync.
+    Chats { id: String, chats: Vec<ChatState> },
+    /// Answer to presence.
+    PresenceList {
+        id: String,
+        users: Vec<PresenceView>,
+    },
+    /// A new message (or membership event) in one of the caller's chats.
+    Message { message: MessageView },
+    /// A message was edited or deleted; `message` is its new state.
+    Updated { message: MessageView },
+    /// Someone's cursors moved in a chat the caller is in.
+    Receipt {
+        chat: String,
+        user: String,
+        delivered: u64,
+        read: u64,
+    },
+    /// A subscribed user's presence changed.
+    Presence { presence: PresenceView },
+    /// Someone is typing.
+    Typing { chat: String, user: String },
+    /// A request failed; nothing changed. `id` is the request's id when it had one.
+    Error {
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        id: Option<String>,
+        code: String,
+        message: String,
+    },
+}
+
+/// Why a text frame is not a valid client frame.
+pub fn parse_client_frame(text: &str) -> Result<ClientFrame, (&'static str, String)> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| (code::MALFORMED, format!("not JSON: {e}")))?;
+    let Some(kind) = value.get("type").and_then(|t| t.as_str()) else {
+        return Err((code::MALFORMED, "missing string field \"type\"".into()));
+    };
+    const KNOWN: &[&str] = &[
+        "auth",
+        "ping",
+        "send",
+        "edit",
+        "delete",
+        "open_direct",
+        "create_group",
+        "add_members",
+        "remove_member",
+        "leave",
+        "history",
+        "sync",
+        "receipt",
+        "presence",
+        "subscribe",
+        "typing",
+    ];
+    if !KNOWN.contains(&kind) {
+        return Err((code::UNKNOWN_TYPE, format!("unknown frame type {kind:?}")));
+    }
+    serde_json::from_value(value).map_err(|e| (code::INVALID_FIELD, e.to_string()))
+}
+
+/// The request id of a frame that failed to parse, if it had a string `id`, for the error.
+pub fn request_id_of(text: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    v.get("id")?
+        .as_str()
+        .filter(|s| s.len() <= REQUEST_ID_BYTES_MAX)
+        .map(str::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn golden_frames() {
+        let f = parse_client_frame(
+            r#"{"type":"send","id":"1","chat":"d:alice:bob","client_msg_id":"m1","text":"hi"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            f,
+            ClientFrame::Send {
+                id: "1".into(),
+                chat: "d:alice:bob".into(),
+                client_msg_id: "m1".into(),
+                text: "hi".into(),
+                reply_to: None
+            }
+        );
+        let ack = ServerFrame::Ack {
+            id: "1".into(),
+            chat: "d:alice:bob".into(),
+            seq: 1,
+            msg_id: "d:alice:bob/1".into(),
+            ts: 5,
+            duplicate: false,
+        };
+        assert_eq!(
+            serde_json::to_string(&ack).unwrap(),
+            r#"{"type":"ack","id":"1","chat":"d:alice:bob","seq":1,"msg_id":"d:alice:bob/1","ts":5,"duplicate":false}"#
+        );
+    }
+
+    #[test]
+    fn bad_frames_get_distinct_codes() {
+        assert_eq!(parse_client_frame("{").unwrap_err().0, code::MALFORMED);
+        assert_eq!(parse_client_frame("[1]").unwrap_err().0, code::MALFORMED);
+        assert_eq!(
+            parse_client_frame(r#"{"type":"fly"}"#).unwrap_err().0,
+            code::UNKNOWN_TYPE
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"send","id":"1"}"#)
+                .unwrap_err()
+                .0,
+            code::INVALID_FIELD
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"history","id":"1","chat":"c","limit":"x"}"#)
+                .unwrap_err()
+                .0,
+            code::INVALID_FIELD
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"ping","extra":1}"#)
+                .unwrap_err()
+                .0,
+            code::INVALID_FIELD
+        );
+        assert_eq!(
+            request_id_of(r#"{"type":"send","id":"7"}"#).as_deref(),
+            Some("7")
+        );
+    }
+}
