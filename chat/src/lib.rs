@@ -20,7 +20,7 @@ pub use model::LogRecord;
 pub use model::{ChatKind, ChatRecord, Cursor, DedupRecord, MessageRecord, Span};
 pub use read::{
     chat_record, cursors, history, log_count, log_records, message, unread, user_chats,
-    HistoryPage, UNREAD_SCAN_MAX,
+    HistoryPage, PageRequest, UNREAD_SCAN_MAX,
 };
 
 /// Default (and upper) bound of a group's members.

@@ -45,18 +45,29 @@ pub struct HistoryPage {
     pub more: bool,
 }
 
-/// Up to `limit` messages of `chat` within `span`, strictly before `before` (newest first
-/// page, returned ascending) or strictly after `after` (ascending).
+/// Which page of history: strictly before `before` (the newest such page, returned
+/// ascending) or strictly after `after` (ascending); at most `limit` messages.
+#[derive(Clone, Copy, Debug)]
+pub struct PageRequest {
+    pub before: Option<u64>,
+    pub after: Option<u64>,
+    pub limit: usize,
+}
+
+/// A page of `chat`'s history within `span` (the reader's visible seqs).
 pub fn history(
     store: &Storage,
     group: GroupId,
     chat: &str,
     span: Span,
     last_seq: u64,
-    before: Option<u64>,
-    after: Option<u64>,
-    limit: usize,
+    page: PageRequest,
 ) -> Result<HistoryPage, StorageError> {
+    let PageRequest {
+        before,
+        after,
+        limit,
+    } = page;
     let lo = span.from.max(after.map_or(1, |a| a.saturating_add(1)));
     let hi = span
         .to

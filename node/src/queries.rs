@@ -101,9 +101,11 @@ fn run_inner(
                 &chat,
                 span,
                 record.last_seq,
-                before,
-                after,
-                limit,
+                chatd_chat::PageRequest {
+                    before,
+                    after,
+                    limit,
+                },
             )?;
             ChatQueryReply::History { messages, more }
         }

@@ -185,3 +185,40 @@ async fn garbage_on_the_quic_port_and_a_foreign_ca_are_refused_while_the_cluster
         "a log names the certificate refusal:\n--- node 1\n{log1}\n--- node 3\n{log3}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints_refuse_a_missing_or_wrong_token() {
+    let mut c = Cluster::init(1, &[]);
+    c.start(1);
+    c.wait_ready(READY).await;
+    let plain = reqwest::Client::new();
+    let url = c.url(1, "/v1/admin/cluster");
+    let none = plain.get(&url).send().await.unwrap();
+    assert_eq!(none.status(), 401);
+    let body = none.text().await.unwrap();
+    assert!(body.contains("unauthorized"), "{body}");
+    let wrong = plain
+        .get(&url)
+        .bearer_auth("0".repeat(64))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong.status(), 401);
+    let right = plain
+        .get(&url)
+        .bearer_auth(&c.admin_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 200);
+    // Health and readiness stay open to probes.
+    assert_eq!(
+        plain
+            .get(c.url(1, "/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
