@@ -53,6 +53,8 @@ pub async fn bench_log(spec: &BenchSpec) -> anyhow::Result<BenchResult> {
         base_port: spec.base_port,
         partitions: spec.partitions,
         raft: RaftSection::default(),
+        gateway: Default::default(),
+        notify: Default::default(),
     })?;
     let mut nodes = Vec::new();
     for f in &files {

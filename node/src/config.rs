@@ -208,13 +208,22 @@ pub struct Config {
 }
 
 /// Offline notifications through a webhook.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NotifySection {
     /// URL that receives a JSON POST per notification; none disables notifications.
     pub webhook_url: Option<String>,
     /// At most one notification per user per this window.
     pub coalesce_window_ms: u64,
+}
+
+impl Default for NotifySection {
+    fn default() -> Self {
+        Self {
+            webhook_url: None,
+            coalesce_window_ms: 10_000,
+        }
+    }
 }
 
 impl Config {

@@ -26,6 +26,8 @@ pub struct DemoNode {
 #[derive(Serialize)]
 pub struct DemoFile {
     pub cluster_id: String,
+    /// The admin bearer token (also in DIR/admin.token).
+    pub admin_token: String,
     pub nodes: Vec<DemoNode>,
 }
 
@@ -40,6 +42,8 @@ pub async fn demo(nodes: u32, dir: &Path, base_port: u16, partitions: u32) -> an
             base_port,
             partitions,
             raft: RaftSection::default(),
+            gateway: Default::default(),
+            notify: Default::default(),
         })?;
     }
     let exe = std::env::current_exe().context("cannot find the chatd executable")?;
@@ -80,8 +84,13 @@ pub async fn demo(nodes: u32, dir: &Path, base_port: u16, partitions: u32) -> an
         });
         children.push((id, child));
     }
+    let admin_token = std::fs::read_to_string(dir.join("admin.token"))
+        .with_context(|| format!("cannot read {}", dir.join("admin.token").display()))?
+        .trim()
+        .to_string();
     let file = DemoFile {
         cluster_id,
+        admin_token,
         nodes: out,
     };
     let json = serde_json::to_string_pretty(&file)?;

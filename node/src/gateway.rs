@@ -84,11 +84,15 @@ pub enum Ephemeral {
         user: String,
         recipients: Vec<String>,
     },
+    /// `user`'s first session opened (online) or last closed on `node`.
     Presence {
+        node: u64,
         user: String,
         online: bool,
-        last_seen: u64,
+        at_ms: u64,
     },
+    /// Every user with a session on `node`, re-announced each heartbeat.
+    Online { node: u64, users: Vec<String> },
 }
 
 enum Outbound {
@@ -114,7 +118,8 @@ pub struct Gateway {
     next_session: AtomicU64,
     receipts: mpsc::Sender<ReceiptUpdate>,
     receipts_rx: Mutex<Option<mpsc::Receiver<ReceiptUpdate>>>,
-    last_seen: Mutex<HashMap<String, u64>>,
+    pub presence: crate::presence::Presence,
+    pub notifier: std::sync::OnceLock<crate::notify::Notifier>,
     pub metrics: crate::metrics::Metrics,
 }
 
@@ -177,13 +182,14 @@ impl Gateway {
     pub fn new(config: GatewayConfig, delivery_dropped: Arc<AtomicU64>) -> Self {
         let (tx, rx) = mpsc::channel(RECEIPT_QUEUE_MAX);
         Self {
-            config,
+            config: config.clone(),
             sessions: RwLock::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             receipts: tx,
             receipts_rx: Mutex::new(Some(rx)),
-            last_seen: Mutex::new(HashMap::new()),
+            presence: crate::presence::Presence::new(Duration::from_millis(config.presence_ttl_ms)),
+            notifier: std::sync::OnceLock::new(),
             metrics: crate::metrics::Metrics {
                 delivery_dropped,
                 ..Default::default()
@@ -206,16 +212,29 @@ impl Gateway {
         self.sessions_read().keys().cloned().collect()
     }
 
-    /// Local presence of `user`: online, or the last time a session of it ended here.
-    pub fn local_presence(&self, user: &str) -> (bool, Option<u64>) {
-        let online = self.sessions_read().contains_key(user);
-        let seen = self
-            .last_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(user)
-            .copied();
-        (online, seen)
+    /// True if this node has a session of `user`.
+    pub fn has_session(&self, user: &str) -> bool {
+        self.sessions_read().contains_key(user)
+    }
+
+    /// Presence of `users` cluster-wide, as this node knows it.
+    pub fn presence_of(&self, users: &[String]) -> Vec<PresenceView> {
+        self.presence.query(users, |u| self.has_session(u))
+    }
+
+    fn push_changes(&self, changes: impl IntoIterator<Item = crate::presence::Change>) {
+        for c in changes {
+            let frame = ServerFrame::Presence { presence: c.view };
+            for s in &c.subscribers {
+                self.push(s, &frame);
+            }
+        }
+    }
+
+    /// Drops silent nodes' announcements and pushes the resulting changes.
+    pub fn expire_presence(&self) {
+        let changes = self.presence.expire(|u| self.has_session(u), now_ms());
+        self.push_changes(changes);
     }
 
     /// Pushes `frame` to every local session of `user`; closes those that cannot keep up.
@@ -305,7 +324,23 @@ impl Gateway {
                         self.push(r, &frame);
                     }
                 }
-                Ephemeral::Presence { .. } => {}
+                Ephemeral::Presence {
+                    node,
+                    user,
+                    online,
+                    at_ms,
+                } => {
+                    let local = self.has_session(user);
+                    let change = self.presence.announce(*node, user, *online, *at_ms, local);
+                    self.push_changes(change);
+                }
+                Ephemeral::Online { node, users } => {
+                    for u in users {
+                        let local = self.has_session(u);
+                        let change = self.presence.announce(*node, u, true, 0, local);
+                        self.push_changes(change);
+                    }
+                }
             }
         }
     }
@@ -345,9 +380,57 @@ pub async fn run_delivery(node: Weak<Node>, mut rx: mpsc::Receiver<(u64, Vec<Cha
             continue;
         }
         n.gateway.deliver_local(&events);
+        if let Some(notifier) = n.gateway.notifier.get() {
+            for e in &events {
+                let ChatEvent::Message {
+                    message,
+                    recipients,
+                } = e
+                else {
+                    continue;
+                };
+                if message.kind != "text" {
+                    continue;
+                }
+                for r in recipients.iter().filter(|r| **r != message.sender) {
+                    if !n.is_online(r) {
+                        notifier.enqueue(crate::notify::Offline {
+                            user: r.clone(),
+                            sender: message.sender.clone(),
+                            chat: message.chat.clone(),
+                            text: message.text.clone(),
+                        });
+                    }
+                }
+            }
+        }
         n.broadcast(crate::node::NodeRequest::Deliver { events });
     }
 }
+
+/// Re-announces this node's online users every heartbeat and expires silent nodes' users.
+pub async fn run_presence(node: Weak<Node>) {
+    let interval = {
+        let Some(n) = node.upgrade() else { return };
+        Duration::from_millis(n.gateway.config.heartbeat_interval_ms.max(10))
+    };
+    let mut tick = tokio::time::interval(interval);
+    loop {
+        tick.tick().await;
+        let Some(n) = node.upgrade() else { return };
+        let users = n.gateway.online_users();
+        for chunk in users.chunks(PRESENCE_ANNOUNCE_USERS_MAX) {
+            n.broadcast_ephemeral(vec![Ephemeral::Online {
+                node: n.id,
+                users: chunk.to_vec(),
+            }]);
+        }
+        n.gateway.expire_presence();
+    }
+}
+
+/// Users in one presence announcement.
+pub const PRESENCE_ANNOUNCE_USERS_MAX: usize = 4096;
 
 /// Batches receipts and proposes them per partition.
 pub async fn run_receipts(node: Weak<Node>) {
@@ -466,12 +549,15 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
         }
     }
     gw.metrics.connections.fetch_add(1, Ordering::Relaxed);
-    let was_online = gw.sessions_read().get(&user).map(|l| l.len()).unwrap_or(0) > 1;
-    if !was_online {
+    let first_here = gw.sessions_read().get(&user).map(|l| l.len()).unwrap_or(0) == 1;
+    if first_here {
+        let change = gw.presence.local_change(&user, false, true, now_ms());
+        gw.push_changes(change);
         node.broadcast_ephemeral(vec![Ephemeral::Presence {
+            node: node.id,
             user: user.clone(),
             online: true,
-            last_seen: now_ms(),
+            at_ms: now_ms(),
         }]);
     }
     let _ = tx.try_send(Outbound::Frame(ServerFrame::Ready {
@@ -606,17 +692,17 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
             }
         }
     }
-    let still_online = gw.sessions_read().contains_key(&user);
-    if !still_online {
+    let still_here = gw.has_session(&user);
+    if !still_here {
         let now = now_ms();
-        gw.last_seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(user.clone(), now);
+        gw.presence.unsubscribe_all(&user);
+        let change = gw.presence.local_change(&user, true, false, now);
+        gw.push_changes(change);
         node.broadcast_ephemeral(vec![Ephemeral::Presence {
+            node: node.id,
             user: user.clone(),
             online: false,
-            last_seen: now,
+            at_ms: now,
         }]);
     }
     gw.metrics.connections.fetch_sub(1, Ordering::Relaxed);
@@ -1019,18 +1105,26 @@ async fn handle(
             }
             ServerFrame::PresenceList {
                 id,
-                users: node.presence(&users).await,
+                users: node.gateway.presence_of(&users),
             }
         }
         ClientFrame::Subscribe { id, users } => {
             if users.len() > chatd_proto::PRESENCE_USERS_MAX {
                 return Some(err(Some(id), code::INVALID_FIELD, "at most 256 users"));
             }
-            // Subscriptions: presence changes are pushed to members of shared chats in a
-            // later change; for now the answer is the current state.
+            if !node.gateway.presence.subscribe(user, &users) {
+                return Some(err(
+                    Some(id),
+                    code::INVALID_FIELD,
+                    format!(
+                        "at most {} subscriptions per user",
+                        crate::presence::SUBSCRIPTIONS_PER_USER_MAX
+                    ),
+                ));
+            }
             ServerFrame::PresenceList {
                 id,
-                users: node.presence(&users).await,
+                users: node.gateway.presence_of(&users),
             }
         }
         ClientFrame::Typing { chat } => {
@@ -1122,21 +1216,4 @@ async fn sync(node: &Node, user: &str) -> Result<Vec<chatd_proto::ChatState>, St
     }
     out.sort_by(|a, b| a.chat.cmp(&b.chat));
     Ok(out)
-}
-
-/// Presence of `users` as this node knows it (local sessions plus peers' announcements).
-pub fn merge_presence(views: Vec<Vec<PresenceView>>, users: &[String]) -> Vec<PresenceView> {
-    users
-        .iter()
-        .map(|u| {
-            let mine = views.iter().flatten().filter(|v| &v.user == u);
-            let online = mine.clone().any(|v| v.online);
-            let last_seen = mine.filter_map(|v| v.last_seen).max();
-            PresenceView {
-                user: u.clone(),
-                online,
-                last_seen,
-            }
-        })
-        .collect()
 }

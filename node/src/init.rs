@@ -25,6 +25,10 @@ pub struct InitSpec {
     pub partitions: u32,
     /// Raft settings written into every config.
     pub raft: RaftSection,
+    /// Gateway settings written into every config.
+    pub gateway: crate::gateway::GatewayConfig,
+    /// Notification settings written into every config.
+    pub notify: crate::config::NotifySection,
 }
 
 /// The files written for one node.
@@ -114,9 +118,9 @@ pub fn init_cluster(spec: &InitSpec) -> anyhow::Result<Vec<NodeFiles>> {
             raft: spec.raft.clone(),
             storage: StorageSection::default(),
             log: LogSection::default(),
-            gateway: Default::default(),
+            gateway: spec.gateway.clone(),
             admin_token_sha256: Some(crate::auth::sha256_hex(&admin_token)),
-            notify: Default::default(),
+            notify: spec.notify.clone(),
         };
         config
             .validate()

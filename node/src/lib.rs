@@ -11,5 +11,7 @@ pub mod gateway;
 pub mod init;
 pub mod metrics;
 pub mod node;
+pub mod notify;
+pub mod presence;
 pub mod queries;
 pub mod run;

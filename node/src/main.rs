@@ -81,6 +81,22 @@ enum ClusterCmd {
         /// Entries kept below a snapshot.
         #[arg(long)]
         snapshot_logs_to_keep: Option<u64>,
+        /// Presence TTL: a session silent this long is closed; a dead node's users go
+        /// offline after it.
+        #[arg(long)]
+        presence_ttl_ms: Option<u64>,
+        /// How often nodes re-announce their online users.
+        #[arg(long)]
+        presence_heartbeat_ms: Option<u64>,
+        /// Sustained sends per second per user.
+        #[arg(long)]
+        send_rate_per_sec: Option<f64>,
+        /// Webhook for offline notifications (http:// only).
+        #[arg(long)]
+        webhook_url: Option<String>,
+        /// Coalescing window of offline notifications.
+        #[arg(long)]
+        notify_window_ms: Option<u64>,
     },
 }
 
@@ -129,8 +145,30 @@ async fn main() -> anyhow::Result<()> {
                     election_timeout_ms,
                     snapshot_logs_since_last,
                     snapshot_logs_to_keep,
+                    presence_ttl_ms,
+                    presence_heartbeat_ms,
+                    send_rate_per_sec,
+                    webhook_url,
+                    notify_window_ms,
                 },
         } => {
+            let mut gateway = chatd::gateway::GatewayConfig::default();
+            if let Some(v) = presence_ttl_ms {
+                gateway.presence_ttl_ms = v;
+            }
+            if let Some(v) = presence_heartbeat_ms {
+                gateway.heartbeat_interval_ms = v;
+            }
+            if let Some(v) = send_rate_per_sec {
+                gateway.send_rate_per_sec = v;
+            }
+            let mut notify = chatd::config::NotifySection {
+                webhook_url,
+                ..Default::default()
+            };
+            if let Some(v) = notify_window_ms {
+                notify.coalesce_window_ms = v;
+            }
             let mut raft = RaftSection::default();
             if let Some(v) = heartbeat_interval_ms {
                 raft.heartbeat_interval_ms = v;
@@ -152,6 +190,8 @@ async fn main() -> anyhow::Result<()> {
                 base_port,
                 partitions,
                 raft,
+                gateway,
+                notify,
             })?;
             println!("cluster initialised in {}", out.display());
             for f in files {
@@ -222,6 +262,8 @@ fn default_single_node() -> anyhow::Result<PathBuf> {
             base_port: 7000,
             partitions: 64,
             raft: RaftSection::default(),
+            gateway: Default::default(),
+            notify: Default::default(),
         })
         .context("cannot create the single-node cluster in ./chatd-data")?;
         eprintln!("created a single-node cluster in ./chatd-data (API on 127.0.0.1:7000)");

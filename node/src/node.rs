@@ -325,6 +325,12 @@ impl Node {
             events_rx,
         ));
         tokio::spawn(crate::gateway::run_receipts(Arc::downgrade(&node)));
+        tokio::spawn(crate::gateway::run_presence(Arc::downgrade(&node)));
+        if let Some(url) = node.config.notify.webhook_url.clone() {
+            let window = Duration::from_millis(node.config.notify.coalesce_window_ms.max(1));
+            let notifier = crate::notify::Notifier::start(Arc::downgrade(&node), url, window);
+            let _ = node.gateway.notifier.set(notifier);
+        }
         tracing::info!(
             node = id,
             groups = node.registry.groups().len(),
@@ -381,12 +387,10 @@ impl Node {
                 NodeReply::Delivered
             }
             NodeRequest::Presence { users } => NodeReply::Presence(
-                users
+                self.gateway
+                    .presence_of(&users)
                     .into_iter()
-                    .map(|u| {
-                        let (online, seen) = self.gateway.local_presence(&u);
-                        (u, online, seen)
-                    })
+                    .map(|p| (p.user, p.online, p.last_seen))
                     .collect(),
             ),
         }
@@ -639,48 +643,12 @@ impl Node {
         self.broadcast(NodeRequest::Ephemeral { items });
     }
 
-    /// Presence of `users` across the cluster: online if any node has a session; a node
-    /// that does not answer counts as having none (its users go offline with it).
-    pub async fn presence(&self, users: &[String]) -> Vec<chatd_proto::PresenceView> {
-        let calls = self.peers.values().map(|p| {
-            let users = users.to_vec();
-            async move {
-                if p.id == self.id {
-                    return users
-                        .iter()
-                        .map(|u| {
-                            let (online, seen) = self.gateway.local_presence(u);
-                            (u.clone(), online, seen)
-                        })
-                        .collect::<Vec<_>>();
-                }
-                match self
-                    .call(
-                        p.cluster_addr,
-                        &NodeRequest::Presence { users },
-                        Duration::from_millis(STATUS_CALL_TIMEOUT_MS),
-                    )
-                    .await
-                {
-                    Ok(NodeReply::Presence(v)) => v,
-                    _ => Vec::new(),
-                }
-            }
-        });
-        let views = futures::future::join_all(calls)
-            .await
-            .into_iter()
-            .map(|v| {
-                v.into_iter()
-                    .map(|(user, online, last_seen)| chatd_proto::PresenceView {
-                        user,
-                        online,
-                        last_seen,
-                    })
-                    .collect()
-            })
-            .collect();
-        crate::gateway::merge_presence(views, users)
+    /// True if `user` has a session on any node, as this node knows it.
+    pub fn is_online(&self, user: &str) -> bool {
+        self.gateway
+            .presence_of(&[user.to_string()])
+            .first()
+            .is_some_and(|p| p.online)
     }
 
     /// Stops the Raft groups and the QUIC endpoint; data is synced.
