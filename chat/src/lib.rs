@@ -585,3 +585,267 @@ fn change_message(
     put(txn, &keys::chat(chat), &record)?;
     Ok(ChatReply::Done { seq: marker })
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use chatd_storage::{NodeIdentity, Storage, StorageOptions};
+
+    const G: GroupId = 3;
+
+    struct Sm {
+        _dir: tempfile::TempDir,
+        store: Storage,
+        index: u64,
+    }
+
+    impl Sm {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Storage::open(
+                dir.path(),
+                &NodeIdentity {
+                    cluster_id: "t".into(),
+                    node_id: 1,
+                },
+                &StorageOptions::default(),
+            )
+            .unwrap();
+            Self {
+                _dir: dir,
+                store,
+                index: 0,
+            }
+        }
+
+        fn apply(&mut self, cmd: ChatCommand) -> (ChatReply, Vec<ChatEvent>) {
+            self.index += 1;
+            let mut txn = ApplyTxn::standalone(G, &self.store);
+            let reply = apply_command(self.index, cmd, &mut txn).unwrap();
+            let events = txn
+                .commit()
+                .unwrap()
+                .iter()
+                .map(|e| chatd_codec::decode(e).unwrap())
+                .collect();
+            (reply, events)
+        }
+
+        fn send(&mut self, chat: &str, sender: &str, key: &str, text: &str) -> ChatReply {
+            self.apply(ChatCommand::Send {
+                chat: chat.into(),
+                sender: sender.into(),
+                client_msg_id: key.into(),
+                text: text.into(),
+                reply_to: None,
+                ts: 1,
+            })
+            .0
+        }
+
+        fn group(&mut self, creator: &str, members: &[&str]) -> String {
+            let chat = "g:1".to_string();
+            let (r, _) = self.apply(ChatCommand::CreateGroup {
+                chat: chat.clone(),
+                creator: creator.into(),
+                name: "g".into(),
+                members: members.iter().map(|m| m.to_string()).collect(),
+                members_max: 4,
+                ts: 1,
+            });
+            assert!(matches!(r, ChatReply::Done { .. }), "{r:?}");
+            chat
+        }
+    }
+
+    fn rejected(r: &ChatReply) -> &str {
+        match r {
+            ChatReply::Rejected { code, .. } => code,
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn seqs_are_gapless_and_retries_return_the_original_ack() {
+        let mut sm = Sm::new();
+        sm.apply(ChatCommand::OpenDirect {
+            chat: "d:a:b".into(),
+            a: "a".into(),
+            b: "b".into(),
+            ts: 1,
+        });
+        assert_eq!(
+            sm.send("d:a:b", "a", "k1", "one"),
+            ChatReply::Acked {
+                seq: 1,
+                ts: 1,
+                duplicate: false
+            }
+        );
+        assert_eq!(
+            sm.send("d:a:b", "b", "k1", "two"),
+            ChatReply::Acked {
+                seq: 2,
+                ts: 1,
+                duplicate: false
+            },
+            "idempotency keys are per sender"
+        );
+        assert_eq!(
+            sm.send("d:a:b", "a", "k1", "one"),
+            ChatReply::Acked {
+                seq: 1,
+                ts: 1,
+                duplicate: true
+            }
+        );
+        let record = chat_record(&sm.store, G, "d:a:b").unwrap().unwrap();
+        assert_eq!(record.last_seq, 2, "the retry wrote nothing");
+        assert_eq!(rejected(&sm.send("d:a:b", "c", "k9", "x")), "not_member");
+        assert_eq!(rejected(&sm.send("d:x:y", "a", "k8", "x")), "unknown_chat");
+    }
+
+    #[test]
+    fn members_see_exactly_their_span_and_groups_are_bounded() {
+        let mut sm = Sm::new();
+        let chat = sm.group("a", &["b"]);
+        sm.send(&chat, "a", "1", "before c");
+        let (r, events) = sm.apply(ChatCommand::AddMembers {
+            chat: chat.clone(),
+            by: "b".into(),
+            users: vec!["c".into()],
+            members_max: 4,
+            ts: 2,
+        });
+        let ChatReply::Done { seq: joined } = r else {
+            panic!("{r:?}")
+        };
+        assert!(
+            matches!(&events[0], ChatEvent::Message { recipients, .. } if recipients.contains(&"c".to_string()))
+        );
+        sm.send(&chat, "a", "2", "with c");
+        let (r, _) = sm.apply(ChatCommand::RemoveMember {
+            chat: chat.clone(),
+            by: "c".into(),
+            user: "c".into(),
+            ts: 3,
+        });
+        let ChatReply::Done { seq: left } = r else {
+            panic!("{r:?}")
+        };
+        sm.send(&chat, "a", "3", "after c");
+        let record = chat_record(&sm.store, G, &chat).unwrap().unwrap();
+        let span = record.span_of("c").unwrap();
+        assert_eq!((span.from, span.to), (joined, Some(left)));
+        let page = history(
+            &sm.store,
+            G,
+            &chat,
+            span,
+            record.last_seq,
+            PageRequest {
+                before: None,
+                after: Some(0),
+                limit: 100,
+            },
+        )
+        .unwrap();
+        let texts: Vec<&str> = page.messages.iter().map(|m| m.text.as_str()).collect();
+        assert_eq!(texts, vec!["c", "with c", "c"], "join, message, leave");
+        assert_eq!(rejected(&sm.send(&chat, "c", "4", "x")), "not_member");
+        let (r, _) = sm.apply(ChatCommand::AddMembers {
+            chat: chat.clone(),
+            by: "a".into(),
+            users: vec!["d".into(), "e".into(), "f".into()],
+            members_max: 4,
+            ts: 4,
+        });
+        assert_eq!(rejected(&r), "group_full");
+    }
+
+    #[test]
+    fn cursors_only_move_forward_and_edits_are_log_entries() {
+        let mut sm = Sm::new();
+        sm.apply(ChatCommand::OpenDirect {
+            chat: "d:a:b".into(),
+            a: "a".into(),
+            b: "b".into(),
+            ts: 1,
+        });
+        for i in 0..5 {
+            sm.send("d:a:b", "a", &i.to_string(), "m");
+        }
+        let receipt = |d: Option<u64>, r: Option<u64>| {
+            ChatCommand::Receipts(vec![ReceiptUpdate {
+                chat: "d:a:b".into(),
+                user: "b".into(),
+                delivered: d,
+                read: r,
+            }])
+        };
+        let (_, events) = sm.apply(receipt(Some(5), Some(3)));
+        assert_eq!(events.len(), 1);
+        let (_, events) = sm.apply(receipt(Some(1), Some(1)));
+        assert!(events.is_empty(), "a backward receipt changes nothing");
+        sm.apply(receipt(None, Some(99)));
+        let c = cursors(&sm.store, G, "d:a:b").unwrap()["b"];
+        assert_eq!(
+            (c.delivered, c.read),
+            (5, 5),
+            "clamped to the last seq; read implies delivered"
+        );
+        let (r, events) = sm.apply(ChatCommand::Edit {
+            chat: "d:a:b".into(),
+            sender: "a".into(),
+            seq: 1,
+            text: "new".into(),
+            ts: 9,
+        });
+        assert_eq!(r, ChatReply::Done { seq: 6 });
+        assert!(matches!(&events[0], ChatEvent::Updated { message, .. } if message.text == "new"));
+        let (r, _) = sm.apply(ChatCommand::Delete {
+            chat: "d:a:b".into(),
+            sender: "b".into(),
+            seq: 2,
+            ts: 9,
+        });
+        assert_eq!(rejected(&r), "forbidden", "only the sender deletes");
+        sm.apply(ChatCommand::Delete {
+            chat: "d:a:b".into(),
+            sender: "a".into(),
+            seq: 2,
+            ts: 9,
+        });
+        let m1 = message(&sm.store, G, "d:a:b", 1).unwrap().unwrap();
+        let m2 = message(&sm.store, G, "d:a:b", 2).unwrap().unwrap();
+        assert_eq!((m1.text.as_str(), m1.edited_ts), ("new", Some(9)));
+        assert_eq!((m2.kind.as_str(), m2.text.as_str()), ("deleted", ""));
+    }
+
+    #[test]
+    fn golden_bytes_of_chat_formats() {
+        let cmd = ChatCommand::Send {
+            chat: "c".into(),
+            sender: "a".into(),
+            client_msg_id: "k".into(),
+            text: "t".into(),
+            reply_to: None,
+            ts: 5,
+        };
+        assert_eq!(
+            chatd_codec::encode(&cmd).unwrap(),
+            vec![1, 1, 1, b'c', 1, b'a', 1, b'k', 1, b't', 0, 5]
+        );
+        let reply = ChatReply::Acked {
+            seq: 2,
+            ts: 5,
+            duplicate: true,
+        };
+        assert_eq!(chatd_codec::encode(&reply).unwrap(), vec![1, 0, 2, 5, 1]);
+        assert_eq!(
+            chatd_codec::encode(&ChatCommand::Append(b"hi".to_vec())).unwrap(),
+            vec![1, 0, 2, b'h', b'i']
+        );
+    }
+}

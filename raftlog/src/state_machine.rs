@@ -54,7 +54,35 @@ pub struct ApplyTxn<'a> {
     events: Vec<Vec<u8>>,
 }
 
-impl ApplyTxn<'_> {
+impl<'a> ApplyTxn<'a> {
+    /// A transaction outside Raft, for testing an `Applier` against real storage;
+    /// [`Self::commit`] writes it.
+    pub fn standalone(group: GroupId, store: &'a Storage) -> Self {
+        Self {
+            group,
+            store,
+            overlay: BTreeMap::new(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Writes a standalone transaction's records; returns the events it emitted.
+    pub fn commit(self) -> Result<Vec<Vec<u8>>, chatd_storage::StorageError> {
+        let mut batch = Batch::new();
+        {
+            let mut w = self.store.batch(&mut batch);
+            for (k, v) in &self.overlay {
+                let key = sm_key(self.group, k);
+                match v {
+                    Some(v) => w.put(Cf::StateMachine, &key, v),
+                    None => w.delete(Cf::StateMachine, &key),
+                }
+            }
+        }
+        self.store.write(batch)?;
+        Ok(self.events)
+    }
+
     /// Reads `key` of this group.
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, chatd_storage::StorageError> {
         if let Some(v) = self.overlay.get(key) {
