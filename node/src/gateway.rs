@@ -67,6 +67,8 @@ impl Default for GatewayConfig {
     }
 }
 
+/// How long closing a connection may wait for the client to take the close frame.
+const CLOSE_WRITE_TIMEOUT_MS: u64 = 1_000;
 /// Receipts waiting to be proposed, at most.
 pub const RECEIPT_QUEUE_MAX: usize = 65_536;
 /// Receipts in one proposal.
@@ -565,7 +567,9 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
         session: format!("{}-{session_id}", node.id),
     }));
 
-    // Writer: frames in queue order; closes on request.
+    // Writer: frames in queue order; closes on request. A write never outlives a close
+    // request: a client that stopped reading cannot hold the writer.
+    let mut closed_for_reader = closer.subscribe();
     let writer = tokio::spawn(async move {
         let mut last_seq: HashMap<String, u64> = HashMap::new();
         loop {
@@ -574,7 +578,11 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
                 _ = closed.changed() => {
                     let reason = closed.borrow().clone();
                     if let Some((c, why)) = reason {
-                        let _ = close_with(&mut sink, c, &why).await;
+                        let _ = tokio::time::timeout(
+                            Duration::from_millis(CLOSE_WRITE_TIMEOUT_MS),
+                            close_with(&mut sink, c, &why),
+                        )
+                        .await;
                     }
                     return;
                 }
@@ -591,8 +599,23 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
                         }
                         *last = message.seq;
                     }
-                    if send_frame(&mut sink, &frame).await.is_err() {
-                        return;
+                    tokio::select! {
+                        r = send_frame(&mut sink, &frame) => {
+                            if r.is_err() {
+                                return;
+                            }
+                        }
+                        _ = closed.changed() => {
+                            let reason = closed.borrow().clone();
+                            if let Some((c, why)) = reason {
+                                let _ = tokio::time::timeout(
+                                    Duration::from_millis(CLOSE_WRITE_TIMEOUT_MS),
+                                    close_with(&mut sink, c, &why),
+                                )
+                                .await;
+                            }
+                            return;
+                        }
                     }
                 }
             }
@@ -604,7 +627,10 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
     let idle = Duration::from_millis(cfg.presence_ttl_ms);
     let typing_last: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     loop {
-        let next = tokio::time::timeout(idle, stream.next()).await;
+        let next = tokio::select! {
+            _ = closed_for_reader.changed() => break,
+            next = tokio::time::timeout(idle, stream.next()) => next,
+        };
         let msg = match next {
             Err(_) => {
                 let _ = closer.send(Some((close::IDLE, "no heartbeat within the TTL".into())));
@@ -631,17 +657,24 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
         };
         gw.metrics.frames_in.fetch_add(1, Ordering::Relaxed);
         if text.len() > chatd_proto::FRAME_BYTES_MAX {
-            let _ = tx.try_send(Outbound::Frame(err(
-                None,
-                code::TOO_LARGE,
-                format!(
-                    "frame of {} bytes exceeds {}",
-                    text.len(),
-                    chatd_proto::FRAME_BYTES_MAX
-                ),
-            )));
-            let _ = closer.send(Some((close::BAD_FRAME, "frame too large".into())));
-            break;
+            // Refused, nothing read from it; the connection stays usable. (Frames over twice
+            // the bound are refused by the WebSocket codec and close the connection: 4009.)
+            if tx
+                .try_send(Outbound::Frame(err(
+                    None,
+                    code::TOO_LARGE,
+                    format!(
+                        "frame of {} bytes exceeds {}",
+                        text.len(),
+                        chatd_proto::FRAME_BYTES_MAX
+                    ),
+                )))
+                .is_err()
+            {
+                let _ = closer.send(Some((close::SLOW_CONSUMER, "outbound queue full".into())));
+                break;
+            }
+            continue;
         }
         let frame = match chatd_proto::parse_client_frame(&text) {
             Ok(f) => f,
