@@ -135,13 +135,10 @@ async fn create_user(State(node): State<Arc<Node>>, Json(req): Json<NewUser>) ->
         user: req.user.clone(),
         token_sha256: crate::auth::sha256_hex(&token),
     };
-    let bytes = match chatd_codec::encode(&cmd) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "encode", e.to_string()),
-    };
-    match node.propose(chatd_membership::META_GROUP, bytes).await {
-        Ok(p) => match chatd_codec::decode::<chatd_membership::UserReply>(&p.response) {
-            Ok(chatd_membership::UserReply::Created) => (
+    match propose_user_command(&node, &cmd).await {
+        Err(response) => response,
+        Ok(reply) => match reply {
+            chatd_membership::UserReply::Created => (
                 StatusCode::CREATED,
                 Json(CreatedUser {
                     user: req.user,
@@ -149,24 +146,39 @@ async fn create_user(State(node): State<Arc<Node>>, Json(req): Json<NewUser>) ->
                 }),
             )
                 .into_response(),
-            Ok(chatd_membership::UserReply::Exists) => error(
+            chatd_membership::UserReply::Exists => error(
                 StatusCode::CONFLICT,
                 "exists",
                 format!("user {} exists", req.user),
             ),
-            Ok(other) => error(
+            other => error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal",
                 format!("{other:?}"),
             ),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "decode", e.to_string()),
         },
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
-        ),
     }
+}
+
+/// Proposes a user command to group 0 and decodes its answer; errors as HTTP responses.
+async fn propose_user_command(
+    node: &Node,
+    cmd: &chatd_membership::MetaCommand,
+) -> Result<chatd_membership::UserReply, Response> {
+    let bytes = chatd_codec::encode(cmd)
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "encode", e.to_string()))?;
+    let p = node
+        .propose(chatd_membership::META_GROUP, bytes)
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                e.to_string(),
+            )
+        })?;
+    chatd_codec::decode(&p.response)
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "decode", e.to_string()))
 }
 
 #[derive(Serialize)]
@@ -190,28 +202,17 @@ async fn list_users(State(node): State<Arc<Node>>) -> Response {
 
 async fn disable_user(State(node): State<Arc<Node>>, Path(user): Path<String>) -> Response {
     let cmd = chatd_membership::MetaCommand::DisableUser { user: user.clone() };
-    let bytes = match chatd_codec::encode(&cmd) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "encode", e.to_string()),
-    };
-    match node.propose(chatd_membership::META_GROUP, bytes).await {
-        Ok(p) => match chatd_codec::decode::<chatd_membership::UserReply>(&p.response) {
-            Ok(chatd_membership::UserReply::Disabled) => Json(UserOut {
-                user,
-                disabled: true,
-            })
-            .into_response(),
-            Ok(_) => error(
-                StatusCode::NOT_FOUND,
-                "unknown_user",
-                format!("no user {user}"),
-            ),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "decode", e.to_string()),
-        },
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
-            e.to_string(),
+    match propose_user_command(&node, &cmd).await {
+        Err(response) => response,
+        Ok(chatd_membership::UserReply::Disabled) => Json(UserOut {
+            user,
+            disabled: true,
+        })
+        .into_response(),
+        Ok(_) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_user",
+            format!("no user {user}"),
         ),
     }
 }

@@ -576,14 +576,7 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
             tokio::select! {
                 biased;
                 _ = closed.changed() => {
-                    let reason = closed.borrow().clone();
-                    if let Some((c, why)) = reason {
-                        let _ = tokio::time::timeout(
-                            Duration::from_millis(CLOSE_WRITE_TIMEOUT_MS),
-                            close_with(&mut sink, c, &why),
-                        )
-                        .await;
-                    }
+                    close_as_asked(&mut sink, &closed).await;
                     return;
                 }
                 next = rx.recv() => {
@@ -606,14 +599,7 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
                             }
                         }
                         _ = closed.changed() => {
-                            let reason = closed.borrow().clone();
-                            if let Some((c, why)) = reason {
-                                let _ = tokio::time::timeout(
-                                    Duration::from_millis(CLOSE_WRITE_TIMEOUT_MS),
-                                    close_with(&mut sink, c, &why),
-                                )
-                                .await;
-                            }
+                            close_as_asked(&mut sink, &closed).await;
                             return;
                         }
                     }
@@ -751,6 +737,21 @@ async fn send_frame(
         format!(r#"{{"type":"error","code":"internal","message":"encode: {e}"}}"#)
     });
     sink.send(Message::Text(text.into())).await
+}
+
+/// Sends the close frame the session was asked to close with, if any (bounded wait).
+async fn close_as_asked(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    closed: &watch::Receiver<Option<(u16, String)>>,
+) {
+    let reason = closed.borrow().clone();
+    if let Some((c, why)) = reason {
+        let _ = tokio::time::timeout(
+            Duration::from_millis(CLOSE_WRITE_TIMEOUT_MS),
+            close_with(sink, c, &why),
+        )
+        .await;
+    }
 }
 
 async fn close_with(
@@ -1231,18 +1232,7 @@ async fn sync(node: &Node, user: &str) -> Result<Vec<chatd_proto::ChatState>, St
     let mut out = Vec::new();
     for r in futures::future::join_all(queries).await {
         match r {
-            Ok(ChatQueryReply::Summaries(list)) => {
-                out.extend(list.into_iter().map(|s| chatd_proto::ChatState {
-                    chat: s.chat,
-                    kind: if s.direct { "direct" } else { "group" }.into(),
-                    name: s.name,
-                    members: s.members,
-                    last_seq: s.last_seq,
-                    delivered: s.delivered,
-                    read: s.read,
-                    unread: s.unread,
-                }))
-            }
+            Ok(ChatQueryReply::Summaries(list)) => out.extend(list),
             Ok(other) => return Err(format!("unexpected {other:?}")),
             Err(e) => return Err(e.to_string()),
         }

@@ -24,19 +24,6 @@ pub enum ChatQuery {
     Members { chat: String },
 }
 
-/// One chat's state for a user.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct ChatSummary {
-    pub chat: String,
-    pub direct: bool,
-    pub name: String,
-    pub members: Vec<String>,
-    pub last_seq: u64,
-    pub delivered: u64,
-    pub read: u64,
-    pub unread: u64,
-}
-
 /// Answers to [`ChatQuery`].
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ChatQueryReply {
@@ -44,7 +31,7 @@ pub enum ChatQueryReply {
         messages: Vec<MessageRecord>,
         more: bool,
     },
-    Summaries(Vec<ChatSummary>),
+    Summaries(Vec<chatd_proto::ChatState>),
     UserChats(Vec<String>),
     Members(Option<Vec<String>>),
     /// Refused (a protocol error code and a sentence); nothing was read.
@@ -131,8 +118,11 @@ fn run_inner(
                     record.last_seq,
                     cursor.read,
                 )?;
-                out.push(ChatSummary {
-                    direct: record.kind == chatd_chat::ChatKind::Direct,
+                out.push(chatd_proto::ChatState {
+                    kind: match record.kind {
+                        chatd_chat::ChatKind::Direct => "direct".into(),
+                        chatd_chat::ChatKind::Group => "group".into(),
+                    },
                     name: record.name.clone(),
                     members: record.current_members(),
                     last_seq: visible_last,
