@@ -396,7 +396,12 @@ fn apply_command(
             if !record.is_member(&by) {
                 return Ok(reject("not_member", format!("{by} is not in {chat}")));
             }
-            let new: Vec<String> = users.into_iter().filter(|u| !record.is_member(u)).collect();
+            let mut new: Vec<String> = Vec::new();
+            for u in users {
+                if !record.is_member(&u) && !new.contains(&u) {
+                    new.push(u);
+                }
+            }
             if record.current_members().len() + new.len() > members_max {
                 return Ok(reject(
                     "group_full",

@@ -52,8 +52,9 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
         .ok()?
-        .strip_prefix("Bearer ")
-        .map(|t| t.trim().to_string())
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim().to_string())
 }
 
 /// Admin endpoints need the admin token when the config has one.

@@ -214,6 +214,15 @@ impl Gateway {
         self.sessions_read().keys().cloned().collect()
     }
 
+    /// Asks every session to close with `code` (shutdown: reconnect elsewhere).
+    pub fn close_all(&self, code: u16, reason: &str) {
+        for list in self.sessions_read().values() {
+            for s in list {
+                let _ = s.closer.send(Some((code, reason.to_string())));
+            }
+        }
+    }
+
     /// True if this node has a session of `user`.
     pub fn has_session(&self, user: &str) -> bool {
         self.sessions_read().contains_key(user)
@@ -521,18 +530,23 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
     let (tx, mut rx) = mpsc::channel::<Outbound>(cfg.outbound_queue_frames_max.max(1));
     let (closer, mut closed) = watch::channel::<Option<(u16, String)>>(None);
     let session_id = gw.next_session.fetch_add(1, Ordering::Relaxed);
-    let registered = {
+    // `ready` is queued before the session can receive any push, so it is always first.
+    let _ = tx.try_send(Outbound::Frame(ServerFrame::Ready {
+        user: user.clone(),
+        session: format!("{}-{session_id}", node.id),
+    }));
+    let (registered, first_here) = {
         let mut sessions = gw.sessions_write();
         let list = sessions.entry(user.clone()).or_default();
         if list.len() >= cfg.sessions_per_user_max {
-            false
+            (false, false)
         } else {
             list.push(SessionHandle {
                 id: session_id,
                 tx: tx.clone(),
                 closer: closer.clone(),
             });
-            true
+            (true, list.len() == 1)
         }
     };
     {
@@ -551,7 +565,6 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
         }
     }
     gw.metrics.connections.fetch_add(1, Ordering::Relaxed);
-    let first_here = gw.sessions_read().get(&user).map(|l| l.len()).unwrap_or(0) == 1;
     if first_here {
         let change = gw.presence.local_change(&user, false, true, now_ms());
         gw.push_changes(change);
@@ -562,11 +575,6 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
             at_ms: now_ms(),
         }]);
     }
-    let _ = tx.try_send(Outbound::Frame(ServerFrame::Ready {
-        user: user.clone(),
-        session: format!("{}-{session_id}", node.id),
-    }));
-
     // Writer: frames in queue order; closes on request. A write never outlives a close
     // request: a client that stopped reading cannot hold the writer.
     let mut closed_for_reader = closer.subscribe();
@@ -834,6 +842,16 @@ async fn handle(
     typing: &Mutex<HashMap<String, Instant>>,
 ) -> Option<ServerFrame> {
     let cfg = &node.gateway.config;
+    if frame
+        .request_id()
+        .is_some_and(|id| id.len() > chatd_proto::REQUEST_ID_BYTES_MAX)
+    {
+        return Some(err(
+            None,
+            code::INVALID_FIELD,
+            "request id longer than 64 bytes",
+        ));
+    }
     let id_ok = |id: &str| id.len() <= chatd_proto::REQUEST_ID_BYTES_MAX;
     let chat_ok = |c: &str| valid_id(c, chatd_proto::CHAT_ID_BYTES_MAX);
     Some(match frame {
@@ -849,13 +867,11 @@ async fn handle(
             if !id_ok(&id) || !chat_ok(&chat) {
                 return Some(err(Some(id), code::INVALID_FIELD, "bad id or chat"));
             }
-            if client_msg_id.is_empty()
-                || client_msg_id.len() > chatd_proto::CLIENT_MSG_ID_BYTES_MAX
-            {
+            if !valid_id(&client_msg_id, chatd_proto::CLIENT_MSG_ID_BYTES_MAX) {
                 return Some(err(
                     Some(id),
                     code::INVALID_FIELD,
-                    "client_msg_id must be 1-64 bytes",
+                    "client_msg_id must be 1-64 of A-Z a-z 0-9 _ . : -",
                 ));
             }
             if text.len() > cfg.text_bytes_max {
@@ -1011,11 +1027,14 @@ async fn handle(
             done_or_error(id, chat, reply)
         }
         ClientFrame::AddMembers { id, chat, users } => {
-            if !chat_ok(&chat) || users.len() > chatd_proto::ADD_MEMBERS_MAX {
+            if !chat_ok(&chat) {
+                return Some(err(Some(id), code::INVALID_FIELD, "bad chat"));
+            }
+            if users.len() > chatd_proto::ADD_MEMBERS_MAX {
                 return Some(err(
                     Some(id),
-                    code::INVALID_FIELD,
-                    "bad chat or too many users",
+                    code::GROUP_FULL,
+                    "too many users in one request",
                 ));
             }
             if let Err((c, m)) = check_users(node, &users) {

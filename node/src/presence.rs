@@ -151,9 +151,9 @@ impl Presence {
         let now = Instant::now();
         let mut flipped = Vec::new();
         for (user, nodes) in inner.remote.iter_mut() {
-            let had = nodes
-                .values()
-                .any(|until| *until > now - Duration::from_millis(1));
+            // Entries leave the table only here or by an explicit offline announcement, so
+            // a non-empty set means the user was online through some node until now.
+            let had = !nodes.is_empty();
             nodes.retain(|_, until| *until > now);
             if had && nodes.is_empty() && !local(user) {
                 flipped.push(user.clone());

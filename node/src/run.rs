@@ -34,6 +34,10 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let server = serve_api(node.clone()).await?;
     wait_for_signal().await;
     tracing::info!("signal received, shutting down");
+    // Tell clients to reconnect elsewhere (1001), give the close frames a moment.
+    node.gateway
+        .close_all(chatd_proto::close::GOING_AWAY, "node shutting down");
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     server.abort();
     node.shutdown().await;
     Ok(())

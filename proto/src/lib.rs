@@ -144,6 +144,30 @@ pub enum ClientFrame {
     Typing { chat: String },
 }
 
+impl ClientFrame {
+    /// The request id, for frames that carry one.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            ClientFrame::Send { id, .. }
+            | ClientFrame::Edit { id, .. }
+            | ClientFrame::Delete { id, .. }
+            | ClientFrame::OpenDirect { id, .. }
+            | ClientFrame::CreateGroup { id, .. }
+            | ClientFrame::AddMembers { id, .. }
+            | ClientFrame::RemoveMember { id, .. }
+            | ClientFrame::Leave { id, .. }
+            | ClientFrame::History { id, .. }
+            | ClientFrame::Sync { id }
+            | ClientFrame::Presence { id, .. }
+            | ClientFrame::Subscribe { id, .. } => Some(id),
+            ClientFrame::Ping { id } => id.as_deref(),
+            ClientFrame::Auth { .. } | ClientFrame::Receipt { .. } | ClientFrame::Typing { .. } => {
+                None
+            }
+        }
+    }
+}
+
 /// A message as clients see it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MessageView {
@@ -151,7 +175,8 @@ pub struct MessageView {
     pub seq: u64,
     pub msg_id: String,
     pub sender: String,
-    /// `text`, `join`, `leave` (membership events are messages too), or `deleted`.
+    /// `text`; `join` / `leave` (membership changes; `text` is the user id); `edit` /
+    /// `delete` (markers, `reply_to` is the changed seq); `deleted` (a deleted text message).
     pub kind: String,
     pub text: String,
     pub ts: u64,
@@ -206,7 +231,8 @@ pub enum ServerFrame {
         duplicate: bool,
     },
     /// Answer to open_direct / create_group / add_members / remove_member / leave / edit /
-    /// delete: the chat and the seq of the log entry the change made (0 if none).
+    /// delete: the chat and the seq of the last log entry the change appended; if it
+    /// appended none (a direct chat that existed, members already in), the chat's last seq.
     Done { id: String, chat: String, seq: u64 },
     /// A history page, in ascending seq order.
     History {
