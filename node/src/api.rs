@@ -138,26 +138,30 @@ async fn create_user(State(node): State<Arc<Node>>, Json(req): Json<NewUser>) ->
     };
     match propose_user_command(&node, &cmd).await {
         Err(response) => response,
-        Ok(reply) => match reply {
-            chatd_membership::UserReply::Created => (
+        Ok(chatd_membership::UserReply::Created) => {
+            // Read-your-writes on the issuing node: answer once this replica applied it.
+            if !node.user_enabled_caught_up(&req.user).await {
+                tracing::warn!(user = %req.user, "created user not yet applied on this node");
+            }
+            (
                 StatusCode::CREATED,
                 Json(CreatedUser {
                     user: req.user,
                     token,
                 }),
             )
-                .into_response(),
-            chatd_membership::UserReply::Exists => error(
-                StatusCode::CONFLICT,
-                "exists",
-                format!("user {} exists", req.user),
-            ),
-            other => error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("{other:?}"),
-            ),
-        },
+                .into_response()
+        }
+        Ok(chatd_membership::UserReply::Exists) => error(
+            StatusCode::CONFLICT,
+            "exists",
+            format!("user {} exists", req.user),
+        ),
+        Ok(other) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{other:?}"),
+        ),
     }
 }
 

@@ -514,9 +514,13 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
             }
         }
     };
-    let user = token
-        .as_deref()
-        .and_then(|t| node.meta.user_by_token(&crate::auth::sha256_hex(t)));
+    let user = match token.as_deref() {
+        Some(t) => {
+            node.user_by_token_caught_up(&crate::auth::sha256_hex(t))
+                .await
+        }
+        None => None,
+    };
     let Some(user) = user else {
         let _ = send_frame(
             &mut sink,
@@ -825,9 +829,9 @@ fn done_or_error(id: String, chat: String, reply: Result<ChatReply, ProposeError
     }
 }
 
-fn check_users(node: &Node, users: &[String]) -> Result<(), (String, String)> {
+async fn check_users(node: &Node, users: &[String]) -> Result<(), (String, String)> {
     for u in users {
-        if !valid_id(u, chatd_proto::USER_ID_BYTES_MAX) || !node.meta.user_enabled(u) {
+        if !valid_id(u, chatd_proto::USER_ID_BYTES_MAX) || !node.user_enabled_caught_up(u).await {
             return Err((code::UNKNOWN_USER.into(), format!("no user {u:?}")));
         }
     }
@@ -972,7 +976,7 @@ async fn handle(
             )
         }
         ClientFrame::OpenDirect { id, user: other } => {
-            if let Err((c, m)) = check_users(node, std::slice::from_ref(&other)) {
+            if let Err((c, m)) = check_users(node, std::slice::from_ref(&other)).await {
                 return Some(err(Some(id), &c, m));
             }
             if other == user {
@@ -1006,7 +1010,7 @@ async fn handle(
             if members.len() > cfg.group_members_max {
                 return Some(err(Some(id), code::GROUP_FULL, "too many members"));
             }
-            if let Err((c, m)) = check_users(node, &members) {
+            if let Err((c, m)) = check_users(node, &members).await {
                 return Some(err(Some(id), &c, m));
             }
             let chat = format!("g:{:016x}", rand::random::<u64>());
@@ -1037,7 +1041,7 @@ async fn handle(
                     "too many users in one request",
                 ));
             }
-            if let Err((c, m)) = check_users(node, &users) {
+            if let Err((c, m)) = check_users(node, &users).await {
                 return Some(err(Some(id), &c, m));
             }
             let cmd = ChatCommand::AddMembers {

@@ -31,6 +31,9 @@ pub const PROPOSE_ATTEMPTS_MAX: u32 = 20;
 const PROPOSE_BACKOFF_MS: u64 = 50;
 /// A QUIC connection silent for this long is dead (keep-alives go at a third of it).
 const CLUSTER_IDLE_TIMEOUT_MS: u64 = 3_000;
+/// How long an unknown user or token waits for this node's group 0 replica to catch up.
+const USER_CATCH_UP_MS: u64 = 1_000;
+const USER_CATCH_UP_POLL_MS: u64 = 20;
 /// Timeout of a broadcast call to a peer.
 const BROADCAST_TIMEOUT_MS: u64 = 2_000;
 /// Timeout of a status call to a peer.
@@ -641,6 +644,36 @@ impl Node {
     /// Sends ephemeral items to every other node's sessions.
     pub fn broadcast_ephemeral(&self, items: Vec<crate::gateway::Ephemeral>) {
         self.broadcast(NodeRequest::Ephemeral { items });
+    }
+
+    /// The user owning `token_sha256`. A user created moments ago through another node may
+    /// not be applied here yet: a miss waits (bounded) for this replica of group 0 to catch
+    /// up before it counts.
+    pub async fn user_by_token_caught_up(&self, token_sha256: &str) -> Option<String> {
+        let deadline = Instant::now() + Duration::from_millis(USER_CATCH_UP_MS);
+        loop {
+            if let Some(u) = self.meta.user_by_token(token_sha256) {
+                return Some(u);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(USER_CATCH_UP_POLL_MS)).await;
+        }
+    }
+
+    /// True if `user` exists and is enabled, waiting (bounded) for group 0 to catch up.
+    pub async fn user_enabled_caught_up(&self, user: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_millis(USER_CATCH_UP_MS);
+        loop {
+            if self.meta.user_enabled(user) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(USER_CATCH_UP_POLL_MS)).await;
+        }
     }
 
     /// True if `user` has a session on any node, as this node knows it.

@@ -2,5 +2,7 @@
 //! chatd end to end: real node processes, real RocksDB, real QUIC on loopback.
 
 mod bad_input;
+mod chat;
 mod harness;
 mod replication;
+mod ws;
