@@ -1316,7 +1316,7 @@ async fn chat_offline_member_gets_coalesced_webhook_notifications_and_none_while
         let chat = alice.open_direct("bob").await;
 
         // Bob online (on another node): nothing is sent for him.
-        let mut bob = Ws::connect(c.node(2).api, "bob", &bob_token).await;
+        let bob = Ws::connect(c.node(2).api, "bob", &bob_token).await;
         for i in 0..5 {
             alice
                 .send_ok(&chat, &format!("on{i}"), "while online")
