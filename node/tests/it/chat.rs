@@ -1405,3 +1405,67 @@ async fn chat_offline_member_gets_coalesced_webhook_notifications_and_none_while
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_typing_reaches_other_members_rate_limited_and_is_never_stored() {
+    bounded(async {
+        let c = cluster3(&[]).await;
+        let alice_token = create_user(&c, 1, "alice").await;
+        let bob_token = create_user(&c, 1, "bob").await;
+        let carol_token = create_user(&c, 1, "carol").await;
+        let mut alice = Ws::connect(c.node(1).api, "alice", &alice_token).await;
+        let mut bob = Ws::connect(c.node(2).api, "bob", &bob_token).await;
+        let mut carol = Ws::connect(c.node(3).api, "carol", &carol_token).await;
+        let chat = alice.open_direct("bob").await;
+        alice.send_ok(&chat, "t1", "hi").await;
+        let is_typing = |f: &Value| f["type"] == "typing";
+        // Three typing frames in quick succession: one reaches bob (rate limit 1/s).
+        for _ in 0..3 {
+            alice
+                .send_json(&json!({"type": "typing", "chat": chat}))
+                .await;
+        }
+        let t = bob
+            .wait_for(DELIVERY, is_typing)
+            .await
+            .expect("bob sees alice typing");
+        assert_eq!(
+            (t["chat"].as_str(), t["user"].as_str()),
+            (Some(chat.as_str()), Some("alice"))
+        );
+        assert!(
+            bob.wait_for(Duration::from_millis(700), is_typing)
+                .await
+                .is_none(),
+            "the extra typing frames within the interval were dropped"
+        );
+        // After the interval, typing goes through again.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        alice
+            .send_json(&json!({"type": "typing", "chat": chat}))
+            .await;
+        assert!(bob.wait_for(DELIVERY, is_typing).await.is_some());
+        // Not a member: carol hears nothing and her own typing is refused.
+        assert!(carol
+            .wait_for(Duration::from_millis(500), is_typing)
+            .await
+            .is_none());
+        carol
+            .send_json(&json!({"type": "typing", "chat": chat}))
+            .await;
+        let e = carol
+            .wait_for(DELIVERY, |f| f["type"] == "error")
+            .await
+            .expect("an error for a non-member");
+        assert_eq!(e["code"], "not_member", "{e}");
+        // Never stored: the chat's log holds only the one message.
+        let history = bob.full_history(&chat).await;
+        assert_eq!(seqs(&history), vec![1], "{history:?}");
+        // The sender does not get its own typing indicator.
+        assert!(alice
+            .wait_for(Duration::from_millis(300), is_typing)
+            .await
+            .is_none());
+    })
+    .await;
+}
