@@ -1469,3 +1469,49 @@ async fn chat_typing_reaches_other_members_rate_limited_and_is_never_stored() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_sessions_per_user_are_bounded_and_every_device_gets_each_message() {
+    bounded(async {
+        let c = cluster3(&[]).await;
+        let alice_token = create_user(&c, 1, "alice").await;
+        let bob_token = create_user(&c, 1, "bob").await;
+        // Eight devices of bob on node 2: the default bound.
+        let mut devices = Vec::new();
+        for _ in 0..8 {
+            devices.push(Ws::connect(c.node(2).api, "bob", &bob_token).await);
+        }
+        let stream = ws::open(c.node(2).api, Some(&bob_token)).await.unwrap();
+        let mut ninth = Ws::from_stream("bob", stream);
+        let e = ninth.recv_frame(Duration::from_secs(10)).await;
+        assert_error(&e, "forbidden", None);
+        let (_, code) = ninth.expect_close(Duration::from_secs(10)).await;
+        assert_eq!(code, Some(4003));
+        // Every device (and bob's devices only) gets alice's message once.
+        let mut alice = Ws::connect(c.node(1).api, "alice", &alice_token).await;
+        let chat = alice.open_direct("bob").await;
+        let ack = alice.send_ok(&chat, "multi", "to every device").await;
+        for d in devices.iter_mut() {
+            let m = d
+                .wait_for(DELIVERY, |f| {
+                    f["type"] == "message" && f["message"]["kind"] == "text"
+                })
+                .await
+                .expect("each device gets the message");
+            assert_eq!(m["message"]["seq"], ack["seq"]);
+            assert!(
+                d.wait_for(Duration::from_millis(200), |f| f["type"] == "message")
+                    .await
+                    .is_none(),
+                "exactly once per device"
+            );
+        }
+        // A closed device frees its slot.
+        let first = devices.remove(0);
+        first.close().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut again = Ws::connect(c.node(2).api, "bob", &bob_token).await;
+        again.ping().await;
+    })
+    .await;
+}
