@@ -30,6 +30,11 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/admin/cluster", get(cluster_status))
         .route("/v1/admin/users", post(create_user).get(list_users))
         .route("/v1/admin/users/{user}/disable", post(disable_user))
+        .route("/v1/admin/chats/{chat}", get(inspect_chat))
+        .route(
+            "/v1/admin/partitions/{group}/transfer",
+            post(transfer_leader),
+        )
         .route(
             "/v1/admin/partitions/{group}/records",
             post(append_record).get(read_records),
@@ -219,6 +224,103 @@ async fn disable_user(State(node): State<Arc<Node>>, Path(user): Path<String>) -
             "unknown_user",
             format!("no user {user}"),
         ),
+    }
+}
+
+#[derive(Serialize)]
+struct MemberOut {
+    user: String,
+    from_seq: u64,
+    to_seq: Option<u64>,
+    member: bool,
+    delivered: u64,
+    read: u64,
+}
+
+#[derive(Serialize)]
+struct ChatOut {
+    chat: String,
+    partition: GroupId,
+    kind: String,
+    name: String,
+    creator: String,
+    created_ts: u64,
+    last_seq: u64,
+    members: Vec<MemberOut>,
+}
+
+/// The admin view of one chat: members with their spans and cursors.
+async fn inspect_chat(State(node): State<Arc<Node>>, Path(chat): Path<String>) -> Response {
+    let group = crate::gateway::chat_group(&node, &chat);
+    let q = crate::queries::ChatQuery::Inspect { chat: chat.clone() };
+    match node.query(group, q).await {
+        Ok(crate::queries::ChatQueryReply::Inspection(Some(i))) => {
+            let cursor = |u: &str| {
+                i.cursors
+                    .iter()
+                    .find(|(c, _, _)| c == u)
+                    .map(|(_, d, r)| (*d, *r))
+                    .unwrap_or((0, 0))
+            };
+            let members = i
+                .members
+                .iter()
+                .map(|(u, from, to)| {
+                    let (delivered, read) = cursor(u);
+                    MemberOut {
+                        user: u.clone(),
+                        from_seq: *from,
+                        to_seq: *to,
+                        member: to.is_none(),
+                        delivered,
+                        read,
+                    }
+                })
+                .collect();
+            Json(ChatOut {
+                chat: i.chat,
+                partition: group,
+                kind: i.kind,
+                name: i.name,
+                creator: i.creator,
+                created_ts: i.created_ts,
+                last_seq: i.last_seq,
+                members,
+            })
+            .into_response()
+        }
+        Ok(crate::queries::ChatQueryReply::Inspection(None)) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_chat",
+            format!("no chat {chat}"),
+        ),
+        Ok(other) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{other:?}"),
+        ),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+struct TransferReq {
+    to: NodeId,
+}
+
+/// Moves a partition's leadership to another of its replicas.
+async fn transfer_leader(
+    State(node): State<Arc<Node>>,
+    Path(group): Path<GroupId>,
+    Json(req): Json<TransferReq>,
+) -> Response {
+    match node.transfer_leadership(group, req.to).await {
+        Ok(leader) => Json(serde_json::json!({"group": group, "leader": leader})).into_response(),
+        Err(e) => error(StatusCode::CONFLICT, "transfer_failed", e),
     }
 }
 

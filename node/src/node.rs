@@ -60,6 +60,8 @@ pub enum NodeRequest {
     },
     /// The receiver's local presence of `users`.
     Presence { users: Vec<String> },
+    /// The receiver campaigns for leadership of `group` (a leadership transfer).
+    Elect { group: GroupId },
 }
 
 /// Answers to [`NodeRequest`].
@@ -389,6 +391,13 @@ impl Node {
                 self.gateway.ephemeral_local(&items);
                 NodeReply::Delivered
             }
+            NodeRequest::Elect { group } => match self.registry.get(group) {
+                None => NodeReply::Failed(format!("node {} does not host group {group}", self.id)),
+                Some(raft) => match raft.trigger().elect().await {
+                    Ok(()) => NodeReply::Delivered,
+                    Err(e) => NodeReply::Failed(e.to_string()),
+                },
+            },
             NodeRequest::Presence { users } => NodeReply::Presence(
                 self.gateway
                     .presence_of(&users)
@@ -673,6 +682,58 @@ impl Node {
                 return false;
             }
             tokio::time::sleep(Duration::from_millis(USER_CATCH_UP_POLL_MS)).await;
+        }
+    }
+
+    /// Moves leadership of `group` to `to`: `to` campaigns; with an up-to-date log it wins
+    /// (openraft 0.9 has no transfer RPC). Waits, bounded, until a leader is known again.
+    pub async fn transfer_leadership(&self, group: GroupId, to: NodeId) -> Result<NodeId, String> {
+        let replicas: Vec<NodeId> = if group == META_GROUP {
+            self.peers.keys().copied().collect()
+        } else {
+            self.table
+                .get(group)
+                .ok_or_else(|| format!("partition {group} does not exist"))?
+                .replicas
+                .clone()
+        };
+        if !replicas.contains(&to) {
+            return Err(format!("node {to} is not a replica of partition {group}"));
+        }
+        let reply = if to == self.id {
+            self.serve(NodeRequest::Elect { group }).await
+        } else {
+            let peer = self
+                .peers
+                .get(&to)
+                .ok_or_else(|| format!("unknown node {to}"))?;
+            self.call(
+                peer.cluster_addr,
+                &NodeRequest::Elect { group },
+                Duration::from_millis(STATUS_CALL_TIMEOUT_MS),
+            )
+            .await
+            .map_err(|e| e.to_string())?
+        };
+        if let NodeReply::Failed(e) = reply {
+            return Err(e);
+        }
+        let deadline = Instant::now() + self.propose_timeout;
+        loop {
+            if let Ok(s) = self.peer_status(to).await {
+                if let Some(g) = s.groups.iter().find(|g| g.group == group) {
+                    if g.role == "Leader" {
+                        self.routing.update(group, Some(to));
+                        return Ok(to);
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "node {to} did not become leader of {group} in time"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 

@@ -22,6 +22,23 @@ pub enum ChatQuery {
     UserChats { user: String },
     /// Current members of `chat`, if it exists.
     Members { chat: String },
+    /// Everything about `chat` (admin).
+    Inspect { chat: String },
+}
+
+/// The admin view of a chat.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChatInspection {
+    pub chat: String,
+    pub kind: String,
+    pub name: String,
+    pub creator: String,
+    pub created_ts: u64,
+    pub last_seq: u64,
+    /// (user, from seq, to seq or none while a member).
+    pub members: Vec<(String, u64, Option<u64>)>,
+    /// (user, delivered, read).
+    pub cursors: Vec<(String, u64, u64)>,
 }
 
 /// Answers to [`ChatQuery`].
@@ -34,6 +51,7 @@ pub enum ChatQueryReply {
     Summaries(Vec<chatd_proto::ChatState>),
     UserChats(Vec<String>),
     Members(Option<Vec<String>>),
+    Inspection(Option<ChatInspection>),
     /// Refused (a protocol error code and a sentence); nothing was read.
     Rejected {
         code: String,
@@ -140,5 +158,31 @@ fn run_inner(
         ChatQuery::Members { chat } => ChatQueryReply::Members(
             chatd_chat::chat_record(store, group, &chat)?.map(|r| r.current_members()),
         ),
+        ChatQuery::Inspect { chat } => match chatd_chat::chat_record(store, group, &chat)? {
+            None => ChatQueryReply::Inspection(None),
+            Some(r) => {
+                let cursors = chatd_chat::cursors(store, group, &chat)?
+                    .into_iter()
+                    .map(|(u, c)| (u, c.delivered, c.read))
+                    .collect();
+                ChatQueryReply::Inspection(Some(ChatInspection {
+                    kind: match r.kind {
+                        chatd_chat::ChatKind::Direct => "direct".into(),
+                        chatd_chat::ChatKind::Group => "group".into(),
+                    },
+                    name: r.name,
+                    creator: r.creator,
+                    created_ts: r.created_ts,
+                    last_seq: r.last_seq,
+                    members: r
+                        .members
+                        .iter()
+                        .map(|(u, s)| (u.clone(), s.from, s.to))
+                        .collect(),
+                    cursors,
+                    chat,
+                }))
+            }
+        },
     })
 }

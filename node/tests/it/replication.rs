@@ -316,3 +316,45 @@ async fn an_acked_entry_survives_the_loss_of_every_node_that_did_not_ack_it() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_moves_to_the_requested_replica_and_nothing_is_lost() {
+    let mut c = Cluster::init(3, &[]);
+    c.start_all();
+    c.wait_ready(READY).await;
+    let group = groups_preferring(1, 16)[0];
+    for i in 0..20 {
+        c.append_retry(&[1], group, &format!("t{i}")).await;
+    }
+    let before = c.leader(2, group).await.expect("a leader");
+    let to = if before == 3 { 2 } else { 3 };
+    let r = c
+        .http
+        .post(c.url(1, &format!("/v1/admin/partitions/{group}/transfer")))
+        .json(&serde_json::json!({ "to": to }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let mut leader = None;
+    for _ in 0..50 {
+        leader = c.leader(1, group).await;
+        if leader == Some(to) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(leader, Some(to), "leadership moved from {before} to {to}");
+    let a = c.append_retry(&[1], group, "after-transfer").await;
+    assert_eq!((a.leader, a.seq), (to, 21));
+    c.wait_converged(&[1, 2, 3], group, 21, CONVERGE).await;
+    // A node that is not a replica, or a partition that does not exist, is refused.
+    let bad = c
+        .http
+        .post(c.url(1, "/v1/admin/partitions/999/transfer"))
+        .json(&serde_json::json!({ "to": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 409);
+}
