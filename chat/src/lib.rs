@@ -384,18 +384,10 @@ fn apply_command(
             members_max,
             ts,
         } => {
-            let Some(mut record) = get::<ChatRecord>(txn, &keys::chat(&chat))? else {
-                return Ok(reject("unknown_chat", format!("no chat {chat}")));
+            let mut record = match group_changed_by(txn, &chat, &by)? {
+                Ok(r) => r,
+                Err(rejected) => return Ok(rejected),
             };
-            if record.kind != ChatKind::Group {
-                return Ok(reject(
-                    "forbidden",
-                    "members of a direct chat cannot change",
-                ));
-            }
-            if !record.is_member(&by) {
-                return Ok(reject("not_member", format!("{by} is not in {chat}")));
-            }
             let mut new: Vec<String> = Vec::new();
             for u in users {
                 if !record.is_member(&u) && !new.contains(&u) {
@@ -416,18 +408,10 @@ fn apply_command(
             ChatReply::Done { seq }
         }
         ChatCommand::RemoveMember { chat, by, user, ts } => {
-            let Some(mut record) = get::<ChatRecord>(txn, &keys::chat(&chat))? else {
-                return Ok(reject("unknown_chat", format!("no chat {chat}")));
+            let mut record = match group_changed_by(txn, &chat, &by)? {
+                Ok(r) => r,
+                Err(rejected) => return Ok(rejected),
             };
-            if record.kind != ChatKind::Group {
-                return Ok(reject(
-                    "forbidden",
-                    "members of a direct chat cannot change",
-                ));
-            }
-            if !record.is_member(&by) {
-                return Ok(reject("not_member", format!("{by} is not in {chat}")));
-            }
             if by != user && by != record.creator {
                 return Ok(reject("forbidden", "only the creator removes others"));
             }
@@ -494,6 +478,28 @@ fn apply_command(
             ChatReply::Done { seq: 0 }
         }
     })
+}
+
+/// The group `chat` if `by` may change its membership (exists, is a group, `by` is in it);
+/// otherwise the rejection to answer.
+fn group_changed_by(
+    txn: &ApplyTxn<'_>,
+    chat: &str,
+    by: &str,
+) -> Result<Result<ChatRecord, ChatReply>, StorageError> {
+    let Some(record) = get::<ChatRecord>(txn, &keys::chat(chat))? else {
+        return Ok(Err(reject("unknown_chat", format!("no chat {chat}"))));
+    };
+    if record.kind != ChatKind::Group {
+        return Ok(Err(reject(
+            "forbidden",
+            "members of a direct chat cannot change",
+        )));
+    }
+    if !record.is_member(by) {
+        return Ok(Err(reject("not_member", format!("{by} is not in {chat}"))));
+    }
+    Ok(Ok(record))
 }
 
 /// Adds `user` to `record` with a join entry; returns the entry's seq.
