@@ -58,6 +58,9 @@ pub enum CliError {
         /// What is wrong with it.
         cause: String,
     },
+    /// Any other failure of a command, already worded for the user.
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl CliError {
@@ -65,7 +68,10 @@ impl CliError {
     pub fn exit_code(&self) -> u8 {
         match self {
             CliError::BadServer { .. } | CliError::BadToken(_) | CliError::Unreachable { .. } => 2,
-            CliError::Api { .. } | CliError::Http { .. } | CliError::Malformed { .. } => 1,
+            CliError::Api { .. }
+            | CliError::Http { .. }
+            | CliError::Malformed { .. }
+            | CliError::Failed(_) => 1,
         }
     }
 }
@@ -164,12 +170,44 @@ impl Client {
 
     /// `GET path`; on success the body, checked to be JSON.
     pub async fn get_json(&self, path: &str) -> Result<String, CliError> {
+        self.request_json(reqwest::Method::GET, path, None).await
+    }
+
+    /// `POST path` with `body` as JSON (or no body); on success the answer, checked to be
+    /// JSON.
+    pub async fn post_json(
+        &self,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<String, CliError> {
+        self.request_json(reqwest::Method::POST, path, body).await
+    }
+
+    /// The base URL (with a trailing slash).
+    pub fn base(&self) -> &Url {
+        &self.base
+    }
+
+    /// The request timeout.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    async fn request_json(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Result<String, CliError> {
         let url = self.url(path)?;
         let shown = url.to_string();
         let mut req = self
             .http
-            .get(url)
+            .request(method, url)
             .header(reqwest::header::ACCEPT, "application/json");
+        if let Some(body) = body {
+            req = req.json(body);
+        }
         if let Some(auth) = &self.auth {
             req = req.header(AUTHORIZATION, auth.clone());
         }
@@ -216,7 +254,7 @@ impl Client {
 
 /// The error's causes, innermost last, skipping reqwest's own "error sending request
 /// for url (…)" wrapper when there is something more specific.
-fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut cur = e.source();
     while let Some(s) = cur {
@@ -234,7 +272,7 @@ fn cause_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// The first line(s) of a body, shortened, for error messages.
-fn snippet(text: &str) -> String {
+pub(crate) fn snippet(text: &str) -> String {
     const MAX: usize = 200;
     let one_line: String = text
         .trim()

@@ -2,13 +2,28 @@
 //!
 //! The binary is thin glue: [`Cli`] is parsed with clap, [`execute`] runs the command and
 //! returns the text to print, and [`exit_code`] maps an error to the exit status
-//! (2: server unreachable, 1: any other failure). Rendering lives in [`render`] as pure
-//! functions over the API types in [`model`].
+//! (2: server unreachable or unusable address/token, 1: any other failure). Rendering
+//! lives in [`render`] as pure functions over the API types in [`model`].
+//!
+//! Commands: `admin …` over the HTTP admin API (admin token); messaging (`send`,
+//! `history`, `tail`, `sync`, `presence`, `open-direct`, `create-group`, the interactive
+//! `chat`) over the WebSocket API (user token); `bench`, a load generator that verifies
+//! what it measured.
 
+pub mod admin;
+pub mod bench;
 pub mod client;
+pub mod config;
+pub mod editor;
+pub mod format;
+pub mod messaging;
 pub mod model;
 pub mod render;
+pub mod session;
+pub mod svg;
+pub mod ws;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -18,19 +33,26 @@ pub use model::ClusterView;
 
 /// The chatd command-line client.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "chat-cli", version, about)]
+#[command(name = "chat-cli", version, about, max_term_width = 100)]
 pub struct Cli {
-    /// The node to talk to: a URL or host:port (http:// is assumed).
+    /// The node to talk to: a URL or host:port (http:// is assumed)
+    /// [default: the config file's `server`, else http://127.0.0.1:7000].
     #[arg(
         long,
         global = true,
         env = "CHATD_SERVER",
-        default_value = "http://127.0.0.1:7000"
+        default_value = "",
+        hide_default_value = true
     )]
     pub server: String,
-    /// Bearer token sent as `Authorization: Bearer <TOKEN>`.
+    /// The token: a user token for messaging, the admin token for `admin` and `bench`
+    /// [default: from the config file].
     #[arg(long, global = true, env = "CHATD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// A config file with `server`, `token` and `admin_token` [default:
+    /// ~/.config/chat-cli/config.toml, if present].
+    #[arg(long, global = true, env = "CHAT_CLI_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// Print machine-readable JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -50,12 +72,42 @@ pub struct Cli {
 /// Top-level commands.
 #[derive(Clone, Debug, Subcommand)]
 pub enum Command {
-    /// Cluster administration.
+    /// Cluster administration (admin token).
     Admin {
         /// What to administer.
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Send one message and wait for its ack (retried with the same idempotency key).
+    Send(messaging::SendArgs),
+    /// Print a chat's history, a page at a time (or all of it).
+    History(messaging::HistoryArgs),
+    /// Follow a chat live: new messages, receipts and typing, until Ctrl-C.
+    Tail(messaging::TailArgs),
+    /// List your chats with last seq, cursors and unread counts.
+    Sync,
+    /// Who of these users is online, and when they were last seen.
+    Presence {
+        /// User ids (at most 256).
+        #[arg(required = true, num_args = 1..=256)]
+        users: Vec<String>,
+    },
+    /// Open (or create) the direct chat with a user and print its id.
+    OpenDirect {
+        /// The other user.
+        user: String,
+    },
+    /// Create a group with you and the given members and print its id.
+    CreateGroup {
+        /// The group's name.
+        name: String,
+        /// Its other members.
+        members: Vec<String>,
+    },
+    /// An interactive chat session in the terminal.
+    Chat(session::ChatArgs),
+    /// Load-generate over real WebSockets and verify every delivery (admin token).
+    Bench(bench::BenchArgs),
 }
 
 /// `admin` commands.
@@ -66,6 +118,24 @@ pub enum AdminCommand {
         /// What to do with the cluster.
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+    /// Users: add, list, disable.
+    Users {
+        /// What to do with users.
+        #[command(subcommand)]
+        command: admin::UsersCommand,
+    },
+    /// Chats: inspect one.
+    Chat {
+        /// What to do with a chat.
+        #[command(subcommand)]
+        command: admin::ChatCommand,
+    },
+    /// Partitions: move leadership.
+    Partition {
+        /// What to do with a partition.
+        #[command(subcommand)]
+        command: admin::PartitionCommand,
     },
 }
 
@@ -79,36 +149,53 @@ pub enum ClusterCommand {
 /// The API path of the cluster view.
 pub const CLUSTER_PATH: &str = "v1/admin/cluster";
 
+impl Cli {
+    /// Whether the command uses the admin token.
+    fn wants_admin_token(&self) -> bool {
+        matches!(self.command, Command::Admin { .. } | Command::Bench(_))
+    }
+
+    /// The server and token after the config file is taken into account: flag, then
+    /// environment (both merged by clap), then the file, then the default server.
+    pub fn resolved(&self) -> Result<Cli, CliError> {
+        let file = config::load(self.config.as_deref())?;
+        let mut cli = self.clone();
+        cli.server = config::pick_server(&self.server, &file);
+        cli.token = config::pick_token(self.token.as_deref(), &file, self.wants_admin_token());
+        Ok(cli)
+    }
+}
+
 /// Runs `cli` and returns what to print on stdout. `color` enables ANSI colours in
-/// tables (the caller decides, from whether stdout is a terminal).
+/// tables (the caller decides, from whether stdout is a terminal). Long-running commands
+/// (`tail`, `chat`) write as they go and return an empty string.
 pub async fn execute(cli: &Cli, color: bool) -> Result<String, CliError> {
-    let client = Client::new(
-        &cli.server,
-        cli.token.as_deref(),
-        Duration::from_millis(cli.timeout_ms),
-    )?;
+    let cli = &cli.resolved()?;
+    let http = || {
+        Client::new(
+            &cli.server,
+            cli.token.as_deref(),
+            Duration::from_millis(cli.timeout_ms),
+        )
+    };
     match &cli.command {
-        Command::Admin {
-            command:
-                AdminCommand::Cluster {
-                    command: ClusterCommand::Status,
-                },
-        } => {
-            let raw = client.get_json(CLUSTER_PATH).await?;
-            let view = parse_cluster_view(&raw).map_err(|cause| CliError::Malformed {
-                url: client
-                    .url(CLUSTER_PATH)
-                    .map_or_else(|_| cli.server.clone(), |u| u.to_string()),
-                cause,
-            })?;
-            if cli.json {
-                let mut out = render::pretty_json(&raw);
-                out.push('\n');
-                Ok(out)
-            } else {
-                Ok(render::render_cluster_status(&view, color))
-            }
-        }
+        Command::Admin { command } => match command {
+            AdminCommand::Cluster {
+                command: ClusterCommand::Status,
+            } => admin::cluster_status(cli, &http()?, color).await,
+            AdminCommand::Users { command } => admin::users(cli, &http()?, command, color).await,
+            AdminCommand::Chat { command } => admin::chat(cli, &http()?, command, color).await,
+            AdminCommand::Partition { command } => admin::partition(cli, &http()?, command).await,
+        },
+        Command::Send(args) => messaging::send(cli, args).await,
+        Command::History(args) => messaging::history(cli, args, color).await,
+        Command::Tail(args) => messaging::tail(cli, args).await,
+        Command::Sync => messaging::sync(cli, color).await,
+        Command::Presence { users } => messaging::presence(cli, users, color).await,
+        Command::OpenDirect { user } => messaging::open_direct(cli, user).await,
+        Command::CreateGroup { name, members } => messaging::create_group(cli, name, members).await,
+        Command::Chat(args) => session::run(cli, args).await,
+        Command::Bench(args) => bench::run(cli, args).await,
     }
 }
 

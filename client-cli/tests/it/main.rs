@@ -1,0 +1,8 @@
+//! End-to-end tests of the `chat-cli` binary against real chatd processes.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod admin;
+mod bench;
+mod harness;
+mod messaging;
+mod session;
