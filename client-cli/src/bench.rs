@@ -2186,5 +2186,6 @@ fn latency_svg(per_second: &[Hists], report: &Report<'_>) -> String {
             series("deliver p50", "#d62728", false, &|h| &h.deliver, 0.5),
             series("deliver p99", "#d62728", true, &|h| &h.deliver, 0.99),
         ],
+        bands: Vec::new(),
     })
 }

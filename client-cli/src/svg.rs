@@ -30,6 +30,19 @@ pub struct Chart {
     pub x_range: Option<(f64, f64)>,
     /// The lines.
     pub series: Vec<Series>,
+    /// Shaded x ranges drawn under the lines (e.g. fault windows), with a label each.
+    pub bands: Vec<Band>,
+}
+
+/// A shaded x range.
+#[derive(Clone, Debug)]
+pub struct Band {
+    /// Where it starts.
+    pub from: f64,
+    /// Where it ends.
+    pub to: f64,
+    /// Shown at its top (may be empty).
+    pub label: String,
 }
 
 const WIDTH: f64 = 900.0;
@@ -163,6 +176,31 @@ pub fn render(chart: &Chart) -> String {
             label(v)
         );
     }
+    // Shaded bands, clipped to the plot.
+    for (i, b) in chart.bands.iter().enumerate() {
+        if !(b.from.is_finite() && b.to.is_finite()) {
+            continue;
+        }
+        let (a, z) = (sx(b.from.max(x0)), sx(b.to.min(x1)));
+        if z <= a {
+            continue;
+        }
+        let _ = writeln!(
+            s,
+            r##"<rect x="{a:.1}" y="{TOP}" width="{:.1}" height="{ph:.1}" fill="#ff7f0e" fill-opacity="0.15"><title>{}</title></rect>"##,
+            z - a,
+            escape(&b.label)
+        );
+        if !b.label.is_empty() {
+            let _ = writeln!(
+                s,
+                r##"<text x="{:.1}" y="{:.1}" font-size="9" fill="#a05000">{}</text>"##,
+                a + 2.0,
+                TOP + 10.0 + (i % 4) as f64 * 10.0,
+                escape(&b.label)
+            );
+        }
+    }
     // Axes.
     let _ = writeln!(
         s,
@@ -271,8 +309,15 @@ mod tests {
                     points: vec![(1.0, 4.0)],
                 },
             ],
+            bands: vec![Band {
+                from: 1.0,
+                to: 2.5,
+                label: "kill <n1>".into(),
+            }],
         };
         let svg = render(&chart);
+        assert_eq!(svg.matches("fill-opacity=\"0.15\"").count(), 1);
+        assert!(svg.contains("kill &lt;n1&gt;"));
         assert!(svg.starts_with("<svg "));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("latency &lt;ms&gt; &amp; more"));

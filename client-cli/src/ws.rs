@@ -175,10 +175,13 @@ impl Connection {
             url: shown.clone(),
             cause,
         };
-        let (stream, _) = tokio::time::timeout(timeout, tokio_tungstenite::connect_async(req))
-            .await
-            .map_err(|_| unreachable(format!("no answer within {} ms", timeout.as_millis())))?
-            .map_err(|e| handshake_error(&shown, e))?;
+        let (stream, _) = tokio::time::timeout(
+            timeout,
+            tokio_tungstenite::connect_async_with_config(req, None, true),
+        )
+        .await
+        .map_err(|_| unreachable(format!("no answer within {} ms", timeout.as_millis())))?
+        .map_err(|e| handshake_error(&shown, e))?;
         let (sink, stream) = stream.split();
         let mut conn = Connection {
             sink,

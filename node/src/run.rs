@@ -53,6 +53,13 @@ pub async fn serve_api(node: Arc<Node>) -> anyhow::Result<tokio::task::JoinHandl
         .with_context(|| format!("cannot listen on the API address {addr}"))?;
     tracing::info!(%addr, "API listening");
     let app = crate::api::router(node);
+    // Small frames (acks, pushes) must not wait for Nagle's algorithm: with delayed ACKs
+    // on the peer that costs ~40 ms per exchange.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     Ok(tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "API server failed");

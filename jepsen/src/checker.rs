@@ -1,0 +1,1025 @@
+//! The checker: judges a history without trusting chatd's logic. It only knows what the
+//! clients did and saw: which sends were invoked and acknowledged (with a seq), what
+//! each read, sync and live delivery returned, and the final read of every chat from
+//! every node after the faults were healed.
+//!
+//! Anomalies, per chat:
+//! * **lost**: acknowledged, but absent from a final read;
+//! * **duplicate**: one client_msg_id at two seqs, or one seq delivered twice to one
+//!   connection;
+//! * **inconsistent**: two different entries at one seq (across nodes, reads, acks or
+//!   deliveries), or final reads of different lengths on different nodes;
+//! * **gap**: a final read whose seqs are not exactly 1..=last;
+//! * **non_monotonic**: a connection got a chat's messages with a seq below one it had;
+//! * **unexpected**: a message text nobody sent;
+//! * **stale_read**: a read or sync that began after an ack and does not reflect it;
+//! * **receipt_backwards**: a pushed receipt (or a sync's read cursor) went down.
+//!
+//! Also: availability (share of completed sends that succeeded) per fault, ack latency,
+//! and the longest time without any acknowledged write.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::history::{Entry, Kind, Op, F};
+
+/// Examples kept per anomaly kind (the counts are complete).
+pub const EXAMPLES_PER_KIND_MAX: usize = 10;
+
+/// The kinds of anomaly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnomalyKind {
+    /// Acknowledged, missing from a final read.
+    Lost,
+    /// One message stored twice, or delivered twice to one connection.
+    Duplicate,
+    /// Two different entries at one seq.
+    Inconsistent,
+    /// A hole in a chat's seqs.
+    Gap,
+    /// Delivery to a connection went back in seq.
+    NonMonotonic,
+    /// A message nobody sent.
+    Unexpected,
+    /// A read that missed an earlier ack.
+    StaleRead,
+    /// A receipt cursor went down.
+    ReceiptBackwards,
+}
+
+impl AnomalyKind {
+    /// Every kind, in report order.
+    pub const ALL: [AnomalyKind; 8] = [
+        AnomalyKind::Lost,
+        AnomalyKind::Duplicate,
+        AnomalyKind::Inconsistent,
+        AnomalyKind::Gap,
+        AnomalyKind::NonMonotonic,
+        AnomalyKind::Unexpected,
+        AnomalyKind::StaleRead,
+        AnomalyKind::ReceiptBackwards,
+    ];
+}
+
+/// One anomaly.
+#[derive(Clone, Debug, Serialize)]
+pub struct Anomaly {
+    /// What kind.
+    pub kind: AnomalyKind,
+    /// In which chat.
+    pub chat: String,
+    /// What exactly.
+    pub detail: String,
+    /// Indexes of the operations that show it.
+    pub ops: Vec<u64>,
+}
+
+/// Sends completed while one fault (or none) was active.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Availability {
+    /// Sends that completed (ok, fail or info).
+    pub completed: u64,
+    /// Of which acknowledged.
+    pub ok: u64,
+    /// `ok / completed` (1 when nothing completed).
+    pub share_ok: f64,
+}
+
+/// Latency figures in milliseconds.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Latency {
+    /// Samples.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// Largest.
+    pub max: f64,
+}
+
+/// A fault as recorded: from its start to its heal.
+#[derive(Clone, Debug, Serialize)]
+pub struct Window {
+    /// Its description.
+    pub fault: String,
+    /// Start, seconds since the run began.
+    pub start_s: f64,
+    /// End (heal), seconds since the run began (the run's end if never healed).
+    pub end_s: f64,
+}
+
+/// The checker's verdict and figures.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Results {
+    /// No anomaly and every chat read back from every node.
+    pub valid: bool,
+    /// Anomalies per kind.
+    pub counts: BTreeMap<AnomalyKind, u64>,
+    /// Up to [`EXAMPLES_PER_KIND_MAX`] examples per kind.
+    pub examples: Vec<Anomaly>,
+    /// Why the history cannot be fully judged (a final read that failed, …).
+    pub incomplete: Vec<String>,
+    /// Send attempts invoked.
+    pub sends_invoked: u64,
+    /// Attempts acknowledged.
+    pub sends_ok: u64,
+    /// Attempts refused.
+    pub sends_failed: u64,
+    /// Attempts with unknown outcome.
+    pub sends_info: u64,
+    /// Distinct messages acknowledged.
+    pub messages_acked: u64,
+    /// Live deliveries observed.
+    pub deliveries: u64,
+    /// Reads and syncs that completed.
+    pub reads_ok: u64,
+    /// Chats × nodes read back at the end.
+    pub final_reads: u64,
+    /// Availability per fault ("none": no fault active).
+    pub availability: BTreeMap<String, Availability>,
+    /// Send → ack latency of acknowledged attempts.
+    pub ack_latency_ms: Latency,
+    /// The longest time with no send acknowledged, while sends were being made.
+    pub longest_unavailable_ms: f64,
+    /// When that began, seconds since the run began.
+    pub longest_unavailable_at_s: f64,
+    /// The faults.
+    pub windows: Vec<Window>,
+}
+
+impl Results {
+    /// Anomalies in total.
+    pub fn anomalies(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// One line for people.
+    pub fn verdict(&self) -> String {
+        let mut s = if self.valid {
+            "VALID: no anomaly".to_string()
+        } else if self.anomalies() > 0 {
+            let kinds: Vec<String> = self
+                .counts
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(k, n)| {
+                    format!(
+                        "{n} {}",
+                        serde_json::to_value(k).map_or_else(
+                            |_| format!("{k:?}"),
+                            |v| v.as_str().unwrap_or_default().to_string()
+                        )
+                    )
+                })
+                .collect();
+            format!("INVALID: {}", kinds.join(", "))
+        } else {
+            format!("UNKNOWN: {}", self.incomplete.join("; "))
+        };
+        s.push_str(&format!(
+            " · {} messages acked of {} send attempts ({} unknown, {} failed), {} deliveries, {} final reads · ack p99 {:.1} ms · longest write unavailability {:.0} ms",
+            self.messages_acked,
+            self.sends_invoked,
+            self.sends_info,
+            self.sends_failed,
+            self.deliveries,
+            self.final_reads,
+            self.ack_latency_ms.p99,
+            self.longest_unavailable_ms
+        ));
+        s
+    }
+}
+
+struct Report {
+    counts: BTreeMap<AnomalyKind, u64>,
+    examples: Vec<Anomaly>,
+}
+
+impl Report {
+    fn add(&mut self, kind: AnomalyKind, chat: &str, detail: String, ops: Vec<u64>) {
+        let n = self.counts.entry(kind).or_insert(0);
+        *n += 1;
+        if self.examples.iter().filter(|a| a.kind == kind).count() < EXAMPLES_PER_KIND_MAX {
+            self.examples.push(Anomaly {
+                kind,
+                chat: chat.to_string(),
+                detail,
+                ops,
+            });
+        }
+    }
+}
+
+/// An acknowledged send.
+struct Ack {
+    msg: String,
+    seq: u64,
+    at_us: u64,
+    op: u64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn secs(us: u64) -> f64 {
+    us as f64 / 1e6
+}
+
+/// Judges a history.
+pub fn check(ops: &[Op]) -> Results {
+    let mut r = Report {
+        counts: AnomalyKind::ALL.iter().map(|k| (*k, 0)).collect(),
+        examples: Vec::new(),
+    };
+    let mut res = Results::default();
+    let end_us = ops.last().map_or(0, |o| o.time_us);
+
+    // Fault windows.
+    let mut open: HashMap<String, u64> = HashMap::new();
+    for op in ops.iter().filter(|o| o.f == Some(F::Fault)) {
+        let name = op.fault.clone().unwrap_or_default();
+        match op.kind {
+            Some(Kind::Invoke) => {
+                open.insert(name, op.time_us);
+            }
+            Some(_) => {
+                if let Some(start) = open.remove(&name) {
+                    res.windows.push(Window {
+                        fault: name,
+                        start_s: secs(start),
+                        end_s: secs(op.time_us),
+                    });
+                }
+            }
+            None => {}
+        }
+    }
+    for (name, start) in open {
+        res.windows.push(Window {
+            fault: name,
+            start_s: secs(start),
+            end_s: secs(end_us),
+        });
+    }
+    res.windows.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
+    let fault_at = |t_us: u64| -> String {
+        let t = secs(t_us);
+        res.windows
+            .iter()
+            .filter(|w| w.start_s <= t && t <= w.end_s)
+            .map(|w| w.fault.clone())
+            .next()
+            .unwrap_or_else(|| "none".to_string())
+    };
+
+    // Pair each completion with its process's invoke.
+    let mut pending: HashMap<&str, &Op> = HashMap::new();
+    let mut invoked_msgs: HashSet<&str> = HashSet::new();
+    let mut acks: BTreeMap<String, Vec<Ack>> = BTreeMap::new();
+    let mut latencies: Vec<f64> = Vec::new();
+    let mut ack_times: Vec<u64> = Vec::new();
+    let mut send_times: Vec<u64> = Vec::new();
+    let mut availability: BTreeMap<String, Availability> = BTreeMap::new();
+    // (read op, its invoke time)
+    let mut reads: Vec<(&Op, u64)> = Vec::new();
+    let mut syncs: Vec<(&Op, u64)> = Vec::new();
+    let mut finals: BTreeMap<String, Vec<(&Op, Option<u64>)>> = BTreeMap::new();
+    let mut final_failures: Vec<String> = Vec::new();
+    for op in ops {
+        let (Some(kind), Some(f)) = (op.kind, op.f) else {
+            continue;
+        };
+        if !matches!(f, F::Send | F::Read | F::Sync | F::FinalRead) {
+            continue;
+        }
+        if kind == Kind::Invoke {
+            if f == F::Send {
+                res.sends_invoked += 1;
+                send_times.push(op.time_us);
+                if let Some(m) = &op.msg {
+                    invoked_msgs.insert(m);
+                }
+            }
+            pending.insert(&op.process, op);
+            continue;
+        }
+        let Some(inv) = pending.remove(op.process.as_str()) else {
+            continue;
+        };
+        if inv.f != Some(f) {
+            continue;
+        }
+        match f {
+            F::Send => {
+                let a = availability.entry(fault_at(op.time_us)).or_default();
+                a.completed += 1;
+                match kind {
+                    Kind::Ok => {
+                        a.ok += 1;
+                        res.sends_ok += 1;
+                        latencies.push((op.time_us.saturating_sub(inv.time_us)) as f64 / 1000.0);
+                        ack_times.push(op.time_us);
+                        if let (Some(chat), Some(msg), Some(seq)) = (&inv.chat, &inv.msg, op.seq) {
+                            acks.entry(chat.clone()).or_default().push(Ack {
+                                msg: msg.clone(),
+                                seq,
+                                at_us: op.time_us,
+                                op: op.index,
+                            });
+                        }
+                    }
+                    Kind::Fail => res.sends_failed += 1,
+                    _ => res.sends_info += 1,
+                }
+            }
+            F::Read if kind == Kind::Ok => {
+                res.reads_ok += 1;
+                reads.push((op, inv.time_us));
+            }
+            F::Sync if kind == Kind::Ok => {
+                res.reads_ok += 1;
+                syncs.push((op, inv.time_us));
+            }
+            F::FinalRead => {
+                let chat = inv.chat.clone().unwrap_or_default();
+                if kind == Kind::Ok {
+                    res.final_reads += 1;
+                    finals.entry(chat).or_default().push((op, inv.node));
+                } else {
+                    final_failures.push(format!(
+                        "final read of {chat} from node {} failed: {}",
+                        inv.node.unwrap_or(0),
+                        op.error.clone().unwrap_or_default()
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    for a in availability.values_mut() {
+        a.share_ok = if a.completed == 0 {
+            1.0
+        } else {
+            a.ok as f64 / a.completed as f64
+        };
+    }
+    res.availability = availability;
+    latencies.sort_by(f64::total_cmp);
+    res.ack_latency_ms = Latency {
+        count: latencies.len() as u64,
+        p50: percentile(&latencies, 50.0),
+        p99: percentile(&latencies, 99.0),
+        max: latencies.last().copied().unwrap_or(0.0),
+    };
+    // The longest stretch without an ack, from the first send to the last ack.
+    if let (Some(first), Some(_)) = (send_times.iter().min(), ack_times.last()) {
+        let mut prev = *first;
+        for t in &ack_times {
+            let gap = t.saturating_sub(prev);
+            if gap as f64 / 1000.0 > res.longest_unavailable_ms {
+                res.longest_unavailable_ms = gap as f64 / 1000.0;
+                res.longest_unavailable_at_s = secs(prev);
+            }
+            prev = prev.max(*t);
+        }
+    }
+
+    // Every observation of (chat, seq) → entry, and (chat, msg) → seq.
+    let mut at_seq: HashMap<(String, u64), (String, String, u64)> = HashMap::new();
+    let mut msg_seq: HashMap<(String, String), (u64, u64)> = HashMap::new();
+    let mut reported_seq: HashSet<(String, u64)> = HashSet::new();
+    let mut reported_msg: HashSet<(String, String)> = HashSet::new();
+    let mut unexpected: HashSet<(String, String)> = HashSet::new();
+    let mut observe = |r: &mut Report, chat: &str, seq: u64, kind: &str, text: &str, op: u64| {
+        let key = (chat.to_string(), seq);
+        match at_seq.get(&key) {
+            None => {
+                at_seq.insert(key, (kind.to_string(), text.to_string(), op));
+            }
+            Some((k, t, first)) if k != kind || t != text => {
+                if reported_seq.insert((chat.to_string(), seq)) {
+                    r.add(
+                        AnomalyKind::Inconsistent,
+                        chat,
+                        format!(
+                            "seq {seq} holds {k} {t:?} (op {first}) and {kind} {text:?} (op {op})"
+                        ),
+                        vec![*first, op],
+                    );
+                }
+            }
+            Some(_) => {}
+        }
+        if kind != "text" {
+            return;
+        }
+        if !invoked_msgs.contains(text) {
+            if unexpected.insert((chat.to_string(), text.to_string())) {
+                r.add(
+                    AnomalyKind::Unexpected,
+                    chat,
+                    format!("{text:?} at seq {seq} was never sent"),
+                    vec![op],
+                );
+            }
+            return;
+        }
+        let mkey = (chat.to_string(), text.to_string());
+        match msg_seq.get(&mkey) {
+            None => {
+                msg_seq.insert(mkey, (seq, op));
+            }
+            Some((s, first)) if *s != seq => {
+                if reported_msg.insert(mkey) {
+                    r.add(
+                        AnomalyKind::Duplicate,
+                        chat,
+                        format!(
+                            "{text:?} is stored at seq {s} (op {first}) and seq {seq} (op {op})"
+                        ),
+                        vec![*first, op],
+                    );
+                }
+            }
+            Some(_) => {}
+        }
+    };
+    for (chat, list) in &acks {
+        for a in list {
+            observe(&mut r, chat, a.seq, "text", &a.msg, a.op);
+        }
+    }
+    let entries_of = |op: &Op| -> Vec<Entry> { op.entries.clone().unwrap_or_default() };
+    for (op, _) in &reads {
+        let chat = op.chat.clone().unwrap_or_default();
+        for e in entries_of(op) {
+            observe(&mut r, &chat, e.seq, &e.kind, &e.text, op.index);
+        }
+    }
+    for (chat, list) in &finals {
+        for (op, _) in list {
+            for e in entries_of(op) {
+                observe(&mut r, chat, e.seq, &e.kind, &e.text, op.index);
+            }
+        }
+    }
+
+    // Live delivery, per connection and chat: strictly increasing seqs, each once.
+    let mut last_delivered: HashMap<(String, u64, String), (u64, u64)> = HashMap::new();
+    // (process, session, chat, user) → (delivered, read, op)
+    type ReceiptKey = (String, u64, String, String);
+    let mut receipts: HashMap<ReceiptKey, (u64, u64, u64)> = HashMap::new();
+    for op in ops {
+        if op.is(Kind::Ok, F::Deliver) {
+            res.deliveries += 1;
+            let (Some(chat), Some(seq)) = (&op.chat, op.seq) else {
+                continue;
+            };
+            let kind = op
+                .entries
+                .as_ref()
+                .and_then(|e| e.first())
+                .map(|e| e.kind.clone());
+            let text = op.msg.clone().unwrap_or_default();
+            observe(
+                &mut r,
+                chat,
+                seq,
+                kind.as_deref().unwrap_or("text"),
+                &text,
+                op.index,
+            );
+            let key = (op.process.clone(), op.session.unwrap_or(0), chat.clone());
+            if let Some((prev, prev_op)) = last_delivered.get(&key) {
+                if seq == *prev {
+                    r.add(
+                        AnomalyKind::Duplicate,
+                        chat,
+                        format!(
+                            "seq {seq} delivered twice to {} session {}",
+                            op.process, key.1
+                        ),
+                        vec![*prev_op, op.index],
+                    );
+                } else if seq < *prev {
+                    r.add(
+                        AnomalyKind::NonMonotonic,
+                        chat,
+                        format!(
+                            "{} session {} got seq {seq} after seq {prev}",
+                            op.process, key.1
+                        ),
+                        vec![*prev_op, op.index],
+                    );
+                }
+            }
+            let best = last_delivered.get(&key).map_or(seq, |(p, _)| (*p).max(seq));
+            last_delivered.insert(key, (best, op.index));
+        } else if op.is(Kind::Ok, F::ReceiptSeen) {
+            let (Some(chat), Some(user)) = (&op.chat, &op.user) else {
+                continue;
+            };
+            let (d, rd) = (op.delivered.unwrap_or(0), op.read.unwrap_or(0));
+            let key = (
+                op.process.clone(),
+                op.session.unwrap_or(0),
+                chat.clone(),
+                user.clone(),
+            );
+            if let Some((pd, pr, prev_op)) = receipts.get(&key) {
+                if d < *pd || rd < *pr {
+                    r.add(
+                        AnomalyKind::ReceiptBackwards,
+                        chat,
+                        format!(
+                            "{user}'s receipt went from delivered {pd}/read {pr} to {d}/{rd} at {}",
+                            op.process
+                        ),
+                        vec![*prev_op, op.index],
+                    );
+                }
+            }
+            let (pd, pr) = receipts.get(&key).map_or((0, 0), |(a, b, _)| (*a, *b));
+            receipts.insert(key, (pd.max(d), pr.max(rd), op.index));
+        }
+    }
+
+    // Stale reads: the highest seq acked before the read began must be reflected.
+    let mut acked_by_time: HashMap<&str, Vec<(u64, u64, u64)>> = HashMap::new();
+    for (chat, list) in &acks {
+        let mut v: Vec<(u64, u64, u64)> = list.iter().map(|a| (a.at_us, a.seq, a.op)).collect();
+        v.sort_unstable();
+        // Running maximum of seq over time.
+        let mut best = (0u64, 0u64);
+        for x in &mut v {
+            if x.1 > best.0 {
+                best = (x.1, x.2);
+            }
+            x.1 = best.0;
+            x.2 = best.1;
+        }
+        acked_by_time.insert(chat.as_str(), v);
+    }
+    let acked_before = |chat: &str, t_us: u64| -> Option<(u64, u64)> {
+        let v = acked_by_time.get(chat)?;
+        let i = v.partition_point(|x| x.0 < t_us);
+        (i > 0).then(|| (v[i - 1].1, v[i - 1].2))
+    };
+    for (op, invoked) in &reads {
+        let chat = op.chat.clone().unwrap_or_default();
+        let high = op
+            .entries
+            .as_ref()
+            .and_then(|e| e.iter().map(|e| e.seq).max())
+            .unwrap_or(0);
+        if let Some((seq, ack_op)) = acked_before(&chat, *invoked) {
+            if high < seq {
+                r.add(
+                    AnomalyKind::StaleRead,
+                    &chat,
+                    format!("a read begun after seq {seq} was acked returned up to seq {high}"),
+                    vec![ack_op, op.index],
+                );
+            }
+        }
+    }
+    let mut own_read: HashMap<(String, String), (u64, u64)> = HashMap::new();
+    for (op, invoked) in &syncs {
+        for c in op.cursors.clone().unwrap_or_default() {
+            if let Some((seq, ack_op)) = acked_before(&c.chat, *invoked) {
+                if c.last_seq < seq {
+                    r.add(
+                        AnomalyKind::StaleRead,
+                        &c.chat,
+                        format!(
+                            "a sync begun after seq {seq} was acked says last seq {}",
+                            c.last_seq
+                        ),
+                        vec![ack_op, op.index],
+                    );
+                }
+            }
+            let key = (op.process.clone(), c.chat.clone());
+            if let Some((prev, prev_op)) = own_read.get(&key) {
+                if c.read < *prev {
+                    r.add(
+                        AnomalyKind::ReceiptBackwards,
+                        &c.chat,
+                        format!(
+                            "{}'s read cursor went from {prev} to {} between syncs",
+                            op.process, c.read
+                        ),
+                        vec![*prev_op, op.index],
+                    );
+                }
+            }
+            let best = own_read.get(&key).map_or(c.read, |(p, _)| (*p).max(c.read));
+            own_read.insert(key, (best, op.index));
+        }
+    }
+
+    // Final reads: whole, gapless, the same length everywhere, holding every ack.
+    for (chat, list) in &finals {
+        let mut lengths: Vec<(u64, usize, u64)> = Vec::new();
+        for (op, node) in list {
+            let entries = entries_of(op);
+            lengths.push((node.unwrap_or(0), entries.len(), op.index));
+            for (i, e) in entries.iter().enumerate() {
+                let want = i as u64 + 1;
+                if e.seq != want {
+                    r.add(
+                        AnomalyKind::Gap,
+                        chat,
+                        format!(
+                            "the final read from node {} has seq {} where seq {want} belongs",
+                            node.unwrap_or(0),
+                            e.seq
+                        ),
+                        vec![op.index],
+                    );
+                    break;
+                }
+            }
+            let have: HashSet<&str> = entries
+                .iter()
+                .filter(|e| e.kind == "text")
+                .map(|e| e.text.as_str())
+                .collect();
+            for a in acks.get(chat).map(Vec::as_slice).unwrap_or_default() {
+                if !have.contains(a.msg.as_str()) {
+                    r.add(
+                        AnomalyKind::Lost,
+                        chat,
+                        format!(
+                            "{:?} acked at seq {} is missing from the final read of node {}",
+                            a.msg,
+                            a.seq,
+                            node.unwrap_or(0)
+                        ),
+                        vec![a.op, op.index],
+                    );
+                }
+            }
+        }
+        let min = lengths.iter().map(|l| l.1).min().unwrap_or(0);
+        let max = lengths.iter().map(|l| l.1).max().unwrap_or(0);
+        if min != max {
+            let shown: Vec<String> = lengths
+                .iter()
+                .map(|(n, len, _)| format!("node {n}: {len}"))
+                .collect();
+            r.add(
+                AnomalyKind::Inconsistent,
+                chat,
+                format!("final reads differ in length: {}", shown.join(", ")),
+                lengths.iter().map(|l| l.2).collect(),
+            );
+        }
+    }
+    // A chat with acks but no final read at all cannot be judged.
+    for chat in acks.keys() {
+        if !finals.contains_key(chat) {
+            final_failures.push(format!("no final read of {chat}"));
+        }
+    }
+    res.incomplete = final_failures;
+    res.messages_acked = msg_seq
+        .keys()
+        .filter(|(chat, m)| {
+            acks.get(chat)
+                .is_some_and(|l| l.iter().any(|a| &a.msg == m))
+        })
+        .count() as u64;
+    res.counts = r.counts;
+    res.examples = r.examples;
+    res.valid = res.anomalies() == 0 && res.incomplete.is_empty();
+    res
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::history::Cursor;
+
+    /// Builds histories by hand; times advance 1 ms per op unless set.
+    struct H {
+        ops: Vec<Op>,
+        t: u64,
+    }
+
+    fn text(seq: u64, msg: &str) -> Entry {
+        Entry {
+            seq,
+            kind: "text".into(),
+            sender: "u".into(),
+            text: msg.into(),
+        }
+    }
+
+    impl H {
+        fn new() -> H {
+            H {
+                ops: Vec::new(),
+                t: 0,
+            }
+        }
+
+        fn push(&mut self, mut op: Op) -> &mut H {
+            self.t += 1000;
+            op.index = self.ops.len() as u64;
+            op.time_us = self.t;
+            self.ops.push(op);
+            self
+        }
+
+        fn send(&mut self, p: &str, chat: &str, msg: &str, seq: Option<u64>) -> &mut H {
+            let mut inv = Op::new(p, Kind::Invoke, F::Send);
+            inv.chat = Some(chat.into());
+            inv.msg = Some(msg.into());
+            self.push(inv);
+            let mut done = Op::new(
+                p,
+                if seq.is_some() { Kind::Ok } else { Kind::Info },
+                F::Send,
+            );
+            done.seq = seq;
+            self.push(done)
+        }
+
+        fn deliver(&mut self, p: &str, session: u64, chat: &str, seq: u64, msg: &str) -> &mut H {
+            let mut op = Op::new(p, Kind::Ok, F::Deliver);
+            op.session = Some(session);
+            op.chat = Some(chat.into());
+            op.seq = Some(seq);
+            op.msg = Some(msg.into());
+            self.push(op)
+        }
+
+        fn read(&mut self, p: &str, chat: &str, entries: Vec<Entry>) -> &mut H {
+            let mut inv = Op::new(p, Kind::Invoke, F::Read);
+            inv.chat = Some(chat.into());
+            self.push(inv);
+            let mut ok = Op::new(p, Kind::Ok, F::Read);
+            ok.chat = Some(chat.into());
+            ok.entries = Some(entries);
+            self.push(ok)
+        }
+
+        fn final_read(&mut self, node: u64, chat: &str, entries: Vec<Entry>) -> &mut H {
+            let p = format!("final-{node}");
+            let mut inv = Op::new(&p, Kind::Invoke, F::FinalRead);
+            inv.chat = Some(chat.into());
+            inv.node = Some(node);
+            self.push(inv);
+            let mut ok = Op::new(&p, Kind::Ok, F::FinalRead);
+            ok.chat = Some(chat.into());
+            ok.entries = Some(entries);
+            ok.complete = Some(true);
+            self.push(ok)
+        }
+
+        /// Two acked messages, delivered and read back everywhere: a clean history.
+        fn clean() -> H {
+            let mut h = H::new();
+            h.send("c1", "g", "c1-1", Some(1))
+                .send("c2", "g", "c2-1", Some(2))
+                .deliver("c1", 1, "g", 1, "c1-1")
+                .deliver("c1", 1, "g", 2, "c2-1")
+                .read("c2", "g", vec![text(1, "c1-1"), text(2, "c2-1")])
+                .final_read(1, "g", vec![text(1, "c1-1"), text(2, "c2-1")])
+                .final_read(2, "g", vec![text(1, "c1-1"), text(2, "c2-1")]);
+            h
+        }
+
+        fn check(&self) -> Results {
+            check(&self.ops)
+        }
+    }
+
+    fn only(res: &Results, kind: AnomalyKind) -> u64 {
+        for (k, n) in &res.counts {
+            if *k != kind {
+                assert_eq!(*n, 0, "unexpected {k:?}: {:#?}", res.examples);
+            }
+        }
+        assert!(!res.valid);
+        res.counts[&kind]
+    }
+
+    #[test]
+    fn a_clean_history_is_valid() {
+        let res = H::clean().check();
+        assert!(res.valid, "{:#?}", res);
+        assert_eq!(res.anomalies(), 0);
+        assert_eq!(res.messages_acked, 2);
+        assert_eq!(res.sends_ok, 2);
+        assert_eq!(res.deliveries, 2);
+        assert_eq!(res.final_reads, 2);
+        assert!(res.verdict().starts_with("VALID"));
+    }
+
+    #[test]
+    fn lost_write_is_reported() {
+        let mut h = H::clean();
+        h.send("c3", "g", "c3-1", Some(3)).final_read(
+            3,
+            "g",
+            vec![text(1, "c1-1"), text(2, "c2-1")],
+        );
+        let res = h.check();
+        // Missing from nodes 1, 2 and 3.
+        assert_eq!(only(&res, AnomalyKind::Lost), 3);
+        assert!(
+            res.verdict().starts_with("INVALID: 3 lost"),
+            "{}",
+            res.verdict()
+        );
+    }
+
+    #[test]
+    fn a_message_at_two_seqs_is_a_duplicate() {
+        let mut h = H::new();
+        h.send("c1", "g", "c1-1", None)
+            .send("c1", "g", "c1-1", Some(2))
+            .final_read(1, "g", vec![text(1, "c1-1"), text(2, "c1-1")]);
+        assert_eq!(only(&h.check(), AnomalyKind::Duplicate), 1);
+    }
+
+    #[test]
+    fn a_seq_delivered_twice_to_one_connection_is_a_duplicate() {
+        let mut h = H::clean();
+        h.deliver("c1", 1, "g", 2, "c2-1");
+        assert_eq!(only(&h.check(), AnomalyKind::Duplicate), 1);
+        // On a new connection (after a reconnect) it is not.
+        let mut h = H::clean();
+        h.deliver("c1", 2, "g", 2, "c2-1");
+        assert!(h.check().valid);
+    }
+
+    #[test]
+    fn two_messages_at_one_seq_are_inconsistent() {
+        let mut h = H::clean();
+        h.send("c3", "g", "c3-1", Some(3));
+        h.final_read(
+            3,
+            "g",
+            vec![text(1, "c1-1"), text(2, "c2-1"), text(3, "c3-1")],
+        );
+        // Node 1 and 2 read back before c3-1 (another entry at 3 seen by a client).
+        h.read("c1", "g", vec![text(3, "c1-9")]);
+        let res = h.check();
+        assert!(
+            res.counts[&AnomalyKind::Inconsistent] >= 1,
+            "{:#?}",
+            res.examples
+        );
+    }
+
+    #[test]
+    fn final_reads_of_different_lengths_are_inconsistent() {
+        let mut h = H::clean();
+        h.send("c3", "g", "c3-1", None);
+        h.final_read(
+            3,
+            "g",
+            vec![text(1, "c1-1"), text(2, "c2-1"), text(3, "c3-1")],
+        );
+        assert_eq!(only(&h.check(), AnomalyKind::Inconsistent), 1);
+    }
+
+    #[test]
+    fn a_hole_in_the_seqs_is_a_gap() {
+        let mut h = H::new();
+        h.send("c1", "g", "c1-1", Some(1))
+            .send("c1", "g", "c1-2", Some(3))
+            .final_read(1, "g", vec![text(1, "c1-1"), text(3, "c1-2")]);
+        assert_eq!(only(&h.check(), AnomalyKind::Gap), 1);
+    }
+
+    #[test]
+    fn delivery_going_back_is_non_monotonic() {
+        let mut h = H::clean();
+        h.deliver("c2", 1, "g", 2, "c2-1")
+            .deliver("c2", 1, "g", 1, "c1-1");
+        assert_eq!(only(&h.check(), AnomalyKind::NonMonotonic), 1);
+    }
+
+    #[test]
+    fn a_message_nobody_sent_is_unexpected() {
+        let mut h = H::clean();
+        h.deliver("c2", 1, "g", 3, "forged");
+        h.final_read(
+            3,
+            "g",
+            vec![text(1, "c1-1"), text(2, "c2-1"), text(3, "forged")],
+        );
+        // Also: nodes 1 and 2 have 2 entries, node 3 has 3.
+        let res = h.check();
+        assert_eq!(
+            res.counts[&AnomalyKind::Unexpected],
+            1,
+            "{:#?}",
+            res.examples
+        );
+        assert_eq!(res.counts[&AnomalyKind::Lost], 0);
+    }
+
+    #[test]
+    fn a_read_missing_an_earlier_ack_is_stale() {
+        let mut h = H::clean();
+        h.read("c3", "g", vec![text(1, "c1-1")]);
+        assert_eq!(only(&h.check(), AnomalyKind::StaleRead), 1);
+        // A sync that says last seq 1 after seq 2 was acked is stale too.
+        let mut h = H::clean();
+        let mut inv = Op::new("c3", Kind::Invoke, F::Sync);
+        inv.chat = None;
+        h.push(inv);
+        let mut ok = Op::new("c3", Kind::Ok, F::Sync);
+        ok.cursors = Some(vec![Cursor {
+            chat: "g".into(),
+            last_seq: 1,
+            read: 0,
+        }]);
+        h.push(ok);
+        assert_eq!(only(&h.check(), AnomalyKind::StaleRead), 1);
+    }
+
+    #[test]
+    fn a_read_concurrent_with_the_ack_is_not_stale() {
+        let mut h = H::new();
+        // The read begins before the ack arrives: it may or may not see the message.
+        let mut inv = Op::new("c2", Kind::Invoke, F::Read);
+        inv.chat = Some("g".into());
+        h.push(inv);
+        h.send("c1", "g", "c1-1", Some(1));
+        let mut ok = Op::new("c2", Kind::Ok, F::Read);
+        ok.chat = Some("g".into());
+        ok.entries = Some(vec![]);
+        h.push(ok);
+        h.final_read(1, "g", vec![text(1, "c1-1")]);
+        assert!(h.check().valid, "{:#?}", h.check());
+    }
+
+    #[test]
+    fn receipts_going_back_are_reported() {
+        let mut h = H::clean();
+        for (d, r) in [(2, 1), (2, 2), (2, 1)] {
+            let mut op = Op::new("c1", Kind::Ok, F::ReceiptSeen);
+            op.session = Some(1);
+            op.chat = Some("g".into());
+            op.user = Some("u2".into());
+            op.delivered = Some(d);
+            op.read = Some(r);
+            h.push(op);
+        }
+        assert_eq!(only(&h.check(), AnomalyKind::ReceiptBackwards), 1);
+    }
+
+    #[test]
+    fn a_failed_final_read_makes_the_verdict_unknown() {
+        let mut h = H::new();
+        h.send("c1", "g", "c1-1", Some(1));
+        let res = h.check();
+        assert!(!res.valid);
+        assert_eq!(res.anomalies(), 0);
+        assert!(res.verdict().starts_with("UNKNOWN"), "{}", res.verdict());
+    }
+
+    #[test]
+    fn availability_and_unavailability_follow_the_fault_windows() {
+        let mut h = H::new();
+        h.send("c1", "g", "c1-1", Some(1));
+        let mut f = Op::new("nemesis", Kind::Invoke, F::Fault);
+        f.fault = Some("kill n2".into());
+        h.push(f);
+        h.send("c1", "g", "c1-2", None);
+        h.t += 500_000;
+        h.send("c1", "g", "c1-2", Some(2));
+        let mut f = Op::new("nemesis", Kind::Ok, F::Fault);
+        f.fault = Some("kill n2".into());
+        h.push(f);
+        h.final_read(1, "g", vec![text(1, "c1-1"), text(2, "c1-2")]);
+        let res = h.check();
+        assert!(res.valid, "{:#?}", res);
+        let a = &res.availability["kill n2"];
+        assert_eq!((a.completed, a.ok), (2, 1));
+        assert!((a.share_ok - 0.5).abs() < 1e-9);
+        assert_eq!(res.windows.len(), 1);
+        assert!(
+            res.longest_unavailable_ms >= 500.0,
+            "{}",
+            res.longest_unavailable_ms
+        );
+        assert_eq!(res.ack_latency_ms.count, 2);
+    }
+}

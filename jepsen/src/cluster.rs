@@ -1,0 +1,454 @@
+//! Cluster control: N chatd processes on loopback, each on its own address in
+//! 127.0.0.0/8 (127.0.0.11, .12, …) so iptables can cut the network between two of them;
+//! kill -9, SIGSTOP/SIGCONT, SIGTERM (the drain path) and restart; network partitions
+//! with an iptables chain of this run. Everything is undone on drop: paused processes are
+//! continued, every process is killed by its pid and reaped, the chain is removed.
+
+use std::fs::{File, OpenOptions};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a node may take to answer `/readyz` 200 after a start.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a SIGTERMed node may take to drain and exit before it is killed.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// The first node's address; node i has 127.0.0.(10+i).
+pub const FIRST_HOST_OCTET: u8 = 11;
+/// Most nodes (addresses 127.0.0.11 to 127.0.0.19).
+pub const NODES_MAX: usize = 9;
+
+/// Errors of cluster control.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A command could not be run or failed.
+    #[error("{what}: {cause}")]
+    Command {
+        /// What was run.
+        what: String,
+        /// Why it failed.
+        cause: String,
+    },
+    /// A node did not become ready in time.
+    #[error("node {node} not ready within {secs} s (log: {log})")]
+    NotReady {
+        /// The node.
+        node: usize,
+        /// The bound.
+        secs: u64,
+        /// Its log file.
+        log: String,
+    },
+    /// Bad arguments.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn command_error(what: impl Into<String>, cause: impl ToString) -> ClusterError {
+    ClusterError::Command {
+        what: what.into(),
+        cause: cause.to_string(),
+    }
+}
+
+/// Runs a command to completion; its stderr in the error.
+pub fn run(program: &str, args: &[&str]) -> Result<String, ClusterError> {
+    let shown = format!("{program} {}", args.join(" "));
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| command_error(&shown, e))?;
+    if !out.status.success() {
+        return Err(command_error(
+            &shown,
+            format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The state of one node process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeState {
+    /// Running.
+    Up,
+    /// Stopped with SIGSTOP.
+    Paused,
+    /// Not running.
+    Down,
+}
+
+/// One node.
+pub struct Node {
+    /// 1-based id.
+    pub id: usize,
+    /// Its address.
+    pub host: Ipv4Addr,
+    /// Its HTTP/WebSocket port.
+    pub api_port: u16,
+    /// Its config file.
+    pub config: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+    child: Option<Child>,
+    state: NodeState,
+}
+
+impl Node {
+    /// `host:port` of the API.
+    pub fn api(&self) -> String {
+        format!("{}:{}", self.host, self.api_port)
+    }
+
+    /// Its state.
+    pub fn state(&self) -> NodeState {
+        self.state
+    }
+
+    /// The pid, when running or paused.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+/// The cluster of a run.
+pub struct Cluster {
+    /// The chatd binary.
+    pub chatd: PathBuf,
+    /// Where configs, data and logs live.
+    pub dir: PathBuf,
+    /// The nodes, index = id - 1.
+    pub nodes: Vec<Node>,
+    /// The admin token.
+    pub admin_token: String,
+    /// The iptables chain of this run, once created.
+    chain: Option<String>,
+}
+
+/// The address of node `id` (1-based).
+pub fn host_of(id: usize) -> Ipv4Addr {
+    Ipv4Addr::new(127, 0, 0, FIRST_HOST_OCTET + (id as u8 - 1))
+}
+
+fn http_ready(addr: SocketAddr) -> bool {
+    use std::io::{BufRead, BufReader, Write};
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    if write!(
+        s,
+        "GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .is_err()
+    {
+        return false;
+    }
+    let mut line = String::new();
+    if BufReader::new(s).read_line(&mut line).is_err() {
+        return false;
+    }
+    line.split_whitespace().nth(1) == Some("200")
+}
+
+impl Cluster {
+    /// `chatd cluster init` for `n` nodes on 127.0.0.11… with `base_port`, into `dir`.
+    pub fn init(
+        chatd: &Path,
+        dir: &Path,
+        n: usize,
+        base_port: u16,
+    ) -> Result<Cluster, ClusterError> {
+        if !(1..=NODES_MAX).contains(&n) {
+            return Err(ClusterError::Invalid(format!(
+                "{n} nodes: between 1 and {NODES_MAX}"
+            )));
+        }
+        let out = dir.join("cluster");
+        let mut args: Vec<String> = vec![
+            "cluster".into(),
+            "init".into(),
+            "--nodes".into(),
+            n.to_string(),
+            "--base-port".into(),
+            base_port.to_string(),
+            "--send-rate-per-sec".into(),
+            "100000".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        for id in 1..=n {
+            args.push("--host".into());
+            args.push(host_of(id).to_string());
+        }
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&chatd.display().to_string(), &argv)?;
+        let admin_token = std::fs::read_to_string(out.join("admin.token"))
+            .map_err(|e| command_error("read admin.token", e))?
+            .trim()
+            .to_string();
+        std::fs::create_dir_all(dir.join("logs")).map_err(|e| command_error("mkdir logs", e))?;
+        let nodes = (1..=n)
+            .map(|id| Node {
+                id,
+                host: host_of(id),
+                api_port: base_port,
+                config: out.join(format!("node-{id}")).join("chatd.toml"),
+                log: dir.join("logs").join(format!("node-{id}.log")),
+                child: None,
+                state: NodeState::Down,
+            })
+            .collect();
+        Ok(Cluster {
+            chatd: chatd.to_path_buf(),
+            dir: dir.to_path_buf(),
+            nodes,
+            admin_token,
+            chain: None,
+        })
+    }
+
+    fn node(&mut self, id: usize) -> Result<&mut Node, ClusterError> {
+        self.nodes
+            .get_mut(id.wrapping_sub(1))
+            .ok_or_else(|| ClusterError::Invalid(format!("no node {id}")))
+    }
+
+    /// Starts node `id` (appending to its log).
+    pub fn start(&mut self, id: usize) -> Result<(), ClusterError> {
+        let chatd = self.chatd.clone();
+        let node = self.node(id)?;
+        if node.child.is_some() {
+            return Ok(());
+        }
+        let log: File = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)
+            .map_err(|e| command_error(format!("open {}", node.log.display()), e))?;
+        let err = log.try_clone().map_err(|e| command_error("dup log", e))?;
+        let child = Command::new(&chatd)
+            .arg("run")
+            .arg("--config")
+            .arg(&node.config)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| command_error(format!("start node {id}"), e))?;
+        node.child = Some(child);
+        node.state = NodeState::Up;
+        Ok(())
+    }
+
+    /// Waits until node `id` answers `/readyz` with 200.
+    pub fn wait_ready(&mut self, id: usize, timeout: Duration) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let node = self.node(id)?;
+            let addr = SocketAddr::new(IpAddr::V4(node.host), node.api_port);
+            if http_ready(addr) {
+                return Ok(());
+            }
+            if let Some(child) = node.child.as_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    node.child = None;
+                    node.state = NodeState::Down;
+                    return Err(command_error(
+                        format!("node {id}"),
+                        format!(
+                            "exited while starting: {status} (log: {})",
+                            node.log.display()
+                        ),
+                    ));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ClusterError::NotReady {
+                    node: id,
+                    secs: timeout.as_secs(),
+                    log: node.log.display().to_string(),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Starts every node and waits for all to be ready.
+    pub fn start_all(&mut self) -> Result<(), ClusterError> {
+        for id in 1..=self.nodes.len() {
+            self.start(id)?;
+        }
+        for id in 1..=self.nodes.len() {
+            self.wait_ready(id, READY_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    fn signal(&mut self, id: usize, sig: &str) -> Result<(), ClusterError> {
+        let node = self.node(id)?;
+        let Some(pid) = node.pid() else {
+            return Ok(());
+        };
+        run("kill", &[sig, &pid.to_string()]).map(|_| ())
+    }
+
+    /// kill -9 node `id` and reap it.
+    pub fn kill(&mut self, id: usize) -> Result<(), ClusterError> {
+        let node = self.node(id)?;
+        if let Some(mut child) = node.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        node.state = NodeState::Down;
+        Ok(())
+    }
+
+    /// SIGSTOP node `id`.
+    pub fn pause(&mut self, id: usize) -> Result<(), ClusterError> {
+        self.signal(id, "-STOP")?;
+        let node = self.node(id)?;
+        if node.child.is_some() {
+            node.state = NodeState::Paused;
+        }
+        Ok(())
+    }
+
+    /// SIGCONT node `id`.
+    pub fn resume(&mut self, id: usize) -> Result<(), ClusterError> {
+        self.signal(id, "-CONT")?;
+        let node = self.node(id)?;
+        if node.child.is_some() {
+            node.state = NodeState::Up;
+        }
+        Ok(())
+    }
+
+    /// SIGTERM node `id` (the drain path) and wait for it to exit; killed after
+    /// `timeout`. Returns how long it took and whether it exited by itself with 0.
+    pub fn stop(&mut self, id: usize, timeout: Duration) -> Result<(Duration, bool), ClusterError> {
+        let started = Instant::now();
+        self.signal(id, "-TERM")?;
+        let node = self.node(id)?;
+        let Some(mut child) = node.child.take() else {
+            return Ok((Duration::ZERO, true));
+        };
+        node.state = NodeState::Down;
+        loop {
+            match child.try_wait() {
+                Ok(Some(status)) => return Ok((started.elapsed(), status.success())),
+                Ok(None) if started.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Ok((started.elapsed(), false));
+                }
+            }
+        }
+    }
+
+    /// Creates this run's iptables chain and jumps to it from INPUT.
+    pub fn enable_partitions(&mut self) -> Result<(), ClusterError> {
+        if self.chain.is_some() {
+            return Ok(());
+        }
+        let chain = format!("CHATD-J-{}", std::process::id());
+        run("iptables", &["-w", "-N", &chain])?;
+        if let Err(e) = run("iptables", &["-w", "-I", "INPUT", "-j", &chain]) {
+            let _ = run("iptables", &["-w", "-X", &chain]);
+            return Err(e);
+        }
+        self.chain = Some(chain);
+        Ok(())
+    }
+
+    /// Whether partitions can be made (the chain exists).
+    pub fn partitions_enabled(&self) -> bool {
+        self.chain.is_some()
+    }
+
+    /// Drops traffic between `a` and `b`, both ways.
+    pub fn cut(&mut self, a: usize, b: usize) -> Result<(), ClusterError> {
+        let chain = self
+            .chain
+            .clone()
+            .ok_or_else(|| ClusterError::Invalid("partitions are not enabled".into()))?;
+        let (ha, hb) = (host_of(a).to_string(), host_of(b).to_string());
+        for (s, d) in [(&ha, &hb), (&hb, &ha)] {
+            run(
+                "iptables",
+                &["-w", "-A", &chain, "-s", s, "-d", d, "-j", "DROP"],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Removes every cut.
+    pub fn heal(&mut self) -> Result<(), ClusterError> {
+        if let Some(chain) = &self.chain {
+            run("iptables", &["-w", "-F", chain])?;
+        }
+        Ok(())
+    }
+
+    /// Removes the chain (idempotent).
+    pub fn disable_partitions(&mut self) {
+        if let Some(chain) = self.chain.take() {
+            let _ = run("iptables", &["-w", "-D", "INPUT", "-j", &chain]);
+            let _ = run("iptables", &["-w", "-F", &chain]);
+            let _ = run("iptables", &["-w", "-X", &chain]);
+        }
+    }
+
+    /// Continues paused nodes, kills every node, removes the chain.
+    pub fn teardown(&mut self) {
+        for id in 1..=self.nodes.len() {
+            if self.nodes[id - 1].state == NodeState::Paused {
+                let _ = self.resume(id);
+            }
+            let _ = self.kill(id);
+        }
+        self.disable_partitions();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Whether iptables can be used here (installed, and we may change rules).
+pub fn iptables_usable() -> bool {
+    run("iptables", &["-w", "-L", "INPUT", "-n"]).is_ok()
+}
+
+/// Removes chains left by runs that died without cleaning up (their process is gone).
+pub fn remove_stale_chains() {
+    let Ok(list) = run("iptables", &["-w", "-S"]) else {
+        return;
+    };
+    for line in list.lines() {
+        let Some(chain) = line.strip_prefix("-N ") else {
+            continue;
+        };
+        let Some(pid) = chain.strip_prefix("CHATD-J-") else {
+            continue;
+        };
+        let alive = Path::new("/proc").join(pid).exists();
+        if !alive {
+            let _ = run("iptables", &["-w", "-D", "INPUT", "-j", chain]);
+            let _ = run("iptables", &["-w", "-F", chain]);
+            let _ = run("iptables", &["-w", "-X", chain]);
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! `chatd-jepsen`: runs a fault-injection test against real chatd processes and judges
+//! its history, or re-checks a recorded history.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Context;
+use chatd_jepsen::checker::{AnomalyKind, Results};
+use chatd_jepsen::nemesis::FaultKind;
+use chatd_jepsen::run::{self, TestSpec};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "chatd-jepsen", version, about, max_term_width = 100)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a test: cluster, workload, faults, final reads, checker, report.
+    Test(TestArgs),
+    /// Check a recorded history (history.jsonl) again.
+    Check {
+        /// The history file.
+        history: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct TestArgs {
+    /// Nodes (each on its own address 127.0.0.11, .12, …).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=9))]
+    nodes: u16,
+    /// Seconds of workload (faults start only in the first 80%).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(5..=86_400))]
+    time_limit: u64,
+    /// Faults, comma-separated; `mixed` = every fault but rolling-restart; `none`.
+    #[arg(long, default_value = "mixed", value_delimiter = ',')]
+    nemesis: Vec<String>,
+    /// Seed of the schedule and of the clients' choices [default: from the clock].
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Concurrent clients, each its own user, spread over the nodes.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u16).range(1..=200))]
+    clients: u16,
+    /// Group chats, every client a member of each.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=100))]
+    chats: u16,
+    /// Operations per second over all clients.
+    #[arg(long, default_value_t = 120.0)]
+    rate: f64,
+    /// Quiet time between faults, ms: MIN,MAX.
+    #[arg(long, default_value = "2000,5000", value_delimiter = ',', num_args = 2)]
+    quiet_ms: Vec<u64>,
+    /// How long each fault lasts, ms: MIN,MAX.
+    #[arg(long, default_value = "3000,8000", value_delimiter = ',', num_args = 2)]
+    hold_ms: Vec<u64>,
+    /// Where run directories go.
+    #[arg(long, default_value = "jepsen-runs")]
+    out: PathBuf,
+    /// The chatd binary [default: next to this binary].
+    #[arg(long)]
+    chatd: Option<PathBuf>,
+    /// API port of every node (QUIC on the next port).
+    #[arg(long, default_value_t = 27_100)]
+    base_port: u16,
+    /// Keep the nodes' RocksDB directories (by default only logs and the report stay).
+    #[arg(long)]
+    keep_data: bool,
+}
+
+fn faults(names: &[String]) -> anyhow::Result<Vec<FaultKind>> {
+    use clap::ValueEnum;
+    let mut out = Vec::new();
+    for n in names {
+        match n.trim() {
+            "none" => {}
+            "mixed" => out.extend(FaultKind::MIXED),
+            other => out.push(
+                FaultKind::from_str(other, true)
+                    .map_err(|_| anyhow::anyhow!("unknown fault {other:?}; known: mixed, none, kill, kill-leader, pause, partition-one, partition-leader, majority-minority, bridge, rolling-restart"))?,
+            ),
+        }
+    }
+    out.dedup();
+    Ok(out)
+}
+
+fn chatd_path(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p);
+    }
+    let me = std::env::current_exe().context("cannot find this binary's path")?;
+    let sibling = me.with_file_name("chatd");
+    if sibling.is_file() {
+        return Ok(sibling);
+    }
+    anyhow::bail!(
+        "no chatd next to {} (build it with `cargo build -p chatd`, or give --chatd)",
+        me.display()
+    )
+}
+
+fn summary(r: &Results) -> String {
+    let mut s = String::new();
+    s.push_str("anomalies:\n");
+    for k in AnomalyKind::ALL {
+        let n = r.counts.get(&k).copied().unwrap_or(0);
+        let name = serde_json::to_value(k)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default();
+        s.push_str(&format!("  {name:<18} {n}\n"));
+    }
+    for e in &r.examples {
+        s.push_str(&format!(
+            "  e.g. {:?} in {}: {} (ops {:?})\n",
+            e.kind, e.chat, e.detail, e.ops
+        ));
+    }
+    for i in &r.incomplete {
+        s.push_str(&format!("  incomplete: {i}\n"));
+    }
+    s.push_str("availability (sends completed while each fault was active):\n");
+    for (fault, a) in &r.availability {
+        s.push_str(&format!(
+            "  {:>6.1}% of {:>6}  {fault}\n",
+            a.share_ok * 100.0,
+            a.completed
+        ));
+    }
+    s.push_str(&format!(
+        "ack latency: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} acks)\n",
+        r.ack_latency_ms.p50, r.ack_latency_ms.p99, r.ack_latency_ms.max, r.ack_latency_ms.count
+    ));
+    s.push_str(&format!(
+        "longest time without an acknowledged write: {:.0} ms (from {:.1} s)\n",
+        r.longest_unavailable_ms, r.longest_unavailable_at_s
+    ));
+    s
+}
+
+async fn test(args: TestArgs) -> anyhow::Result<bool> {
+    let faults = faults(&args.nemesis)?;
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_secs())
+    });
+    if !(args.rate.is_finite() && args.rate > 0.0 && args.rate <= 100_000.0) {
+        anyhow::bail!("--rate must be in (0, 100000]");
+    }
+    let spec = TestSpec {
+        nodes: usize::from(args.nodes),
+        time_limit_s: args.time_limit,
+        faults,
+        seed,
+        clients: usize::from(args.clients),
+        chats: usize::from(args.chats),
+        rate: args.rate,
+        quiet_ms: (args.quiet_ms[0], args.quiet_ms[1].max(args.quiet_ms[0])),
+        hold_ms: (args.hold_ms[0], args.hold_ms[1].max(args.hold_ms[0])),
+        chatd: chatd_path(args.chatd)?,
+        dir: run::run_dir(&args.out, seed),
+        base_port: args.base_port,
+        keep_data: args.keep_data,
+    };
+    eprintln!(
+        "chatd-jepsen: {} nodes, {} s, faults {:?}, seed {seed}, run dir {}",
+        spec.nodes,
+        spec.time_limit_s,
+        spec.faults,
+        spec.dir.display()
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        eprintln!("chatd-jepsen: interrupted: stopping and cleaning up");
+        flag.store(true, Ordering::Relaxed);
+    });
+    let outcome = run::test(&spec, stop).await?;
+    print!("{}", summary(&outcome.results));
+    println!("report: {}", outcome.dir.display());
+    println!("{}", outcome.results.verdict());
+    Ok(outcome.results.valid)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("chatd-jepsen: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.cmd {
+            Cmd::Test(args) => test(args).await,
+            Cmd::Check { history } => {
+                let ops = chatd_jepsen::history::load(&history)?;
+                let r = chatd_jepsen::checker::check(&ops);
+                print!("{}", summary(&r));
+                println!("{}", r.verdict());
+                Ok(r.valid)
+            }
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("chatd-jepsen: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,292 @@
+//! One test run: set up a cluster, users and chats; run the clients and the nemesis;
+//! heal; read everything back from every node; check; write the report; clean up.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use chat_cli::ws::Connection;
+use chatd_proto::{ClientFrame, ServerFrame};
+
+use crate::checker::{self, Results};
+use crate::cluster::{self, Cluster, READY_TIMEOUT};
+use crate::history::History;
+use crate::nemesis::{self, FaultKind, Nemesis, Schedule};
+use crate::workload::{self, ClientSpec, Setup};
+
+/// Most operations a run records; the workload stops there.
+pub const OPS_MAX: usize = 2_000_000;
+/// Share of the time limit during which faults may start; the rest runs healed.
+const FAULT_SHARE: f64 = 0.8;
+
+/// What to run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TestSpec {
+    /// 3 or 5 (1–9 allowed).
+    pub nodes: usize,
+    /// Seconds of workload.
+    pub time_limit_s: u64,
+    /// Faults to draw from (empty: none).
+    pub faults: Vec<FaultKind>,
+    /// Seed of the schedule and the clients' choices.
+    pub seed: u64,
+    /// Concurrent clients (each its own user).
+    pub clients: usize,
+    /// Group chats (every client is a member of each).
+    pub chats: usize,
+    /// Operations per second over all clients.
+    pub rate: f64,
+    /// Quiet time between faults (ms, range).
+    pub quiet_ms: (u64, u64),
+    /// Fault duration (ms, range).
+    pub hold_ms: (u64, u64),
+    /// The chatd binary.
+    pub chatd: PathBuf,
+    /// The run's directory.
+    pub dir: PathBuf,
+    /// API port of every node (each has its own address).
+    pub base_port: u16,
+    /// Keep the nodes' data directories.
+    pub keep_data: bool,
+}
+
+/// What a run produced.
+pub struct Outcome {
+    /// The checker's results.
+    pub results: Results,
+    /// The run's directory.
+    pub dir: PathBuf,
+}
+
+fn lock(c: &Mutex<Cluster>) -> std::sync::MutexGuard<'_, Cluster> {
+    c.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Creates the users (one per client) and the groups; returns the setup and the Raft
+/// groups holding the chats.
+async fn prepare(
+    nodes: Vec<String>,
+    admin: String,
+    spec: &TestSpec,
+) -> anyhow::Result<(Setup, Vec<u64>)> {
+    let first = nodes[0].clone();
+    let mut users = Vec::new();
+    for k in 1..=spec.clients {
+        let user = format!("u{k}");
+        let (first, admin, body) = (
+            first.clone(),
+            admin.clone(),
+            serde_json::json!({ "user": user }),
+        );
+        let v = tokio::task::spawn_blocking(move || {
+            crate::http::post_json(&first, "/v1/admin/users", &admin, &body)
+        })
+        .await?
+        .with_context(|| format!("cannot create user {user}"))?;
+        let token = v["token"]
+            .as_str()
+            .context("no token in the answer")?
+            .to_string();
+        users.push((user, token));
+    }
+    let mut conn = Connection::connect(&first, Some(&users[0].1), Duration::from_secs(10))
+        .await
+        .context("cannot connect as u1")?;
+    let members: Vec<String> = users.iter().skip(1).map(|u| u.0.clone()).collect();
+    let mut chats = Vec::new();
+    let mut partitions = Vec::new();
+    for i in 1..=spec.chats {
+        let answer = conn
+            .request(|id| ClientFrame::CreateGroup {
+                id,
+                name: format!("jepsen-{i}"),
+                members: members.clone(),
+            })
+            .await
+            .context("cannot create a group")?;
+        let Some(ServerFrame::Done { chat, .. }) = answer.frame else {
+            bail!("unexpected answer to create_group: {}", answer.raw);
+        };
+        let (first, admin, path) = (
+            first.clone(),
+            admin.clone(),
+            format!("/v1/admin/chats/{chat}"),
+        );
+        let v = tokio::task::spawn_blocking(move || crate::http::get_json(&first, &path, &admin))
+            .await?
+            .context("cannot inspect a chat")?;
+        if let Some(p) = v["partition"].as_u64() {
+            if !partitions.contains(&p) {
+                partitions.push(p);
+            }
+        }
+        chats.push(chat);
+    }
+    conn.close().await;
+    Ok((
+        Setup {
+            nodes,
+            users,
+            chats,
+        },
+        partitions,
+    ))
+}
+
+/// Runs the test described by `spec`; `stop` ends it early (Ctrl-C). The cluster is
+/// torn down (processes killed by pid, iptables chain removed) on every way out.
+pub async fn test(spec: &TestSpec, stop: Arc<AtomicBool>) -> anyhow::Result<Outcome> {
+    std::fs::create_dir_all(&spec.dir)
+        .with_context(|| format!("cannot create {}", spec.dir.display()))?;
+    let needs_iptables = spec.faults.iter().any(|f| f.needs_iptables());
+    if needs_iptables {
+        if !cluster::iptables_usable() {
+            bail!(
+                "the faults {:?} need iptables (as root); it is not usable here",
+                spec.faults
+            );
+        }
+        cluster::remove_stale_chains();
+    }
+    let cluster = Cluster::init(&spec.chatd, &spec.dir, spec.nodes, spec.base_port)?;
+    let cluster = Arc::new(Mutex::new(cluster));
+    let outcome = run_on(spec, &cluster, stop).await;
+    {
+        let mut c = lock(&cluster);
+        c.teardown();
+        if !spec.keep_data {
+            for n in &c.nodes {
+                if let Some(dir) = n.config.parent() {
+                    let _ = std::fs::remove_dir_all(dir.join("data"));
+                }
+            }
+        }
+    }
+    outcome
+}
+
+async fn run_on(
+    spec: &TestSpec,
+    cluster: &Arc<Mutex<Cluster>>,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<Outcome> {
+    let needs_iptables = spec.faults.iter().any(|f| f.needs_iptables());
+    {
+        let c = cluster.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let mut c = lock(&c);
+            if needs_iptables {
+                c.enable_partitions()?;
+            }
+            c.start_all()?;
+            Ok(())
+        })
+        .await??;
+    }
+    nemesis::tracing_line(&format!("{} nodes ready", spec.nodes));
+    let (nodes, admin) = {
+        let c = lock(cluster);
+        let nodes: Vec<String> = c.nodes.iter().map(cluster::Node::api).collect();
+        (nodes, c.admin_token.clone())
+    };
+    let (setup, partitions) = prepare(nodes, admin, spec).await?;
+    let setup = Arc::new(setup);
+    nemesis::tracing_line(&format!(
+        "{} clients, chats {:?} on partitions {partitions:?}",
+        spec.clients, setup.chats
+    ));
+
+    let start = std::time::Instant::now();
+    let history = Arc::new(History::create(
+        &spec.dir.join("history.jsonl"),
+        start,
+        OPS_MAX,
+    )?);
+    let until = tokio::time::Instant::now() + Duration::from_secs(spec.time_limit_s);
+    let fault_until = start + Duration::from_secs_f64(spec.time_limit_s as f64 * FAULT_SHARE);
+
+    let nemesis_thread = if spec.faults.is_empty() {
+        None
+    } else {
+        let n = Nemesis {
+            cluster: cluster.clone(),
+            history: history.clone(),
+            stop: stop.clone(),
+            partitions: partitions.clone(),
+        };
+        let schedule = Schedule {
+            kinds: spec.faults.clone(),
+            seed: spec.seed,
+            quiet_ms: spec.quiet_ms,
+            hold_ms: spec.hold_ms,
+            until: fault_until,
+        };
+        Some(std::thread::spawn(move || n.run(&schedule)))
+    };
+
+    let rate_each = spec.rate / spec.clients as f64;
+    let mut clients = Vec::new();
+    for k in 1..=spec.clients {
+        let client = ClientSpec {
+            k,
+            rate: rate_each,
+            seed: spec.seed.wrapping_mul(1_000_003).wrapping_add(k as u64),
+            until,
+        };
+        clients.push(tokio::spawn(workload::run_client(
+            client,
+            setup.clone(),
+            history.clone(),
+            stop.clone(),
+        )));
+    }
+    for c in clients {
+        let _ = c.await;
+    }
+    if let Some(t) = nemesis_thread {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    if stop.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    nemesis::tracing_line("workload done; faults healed; waiting for every node");
+    {
+        let c = cluster.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let mut c = lock(&c);
+            c.heal()?;
+            for id in 1..=c.nodes.len() {
+                c.start(id)?;
+                c.wait_ready(id, READY_TIMEOUT)?;
+            }
+            Ok(())
+        })
+        .await??;
+    }
+    workload::final_reads(&setup, &history).await;
+    let ops = history
+        .finish()
+        .map_err(|e| anyhow::anyhow!("cannot write the history: {e}"))?;
+    let results = checker::check(&ops);
+    let title = format!(
+        "{} nodes, faults {:?}, seed {}",
+        spec.nodes, spec.faults, spec.seed
+    );
+    let params = serde_json::to_value(spec)?;
+    crate::report::write(&spec.dir, &ops, &results, &params, &title)
+        .with_context(|| format!("cannot write the report into {}", spec.dir.display()))?;
+    Ok(Outcome {
+        results,
+        dir: spec.dir.clone(),
+    })
+}
+
+/// The directory of a new run under `out`: `<unix seconds>-seed<seed>`.
+pub fn run_dir(out: &Path, seed: u64) -> PathBuf {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    out.join(format!("{secs}-seed{seed}"))
+}

@@ -1,0 +1,510 @@
+//! The workload: concurrent clients, each its own user connected to one node, sending to
+//! group chats every client belongs to with idempotency keys, retrying on timeouts and
+//! disconnects (with the same key, reconnecting to the next node), reading through live
+//! delivery, history and sync, and sending receipts. Every operation goes to the history.
+//! At the end, a final read of every chat from every node.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chat_cli::ws::Connection;
+use chat_cli::CliError;
+use chatd_proto::{ClientFrame, MessageView, ServerFrame};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+
+use crate::history::{Cursor, Entry, History, Kind, Op, F};
+
+/// Longest wait for one operation's answer before it is recorded `info` and the
+/// connection is given up.
+pub const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Attempts of one message (same client_msg_id) before the client moves on.
+pub const SEND_ATTEMPTS_MAX: u32 = 20;
+/// Longest wait to connect.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Final reads: attempts per chat and node.
+pub const FINAL_READ_ATTEMPTS_MAX: u32 = 30;
+/// Entries per history page.
+const PAGE: u32 = chatd_proto::HISTORY_PAGE_MAX;
+
+/// What the clients need to know.
+#[derive(Clone, Debug)]
+pub struct Setup {
+    /// API `host:port` of each node, index = node id - 1.
+    pub nodes: Vec<String>,
+    /// (user, token) per client.
+    pub users: Vec<(String, String)>,
+    /// The chats (every user is a member of each).
+    pub chats: Vec<String>,
+}
+
+/// One client's parameters.
+pub struct ClientSpec {
+    /// Client number (1-based).
+    pub k: usize,
+    /// Operations per second of this client.
+    pub rate: f64,
+    /// Seed of its choices.
+    pub seed: u64,
+    /// When to stop.
+    pub until: Instant,
+}
+
+fn is_definite_refusal(code: &str) -> bool {
+    use chatd_proto::code;
+    matches!(
+        code,
+        code::RATE_LIMITED
+            | code::INVALID_FIELD
+            | code::NOT_MEMBER
+            | code::UNKNOWN_CHAT
+            | code::TOO_LARGE
+            | code::FORBIDDEN
+            | code::MALFORMED
+    )
+}
+
+fn entry(m: &MessageView) -> Entry {
+    Entry {
+        seq: m.seq,
+        kind: m.kind.clone(),
+        sender: m.sender.clone(),
+        text: m.text.clone(),
+    }
+}
+
+/// How waiting for an answer ended.
+enum Answer {
+    Frame(ServerFrame),
+    Timeout,
+    Lost(String),
+}
+
+struct Client {
+    name: String,
+    k: usize,
+    setup: Arc<Setup>,
+    history: Arc<History>,
+    conn: Option<Connection>,
+    node: usize,
+    session: u64,
+    /// Highest seq delivered per chat on this session (for receipts).
+    seen: HashMap<String, u64>,
+}
+
+impl Client {
+    fn op(&self, kind: Kind, f: F) -> Op {
+        let mut op = Op::new(&self.name, kind, f);
+        op.node = Some(self.node as u64 + 1);
+        op.session = Some(self.session);
+        op
+    }
+
+    fn drop_conn(&mut self) {
+        self.conn = None;
+        self.node = (self.node + 1) % self.setup.nodes.len();
+    }
+
+    async fn ensure_connected(&mut self) -> bool {
+        if self.conn.is_some() {
+            return true;
+        }
+        let token = self.setup.users[self.k - 1].1.clone();
+        let addr = self.setup.nodes[self.node].clone();
+        match Connection::connect(&addr, Some(&token), CONNECT_TIMEOUT).await {
+            Ok(c) => {
+                self.conn = Some(c);
+                self.session += 1;
+                self.seen.clear();
+                true
+            }
+            Err(_) => {
+                self.drop_conn();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                false
+            }
+        }
+    }
+
+    /// Records a push; `false` if it was not one.
+    fn observe(&mut self, frame: &ServerFrame) -> bool {
+        match frame {
+            ServerFrame::Message { message } => {
+                let mut op = self.op(Kind::Ok, F::Deliver);
+                op.chat = Some(message.chat.clone());
+                op.seq = Some(message.seq);
+                op.msg = Some(message.text.clone());
+                op.entries = Some(vec![entry(message)]);
+                self.history.record(op);
+                let high = self.seen.entry(message.chat.clone()).or_insert(0);
+                *high = (*high).max(message.seq);
+                true
+            }
+            ServerFrame::Receipt {
+                chat,
+                user,
+                delivered,
+                read,
+            } => {
+                let mut op = self.op(Kind::Ok, F::ReceiptSeen);
+                op.chat = Some(chat.clone());
+                op.user = Some(user.clone());
+                op.delivered = Some(*delivered);
+                op.read = Some(*read);
+                self.history.record(op);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Waits for the answer to request `id` until `deadline`, recording pushes.
+    async fn answer(&mut self, id: &str, deadline: Instant) -> Answer {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Answer::Lost("not connected".into());
+            };
+            let next = tokio::time::timeout_at(deadline, conn.recv()).await;
+            let incoming = match next {
+                Err(_) => return Answer::Timeout,
+                Ok(Err(e)) => return Answer::Lost(e.to_string()),
+                Ok(Ok(f)) => f,
+            };
+            let Some(frame) = incoming.frame else {
+                continue;
+            };
+            if incoming.value.get("id").and_then(|v| v.as_str()) == Some(id) {
+                return Answer::Frame(frame);
+            }
+            self.observe(&frame);
+        }
+    }
+
+    /// Reads pushes until `until`.
+    async fn idle(&mut self, until: Instant) {
+        while Instant::now() < until {
+            let Some(conn) = self.conn.as_mut() else {
+                tokio::time::sleep_until(until).await;
+                return;
+            };
+            match tokio::time::timeout_at(until, conn.recv()).await {
+                Err(_) => return,
+                Ok(Err(_)) => {
+                    self.drop_conn();
+                    return;
+                }
+                Ok(Ok(incoming)) => {
+                    if let Some(frame) = incoming.frame {
+                        self.observe(&frame);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn send_frame(&mut self, frame: &ClientFrame) -> Result<(), String> {
+        match self.conn.as_mut() {
+            Some(c) => c.send(frame).await.map_err(|e: CliError| e.to_string()),
+            None => Err("not connected".into()),
+        }
+    }
+
+    /// One attempt of sending `msg` to `chat`. `true` when settled (acked or refused).
+    async fn send(&mut self, chat: &str, msg: &str, n: u64) -> bool {
+        let mut inv = self.op(Kind::Invoke, F::Send);
+        inv.chat = Some(chat.to_string());
+        inv.msg = Some(msg.to_string());
+        if !self.history.record(inv) {
+            return true;
+        }
+        let id = format!("s{n}");
+        let frame = ClientFrame::Send {
+            id: id.clone(),
+            chat: chat.to_string(),
+            client_msg_id: msg.to_string(),
+            text: msg.to_string(),
+            reply_to: None,
+        };
+        if let Err(e) = self.send_frame(&frame).await {
+            let mut op = self.op(Kind::Info, F::Send);
+            op.error = Some(e);
+            self.history.record(op);
+            self.drop_conn();
+            return false;
+        }
+        let answer = self.answer(&id, Instant::now() + OP_TIMEOUT).await;
+        let (kind, seq, error, settled) = match answer {
+            Answer::Frame(ServerFrame::Ack { seq, .. }) => (Kind::Ok, Some(seq), None, true),
+            Answer::Frame(ServerFrame::Error { code, message, .. }) => {
+                if is_definite_refusal(&code) {
+                    (Kind::Fail, None, Some(format!("{code}: {message}")), true)
+                } else {
+                    (Kind::Info, None, Some(format!("{code}: {message}")), false)
+                }
+            }
+            Answer::Frame(other) => (
+                Kind::Info,
+                None,
+                Some(format!("unexpected {other:?}")),
+                false,
+            ),
+            Answer::Timeout => {
+                self.drop_conn();
+                (Kind::Info, None, Some("timeout".into()), false)
+            }
+            Answer::Lost(e) => {
+                self.drop_conn();
+                (Kind::Info, None, Some(e), false)
+            }
+        };
+        let mut op = self.op(kind, F::Send);
+        op.seq = seq;
+        op.error = error;
+        self.history.record(op);
+        settled
+    }
+
+    async fn read(&mut self, chat: &str, n: u64) {
+        let mut inv = self.op(Kind::Invoke, F::Read);
+        inv.chat = Some(chat.to_string());
+        if !self.history.record(inv) {
+            return;
+        }
+        let id = format!("r{n}");
+        let frame = ClientFrame::History {
+            id: id.clone(),
+            chat: chat.to_string(),
+            before: None,
+            after: None,
+            limit: Some(PAGE),
+        };
+        let answer = match self.send_frame(&frame).await {
+            Err(e) => Answer::Lost(e),
+            Ok(()) => self.answer(&id, Instant::now() + OP_TIMEOUT).await,
+        };
+        let mut op = match answer {
+            Answer::Frame(ServerFrame::History { messages, .. }) => {
+                let mut op = self.op(Kind::Ok, F::Read);
+                op.entries = Some(messages.iter().map(entry).collect());
+                op.complete = Some(false);
+                op
+            }
+            Answer::Frame(ServerFrame::Error { code, message, .. }) => {
+                let mut op = self.op(Kind::Fail, F::Read);
+                op.error = Some(format!("{code}: {message}"));
+                op
+            }
+            Answer::Frame(other) => {
+                let mut op = self.op(Kind::Info, F::Read);
+                op.error = Some(format!("unexpected {other:?}"));
+                op
+            }
+            Answer::Timeout | Answer::Lost(_) => {
+                self.drop_conn();
+                let mut op = self.op(Kind::Info, F::Read);
+                op.error = Some("no answer".into());
+                op
+            }
+        };
+        op.chat = Some(chat.to_string());
+        self.history.record(op);
+    }
+
+    async fn sync(&mut self, n: u64) {
+        if !self.history.record(self.op(Kind::Invoke, F::Sync)) {
+            return;
+        }
+        let id = format!("y{n}");
+        let answer = match self.send_frame(&ClientFrame::Sync { id: id.clone() }).await {
+            Err(e) => Answer::Lost(e),
+            Ok(()) => self.answer(&id, Instant::now() + OP_TIMEOUT).await,
+        };
+        let op = match answer {
+            Answer::Frame(ServerFrame::Chats { chats, .. }) => {
+                let mut op = self.op(Kind::Ok, F::Sync);
+                op.cursors = Some(
+                    chats
+                        .iter()
+                        .map(|c| Cursor {
+                            chat: c.chat.clone(),
+                            last_seq: c.last_seq,
+                            read: c.read,
+                        })
+                        .collect(),
+                );
+                op
+            }
+            Answer::Frame(ServerFrame::Error { code, message, .. }) => {
+                let mut op = self.op(Kind::Fail, F::Sync);
+                op.error = Some(format!("{code}: {message}"));
+                op
+            }
+            _ => {
+                self.drop_conn();
+                let mut op = self.op(Kind::Info, F::Sync);
+                op.error = Some("no answer".into());
+                op
+            }
+        };
+        self.history.record(op);
+    }
+
+    async fn receipt(&mut self, chat: &str) {
+        let Some(high) = self.seen.get(chat).copied() else {
+            return;
+        };
+        let frame = ClientFrame::Receipt {
+            chat: chat.to_string(),
+            delivered: Some(high),
+            read: Some(high),
+        };
+        if self.send_frame(&frame).await.is_ok() {
+            let mut op = self.op(Kind::Ok, F::Receipt);
+            op.chat = Some(chat.to_string());
+            op.seq = Some(high);
+            self.history.record(op);
+        } else {
+            self.drop_conn();
+        }
+    }
+}
+
+/// Runs one client until `spec.until`, `stop`, or the history is full.
+pub async fn run_client(
+    spec: ClientSpec,
+    setup: Arc<Setup>,
+    history: Arc<History>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut rng = StdRng::seed_from_u64(spec.seed);
+    let nodes = setup.nodes.len();
+    let mut c = Client {
+        name: format!("c{}", spec.k),
+        k: spec.k,
+        node: (spec.k - 1) % nodes,
+        setup: setup.clone(),
+        history,
+        conn: None,
+        session: 0,
+        seen: HashMap::new(),
+    };
+    let period = Duration::from_secs_f64(1.0 / spec.rate.max(0.01));
+    let mut next_at = Instant::now();
+    let mut counter: u64 = 0;
+    let mut msg_n: u64 = 0;
+    // The message being sent (chat, msg, attempts so far).
+    let mut retry: Option<(String, String, u32)> = None;
+    while Instant::now() < spec.until && !stop.load(Ordering::Relaxed) && !c.history.full() {
+        c.idle(next_at).await;
+        next_at = (next_at + period).max(Instant::now() - period * 4);
+        if !c.ensure_connected().await {
+            continue;
+        }
+        counter += 1;
+        let chat = setup.chats[rng.gen_range(0..setup.chats.len())].clone();
+        let roll: f64 = rng.gen();
+        if retry.is_some() || roll < 0.75 {
+            let (chat, msg, attempts) = retry.take().unwrap_or_else(|| {
+                msg_n += 1;
+                (chat.clone(), format!("c{}-{msg_n}", spec.k), 0)
+            });
+            let settled = c.send(&chat, &msg, counter).await;
+            if !settled && attempts + 1 < SEND_ATTEMPTS_MAX {
+                retry = Some((chat, msg, attempts + 1));
+            }
+        } else if roll < 0.87 {
+            c.read(&chat, counter).await;
+        } else if roll < 0.95 {
+            c.sync(counter).await;
+        } else {
+            c.receipt(&chat).await;
+        }
+    }
+    if let Some(conn) = c.conn.take() {
+        conn.close().await;
+    }
+}
+
+/// Reads every chat from every node, whole, as user 1; each read recorded as a
+/// `final_read` of process `final-<node>`. Retries (bounded) while a node recovers.
+pub async fn final_reads(setup: &Setup, history: &History) {
+    let (_, token) = &setup.users[0];
+    for (i, addr) in setup.nodes.iter().enumerate() {
+        let node = i as u64 + 1;
+        let process = format!("final-{node}");
+        for chat in &setup.chats {
+            let mut inv = Op::new(&process, Kind::Invoke, F::FinalRead);
+            inv.chat = Some(chat.clone());
+            inv.node = Some(node);
+            history.record(inv);
+            let mut last_error = String::new();
+            let mut done = None;
+            for _ in 0..FINAL_READ_ATTEMPTS_MAX {
+                match read_whole(addr, token, chat).await {
+                    Ok(entries) => {
+                        done = Some(entries);
+                        break;
+                    }
+                    Err(e) => {
+                        last_error = e;
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            let op = match done {
+                Some(entries) => {
+                    let mut op = Op::new(&process, Kind::Ok, F::FinalRead);
+                    op.entries = Some(entries);
+                    op.complete = Some(true);
+                    op
+                }
+                None => {
+                    let mut op = Op::new(&process, Kind::Fail, F::FinalRead);
+                    op.error = Some(last_error);
+                    op
+                }
+            };
+            let mut op = op;
+            op.chat = Some(chat.clone());
+            op.node = Some(node);
+            history.record(op);
+        }
+    }
+}
+
+/// The whole chat, page by page from seq 1.
+async fn read_whole(addr: &str, token: &str, chat: &str) -> Result<Vec<Entry>, String> {
+    let mut conn = Connection::connect(addr, Some(token), OP_TIMEOUT)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut out: Vec<Entry> = Vec::new();
+    let mut after = 0;
+    loop {
+        let answer = conn
+            .request(|id| ClientFrame::History {
+                id,
+                chat: chat.to_string(),
+                before: None,
+                after: Some(after),
+                limit: Some(PAGE),
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let Some(ServerFrame::History { messages, more, .. }) = answer.frame else {
+            return Err(format!("unexpected answer {}", answer.raw));
+        };
+        if let Some(last) = messages.last() {
+            after = last.seq;
+        }
+        let empty = messages.is_empty();
+        out.extend(messages.iter().map(entry));
+        if !more || empty {
+            break;
+        }
+    }
+    conn.close().await;
+    Ok(out)
+}
