@@ -87,6 +87,10 @@ async fn websocket(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
+    // A draining node takes no new sessions; the client connects to another node.
+    if node.draining() {
+        return draining_error();
+    }
     let token = bearer(&headers);
     // The codec refuses frames over twice the protocol bound outright; frames between the
     // bound and that get a typed error and a close from the session.
@@ -342,15 +346,46 @@ fn error(status: StatusCode, code: &'static str, message: impl Into<String>) -> 
         .into_response()
 }
 
-async fn readyz(State(node): State<Arc<Node>>) -> Response {
-    if node.ready() {
-        (StatusCode::OK, "ready\n").into_response()
+/// What `/readyz` answers. systemd's `READY=1` waits for the same thing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Metadata bootstrapped and every hosted partition has a leader.
+    Ready,
+    /// Still starting (or a hosted partition lost its leader).
+    NotReady,
+    /// A graceful drain has started; the node is going away.
+    Draining,
+}
+
+/// The node's readiness, as `/readyz` reports it.
+pub fn readiness(node: &Node) -> Readiness {
+    if node.draining() {
+        Readiness::Draining
+    } else if node.ready() {
+        Readiness::Ready
     } else {
-        error(
+        Readiness::NotReady
+    }
+}
+
+/// The answer of a draining node to `/readyz` and to new WebSocket sessions.
+fn draining_error() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "draining",
+        "the node is shutting down: connect to another node",
+    )
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> Response {
+    match readiness(&node) {
+        Readiness::Draining => draining_error(),
+        Readiness::Ready => (StatusCode::OK, "ready\n").into_response(),
+        Readiness::NotReady => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "not_ready",
             "metadata not bootstrapped or a hosted partition has no leader",
-        )
+        ),
     }
 }
 

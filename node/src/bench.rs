@@ -55,6 +55,7 @@ pub async fn bench_log(spec: &BenchSpec) -> anyhow::Result<BenchResult> {
         raft: RaftSection::default(),
         gateway: Default::default(),
         notify: Default::default(),
+        data_dir_root: None,
     })?;
     let mut nodes = Vec::new();
     for f in &files {

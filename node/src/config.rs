@@ -170,6 +170,30 @@ impl Default for LogSection {
     }
 }
 
+/// Start-up and graceful stop (SIGTERM), with systemd in mind.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LifecycleSection {
+    /// Bound on a graceful drain after SIGTERM: moving partition leadership away and
+    /// closing client sessions. Keep it well below the unit's `TimeoutStopSec`.
+    pub drain_timeout_ms: u64,
+    /// Bound on moving the leadership of one partition during a drain.
+    pub drain_partition_timeout_ms: u64,
+    /// How long start-up (opening storage, replaying logs, waiting until every hosted
+    /// partition has a leader) may extend systemd's start timeout (`EXTEND_TIMEOUT_USEC`).
+    pub startup_extend_max_ms: u64,
+}
+
+impl Default for LifecycleSection {
+    fn default() -> Self {
+        Self {
+            drain_timeout_ms: 10_000,
+            drain_partition_timeout_ms: 3_000,
+            startup_extend_max_ms: 600_000,
+        }
+    }
+}
+
 /// A node's whole configuration.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -205,6 +229,9 @@ pub struct Config {
     /// Offline notifications.
     #[serde(default)]
     pub notify: NotifySection,
+    /// Start-up and graceful stop.
+    #[serde(default)]
+    pub lifecycle: LifecycleSection,
 }
 
 /// Offline notifications through a webhook.
@@ -299,6 +326,17 @@ impl Config {
                 "raft timeouts must satisfy heartbeat < election_min < election_max".into(),
             );
         }
+        let l = &self.lifecycle;
+        if l.drain_timeout_ms == 0
+            || l.drain_partition_timeout_ms == 0
+            || l.drain_partition_timeout_ms > l.drain_timeout_ms
+        {
+            return Err(format!(
+                "lifecycle timeouts must satisfy 0 < drain_partition_timeout_ms ({}) <= \
+                 drain_timeout_ms ({})",
+                l.drain_partition_timeout_ms, l.drain_timeout_ms
+            ));
+        }
         if !matches!(self.log.format.as_str(), "text" | "json") {
             return Err(format!(
                 "log.format must be \"text\" or \"json\", got {:?}",
@@ -381,5 +419,41 @@ api_addr = "127.0.0.1:7000"
         let (_d, p) = write(&format!("{GOOD}\n[cluster]\nreplication = 3\n"));
         let e = Config::load(&p).unwrap_err().to_string();
         assert!(e.contains("replication 3"), "{e}");
+    }
+
+    #[test]
+    fn lifecycle_defaults_and_bounds() {
+        let (_d, p) = write(GOOD);
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.lifecycle.drain_timeout_ms, 10_000);
+        assert_eq!(c.lifecycle.drain_partition_timeout_ms, 3_000);
+        // At the bound: a partition may take the whole drain.
+        let (_d, p) = write(&format!(
+            "{GOOD}\n[lifecycle]\ndrain_timeout_ms = 500\ndrain_partition_timeout_ms = 500\n"
+        ));
+        assert_eq!(Config::load(&p).unwrap().lifecycle.drain_timeout_ms, 500);
+        // Past it, and zero, are refused with the key named.
+        let (_d, p) = write(&format!(
+            "{GOOD}\n[lifecycle]\ndrain_timeout_ms = 500\ndrain_partition_timeout_ms = 501\n"
+        ));
+        let e = Config::load(&p).unwrap_err().to_string();
+        assert!(e.contains("drain_partition_timeout_ms (501)"), "{e}");
+        let (_d, p) = write(&format!("{GOOD}\n[lifecycle]\ndrain_timeout_ms = 0\n"));
+        assert!(Config::load(&p).is_err());
+    }
+
+    #[test]
+    fn absolute_paths_are_kept_relative_ones_follow_the_file() {
+        let text = GOOD
+            .replace(
+                "data_dir = \"data\"",
+                "data_dir = \"/var/lib/chatd/node-1\"",
+            )
+            .replace("ca_cert = \"ca.pem\"", "ca_cert = \"/etc/chatd/ca.pem\"");
+        let (dir, p) = write(&text);
+        let c = Config::load(&p).unwrap();
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/chatd/node-1"));
+        assert_eq!(c.tls.ca_cert, PathBuf::from("/etc/chatd/ca.pem"));
+        assert_eq!(c.tls.cert, dir.path().join("node.pem"));
     }
 }

@@ -44,6 +44,7 @@ pub async fn demo(nodes: u32, dir: &Path, base_port: u16, partitions: u32) -> an
             raft: RaftSection::default(),
             gateway: Default::default(),
             notify: Default::default(),
+            data_dir_root: None,
         })?;
     }
     let exe = std::env::current_exe().context("cannot find the chatd executable")?;

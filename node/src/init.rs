@@ -7,7 +7,8 @@ use anyhow::{bail, Context};
 use chatd_transport::pki::ClusterCa;
 
 use crate::config::{
-    ClusterSection, Config, LogSection, Peer, RaftSection, StorageSection, TlsPaths,
+    ClusterSection, Config, LifecycleSection, LogSection, Peer, RaftSection, StorageSection,
+    TlsPaths,
 };
 
 /// What `cluster init` produces.
@@ -29,6 +30,10 @@ pub struct InitSpec {
     pub gateway: crate::gateway::GatewayConfig,
     /// Notification settings written into every config.
     pub notify: crate::config::NotifySection,
+    /// Where node data lives: `None` writes `data_dir = "data"` (beside the config file);
+    /// `Some(root)` writes the absolute `root/node-<id>`, the layout of an installed node
+    /// (`/var/lib/chatd/node-<id>`, the systemd unit's `StateDirectory`).
+    pub data_dir_root: Option<PathBuf>,
 }
 
 /// The files written for one node.
@@ -57,6 +62,14 @@ pub fn init_cluster(spec: &InitSpec) -> anyhow::Result<Vec<NodeFiles>> {
             spec.hosts.len(),
             spec.nodes
         );
+    }
+    if let Some(root) = &spec.data_dir_root {
+        if !root.is_absolute() {
+            bail!(
+                "--data-dir-root must be an absolute path, got {}",
+                root.display()
+            );
+        }
     }
     let ca_path = spec.out.join("ca.pem");
     if ca_path.exists() {
@@ -104,7 +117,10 @@ pub fn init_cluster(spec: &InitSpec) -> anyhow::Result<Vec<NodeFiles>> {
         let config = Config {
             cluster_id: cluster_id.clone(),
             node_id: peer.id,
-            data_dir: "data".into(),
+            data_dir: match &spec.data_dir_root {
+                Some(root) => root.join(format!("node-{}", peer.id)),
+                None => "data".into(),
+            },
             tls: TlsPaths {
                 ca_cert: "ca.pem".into(),
                 cert: "node.pem".into(),
@@ -121,6 +137,7 @@ pub fn init_cluster(spec: &InitSpec) -> anyhow::Result<Vec<NodeFiles>> {
             gateway: spec.gateway.clone(),
             admin_token_sha256: Some(crate::auth::sha256_hex(&admin_token)),
             notify: spec.notify.clone(),
+            lifecycle: LifecycleSection::default(),
         };
         config
             .validate()
@@ -150,4 +167,76 @@ fn write_file(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
 fn new_cluster_id() -> String {
     let r: u64 = rand::random();
     format!("chatd-{r:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn spec(out: &Path, data_dir_root: Option<PathBuf>) -> InitSpec {
+        InitSpec {
+            nodes: 3,
+            out: out.to_path_buf(),
+            hosts: vec![
+                IpAddr::from([10, 0, 0, 1]),
+                IpAddr::from([10, 0, 0, 2]),
+                IpAddr::from([10, 0, 0, 3]),
+            ],
+            base_port: 7000,
+            partitions: 16,
+            raft: RaftSection::default(),
+            gateway: Default::default(),
+            notify: Default::default(),
+            data_dir_root,
+        }
+    }
+
+    #[test]
+    fn the_default_layout_keeps_data_beside_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = init_cluster(&spec(dir.path(), None)).unwrap();
+        let c = Config::load(&files[1].config).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("node-2").join("data"));
+        // One host per node: every node uses the same ports on its own host.
+        assert_eq!(c.me().unwrap().api_addr.to_string(), "10.0.0.2:7000");
+        assert_eq!(c.me().unwrap().cluster_addr.to_string(), "10.0.0.2:7001");
+    }
+
+    #[test]
+    fn the_install_layout_puts_data_under_the_root_and_keeps_tls_beside_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = PathBuf::from("/var/lib/chatd");
+        let files = init_cluster(&spec(dir.path(), Some(root))).unwrap();
+        for f in &files {
+            let c = Config::load(&f.config).unwrap();
+            assert_eq!(
+                c.data_dir,
+                PathBuf::from(format!("/var/lib/chatd/node-{}", f.id))
+            );
+            // Relative TLS paths: the node directory can be copied anywhere (/etc/chatd/<name>).
+            let text = std::fs::read_to_string(&f.config).unwrap();
+            assert!(text.contains("ca_cert = \"ca.pem\""), "{text}");
+            assert_eq!(c.tls.key, f.config.parent().unwrap().join("node.key"));
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("node-1/node.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_relative_data_dir_root_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = init_cluster(&spec(dir.path(), Some(PathBuf::from("var/lib"))))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--data-dir-root must be an absolute path"),
+            "{e}"
+        );
+        assert!(!dir.path().join("ca.pem").exists());
+    }
 }

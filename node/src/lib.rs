@@ -15,3 +15,4 @@ pub mod notify;
 pub mod presence;
 pub mod queries;
 pub mod run;
+pub mod systemd;

@@ -97,6 +97,10 @@ enum ClusterCmd {
         /// Coalescing window of offline notifications.
         #[arg(long)]
         notify_window_ms: Option<u64>,
+        /// Write `data_dir = "<DIR>/node-<id>"` (absolute) instead of `data` beside the
+        /// config: the installed layout, e.g. /var/lib/chatd for the systemd unit.
+        #[arg(long, value_name = "DIR")]
+        data_dir_root: Option<PathBuf>,
     },
 }
 
@@ -150,6 +154,7 @@ async fn main() -> anyhow::Result<()> {
                     send_rate_per_sec,
                     webhook_url,
                     notify_window_ms,
+                    data_dir_root,
                 },
         } => {
             let mut gateway = chatd::gateway::GatewayConfig::default();
@@ -192,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
                 raft,
                 gateway,
                 notify,
+                data_dir_root,
             })?;
             println!("cluster initialised in {}", out.display());
             for f in files {
@@ -264,6 +270,7 @@ fn default_single_node() -> anyhow::Result<PathBuf> {
             raft: RaftSection::default(),
             gateway: Default::default(),
             notify: Default::default(),
+            data_dir_root: None,
         })
         .context("cannot create the single-node cluster in ./chatd-data")?;
         eprintln!("created a single-node cluster in ./chatd-data (API on 127.0.0.1:7000)");

@@ -38,6 +38,9 @@ const USER_CATCH_UP_POLL_MS: u64 = 20;
 const BROADCAST_TIMEOUT_MS: u64 = 2_000;
 /// Timeout of a status call to a peer.
 const STATUS_CALL_TIMEOUT_MS: u64 = 1_000;
+/// Longest wait for a leader to confirm its leadership (and catch up its state machine)
+/// before serving a read; past it the read is retried on another node.
+const READ_INDEX_TIMEOUT_MS: u64 = 2_000;
 
 /// Node-to-node requests.
 #[derive(Debug, Serialize, Deserialize)]
@@ -192,6 +195,8 @@ pub struct Node {
     pub gateway: crate::gateway::Gateway,
     peers: BTreeMap<NodeId, Peer>,
     propose_timeout: Duration,
+    /// Set once a graceful drain starts: no new sessions, `/readyz` answers 503.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 /// Why a node could not start.
@@ -322,6 +327,7 @@ impl Node {
             table,
             routing: RoutingTable::new(),
             peers,
+            draining: std::sync::atomic::AtomicBool::new(false),
         });
         let _ = handler.node.set(Arc::downgrade(&node));
         tokio::spawn(bootstrap_meta(Arc::downgrade(&node)));
@@ -366,6 +372,54 @@ impl Node {
             })
     }
 
+    /// Marks the node as draining (SIGTERM): it takes no new client sessions, is not ready
+    /// any more, and never campaigns again (elections on timeout are off in every group it
+    /// hosts), so a group it leads moves to another replica and stays there; it still
+    /// votes. There is no way back; the process exits after the drain.
+    pub fn start_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for g in self.registry.groups() {
+            if let Some(raft) = self.registry.get(g) {
+                raft.runtime_config().elect(false);
+            }
+        }
+    }
+
+    /// The leader of `group` in this node's own Raft view.
+    pub fn local_leader(&self, group: GroupId) -> Option<NodeId> {
+        self.registry
+            .get(group)
+            .and_then(|r| r.metrics().borrow().current_leader)
+    }
+
+    /// True once a drain has started.
+    pub fn draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The groups this node hosts whose leader, in this node's own Raft view, is this node.
+    pub fn led_groups(&self) -> Vec<GroupId> {
+        self.registry
+            .groups()
+            .into_iter()
+            .filter(|g| {
+                self.registry
+                    .get(*g)
+                    .is_some_and(|r| r.metrics().borrow().current_leader == Some(self.id))
+            })
+            .collect()
+    }
+
+    /// The replicas of `group` (every node for group 0); `None` for an unknown group.
+    pub fn replicas_of(&self, group: GroupId) -> Option<Vec<NodeId>> {
+        if group == META_GROUP {
+            Some(self.peers.keys().copied().collect())
+        } else {
+            self.table.get(group).map(|a| a.replicas.clone())
+        }
+    }
+
     async fn serve(&self, req: NodeRequest) -> NodeReply {
         match req {
             NodeRequest::Propose { group, command } => self.propose_here(group, command).await,
@@ -379,6 +433,14 @@ impl Node {
                     None => NodeReply::NotLeader { leader: None },
                     Some(l) if l != Some(self.id) => NodeReply::NotLeader { leader: l },
                     Some(_) => {
+                        // Believing to be the leader is not enough: a leader cut off from
+                        // the others keeps believing it while a new one takes writes
+                        // (chatd-jepsen found such stale reads). Confirm leadership with a
+                        // quorum and wait until everything committed so far is applied.
+                        if let Err(why) = self.read_index(group).await {
+                            tracing::debug!(group, %why, "read refused: leadership not confirmed");
+                            return NodeReply::NotLeader { leader: None };
+                        }
                         NodeReply::QueryResult(crate::queries::run(&self.store, group, query))
                     }
                 }
@@ -522,6 +584,29 @@ impl Node {
                 group,
                 cause: format!("unexpected reply {other:?}"),
             }),
+        }
+    }
+
+    /// Confirms this node still leads `group` (a heartbeat round answered by a quorum)
+    /// and waits until its state machine has applied everything committed before the
+    /// read began: reads after it see every write acknowledged before it (linearizable).
+    /// Bounded by [`READ_INDEX_TIMEOUT_MS`].
+    async fn read_index(&self, group: GroupId) -> Result<(), String> {
+        let raft = self
+            .registry
+            .get(group)
+            .ok_or_else(|| format!("group {group} not hosted"))?;
+        match tokio::time::timeout(
+            Duration::from_millis(READ_INDEX_TIMEOUT_MS),
+            raft.ensure_linearizable(),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "no quorum answer within {READ_INDEX_TIMEOUT_MS} ms"
+            )),
         }
     }
 
