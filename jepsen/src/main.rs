@@ -54,10 +54,10 @@ struct TestArgs {
     #[arg(long, default_value_t = 120.0)]
     rate: f64,
     /// Quiet time between faults, ms: MIN,MAX.
-    #[arg(long, default_value = "2000,5000", value_delimiter = ',', num_args = 2)]
+    #[arg(long, default_value = "2000,5000", value_delimiter = ',')]
     quiet_ms: Vec<u64>,
     /// How long each fault lasts, ms: MIN,MAX.
-    #[arg(long, default_value = "3000,8000", value_delimiter = ',', num_args = 2)]
+    #[arg(long, default_value = "3000,8000", value_delimiter = ',')]
     hold_ms: Vec<u64>,
     /// Where run directories go.
     #[arg(long, default_value = "jepsen-runs")]
@@ -151,6 +151,11 @@ async fn test(args: TestArgs) -> anyhow::Result<bool> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(1, |d| d.as_secs())
     });
+    for (name, v) in [("--quiet-ms", &args.quiet_ms), ("--hold-ms", &args.hold_ms)] {
+        if v.len() != 2 {
+            anyhow::bail!("{name} takes MIN,MAX (two numbers of milliseconds)");
+        }
+    }
     if !(args.rate.is_finite() && args.rate > 0.0 && args.rate <= 100_000.0) {
         anyhow::bail!("--rate must be in (0, 100000]");
     }
