@@ -148,6 +148,9 @@ pub struct Results {
     pub longest_unavailable_at_s: f64,
     /// The faults.
     pub windows: Vec<Window>,
+    /// Faults that could not be applied or healed as asked (e.g. a node that did not
+    /// exit cleanly after SIGTERM); not anomalies of chatd's guarantees, but reported.
+    pub fault_errors: Vec<String>,
 }
 
 impl Results {
@@ -247,6 +250,9 @@ pub fn check(ops: &[Op]) -> Results {
     let mut open: HashMap<String, u64> = HashMap::new();
     for op in ops.iter().filter(|o| o.f == Some(F::Fault)) {
         let name = op.fault.clone().unwrap_or_default();
+        if let Some(e) = &op.error {
+            res.fault_errors.push(format!("{name}: {e}"));
+        }
         match op.kind {
             Some(Kind::Invoke) => {
                 open.insert(name, op.time_us);

@@ -122,6 +122,9 @@ fn summary(r: &Results) -> String {
             e.kind, e.chat, e.detail, e.ops
         ));
     }
+    for f in &r.fault_errors {
+        s.push_str(&format!("  fault error: {f}\n"));
+    }
     for i in &r.incomplete {
         s.push_str(&format!("  incomplete: {i}\n"));
     }
