@@ -443,6 +443,25 @@ api_addr = "127.0.0.1:7000"
     }
 
     #[test]
+    fn the_deploy_examples_are_valid_and_match_the_unit_layout() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples");
+        for id in 1..=3u64 {
+            let p = root.join(format!("node-{id}/chatd.toml"));
+            let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(c.node_id, id);
+            assert_eq!(c.peers.len(), 3);
+            assert_eq!(
+                c.data_dir,
+                PathBuf::from(format!("/var/lib/chatd/node-{id}"))
+            );
+            assert_eq!(
+                c.me().unwrap().api_addr.to_string(),
+                format!("10.0.0.{id}:7000")
+            );
+        }
+    }
+
+    #[test]
     fn absolute_paths_are_kept_relative_ones_follow_the_file() {
         let text = GOOD
             .replace(
