@@ -57,6 +57,8 @@ pub struct Metrics {
     pub ack_latency: Histogram,
     pub deliver_latency: Histogram,
     pub delivery_dropped: std::sync::Arc<AtomicU64>,
+    /// Requests to other nodes (deliveries, typing) dropped: queue full or call failed.
+    pub broadcast_dropped: AtomicU64,
 }
 
 impl Metrics {
@@ -103,6 +105,13 @@ impl Metrics {
             "Applied event batches dropped because the delivery queue was full.",
             "counter",
             self.delivery_dropped.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "chatd_peer_broadcasts_dropped_total",
+            "Deliveries or typing events for other nodes dropped (queue full or call failed).",
+            "counter",
+            self.broadcast_dropped.load(Ordering::Relaxed).to_string(),
         );
         self.ack_latency.render(
             "chatd_send_to_ack_seconds",

@@ -1,6 +1,6 @@
 //! A running chatd node: storage, QUIC, the Raft groups it hosts, and proposal routing.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, Instant};
@@ -36,6 +36,10 @@ const USER_CATCH_UP_MS: u64 = 1_000;
 const USER_CATCH_UP_POLL_MS: u64 = 20;
 /// Timeout of a broadcast call to a peer.
 const BROADCAST_TIMEOUT_MS: u64 = 2_000;
+/// Requests queued for one peer by [`Node::broadcast`]; beyond it they are dropped.
+pub const BROADCAST_QUEUE_REQUESTS_MAX: usize = 4096;
+/// Most queued requests merged into one call to a peer.
+pub const BROADCAST_MERGE_REQUESTS_MAX: usize = 256;
 /// Timeout of a status call to a peer.
 const STATUS_CALL_TIMEOUT_MS: u64 = 1_000;
 /// Longest wait for a leader to confirm its leadership (and catch up its state machine)
@@ -43,7 +47,7 @@ const STATUS_CALL_TIMEOUT_MS: u64 = 1_000;
 const READ_INDEX_TIMEOUT_MS: u64 = 2_000;
 
 /// Node-to-node requests.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum NodeRequest {
     /// Propose `command` to `group`, here only (the receiver does not forward).
     Propose {
@@ -197,6 +201,10 @@ pub struct Node {
     propose_timeout: Duration,
     /// Set once a graceful drain starts: no new sessions, `/readyz` answers 503.
     draining: std::sync::atomic::AtomicBool,
+    /// Per peer: the queue of [`Node::broadcast`] requests its sender task drains.
+    outboxes: std::sync::Mutex<HashMap<NodeId, tokio::sync::mpsc::Sender<NodeRequest>>>,
+    /// This node, for tasks it spawns.
+    me: std::sync::OnceLock<Weak<Node>>,
 }
 
 /// Why a node could not start.
@@ -328,7 +336,10 @@ impl Node {
             routing: RoutingTable::new(),
             peers,
             draining: std::sync::atomic::AtomicBool::new(false),
+            outboxes: std::sync::Mutex::new(HashMap::new()),
+            me: std::sync::OnceLock::new(),
         });
+        let _ = node.me.set(Arc::downgrade(&node));
         let _ = handler.node.set(Arc::downgrade(&node));
         tokio::spawn(bootstrap_meta(Arc::downgrade(&node)));
         tokio::spawn(crate::gateway::run_delivery(
@@ -717,22 +728,39 @@ impl Node {
         })
     }
 
-    /// Sends `req` to every other node, in the background, once each (best effort).
+    /// Sends `req` to every other node, in the background, best effort but **in order**:
+    /// one task per peer drains a bounded queue and makes one call at a time, merging
+    /// queued deliveries (and typing events) into one request. A full queue or a failed
+    /// call drops requests (counted in `chatd_peer_broadcasts_dropped_total`); clients
+    /// notice the gap in seqs and fill it with `history`.
     pub fn broadcast(&self, req: NodeRequest) {
-        let mut frame = vec![NODE_SERVICE_TAG];
-        if let Err(e) = chatd_codec::encode_into(&req, &mut frame) {
-            tracing::error!(error = %e, "cannot encode a broadcast");
-            return;
-        }
-        let frame = Bytes::from(frame);
+        let mut outboxes = self
+            .outboxes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for p in self.peers.values().filter(|p| p.id != self.id) {
-            let (endpoint, addr, frame) = (self.endpoint.clone(), p.cluster_addr, frame.clone());
-            tokio::spawn(async move {
-                let _ = endpoint
-                    .call_with_timeout(addr, frame, Duration::from_millis(BROADCAST_TIMEOUT_MS))
-                    .await;
+            let tx = outboxes.entry(p.id).or_insert_with(|| {
+                let (tx, rx) = tokio::sync::mpsc::channel(BROADCAST_QUEUE_REQUESTS_MAX);
+                tokio::spawn(run_outbox(
+                    self.endpoint.clone(),
+                    p.cluster_addr,
+                    rx,
+                    self.weak_self(),
+                ));
+                tx
             });
+            if tx.try_send(req.clone()).is_err() {
+                self.gateway
+                    .metrics
+                    .broadcast_dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
         }
+    }
+
+    /// A weak reference to this node (empty before construction finished).
+    fn weak_self(&self) -> Weak<Node> {
+        self.me.get().cloned().unwrap_or_default()
     }
 
     /// Sends ephemeral items to every other node's sessions.
@@ -899,5 +927,114 @@ async fn bootstrap_meta(node: Weak<Node>) {
         }
         drop(n);
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Sends one peer's broadcast requests in order, one call at a time, merging what is
+/// queued: consecutive deliveries into one `Deliver`, typing events into one `Ephemeral`
+/// (at most [`BROADCAST_MERGE_REQUESTS_MAX`] requests per call). Ends when the node is
+/// dropped.
+async fn run_outbox(
+    endpoint: Endpoint,
+    addr: std::net::SocketAddr,
+    mut rx: tokio::sync::mpsc::Receiver<NodeRequest>,
+    node: Weak<Node>,
+) {
+    let dropped = |n: u64| {
+        if let Some(node) = node.upgrade() {
+            node.gateway
+                .metrics
+                .broadcast_dropped
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    };
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < BROADCAST_MERGE_REQUESTS_MAX {
+            match rx.try_recv() {
+                Ok(r) => batch.push(r),
+                Err(_) => break,
+            }
+        }
+        for req in merge_broadcasts(batch) {
+            let mut frame = vec![NODE_SERVICE_TAG];
+            if let Err(e) = chatd_codec::encode_into(&req, &mut frame) {
+                tracing::error!(error = %e, "cannot encode a broadcast");
+                dropped(1);
+                continue;
+            }
+            let sent = endpoint
+                .call_with_timeout(
+                    addr,
+                    Bytes::from(frame),
+                    Duration::from_millis(BROADCAST_TIMEOUT_MS),
+                )
+                .await;
+            if let Err(e) = sent {
+                tracing::debug!(%addr, error = %e, "broadcast to a peer failed");
+                dropped(1);
+            }
+        }
+    }
+}
+
+/// Merges runs of consecutive `Deliver` (and of `Ephemeral`) requests, keeping order.
+fn merge_broadcasts(batch: Vec<NodeRequest>) -> Vec<NodeRequest> {
+    let mut out: Vec<NodeRequest> = Vec::with_capacity(batch.len());
+    for req in batch {
+        match (out.last_mut(), req) {
+            (Some(NodeRequest::Deliver { events }), NodeRequest::Deliver { events: more }) => {
+                events.extend(more);
+            }
+            (Some(NodeRequest::Ephemeral { items }), NodeRequest::Ephemeral { items: more }) => {
+                items.extend(more);
+            }
+            (_, req) => out.push(req),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::gateway::Ephemeral;
+
+    fn typing(user: &str) -> NodeRequest {
+        NodeRequest::Ephemeral {
+            items: vec![Ephemeral::Typing {
+                chat: "g:1".into(),
+                user: user.into(),
+                recipients: vec!["x".into()],
+            }],
+        }
+    }
+
+    #[test]
+    fn broadcasts_merge_runs_and_keep_order() {
+        let merged = merge_broadcasts(vec![
+            NodeRequest::Deliver { events: vec![] },
+            NodeRequest::Deliver { events: vec![] },
+            typing("a"),
+            typing("b"),
+            NodeRequest::Status,
+            typing("c"),
+        ]);
+        assert_eq!(merged.len(), 4, "{merged:?}");
+        assert!(matches!(merged[0], NodeRequest::Deliver { .. }));
+        let NodeRequest::Ephemeral { items } = &merged[1] else {
+            panic!("{merged:?}")
+        };
+        let users: Vec<&str> = items
+            .iter()
+            .map(|i| match i {
+                Ephemeral::Typing { user, .. } => user.as_str(),
+                _ => "?",
+            })
+            .collect();
+        assert_eq!(users, vec!["a", "b"], "merged in order");
+        assert!(matches!(merged[2], NodeRequest::Status));
+        assert!(matches!(merged[3], NodeRequest::Ephemeral { .. }));
     }
 }
