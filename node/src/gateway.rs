@@ -77,6 +77,8 @@ pub const RECEIPT_BATCH_MAX: usize = 1024;
 const RECEIPT_FLUSH_MS: u64 = 10;
 /// Applied event batches waiting for delivery, at most (more are dropped: clients sync).
 pub const DELIVERY_QUEUE_BATCHES_MAX: usize = 4096;
+/// Most queued frames a session's writer puts into one flush.
+pub const WRITE_BATCH_FRAMES_MAX: usize = 64;
 
 /// Ephemeral items (never stored) sent between gateways.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -596,16 +598,32 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
                         let _ = sink.close().await;
                         return;
                     };
+                    // Whatever else is queued goes out in the same write (one syscall and
+                    // one TCP segment for many small frames under load).
+                    let mut batch = vec![frame];
+                    while batch.len() < WRITE_BATCH_FRAMES_MAX {
+                        match rx.try_recv() {
+                            Ok(Outbound::Frame(f)) => batch.push(f),
+                            Err(_) => break,
+                        }
+                    }
                     // Per connection, a chat's messages go out once each, in seq order.
-                    if let ServerFrame::Message { message } = &frame {
+                    batch.retain(|frame| {
+                        let ServerFrame::Message { message } = frame else {
+                            return true;
+                        };
                         let last = last_seq.entry(message.chat.clone()).or_insert(0);
                         if message.seq <= *last {
-                            continue;
+                            return false;
                         }
                         *last = message.seq;
+                        true
+                    });
+                    if batch.is_empty() {
+                        continue;
                     }
                     tokio::select! {
-                        r = send_frame(&mut sink, &frame) => {
+                        r = send_frames(&mut sink, &batch) => {
                             if r.is_err() {
                                 return;
                             }
@@ -741,14 +759,28 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
     let _ = tokio::time::timeout(Duration::from_secs(2), writer).await;
 }
 
+fn frame_text(frame: &ServerFrame) -> String {
+    serde_json::to_string(frame).unwrap_or_else(|e| {
+        format!(r#"{{"type":"error","code":"internal","message":"encode: {e}"}}"#)
+    })
+}
+
 async fn send_frame(
     sink: &mut futures::stream::SplitSink<WebSocket, Message>,
     frame: &ServerFrame,
 ) -> Result<(), axum::Error> {
-    let text = serde_json::to_string(frame).unwrap_or_else(|e| {
-        format!(r#"{{"type":"error","code":"internal","message":"encode: {e}"}}"#)
-    });
-    sink.send(Message::Text(text.into())).await
+    sink.send(Message::Text(frame_text(frame).into())).await
+}
+
+/// Writes `frames` and flushes once.
+async fn send_frames(
+    sink: &mut futures::stream::SplitSink<WebSocket, Message>,
+    frames: &[ServerFrame],
+) -> Result<(), axum::Error> {
+    for frame in frames {
+        sink.feed(Message::Text(frame_text(frame).into())).await?;
+    }
+    sink.flush().await
 }
 
 /// Sends the close frame the session was asked to close with, if any (bounded wait).
