@@ -643,7 +643,11 @@ pub async fn tail(cli: &Cli, args: &TailArgs) -> Result<String, CliError> {
 }
 
 /// Asks for the entries after `after` (the answer's id starts with `catchup-`).
-async fn request_catch_up(conn: &mut Connection, chat: &str, after: u64) -> Result<(), CliError> {
+pub async fn request_catch_up(
+    conn: &mut Connection,
+    chat: &str,
+    after: u64,
+) -> Result<(), CliError> {
     let id = format!("catchup-{}", conn.next_id());
     conn.send(&ClientFrame::History {
         id,

@@ -367,40 +367,17 @@ impl Session {
                 self.open(conn, &chat, self.last).await
             }
             ("dm", [user]) => {
-                match conn
-                    .request(|id| ClientFrame::OpenDirect {
-                        id,
-                        user: (*user).to_string(),
-                    })
+                let user = (*user).to_string();
+                self.create_and_open(conn, |id| ClientFrame::OpenDirect { id, user })
                     .await
-                {
-                    Ok(a) => match a.frame {
-                        Some(ServerFrame::Done { chat, .. }) => {
-                            self.open(conn, &chat, self.last).await
-                        }
-                        _ => Err(CliError::Failed(format!("unexpected answer {}", a.raw))),
-                    },
-                    Err(e) => Err(e),
-                }
             }
             ("group", [name, members @ ..]) => {
-                let members: Vec<String> = members.iter().map(|m| (*m).to_string()).collect();
-                match conn
-                    .request(|id| ClientFrame::CreateGroup {
-                        id,
-                        name: (*name).to_string(),
-                        members,
-                    })
+                let (name, members) = (
+                    (*name).to_string(),
+                    members.iter().map(|m| (*m).to_string()).collect(),
+                );
+                self.create_and_open(conn, |id| ClientFrame::CreateGroup { id, name, members })
                     .await
-                {
-                    Ok(a) => match a.frame {
-                        Some(ServerFrame::Done { chat, .. }) => {
-                            self.open(conn, &chat, self.last).await
-                        }
-                        _ => Err(CliError::Failed(format!("unexpected answer {}", a.raw))),
-                    },
-                    Err(e) => Err(e),
-                }
             }
             ("history", rest) => {
                 let n = match rest.first().map(|s| s.parse::<u64>()) {
@@ -430,6 +407,23 @@ impl Session {
                 Ok(Step::Go)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Sends a request answered with `done` (open a direct chat, create a group) and
+    /// opens the chat it names.
+    async fn create_and_open(
+        &mut self,
+        conn: &mut Connection,
+        make: impl FnOnce(String) -> ClientFrame,
+    ) -> Result<(), CliError> {
+        let answer = conn.request(make).await?;
+        match answer.frame {
+            Some(ServerFrame::Done { chat, .. }) => self.open(conn, &chat, self.last).await,
+            _ => Err(CliError::Failed(format!(
+                "unexpected answer {}",
+                answer.raw
+            ))),
         }
     }
 
@@ -554,7 +548,7 @@ impl Session {
                     let (ready, fetch) = c.follower.push(message);
                     if fetch {
                         let (chat, after) = (c.chat.clone(), c.follower.high);
-                        catch_up(conn, &chat, after).await?;
+                        messaging::request_catch_up(conn, &chat, after).await?;
                     }
                     self.show(conn, &ready).await?;
                 } else if message.sender != self.me {
@@ -588,7 +582,7 @@ impl Session {
                 let (ready, fetch) = c.follower.page(messages, more);
                 if fetch {
                     let (chat, after) = (c.chat.clone(), c.follower.high);
-                    catch_up(conn, &chat, after).await?;
+                    messaging::request_catch_up(conn, &chat, after).await?;
                 }
                 self.show(conn, &ready).await?;
             }
@@ -674,18 +668,6 @@ fn send_frame(id: &str, p: &Pending) -> ClientFrame {
         text: p.text.clone(),
         reply_to: None,
     }
-}
-
-async fn catch_up(conn: &mut Connection, chat: &str, after: u64) -> Result<(), CliError> {
-    let id = format!("catchup-{}", conn.next_id());
-    conn.send(&ClientFrame::History {
-        id,
-        chat: chat.to_string(),
-        before: None,
-        after: Some(after),
-        limit: Some(chatd_proto::HISTORY_PAGE_MAX),
-    })
-    .await
 }
 
 /// Input: keys from a raw terminal, or lines from a pipe.
@@ -794,7 +776,7 @@ pub async fn run(cli: &Cli, args: &ChatArgs) -> Result<String, CliError> {
                 if let Some(c) = s.current.as_mut() {
                     c.follower.fetching = true;
                     let (chat, after) = (c.chat.clone(), c.follower.high);
-                    catch_up(&mut conn, &chat, after).await?;
+                    messaging::request_catch_up(&mut conn, &chat, after).await?;
                 }
             }
         }

@@ -121,10 +121,26 @@ async fn start_single(dir: &Path, ca: &ClusterCa, applier: Arc<Counter>) -> Sing
     }
 }
 
+/// Shuts the node down and waits until every handle to its database is gone (tasks of
+/// the stopped groups and of the endpoint drop theirs asynchronously), so the directory
+/// can be opened again.
 async fn stop(s: Single) {
     s.registry.shutdown().await;
     s.endpoint.close().await;
-    drop(s.store);
+    let Single {
+        registry, store, ..
+    } = s;
+    drop(registry);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store.handles() > 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} handles to the database still open 10 s after shutdown",
+            store.handles()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    drop(store);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

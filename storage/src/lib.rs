@@ -437,6 +437,13 @@ impl Drop for Inner {
 }
 
 impl Storage {
+    /// How many handles to this database exist, this one included. The database is
+    /// closed, and its directory lock released, when the last one is dropped; a reopen in
+    /// the same process must wait for that.
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
+    }
+
     /// Writes `batch` and blocks the calling thread until it is fdatasynced. For blocking
     /// contexts (snapshot install); async code uses [`Self::write_synced`].
     pub fn write_synced_blocking(&self, batch: Batch) -> Result<(), StorageError> {
