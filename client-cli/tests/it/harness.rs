@@ -65,7 +65,12 @@ pub fn chatd_binary() -> PathBuf {
 /// A base port such that node i's API port (TCP, base + 10·i) and cluster port (UDP,
 /// base + 10·i + 1) are free for i = 0..nodes.
 pub fn free_base_port(nodes: u16) -> u16 {
-    let start = 20_000 + (std::process::id() % 2_000) * 10 + 7;
+    // Tests of this process run in parallel: each call starts from its own candidate, so
+    // two clusters never pick the same free ports (one would then find the other's nodes
+    // answering /readyz on them).
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let start = 20_000 + (std::process::id() % 2_000) * 10 + 7 + call * 400;
     for i in 0..3_000u32 {
         let base = 20_000 + ((start - 20_000 + i * 40) % 30_000);
         let Ok(base) = u16::try_from(base) else {
