@@ -1735,6 +1735,25 @@ impl Driver<'_> {
     }
 }
 
+/// Width of the progress bar, in cells.
+const PROGRESS_BAR_CELLS: usize = 24;
+
+/// `[#######.........]  42%` for `done` in 0..=1.
+pub fn progress_bar(done: f64, cells: usize) -> String {
+    let done = if done.is_finite() {
+        done.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let full = ((done * cells as f64).round() as usize).min(cells);
+    format!(
+        "[{}{}] {:3.0}%",
+        "#".repeat(full),
+        ".".repeat(cells - full),
+        done * 100.0
+    )
+}
+
 async fn report_progress(
     shared: Arc<Mutex<Shared>>,
     tty: bool,
@@ -1776,8 +1795,10 @@ async fn report_progress(
         } else {
             "draining"
         };
+        let done = ((now - t0).as_secs_f64() / (end - t0).as_secs_f64().max(1e-3)).min(1.0);
+        let bar = progress_bar(done, PROGRESS_BAR_CELLS);
         let line = format!(
-            "{:5.1}s {phase:9} sent {sent}  acked {acked}  delivered {delivered}  errors {errors} (rate_limited {rate_limited})  {rate:.0} acks/s  in flight {in_flight}",
+            "{bar} {:5.1}s {phase:9} sent {sent}  acked {acked}  delivered {delivered}  errors {errors} (rate_limited {rate_limited})  {rate:.0} acks/s  in flight {in_flight}",
             (now - t0).as_secs_f64()
         );
         if tty {

@@ -2,8 +2,8 @@
 //! hand-made observations.
 
 use chat_cli::bench::{
-    parse_tag, plan_chats, tag, verify, AnomalyKind, ChatSpec, Entry, Missing, Observed,
-    SendOutcome, SentMsg,
+    parse_tag, plan_chats, progress_bar, tag, verify, AnomalyKind, ChatSpec, Entry, Missing,
+    Observed, SendOutcome, SentMsg,
 };
 
 use crate::harness::{chat_cli_cmd, f, Cluster};
@@ -369,4 +369,13 @@ fn chat_plans_and_tags() {
     );
     assert_eq!(parse_tag(&tag(0, 0)), Some((0, 0)));
     assert_eq!(parse_tag("hello"), None);
+}
+
+#[test]
+fn progress_bar_fills_with_time_and_stays_in_bounds() {
+    assert_eq!(progress_bar(0.0, 4), "[....]   0%");
+    assert_eq!(progress_bar(0.5, 4), "[##..]  50%");
+    assert_eq!(progress_bar(1.0, 4), "[####] 100%");
+    assert_eq!(progress_bar(7.0, 4), "[####] 100%", "past the end");
+    assert_eq!(progress_bar(f64::NAN, 4), "[....]   0%");
 }
