@@ -1083,6 +1083,9 @@ async fn read_loop(
 /// Starts the reader and writer of an open WebSocket as connection slot `idx`.
 fn start_conn(ws: Ws, idx: usize, shared: &Arc<Mutex<Shared>>, sem: &Arc<Semaphore>) -> Conn {
     let (sink, stream) = ws.split();
+    // Unbounded in type, bounded in use: a send is queued only with a permit of the
+    // in-flight semaphore (--in-flight over all connections), setup requests one at a
+    // time, and one close at the end.
     let (tx, rx) = mpsc::unbounded_channel();
     let writer = tokio::spawn(write_loop(sink, rx));
     let reader = tokio::spawn(read_loop(stream, shared.clone(), idx, sem.clone()));
