@@ -6,6 +6,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 
+/// mimalloc: `chat-cli bench` shares the machine with the nodes it measures, so it should
+/// spend as little CPU as it can on allocation.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = chat_cli::Cli::parse();
     match run(&cli) {
