@@ -184,10 +184,15 @@ pub struct LifecycleSection {
     pub startup_extend_max_ms: u64,
 }
 
+impl LifecycleSection {
+    /// The default `drain_timeout_ms`.
+    pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+}
+
 impl Default for LifecycleSection {
     fn default() -> Self {
         Self {
-            drain_timeout_ms: 10_000,
+            drain_timeout_ms: Self::DEFAULT_DRAIN_TIMEOUT_MS,
             drain_partition_timeout_ms: 3_000,
             startup_extend_max_ms: 600_000,
         }

@@ -116,14 +116,23 @@ pub async fn demo(nodes: u32, dir: &Path, base_port: u16, partitions: u32) -> an
     Ok(())
 }
 
-/// SIGTERM to every child, then SIGKILL to those still running after 10 s.
+/// How long the demo waits for its nodes to drain and exit after SIGTERM before killing
+/// them: a node's worst-case drain (the default `lifecycle.drain_timeout_ms`, the wait
+/// for sessions to close, the shutdown of groups and QUIC) plus a margin.
+pub const DEMO_STOP_TIMEOUT_MS: u64 = crate::config::LifecycleSection::DEFAULT_DRAIN_TIMEOUT_MS
+    + crate::run::SESSIONS_CLOSE_WAIT_MS
+    + crate::run::SHUTDOWN_TIMEOUT_MS
+    + 4_000;
+
+/// SIGTERM to every child, then SIGKILL to those still running after
+/// [`DEMO_STOP_TIMEOUT_MS`].
 fn stop_children(children: &mut [(u64, Child)]) {
     for (_, c) in children.iter() {
         if let Ok(pid) = i32::try_from(c.id()) {
             send_signal(pid, "TERM");
         }
     }
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_millis(DEMO_STOP_TIMEOUT_MS);
     for (id, c) in children.iter_mut() {
         loop {
             match c.try_wait() {

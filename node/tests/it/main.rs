@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod chat;
+mod demo;
 mod drain;
 mod harness;
 mod replication;
