@@ -7,14 +7,14 @@
 //! clients with 1001, and exit 0 in bounded time without losing an acknowledged write.
 
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{Cluster, CHATD};
+use crate::harness::Cluster;
 use crate::ws::{self, Ws};
 
 const READY: Duration = Duration::from_secs(60);
@@ -87,23 +87,13 @@ impl Notes {
 
 /// Starts node `id` as `chatd run` with systemd's variables set for it only.
 fn start_notified(c: &mut Cluster, id: u64, socket: &std::path::Path, watchdog_usec: u64) {
-    let n = &mut c.nodes[(id - 1) as usize];
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&n.log)
-        .expect("log file");
-    let child = Command::new(CHATD)
-        .args(["run", "--config"])
-        .arg(&n.config)
-        .env("RUST_LOG", "info,openraft=warn")
-        .env("NOTIFY_SOCKET", socket)
-        .env("WATCHDOG_USEC", watchdog_usec.to_string())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn chatd");
-    n.child = Some(child);
+    c.start_with_env(
+        id,
+        &[
+            ("NOTIFY_SOCKET", socket.display().to_string()),
+            ("WATCHDOG_USEC", watchdog_usec.to_string()),
+        ],
+    );
 }
 
 /// Creates `user` through node `via`, retrying until the metadata group can take it.

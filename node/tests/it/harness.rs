@@ -134,6 +134,11 @@ impl Cluster {
     }
 
     pub fn start(&mut self, id: u64) {
+        self.start_with_env(id, &[]);
+    }
+
+    /// Starts node `id` with extra environment variables (for it only).
+    pub fn start_with_env(&mut self, id: u64, env: &[(&str, String)]) {
         let n = &mut self.nodes[(id - 1) as usize];
         assert!(n.child.is_none(), "node {id} already running");
         let log = std::fs::OpenOptions::new()
@@ -145,6 +150,7 @@ impl Cluster {
             .args(["run", "--config"])
             .arg(&n.config)
             .env("RUST_LOG", "info,openraft=warn")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
