@@ -480,31 +480,8 @@ async fn read_whole(addr: &str, token: &str, chat: &str) -> Result<Vec<Entry>, S
     let mut conn = Connection::connect(addr, Some(token), OP_TIMEOUT)
         .await
         .map_err(|e| e.to_string())?;
-    let mut out: Vec<Entry> = Vec::new();
-    let mut after = 0;
-    loop {
-        let answer = conn
-            .request(|id| ClientFrame::History {
-                id,
-                chat: chat.to_string(),
-                before: None,
-                after: Some(after),
-                limit: Some(PAGE),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let Some(ServerFrame::History { messages, more, .. }) = answer.frame else {
-            return Err(format!("unexpected answer {}", answer.raw));
-        };
-        if let Some(last) = messages.last() {
-            after = last.seq;
-        }
-        let empty = messages.is_empty();
-        out.extend(messages.iter().map(entry));
-        if !more || empty {
-            break;
-        }
-    }
+    let read = chat_cli::messaging::read_history(&mut conn, chat, None, Some(0), None).await;
     conn.close().await;
-    Ok(out)
+    let (messages, _) = read.map_err(|e| e.to_string())?;
+    Ok(messages.iter().map(entry).collect())
 }

@@ -8,7 +8,7 @@ use futures::SinkExt;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::harness::Cluster;
+use crate::harness::{create_user_via, Cluster};
 use crate::ws::{self, Event, Ws};
 
 const READY: Duration = Duration::from_secs(60);
@@ -30,30 +30,6 @@ async fn cluster3(extra: &[&str]) -> Cluster {
     c.start_all();
     c.wait_ready(READY).await;
     c
-}
-
-/// Creates `user` through node `via` (`POST /v1/admin/users`); returns its token.
-async fn create_user_via(c: &Cluster, via: u64, user: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = c
-            .http
-            .post(c.url(via, "/v1/admin/users"))
-            .json(&json!({ "user": user }))
-            .send()
-            .await;
-        let last = match r {
-            Ok(r) if r.status() == 201 => {
-                let body: Value = r.json().await.unwrap();
-                assert_eq!(body["user"], user, "{body}");
-                return body["token"].as_str().unwrap().to_string();
-            }
-            Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
-            Err(e) => e.to_string(),
-        };
-        assert!(Instant::now() < deadline, "user {user} not created: {last}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Creates `user` through node `via` and waits until every running node knows it.

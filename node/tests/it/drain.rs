@@ -12,9 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
-
-use crate::harness::Cluster;
+use crate::harness::{create_user_via, Cluster};
 use crate::ws::{self, Ws};
 
 const READY: Duration = Duration::from_secs(60);
@@ -96,29 +94,6 @@ fn start_notified(c: &mut Cluster, id: u64, socket: &std::path::Path, watchdog_u
     );
 }
 
-/// Creates `user` through node `via`, retrying until the metadata group can take it.
-async fn create_user(c: &Cluster, via: u64, user: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = c
-            .http
-            .post(c.url(via, "/v1/admin/users"))
-            .json(&json!({ "user": user }))
-            .send()
-            .await;
-        let last = match r {
-            Ok(r) if r.status() == 201 => {
-                let body: Value = r.json().await.unwrap();
-                return body["token"].as_str().unwrap().to_string();
-            }
-            Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
-            Err(e) => e.to_string(),
-        };
-        assert!(Instant::now() < deadline, "user {user} not created: {last}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 /// Node `id`'s own view of who leads `group` (`None`: no leader, or no answer).
 async fn leader_seen_by(c: &Cluster, id: u64, group: u64) -> Option<u64> {
     c.local(id, group).await?["leader"].as_u64()
@@ -194,8 +169,8 @@ async fn drain_body() {
         .expect("node 1 leads a partition");
 
     // A client on node 1 with acknowledged messages.
-    let alice_token = create_user(&c, 2, "alice").await;
-    create_user(&c, 2, "bob").await;
+    let alice_token = create_user_via(&c, 2, "alice").await;
+    create_user_via(&c, 2, "bob").await;
     let mut alice = connect(&c, 1, "alice", &alice_token).await;
     let chat = alice.open_direct("bob").await;
     let mut acked_texts = Vec::new();

@@ -389,3 +389,28 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// Creates `user` through node `via` (`POST /v1/admin/users`), retrying (bounded) until
+/// the metadata group can take it; returns its token.
+pub async fn create_user_via(c: &Cluster, via: u64, user: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c
+            .http
+            .post(c.url(via, "/v1/admin/users"))
+            .json(&serde_json::json!({ "user": user }))
+            .send()
+            .await;
+        let last = match r {
+            Ok(r) if r.status() == 201 => {
+                let body: Value = r.json().await.unwrap();
+                assert_eq!(body["user"], user, "{body}");
+                return body["token"].as_str().unwrap().to_string();
+            }
+            Ok(r) => format!("{}: {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(e) => e.to_string(),
+        };
+        assert!(Instant::now() < deadline, "user {user} not created: {last}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
