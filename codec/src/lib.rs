@@ -10,6 +10,8 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
+pub mod frame;
+
 /// The version byte written in front of every encoded value.
 pub const FORMAT_VERSION: u8 = 1;
 
