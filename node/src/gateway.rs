@@ -21,51 +21,9 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use crate::node::{Node, ProposeError};
 use crate::queries::{ChatQuery, ChatQueryReply};
 
-/// Limits of the gateway, each with its unit.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct GatewayConfig {
-    /// Frames queued for one session before it is closed as a slow consumer.
-    pub outbound_queue_frames_max: usize,
-    /// Concurrent sessions of one user.
-    pub sessions_per_user_max: usize,
-    /// Largest message text in bytes.
-    pub text_bytes_max: usize,
-    /// Largest group.
-    pub group_members_max: usize,
-    /// Sustained sends per second per user (token bucket rate).
-    pub send_rate_per_sec: f64,
-    /// Burst of sends per user (token bucket size).
-    pub send_burst: f64,
-    /// Requests of one session being handled at once; more wait (TCP backpressure).
-    pub requests_in_flight_max: usize,
-    /// Time a client has to authenticate.
-    pub auth_timeout_ms: u64,
-    /// A session with no frame for this long is closed (presence TTL).
-    pub presence_ttl_ms: u64,
-    /// Interval at which clients should ping (advertised in docs; presence refresh).
-    pub heartbeat_interval_ms: u64,
-    /// Typing indicators per chat per session: at most one per this interval.
-    pub typing_interval_ms: u64,
-}
-
-impl Default for GatewayConfig {
-    fn default() -> Self {
-        Self {
-            outbound_queue_frames_max: 1024,
-            sessions_per_user_max: 8,
-            text_bytes_max: chatd_proto::TEXT_BYTES_MAX,
-            group_members_max: chatd_chat::GROUP_MEMBERS_MAX,
-            send_rate_per_sec: 50.0,
-            send_burst: 200.0,
-            requests_in_flight_max: 64,
-            auth_timeout_ms: 5_000,
-            presence_ttl_ms: 60_000,
-            heartbeat_interval_ms: 30_000,
-            typing_interval_ms: 1_000,
-        }
-    }
-}
+/// Limits of the gateway, each with its unit (defined with the rest of the configuration
+/// in `chatd-config`).
+pub use chatd_config::GatewayConfig;
 
 /// How long closing a connection may wait for the client to take the close frame.
 const CLOSE_WRITE_TIMEOUT_MS: u64 = 1_000;

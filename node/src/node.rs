@@ -20,7 +20,7 @@ use futures::future::BoxFuture;
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
-use crate::config::{Config, Peer};
+use crate::config::{Config, Peer, SectionOptions};
 use crate::queries::{ChatQuery, ChatQueryReply};
 
 /// First byte of node-to-node requests that are not Raft RPCs.
