@@ -6,6 +6,7 @@ use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use chatd_codec::frame::FrameError;
 use chatd_storage::{Batch, Cf, Storage};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -20,10 +21,9 @@ use crate::keys::{
 };
 use crate::{GroupId, LogId, NodeId, Response, StorageError, TypeConfig};
 
-/// Target size of one frame of a snapshot file; a frame holds whole records.
-pub const SNAPSHOT_FRAME_BYTES_TARGET: usize = 1 << 20;
-/// Upper bound on one frame when reading a snapshot file: a larger length is corruption.
-pub const SNAPSHOT_FRAME_BYTES_MAX: usize = 64 << 20;
+// Snapshot files are frames of `[u32 LE length][codec]`; the format and its reader live in
+// `chatd_codec::frame` (fuzzed there, without RocksDB).
+use chatd_codec::frame::{SnapshotFrame, SNAPSHOT_FRAME_BYTES_MAX, SNAPSHOT_FRAME_BYTES_TARGET};
 
 /// The application side of a group: turns committed commands into records.
 ///
@@ -133,15 +133,11 @@ pub fn scan_records(
     Ok(out)
 }
 
+/// The current snapshot (and a pending install) as `sm_meta` records it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-struct SnapshotRecord {
-    meta: SnapshotMeta<NodeId, BasicNode>,
-    file: String,
-}
-
-#[derive(Serialize, Deserialize)]
-struct SnapshotFrame {
-    records: Vec<(serde_bytes::ByteBuf, serde_bytes::ByteBuf)>,
+pub(crate) struct SnapshotRecord {
+    pub(crate) meta: SnapshotMeta<NodeId, BasicNode>,
+    pub(crate) file: String,
 }
 
 fn sm_read(e: impl std::error::Error + 'static) -> StorageError {
@@ -491,32 +487,13 @@ fn build_to_file(
     Ok(record)
 }
 
-fn write_frame(out: &mut impl Write, frame: &SnapshotFrame) -> std::io::Result<()> {
-    let bytes = chatd_codec::encode(frame).map_err(std::io::Error::other)?;
-    let len = u32::try_from(bytes.len()).map_err(std::io::Error::other)?;
-    out.write_all(&len.to_le_bytes())?;
-    out.write_all(&bytes)
+fn write_frame(out: &mut impl Write, frame: &SnapshotFrame) -> Result<(), FrameError> {
+    chatd_codec::frame::write_frame(out, frame, SNAPSHOT_FRAME_BYTES_MAX)
 }
 
 /// Reads the next frame; `None` at a clean end of file.
-fn read_frame(input: &mut impl Read) -> std::io::Result<Option<SnapshotFrame>> {
-    let mut len = [0u8; 4];
-    match input.read_exact(&mut len) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e),
-    }
-    let len = u32::from_le_bytes(len) as usize;
-    if len > SNAPSHOT_FRAME_BYTES_MAX {
-        return Err(std::io::Error::other(format!(
-            "snapshot frame of {len} bytes exceeds the {SNAPSHOT_FRAME_BYTES_MAX} byte bound"
-        )));
-    }
-    let mut bytes = vec![0u8; len];
-    input.read_exact(&mut bytes)?;
-    chatd_codec::decode(&bytes)
-        .map(Some)
-        .map_err(std::io::Error::other)
+fn read_frame(input: &mut impl Read) -> Result<Option<SnapshotFrame>, FrameError> {
+    chatd_codec::frame::read_frame(input, SNAPSHOT_FRAME_BYTES_MAX)
 }
 
 /// Replaces the group's records with the snapshot's and records it as current. Idempotent,
