@@ -85,6 +85,13 @@ fn error_from_code(peer: SocketAddr, code: VarInt) -> TransportError {
     }
 }
 
+/// For the fuzzers: [`error_from_code`] of a code received from a peer.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn reset_code_error(code: u64) -> Option<TransportError> {
+    let code = VarInt::from_u64(code).ok()?;
+    Some(error_from_code(SocketAddr::from(([127, 0, 0, 1], 0)), code))
+}
+
 /// A send stream that is reset (not finished) if dropped before [`ResetOnDrop::finish`], so a
 /// cancelled write never delivers a truncated message that looks complete.
 struct ResetOnDrop(Option<quinn::SendStream>);

@@ -81,3 +81,22 @@ where
         self(peer, request)
     }
 }
+
+/// Entry points for the fuzzers (`fuzz/`) into the parsers of bytes a peer or a file
+/// controls; not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// What the certificate readers take of a certificate (DER): its subjectAltName
+    /// dNSNames and its subject name; `None` if it has no subject.
+    pub fn subject_name(cert_der: &[u8]) -> Option<Result<(), String>> {
+        let _ = crate::der::cert_dns_names(cert_der);
+        crate::der::subject_and_spki(cert_der).map(|_| Ok(()))
+    }
+
+    /// The error a stream reset or stop with `code` from a peer turns into (`None` if
+    /// `code` is not a QUIC varint).
+    pub fn reset_code_error(code: u64) -> Option<crate::TransportError> {
+        crate::endpoint::reset_code_error(code)
+    }
+}
