@@ -9,6 +9,8 @@
 mod keys;
 mod model;
 mod read;
+#[cfg(test)]
+mod golden;
 
 use std::collections::BTreeMap;
 

@@ -4,6 +4,8 @@
 //! `membership` knows Raft only through `raftlog`'s [`Applier`]; it knows nothing of chats,
 //! storage layout or the network.
 
+#[cfg(test)]
+mod golden;
 mod hash;
 mod placement;
 mod routing;

@@ -8,6 +8,8 @@ pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+#[cfg(test)]
+mod golden;
 pub mod init;
 pub mod metrics;
 pub mod node;

@@ -14,6 +14,8 @@
 #![allow(clippy::result_large_err)]
 
 mod batcher;
+#[cfg(test)]
+mod golden;
 mod keys;
 mod log_store;
 mod network;

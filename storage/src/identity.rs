@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Cf, StorageError};
 
-const IDENTITY_KEY: &[u8] = b"identity";
+pub(crate) const IDENTITY_KEY: &[u8] = b"identity";
 
 /// The owner of a data directory: recorded when the directory is created, checked at every
 /// open, so a node never starts on another node's or another cluster's data.

@@ -6,6 +6,8 @@
 //! fdatasync covers every durable write made by every caller since the previous one (group
 //! commit). A dedicated syncer thread does the syncing; callers never block on the disk.
 
+#[cfg(test)]
+mod golden;
 mod identity;
 mod syncer;
 
