@@ -23,8 +23,30 @@ pub(crate) fn chat(chat: &str) -> Vec<u8> {
 pub(crate) fn message(chat: &str, seq: u64) -> Vec<u8> {
     join(&[b"m", chat.as_bytes(), &seq.to_be_bytes()])
 }
-pub(crate) fn dedup(sender: &str, client_msg_id: &str) -> Vec<u8> {
-    join(&[b"d", sender.as_bytes(), client_msg_id.as_bytes()])
+/// A send's idempotency record: per (chat, sender, client_msg_id). (Records under the
+/// earlier `d\0sender\0client_msg_id` layout, which had no expiry, are never read.)
+pub(crate) fn dedup(chat: &str, sender: &str, client_msg_id: &str) -> Vec<u8> {
+    join(&[
+        b"i",
+        chat.as_bytes(),
+        sender.as_bytes(),
+        client_msg_id.as_bytes(),
+    ])
+}
+/// The expiry index of dedup records: `x\0` · expiry (ms, u64 BE) · `\0` · the dedup key.
+pub(crate) fn dedup_expiry(expires_ms: u64, dedup_key: &[u8]) -> Vec<u8> {
+    join(&[b"x", &expires_ms.to_be_bytes(), dedup_key])
+}
+/// The start of the expiry index.
+pub(crate) const DEDUP_EXPIRY_START: &[u8] = b"x\0";
+/// The end (exclusive) of the expiry index's entries that expire at or before `now_ms`.
+pub(crate) fn dedup_expiry_end(now_ms: u64) -> Vec<u8> {
+    join(&[b"x", &now_ms.saturating_add(1).to_be_bytes()])
+}
+/// The dedup key inside an expiry index key.
+pub(crate) fn dedup_key_of_expiry(expiry_key: &[u8]) -> Option<&[u8]> {
+    // "x" · 0 · 8 bytes · 0 · dedup key
+    expiry_key.get(11..)
 }
 pub(crate) fn cursor(chat: &str, user: &str) -> Vec<u8> {
     join(&[b"r", chat.as_bytes(), user.as_bytes()])

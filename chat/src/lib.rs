@@ -6,11 +6,11 @@
 //! receipt cursors. `chat` knows chats and the raftlog `Applier` interface; it knows
 //! nothing of WebSockets, QUIC or RocksDB.
 
+#[cfg(test)]
+mod golden;
 mod keys;
 mod model;
 mod read;
-#[cfg(test)]
-mod golden;
 
 use std::collections::BTreeMap;
 
@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use model::LogRecord;
 pub use model::{ChatKind, ChatRecord, Cursor, DedupRecord, MessageRecord, Span};
 pub use read::{
-    chat_record, cursors, history, log_count, log_records, message, unread, user_chats,
+    chat_record, cursor, cursors, history, log_count, log_records, message, unread, user_chats,
     HistoryPage, PageRequest, UNREAD_SCAN_MAX,
 };
 
@@ -35,7 +35,10 @@ pub const GROUP_MEMBERS_MAX: usize = 256;
 pub enum ChatCommand {
     /// An opaque record (the foundation's test log).
     Append(#[serde(with = "serde_bytes")] Vec<u8>),
-    Send {
+    /// A send written by builds before dedup records expired (variant 1 of the log
+    /// format). Still applied as it was logged, with [`DEDUP_WINDOW_MS_DEFAULT`]; new
+    /// builds write [`ChatCommand::Send`].
+    SendWithoutWindow {
         chat: String,
         sender: String,
         client_msg_id: String,
@@ -89,7 +92,25 @@ pub enum ChatCommand {
     Receipts(Vec<ReceiptUpdate>),
     /// Records that `user` is in `chat` (kept on the user's own partition).
     IndexChat { user: String, chat: String },
+    /// A message. `(chat, sender, client_msg_id)` is its idempotency key: a retry within
+    /// `dedup_window_ms` of `ts` answers the original seq. `ts` is the gateway's clock,
+    /// written in the log, so expiry is the same on every replica.
+    Send {
+        chat: String,
+        sender: String,
+        client_msg_id: String,
+        text: String,
+        reply_to: Option<u64>,
+        ts: u64,
+        dedup_window_ms: u64,
+    },
 }
+
+/// How long a send's idempotency record answers retries unless configured otherwise: 24 h.
+pub const DEDUP_WINDOW_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
+/// Most expired dedup records one applied send removes. Each send adds one record, so the
+/// expired backlog shrinks by up to this many minus one per send and never grows.
+pub const DEDUP_EXPIRED_SWEEP_PER_SEND_MAX: usize = 8;
 
 /// One cursor move.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -226,6 +247,114 @@ fn append_message(
     Ok(message.seq)
 }
 
+/// A message to append, as a send command carries it.
+struct Outgoing {
+    chat: String,
+    sender: String,
+    client_msg_id: String,
+    text: String,
+    reply_to: Option<u64>,
+    ts: u64,
+}
+
+/// Applies a send: the answer of an unexpired earlier send with the same key, or the next
+/// seq. A stored send also removes up to [`DEDUP_EXPIRED_SWEEP_PER_SEND_MAX`] dedup records
+/// expired at its `ts`; a refused one changes nothing.
+fn send(
+    txn: &mut ApplyTxn<'_>,
+    m: Outgoing,
+    dedup_window_ms: u64,
+) -> Result<ChatReply, StorageError> {
+    let Outgoing {
+        chat,
+        sender,
+        client_msg_id,
+        text,
+        reply_to,
+        ts,
+    } = m;
+    let dedup_key = keys::dedup(&chat, &sender, &client_msg_id);
+    let earlier = get::<DedupRecord>(txn, &dedup_key)?;
+    if let Some(d) = &earlier {
+        if !d.expired_at(ts) {
+            return Ok(ChatReply::Acked {
+                seq: d.seq,
+                ts: d.ts,
+                duplicate: true,
+            });
+        }
+    }
+    let Some(mut record) = get::<ChatRecord>(txn, &keys::chat(&chat))? else {
+        return Ok(reject("unknown_chat", format!("no chat {chat}")));
+    };
+    if !record.is_member(&sender) {
+        return Ok(reject("not_member", format!("{sender} is not in {chat}")));
+    }
+    if let Some(r) = reply_to {
+        if r == 0 || r > record.last_seq {
+            return Ok(reject(
+                "unknown_message",
+                format!("no message {r} in {chat}"),
+            ));
+        }
+    }
+    sweep_expired_dedup(txn, ts)?;
+    if let Some(d) = earlier {
+        // Expired but maybe not swept yet: its index entry goes now, so a later sweep
+        // never removes the record this send writes under the same key.
+        txn.delete(&keys::dedup_expiry(d.expires_ms, &dedup_key));
+    }
+    let seq = append_message(
+        txn,
+        &mut record,
+        MessageRecord {
+            chat: chat.clone(),
+            seq: 0,
+            sender,
+            kind: "text".into(),
+            text,
+            ts,
+            reply_to,
+            target: None,
+            edited_ts: None,
+        },
+    )?;
+    put(txn, &keys::chat(&chat), &record)?;
+    let expires_ms = ts.saturating_add(dedup_window_ms);
+    put(
+        txn,
+        &dedup_key,
+        &DedupRecord {
+            seq,
+            ts,
+            expires_ms,
+        },
+    )?;
+    txn.put(&keys::dedup_expiry(expires_ms, &dedup_key), Vec::new());
+    Ok(ChatReply::Acked {
+        seq,
+        ts,
+        duplicate: false,
+    })
+}
+
+/// Removes up to [`DEDUP_EXPIRED_SWEEP_PER_SEND_MAX`] dedup records that expired at log
+/// time `now_ms`, oldest first.
+fn sweep_expired_dedup(txn: &mut ApplyTxn<'_>, now_ms: u64) -> Result<(), StorageError> {
+    let expired = txn.scan(
+        keys::DEDUP_EXPIRY_START,
+        &keys::dedup_expiry_end(now_ms),
+        DEDUP_EXPIRED_SWEEP_PER_SEND_MAX,
+    )?;
+    for (index_key, _) in expired {
+        if let Some(dedup_key) = keys::dedup_key_of_expiry(&index_key) {
+            txn.delete(dedup_key);
+        }
+        txn.delete(&index_key);
+    }
+    Ok(())
+}
+
 fn apply_command(
     index: u64,
     cmd: ChatCommand,
@@ -246,6 +375,25 @@ fn apply_command(
             )?;
             ChatReply::Appended { seq: n }
         }
+        ChatCommand::SendWithoutWindow {
+            chat,
+            sender,
+            client_msg_id,
+            text,
+            reply_to,
+            ts,
+        } => send(
+            txn,
+            Outgoing {
+                chat,
+                sender,
+                client_msg_id,
+                text,
+                reply_to,
+                ts,
+            },
+            DEDUP_WINDOW_MS_DEFAULT,
+        )?,
         ChatCommand::Send {
             chat,
             sender,
@@ -253,59 +401,19 @@ fn apply_command(
             text,
             reply_to,
             ts,
-        } => {
-            let dedup_key = keys::dedup(&sender, &client_msg_id);
-            if let Some(d) = get::<DedupRecord>(txn, &dedup_key)? {
-                return Ok(if d.chat == chat {
-                    ChatReply::Acked {
-                        seq: d.seq,
-                        ts: d.ts,
-                        duplicate: true,
-                    }
-                } else {
-                    reject(
-                        "invalid_field",
-                        "client_msg_id already used for another chat",
-                    )
-                });
-            }
-            let Some(mut record) = get::<ChatRecord>(txn, &keys::chat(&chat))? else {
-                return Ok(reject("unknown_chat", format!("no chat {chat}")));
-            };
-            if !record.is_member(&sender) {
-                return Ok(reject("not_member", format!("{sender} is not in {chat}")));
-            }
-            if let Some(r) = reply_to {
-                if r == 0 || r > record.last_seq {
-                    return Ok(reject(
-                        "unknown_message",
-                        format!("no message {r} in {chat}"),
-                    ));
-                }
-            }
-            let seq = append_message(
-                txn,
-                &mut record,
-                MessageRecord {
-                    chat: chat.clone(),
-                    seq: 0,
-                    sender: sender.clone(),
-                    kind: "text".into(),
-                    text,
-                    ts,
-                    reply_to,
-                    target: None,
-                    edited_ts: None,
-                },
-            )?;
-            put(txn, &keys::chat(&chat), &record)?;
-            put(txn, &dedup_key, &DedupRecord { chat, seq, ts })?;
-            ChatReply::Acked {
-                seq,
+            dedup_window_ms,
+        } => send(
+            txn,
+            Outgoing {
+                chat,
+                sender,
+                client_msg_id,
+                text,
+                reply_to,
                 ts,
-                duplicate: false,
-            }
-        }
+            },
+            dedup_window_ms,
+        )?,
         ChatCommand::Edit {
             chat,
             sender,
@@ -646,15 +754,40 @@ mod tests {
         }
 
         fn send(&mut self, chat: &str, sender: &str, key: &str, text: &str) -> ChatReply {
+            self.send_at(chat, sender, key, text, 1, DEDUP_WINDOW_MS_DEFAULT)
+        }
+
+        fn send_at(
+            &mut self,
+            chat: &str,
+            sender: &str,
+            key: &str,
+            text: &str,
+            ts: u64,
+            dedup_window_ms: u64,
+        ) -> ChatReply {
             self.apply(ChatCommand::Send {
                 chat: chat.into(),
                 sender: sender.into(),
                 client_msg_id: key.into(),
                 text: text.into(),
                 reply_to: None,
-                ts: 1,
+                ts,
+                dedup_window_ms,
             })
             .0
+        }
+
+        /// Every stored record of the partition under `prefix`.
+        fn records(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+            chatd_raftlog::scan_records(
+                &self.store,
+                G,
+                prefix,
+                &keys::prefix_end(prefix),
+                usize::MAX,
+            )
+            .unwrap()
         }
 
         fn group(&mut self, creator: &str, members: &[&str]) -> String {
@@ -836,9 +969,161 @@ mod tests {
         assert_eq!((m2.kind.as_str(), m2.text.as_str()), ("deleted", ""));
     }
 
+    fn acked(seq: u64, ts: u64, duplicate: bool) -> ChatReply {
+        ChatReply::Acked { seq, ts, duplicate }
+    }
+
+    fn open_direct(sm: &mut Sm, chat: &str, a: &str, b: &str) {
+        let (r, _) = sm.apply(ChatCommand::OpenDirect {
+            chat: chat.into(),
+            a: a.into(),
+            b: b.into(),
+            ts: 1,
+        });
+        assert!(matches!(r, ChatReply::Done { .. }), "{r:?}");
+    }
+
+    #[test]
+    fn a_client_msg_id_is_scoped_to_its_chat() {
+        let mut sm = Sm::new();
+        open_direct(&mut sm, "d:a:b", "a", "b");
+        open_direct(&mut sm, "d:a:c", "a", "c");
+        assert_eq!(sm.send("d:a:b", "a", "k", "to b"), acked(1, 1, false));
+        assert_eq!(
+            sm.send("d:a:c", "a", "k", "to c"),
+            acked(1, 1, false),
+            "the same key in another chat is another message"
+        );
+        assert_eq!(sm.send("d:a:b", "a", "k", "to b"), acked(1, 1, true));
+        assert_eq!(sm.send("d:a:c", "a", "k", "to c"), acked(1, 1, true));
+        assert_eq!(
+            message(&sm.store, G, "d:a:c", 1).unwrap().unwrap().text,
+            "to c"
+        );
+    }
+
+    #[test]
+    fn dedup_records_answer_retries_within_the_window_and_expire_by_log_time() {
+        const W: u64 = 1_000;
+        let mut sm = Sm::new();
+        open_direct(&mut sm, "d:a:b", "a", "b");
+        assert_eq!(
+            sm.send_at("d:a:b", "a", "k1", "one", 100, W),
+            acked(1, 100, false)
+        );
+        // A retry one millisecond before expiry still gets the original answer.
+        assert_eq!(
+            sm.send_at("d:a:b", "a", "k1", "one", 1_099, W),
+            acked(1, 100, true)
+        );
+        // At expiry the key is free again: the same send is a new message.
+        assert_eq!(
+            sm.send_at("d:a:b", "a", "k1", "one", 1_100, W),
+            acked(2, 1_100, false)
+        );
+        assert_eq!(
+            sm.send_at("d:a:b", "a", "k1", "one", 1_200, W),
+            acked(2, 1_100, true)
+        );
+        // The re-used key has exactly one record and one index entry.
+        assert_eq!(sm.records(b"i\0").len(), 1);
+        assert_eq!(sm.records(b"x\0").len(), 1);
+        // A refused send sweeps nothing.
+        assert_eq!(
+            rejected(&sm.send_at("d:x:y", "a", "k2", "?", 10_000, W)),
+            "unknown_chat"
+        );
+        assert_eq!(sm.records(b"i\0").len(), 1);
+    }
+
+    #[test]
+    fn expired_dedup_records_are_swept_a_bounded_number_per_send() {
+        const W: u64 = 1_000;
+        let mut sm = Sm::new();
+        open_direct(&mut sm, "d:a:b", "a", "b");
+        let n = 3 * DEDUP_EXPIRED_SWEEP_PER_SEND_MAX as u64;
+        for i in 0..n {
+            let r = sm.send_at("d:a:b", "a", &format!("k{i}"), "m", 10 + i, W);
+            assert_eq!(r, acked(i + 1, 10 + i, false));
+        }
+        assert_eq!(sm.records(b"i\0").len() as u64, n);
+        // Long after the window: each send removes at most the bound, oldest first, and
+        // adds its own record.
+        let late = 1_000_000;
+        sm.send_at("d:a:b", "b", "late-0", "m", late, W);
+        let left = n - DEDUP_EXPIRED_SWEEP_PER_SEND_MAX as u64 + 1;
+        assert_eq!(sm.records(b"i\0").len() as u64, left);
+        assert_eq!(sm.records(b"x\0").len() as u64, left);
+        // The oldest went first: k0 is new again, the newest (still stored) is expired
+        // by log time and so is not a duplicate either.
+        assert!(matches!(
+            sm.send_at("d:a:b", "a", "k0", "m", late, W),
+            ChatReply::Acked {
+                duplicate: false,
+                ..
+            }
+        ));
+        for i in 2..6 {
+            sm.send_at("d:a:b", "b", &format!("late-{i}"), "m", late, W);
+        }
+        // Only the late sends' records remain (six of them), all live.
+        let keys: Vec<String> = sm
+            .records(b"i\0")
+            .into_iter()
+            .map(|(k, _)| String::from_utf8_lossy(&k).into_owned())
+            .collect();
+        assert_eq!(keys.len(), 6, "{keys:?}");
+        assert!(
+            keys.iter()
+                .all(|k| k.contains("late-") || k.ends_with("k0")),
+            "{keys:?}"
+        );
+        assert_eq!(sm.records(b"x\0").len(), 6);
+        assert_eq!(
+            sm.send_at("d:a:b", "b", "late-0", "m", late + 1, W),
+            acked(n + 1, late, true)
+        );
+    }
+
+    #[test]
+    fn golden_bytes_of_the_send_with_a_window_and_its_dedup_record() {
+        let cmd = ChatCommand::Send {
+            chat: "c".into(),
+            sender: "a".into(),
+            client_msg_id: "k".into(),
+            text: "t".into(),
+            reply_to: Some(3),
+            ts: 5,
+            dedup_window_ms: 200,
+        };
+        let bytes = chatd_codec::encode(&cmd).unwrap();
+        assert_eq!(
+            bytes,
+            vec![1, 10, 1, b'c', 1, b'a', 1, b'k', 1, b't', 1, 3, 5, 200]
+        );
+        assert_eq!(chatd_codec::decode::<ChatCommand>(&bytes).unwrap(), cmd);
+        let d = DedupRecord {
+            seq: 7,
+            ts: 300,
+            expires_ms: 1_000,
+        };
+        let bytes = chatd_codec::encode(&d).unwrap();
+        assert_eq!(bytes, vec![1, 7, 251, 44, 1, 251, 232, 3]);
+        assert_eq!(chatd_codec::decode::<DedupRecord>(&bytes).unwrap(), d);
+        assert_eq!(keys::dedup("c", "a", "k"), b"i\0c\0a\0k".to_vec());
+        assert_eq!(
+            keys::dedup_expiry(258, b"i\0c"),
+            b"x\0\0\0\0\0\0\0\x01\x02\0i\0c".to_vec()
+        );
+        assert_eq!(
+            keys::dedup_key_of_expiry(b"x\0\0\0\0\0\0\0\x01\x02\0i\0c"),
+            Some(&b"i\0c"[..])
+        );
+    }
+
     #[test]
     fn golden_bytes_of_chat_formats() {
-        let cmd = ChatCommand::Send {
+        let cmd = ChatCommand::SendWithoutWindow {
             chat: "c".into(),
             sender: "a".into(),
             client_msg_id: "k".into(),

@@ -88,12 +88,21 @@ impl MessageRecord {
     }
 }
 
-/// A send's idempotency record: (sender, client_msg_id) → where it went.
+/// A send's idempotency record: (chat, sender, client_msg_id) → where it went, until
+/// `expires_ms` (the send's log time plus the dedup window). Expiry is judged against the
+/// `ts` of the command being applied, which is in the log, so every replica agrees.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DedupRecord {
-    pub chat: String,
     pub seq: u64,
     pub ts: u64,
+    pub expires_ms: u64,
+}
+
+impl DedupRecord {
+    /// True if the record no longer answers retries at log time `now_ms`.
+    pub fn expired_at(&self, now_ms: u64) -> bool {
+        self.expires_ms <= now_ms
+    }
 }
 
 /// A member's delivered and read cursors in a chat; only ever move forward.

@@ -120,14 +120,41 @@ pub fn cursors(
         .collect()
 }
 
-/// The chats recorded for `user` on this partition (the user's own partition).
+/// `user`'s cursors in `chat` (default when never set): one point read.
+pub fn cursor(
+    store: &Storage,
+    group: GroupId,
+    chat: &str,
+    user: &str,
+) -> Result<Cursor, StorageError> {
+    Ok(read_record(store, group, &keys::cursor(chat, user))?
+        .map(|b| decode::<Cursor>(&b))
+        .transpose()?
+        .unwrap_or_default())
+}
+
+/// One page of the chats recorded for `user` on this partition (the user's own
+/// partition), in chat id order: those after `after` (exclusive; from the first when
+/// `None`), at most `limit`. Reads at most `limit` index entries.
 pub fn user_chats(
     store: &Storage,
     group: GroupId,
     user: &str,
+    after: Option<&str>,
+    limit: usize,
 ) -> Result<Vec<String>, StorageError> {
     let prefix = keys::user_chat_prefix(user);
-    let rows = scan_records(store, group, &prefix, &keys::prefix_end(&prefix), 100_000)?;
+    // Chat ids never contain `\0`, so the first key after `u\0user\0after` is that key
+    // followed by `\0`.
+    let from = match after {
+        Some(a) => {
+            let mut k = keys::user_chat(user, a);
+            k.push(0);
+            k
+        }
+        None => prefix.clone(),
+    };
+    let rows = scan_records(store, group, &from, &keys::prefix_end(&prefix), limit)?;
     Ok(rows
         .iter()
         .map(|(k, _)| String::from_utf8_lossy(&k[prefix.len()..]).into_owned())
@@ -192,4 +219,81 @@ pub fn log_records(
         limit,
     )?;
     rows.iter().map(|(_, v)| decode(v)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use chatd_raftlog::ApplyTxn;
+    use chatd_storage::{NodeIdentity, StorageOptions};
+
+    const G: GroupId = 5;
+
+    fn store() -> (tempfile::TempDir, Storage) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Storage::open(
+            dir.path(),
+            &NodeIdentity {
+                cluster_id: "t".into(),
+                node_id: 1,
+            },
+            &StorageOptions::default(),
+        )
+        .unwrap();
+        (dir, store)
+    }
+
+    #[test]
+    fn user_chats_pages_read_at_most_limit_entries_after_the_cursor() {
+        let (_dir, store) = store();
+        let mut txn = ApplyTxn::standalone(G, &store);
+        // Another user's entries around alice's must never leak into her pages, and a
+        // chat id that extends another one ("g:1" / "g:10") must not be skipped.
+        for chat in ["g:0", "g:1", "g:10", "g:2", "g:3"] {
+            txn.put(&keys::user_chat("alice", chat), Vec::new());
+        }
+        txn.put(&keys::user_chat("alic", "g:9"), Vec::new());
+        txn.put(&keys::user_chat("alice2", "g:9"), Vec::new());
+        txn.commit().unwrap();
+        let page =
+            |after: Option<&str>, limit| user_chats(&store, G, "alice", after, limit).unwrap();
+        assert_eq!(page(None, 2), vec!["g:0", "g:1"]);
+        assert_eq!(page(Some("g:1"), 2), vec!["g:10", "g:2"]);
+        assert_eq!(page(Some("g:2"), 2), vec!["g:3"]);
+        assert!(page(Some("g:3"), 2).is_empty());
+        // A cursor that is not in the index still pages from where it would sort.
+        assert_eq!(page(Some("g:15"), 10), vec!["g:2", "g:3"]);
+        assert_eq!(page(None, 100).len(), 5);
+        assert!(page(None, 0).is_empty());
+    }
+
+    #[test]
+    fn cursor_is_a_point_read_with_a_default() {
+        let (_dir, store) = store();
+        assert_eq!(
+            cursor(&store, G, "g:1", "alice").unwrap(),
+            Cursor::default()
+        );
+        let mut txn = ApplyTxn::standalone(G, &store);
+        let c = Cursor {
+            delivered: 4,
+            read: 3,
+        };
+        txn.put(
+            &keys::cursor("g:1", "alice"),
+            chatd_codec::encode(&c).unwrap(),
+        );
+        txn.put(
+            &keys::cursor("g:1", "alice2"),
+            chatd_codec::encode(&Cursor {
+                delivered: 9,
+                read: 9,
+            })
+            .unwrap(),
+        );
+        txn.commit().unwrap();
+        assert_eq!(cursor(&store, G, "g:1", "alice").unwrap(), c);
+        assert_eq!(cursor(&store, G, "g:1", "bob").unwrap(), Cursor::default());
+    }
 }

@@ -24,6 +24,12 @@ pub enum UsersCommand {
         /// The user id.
         user: String,
     },
+    /// Give a user a new token and print it (shown only this once); the old token stops
+    /// working for new connections.
+    RotateToken {
+        /// The user id.
+        user: String,
+    },
 }
 
 /// `admin chat` commands.
@@ -158,6 +164,23 @@ pub async fn users(
             }
             Ok(t.render(color))
         }
+        UsersCommand::RotateToken { user } => {
+            let path = api_path("v1/admin/users", &[user, "rotate-token"]);
+            let raw = client
+                .post_json(&path, None)
+                .await
+                .map_err(|e| rotate_refused(e, user))?;
+            let rotated: CreatedUser = parse(client, &path, &raw)?;
+            if cli.json {
+                return Ok(pretty(&raw));
+            }
+            eprintln!(
+                "chat-cli: new token for user {} (shown only this once; the old one no longer \
+                 opens connections) follows",
+                clean(&rotated.user)
+            );
+            Ok(format!("{}\n", rotated.token))
+        }
         UsersCommand::Disable { user } => {
             let path = api_path("v1/admin/users", &[user, "disable"]);
             let raw = client.post_json(&path, None).await?;
@@ -167,6 +190,25 @@ pub async fn users(
             }
             Ok(format!("user {} disabled\n", clean(&row.user)))
         }
+    }
+}
+
+/// The refusals of `rotate-token` in the CLI's terms (still exit 1).
+fn rotate_refused(e: CliError, user: &str) -> CliError {
+    match &e {
+        CliError::Api { code, .. } if code == "unknown_user" => CliError::Failed(format!(
+            "cannot rotate the token of {}: there is no such user (unknown_user)",
+            clean(user)
+        )),
+        CliError::Api { code, .. } if code == "user_disabled" => CliError::Failed(format!(
+            "cannot rotate the token of {}: the user is disabled (user_disabled)",
+            clean(user)
+        )),
+        // No API error body: the route itself is missing.
+        CliError::Http { url, status, .. } if status.starts_with("404") => CliError::Failed(
+            format!("chatd at {url} cannot rotate tokens (404: a version without rotate-token?)"),
+        ),
+        _ => e,
     }
 }
 
@@ -333,6 +375,37 @@ mod tests {
             api_path("v1/admin/users/", &["a b/c", "disable"]),
             "v1/admin/users/a%20b%2Fc/disable"
         );
+        assert_eq!(
+            api_path("v1/admin/users", &["alice", "rotate-token"]),
+            "v1/admin/users/alice/rotate-token"
+        );
+    }
+
+    #[test]
+    fn rotate_refusals_are_worded() {
+        let api = |code: &str| CliError::Api {
+            url: "u".into(),
+            status: 404,
+            code: code.into(),
+            message: "m".into(),
+        };
+        let e = rotate_refused(api("unknown_user"), "zed");
+        assert_eq!(e.exit_code(), 1);
+        assert!(e.to_string().contains("no such user"), "{e}");
+        let e = rotate_refused(api("user_disabled"), "zed");
+        assert_eq!(e.exit_code(), 1);
+        assert!(e.to_string().contains("disabled"), "{e}");
+        let e = rotate_refused(api("no_leader"), "zed");
+        assert!(matches!(e, CliError::Api { .. }));
+        let e = rotate_refused(
+            CliError::Http {
+                url: "http://h:1/v1/admin/users/zed/rotate-token".into(),
+                status: "404 Not Found".into(),
+                body: "(empty body)".into(),
+            },
+            "zed",
+        );
+        assert!(e.to_string().contains("cannot rotate tokens"), "{e}");
     }
 
     #[test]

@@ -1204,13 +1204,14 @@ async fn create_user(
             (Some(code), Some(message)) => format!("{code}: {message}"),
             _ => body.trim().chars().take(200).collect(),
         };
-        let hint = if status.as_u16() == 401 {
-            " (the bench creates its users: --token must be the cluster's admin token)"
-        } else {
-            ""
-        };
+        if status.as_u16() == 401 {
+            return Err(CliError::TokenRefused(format!(
+                "{} (the bench creates its users: --token must be the cluster's admin token)",
+                crate::client::ADMIN_TOKEN_REFUSED
+            )));
+        }
         return Err(failed(format!(
-            "cannot create bench user {user} at {url}: HTTP {status}: {what}{hint}"
+            "cannot create bench user {user} at {url}: HTTP {status}: {what}"
         )));
     }
 }
@@ -1284,7 +1285,12 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<String, CliError> {
         .as_deref()
         .map(str::trim)
         .filter(|t| !t.is_empty())
-        .ok_or_else(|| failed("the bench creates its own users: give the admin token with --token (or CHATD_TOKEN)"))?
+        .ok_or_else(|| {
+            CliError::NoToken(
+                "the bench creates its own users: give the admin token with --token (or CHATD_TOKEN)"
+                    .to_string(),
+            )
+        })?
         .to_string();
     let node_names: Vec<String> = if args.nodes.is_empty() {
         vec![cli.server.clone()]
@@ -1296,7 +1302,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<String, CliError> {
             .collect()
     };
     if node_names.is_empty() {
-        return Err(failed("--nodes lists no node"));
+        return Err(CliError::Usage("--nodes lists no node".to_string()));
     }
     let bases = node_names
         .iter()
@@ -1305,9 +1311,9 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<String, CliError> {
     let ws_urls = bases.iter().map(ws_url).collect::<Result<Vec<_>, _>>()?;
     let n_conns = args.connections as usize;
     let group = args.group_size as usize;
-    let plan = plan_chats(n_conns, args.chats as usize, group).map_err(failed)?;
+    let plan = plan_chats(n_conns, args.chats as usize, group).map_err(CliError::Usage)?;
     if args.size > TEXT_BYTES_MAX {
-        return Err(failed(format!(
+        return Err(CliError::Usage(format!(
             "--size is at most {TEXT_BYTES_MAX} bytes (the server's text limit)"
         )));
     }

@@ -20,6 +20,17 @@ pub enum CliError {
     /// `--token` cannot be sent in an HTTP header.
     #[error("invalid token: {0}")]
     BadToken(String),
+    /// No token was given where one is needed; the message says how to give one.
+    #[error("{0}")]
+    NoToken(String),
+    /// The server refused the token (unknown, disabled, or not the admin token); the
+    /// message says so in the CLI's terms.
+    #[error("{0}")]
+    TokenRefused(String),
+    /// The command line (or a piped script) asks for something that cannot be done as
+    /// given; nothing was sent.
+    #[error("{0}")]
+    Usage(String),
     /// No answer: connection refused, DNS failure, timeout, connection lost.
     #[error("cannot reach chatd at {url}: {cause}")]
     Unreachable {
@@ -63,15 +74,34 @@ pub enum CliError {
     Failed(String),
 }
 
+/// The process exit statuses of `chat-cli`.
+pub mod exit {
+    /// The command did what was asked.
+    pub const OK: u8 = 0;
+    /// The server refused the request (unknown chat, not a member, user exists, …), gave
+    /// a malformed answer, or the command failed otherwise.
+    pub const FAILED: u8 = 1;
+    /// A usage error: bad arguments (clap's convention), or input the command cannot act
+    /// on as given. Nothing was sent.
+    pub const USAGE: u8 = 2;
+    /// The server could not be reached (refused, timed out, connection lost), or the
+    /// address is unusable.
+    pub const UNREACHABLE: u8 = 3;
+    /// No token, an unusable one, or the server refused it.
+    pub const TOKEN: u8 = 4;
+}
+
 impl CliError {
-    /// 2 when the server could not be reached (or was given badly), 1 otherwise.
+    /// The process exit status for this error (see [`exit`]).
     pub fn exit_code(&self) -> u8 {
         match self {
-            CliError::BadServer { .. } | CliError::BadToken(_) | CliError::Unreachable { .. } => 2,
+            CliError::Usage(_) => exit::USAGE,
+            CliError::BadServer { .. } | CliError::Unreachable { .. } => exit::UNREACHABLE,
+            CliError::BadToken(_) | CliError::NoToken(_) | CliError::TokenRefused(_) => exit::TOKEN,
             CliError::Api { .. }
             | CliError::Http { .. }
             | CliError::Malformed { .. }
-            | CliError::Failed(_) => 1,
+            | CliError::Failed(_) => exit::FAILED,
         }
     }
 }
@@ -111,7 +141,7 @@ pub fn server_url(given: &str) -> Result<Url, CliError> {
     Ok(url)
 }
 
-/// A client for one node.
+/// A client for one node's HTTP admin API (a `401` is reported as a refused admin token).
 #[derive(Clone, Debug)]
 pub struct Client {
     base: Url,
@@ -120,11 +150,21 @@ pub struct Client {
     timeout: Duration,
 }
 
+/// The API's error body: `{"code","message"}` (`error` is accepted for `code`).
 #[derive(Deserialize)]
-struct ApiErrorBody {
-    code: String,
-    message: String,
+pub(crate) struct ApiErrorBody {
+    #[serde(alias = "error")]
+    pub(crate) code: String,
+    #[serde(default)]
+    pub(crate) message: String,
 }
+
+/// What `chat-cli` says when the admin API answers 401.
+pub const ADMIN_TOKEN_REFUSED: &str =
+    "the admin token was refused; pass --token or set CHATD_TOKEN";
+/// What `chat-cli` says when the admin API answers 401 to a request without a token.
+pub const ADMIN_TOKEN_MISSING: &str =
+    "this command needs the admin token; pass --token or set CHATD_TOKEN";
 
 impl Client {
     /// A client for the node at `server` (see [`server_url`]); `token`, when given and
@@ -215,6 +255,14 @@ impl Client {
         let status = resp.status();
         let body = resp.bytes().await.map_err(|e| self.transport(&shown, &e))?;
         let text = String::from_utf8_lossy(&body);
+        if status == reqwest::StatusCode::UNAUTHORIZED {
+            // Said in the CLI's terms: which token, and how to give another one.
+            return Err(if self.auth.is_some() {
+                CliError::TokenRefused(ADMIN_TOKEN_REFUSED.to_string())
+            } else {
+                CliError::NoToken(ADMIN_TOKEN_MISSING.to_string())
+            });
+        }
         if !status.is_success() {
             return Err(match serde_json::from_str::<ApiErrorBody>(&text) {
                 Ok(e) => CliError::Api {
@@ -292,6 +340,7 @@ pub(crate) fn snippet(text: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -358,9 +407,38 @@ mod tests {
             url: "u".into(),
             cause: "c".into(),
         };
-        assert_eq!(unreachable.exit_code(), 2);
+        let bad_server = server_url("ftp://x:1").unwrap_err();
+        assert_eq!(CliError::Usage("u".into()).exit_code(), 2);
+        assert_eq!(unreachable.exit_code(), 3);
+        assert_eq!(bad_server.exit_code(), 3);
+        assert_eq!(CliError::TokenRefused("t".into()).exit_code(), 4);
+        assert_eq!(CliError::NoToken("t".into()).exit_code(), 4);
+        assert_eq!(CliError::BadToken("t".into()).exit_code(), 4);
         assert_eq!(api.exit_code(), 1);
         assert_eq!(malformed.exit_code(), 1);
+        assert_eq!(CliError::Failed("f".into()).exit_code(), 1);
         assert!(api.to_string().contains("not_ready: m"));
+        // The codes are distinct from each other and from success.
+        let mut codes = [
+            exit::OK,
+            exit::FAILED,
+            exit::USAGE,
+            exit::UNREACHABLE,
+            exit::TOKEN,
+        ];
+        codes.sort_unstable();
+        assert_eq!(codes, [0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn api_error_bodies() {
+        let b: ApiErrorBody =
+            serde_json::from_str(r#"{"code":"unknown_user","message":"no user x"}"#).unwrap();
+        assert_eq!(
+            (b.code.as_str(), b.message.as_str()),
+            ("unknown_user", "no user x")
+        );
+        let b: ApiErrorBody = serde_json::from_str(r#"{"error":"user_disabled"}"#).unwrap();
+        assert_eq!((b.code.as_str(), b.message.as_str()), ("user_disabled", ""));
     }
 }

@@ -1,8 +1,8 @@
 //! `chat-cli`: the command-line client of a chatd cluster.
 //!
 //! The binary is thin glue: [`Cli`] is parsed with clap, [`execute`] runs the command and
-//! returns the text to print, and [`exit_code`] maps an error to the exit status
-//! (2: server unreachable or unusable address/token, 1: any other failure). Rendering
+//! returns the text to print, and [`exit_code`] maps an error to the exit status (see
+//! [`client::exit`]: 1 refused or failed, 2 usage, 3 unreachable, 4 token). Rendering
 //! lives in [`render`] as pure functions over the API types in [`model`].
 //!
 //! Commands: `admin …` over the HTTP admin API (admin token); messaging (`send`,
@@ -28,18 +28,37 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-pub use client::{CliError, Client};
+pub use client::{exit, CliError, Client};
 pub use model::ClusterView;
+
+/// The heading of the options every command takes, shown apart from a command's own.
+pub const GLOBAL_OPTIONS: &str = "Global options";
+
+/// The exit statuses, as `chat-cli --help` lists them (after the options).
+pub const EXIT_STATUS_HELP: &str = "\
+Exit status:
+  0  success
+  1  the server refused the request (unknown chat, not a member, …) or another failure
+  2  usage error: bad arguments, or input the command cannot act on (nothing was sent)
+  3  the server cannot be reached, or the --server address is unusable
+  4  no token, an unusable one, or the server refused it";
 
 /// The chatd command-line client.
 #[derive(Clone, Debug, Parser)]
-#[command(name = "chat-cli", version, about, max_term_width = 100)]
+#[command(
+    name = "chat-cli",
+    version,
+    about,
+    max_term_width = 100,
+    after_help = EXIT_STATUS_HELP
+)]
 pub struct Cli {
     /// The node to talk to: a URL or host:port (http:// is assumed)
     /// [default: the config file's `server`, else http://127.0.0.1:7000].
     #[arg(
         long,
         global = true,
+        help_heading = GLOBAL_OPTIONS,
         env = "CHATD_SERVER",
         default_value = "",
         hide_default_value = true
@@ -47,19 +66,32 @@ pub struct Cli {
     pub server: String,
     /// The token: a user token for messaging, the admin token for `admin` and `bench`
     /// [default: from the config file].
-    #[arg(long, global = true, env = "CHATD_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        help_heading = GLOBAL_OPTIONS,
+        env = "CHATD_TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
     /// A config file with `server`, `token` and `admin_token` [default:
     /// ~/.config/chat-cli/config.toml, if present].
-    #[arg(long, global = true, env = "CHAT_CLI_CONFIG", value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = GLOBAL_OPTIONS,
+        env = "CHAT_CLI_CONFIG",
+        value_name = "FILE"
+    )]
     pub config: Option<PathBuf>,
     /// Print machine-readable JSON instead of tables.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = GLOBAL_OPTIONS)]
     pub json: bool,
     /// Give up on a request after this many milliseconds.
     #[arg(
         long,
         global = true,
+        help_heading = GLOBAL_OPTIONS,
         default_value_t = 5000,
         value_parser = clap::value_parser!(u64).range(1..)
     )]
@@ -119,7 +151,7 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: ClusterCommand,
     },
-    /// Users: add, list, disable.
+    /// Users: add, list, disable, rotate a token.
     Users {
         /// What to do with users.
         #[command(subcommand)]
@@ -204,9 +236,21 @@ pub fn parse_cluster_view(raw: &str) -> Result<ClusterView, String> {
     serde_json::from_str(raw).map_err(|e| format!("not a cluster view: {e}"))
 }
 
-/// The exit status for an error: [`CliError::exit_code`] when it is one, else 1.
+/// The exit status for an error: [`CliError::exit_code`] when it is one, else
+/// [`exit::FAILED`].
 pub fn exit_code(e: &anyhow::Error) -> u8 {
-    e.downcast_ref::<CliError>().map_or(1, CliError::exit_code)
+    e.downcast_ref::<CliError>()
+        .map_or(exit::FAILED, CliError::exit_code)
+}
+
+/// The exit status for a command line clap could not parse: [`exit::USAGE`], or
+/// [`exit::OK`] for `--help` and `--version` (which clap reports as errors too).
+pub fn usage_exit_code(e: &clap::Error) -> u8 {
+    if e.use_stderr() {
+        exit::USAGE
+    } else {
+        exit::OK
+    }
 }
 
 #[cfg(test)]

@@ -12,7 +12,14 @@ use clap::Parser;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = chat_cli::Cli::parse();
+    let cli = match chat_cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Usage, or what `--help`/`--version` print.
+            let _ = e.print();
+            return ExitCode::from(chat_cli::usage_exit_code(&e));
+        }
+    };
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -386,15 +386,31 @@ pub async fn sync(cli: &Cli, color: bool) -> Result<String, CliError> {
     Ok(sync_table(&chats, &me).render(color))
 }
 
-/// The `sync` request.
+/// Every chat of the user: `sync` pages (the server's default size), each from the
+/// previous page's `next`, until a page has none.
 pub async fn sync_chats(conn: &mut Connection) -> Result<Vec<ChatState>, CliError> {
-    let answer = conn
-        .request(|id| ClientFrame::Sync { id })
-        .await
-        .map_err(|e| context(e, "cannot sync"))?;
-    match answer.frame {
-        Some(ServerFrame::Chats { chats, .. }) => Ok(chats),
-        _ => Err(malformed(conn, "a chat list", &answer)),
+    let mut all = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let answer = conn
+            .request(|id| ClientFrame::Sync {
+                id,
+                after: after.clone(),
+                limit: None,
+            })
+            .await
+            .map_err(|e| context(e, "cannot sync"))?;
+        match answer.frame {
+            Some(ServerFrame::Chats { chats, next, .. }) => {
+                all.extend(chats);
+                // A server that does not move forward would loop forever: stop there.
+                match next {
+                    Some(n) if after.as_ref().is_none_or(|a| *a < n) => after = Some(n),
+                    _ => return Ok(all),
+                }
+            }
+            _ => return Err(malformed(conn, "a chat list", &answer)),
+        }
     }
 }
 
@@ -585,9 +601,14 @@ pub async fn reconnect(
                 return Ok(Some(c));
             }
             // A refused token (or a bad address) will not get better.
-            Err(e @ (CliError::Failed(_) | CliError::BadServer { .. } | CliError::BadToken(_))) => {
-                return Err(e)
-            }
+            Err(
+                e @ (CliError::Failed(_)
+                | CliError::BadServer { .. }
+                | CliError::BadToken(_)
+                | CliError::NoToken(_)
+                | CliError::TokenRefused(_)
+                | CliError::Usage(_)),
+            ) => return Err(e),
             Err(e) => {
                 eprintln!("chat-cli: {e}; retrying in {} s", (delay * 2).as_secs_f32());
             }
@@ -625,7 +646,7 @@ pub async fn tail(cli: &Cli, args: &TailArgs) -> Result<String, CliError> {
             }
             Ended::Lost(why) => {
                 if conn.close_code() == Some(chatd_proto::close::UNAUTHORIZED) {
-                    return Err(why);
+                    return Err(CliError::TokenRefused(ws::USER_TOKEN_REFUSED.to_string()));
                 }
                 match reconnect(cli, &why, &mut stop).await? {
                     Some(c) => conn = c,

@@ -8,7 +8,9 @@
 //!
 //! With a terminal on stdin the terminal is put in raw mode (and restored on every way
 //! out); without one (a pipe), lines are read as they come and nothing is redrawn, so
-//! the session can be scripted.
+//! the session can be scripted. A script names its chat (the `CHAT` argument, or `/open`,
+//! `/dm` or `/group` before its first message): piped text with no chat chosen is
+//! refused (exit 2, nothing sent) rather than sent to a guessed chat.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io::{IsTerminal, Write};
@@ -34,6 +36,9 @@ pub const HISTORY_PAGE_MESSAGES_MAX: u64 = 500;
 /// messages keep the order they were typed in (the server runs a session's requests
 /// concurrently).
 pub const PENDING_SENDS_MAX: usize = 256;
+/// The refusal of piped text when no chat was chosen.
+pub const NO_CHAT_CHOSEN: &str = "no chat chosen for piped input: name it (chat-cli chat CHAT) \
+     or choose it first (/open CHAT, /dm USER, /group NAME USER…); nothing was sent";
 /// How long a "… is typing" stays in the prompt without a new typing event.
 const TYPING_SHOWN_FOR: Duration = Duration::from_secs(6);
 /// Least time between two typing events this client sends for one chat.
@@ -44,7 +49,8 @@ const TYPING_NAMES_MAX: usize = 3;
 /// `chat` arguments.
 #[derive(Clone, Debug, Args)]
 pub struct ChatArgs {
-    /// The chat to open first (default: the one with the newest message).
+    /// The chat to open first (default on a terminal: the one with the newest message;
+    /// with piped input none, so the script must choose one).
     pub chat: Option<String>,
     /// Messages of history shown when a chat is opened.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=500))]
@@ -131,6 +137,9 @@ struct Current {
     oldest: u64,
     /// Highest seq of my own messages here.
     my_last: u64,
+    /// Highest seq acknowledged to this session's sends here: before leaving, the session
+    /// waits until it has shown the messages up to it (each with its `✓`).
+    acked: u64,
     /// Per other member: (delivered, read) as last pushed.
     receipts: HashMap<String, (u64, u64)>,
     typing: BTreeMap<String, Instant>,
@@ -247,7 +256,13 @@ impl Session {
     }
 
     /// Makes `chat` the current one: prints its last messages and starts following it.
+    /// The chat already open is not printed again (`/dm USER` or `/open CHAT` of it).
     async fn open(&mut self, conn: &mut Connection, chat: &str, last: u64) -> Result<(), CliError> {
+        if let Some(c) = self.current.as_ref().filter(|c| c.chat == chat) {
+            let line = format!("(already in {} ({}))", clean(&c.title), clean(chat));
+            self.screen.line(line);
+            return Ok(());
+        }
         self.chats = sync_chats(conn).await?;
         let state = self.chats.iter().find(|c| c.chat == chat).cloned();
         let (messages, _) = read_history(conn, chat, None, None, Some(last.max(1))).await?;
@@ -268,6 +283,7 @@ impl Session {
             follower: Follower::new(chat, high),
             oldest: shown.first().map_or(high + 1, |m| m.seq),
             my_last: 0,
+            acked: 0,
             receipts: HashMap::new(),
             typing: BTreeMap::new(),
             typing_sent: None,
@@ -291,6 +307,10 @@ impl Session {
             return self.command(conn, cmd).await;
         }
         let Some(c) = &self.current else {
+            if !self.screen.raw {
+                // A script must say where its text goes; nothing is guessed.
+                return Err(CliError::Usage(NO_CHAT_CHOSEN.to_string()));
+            }
             self.screen
                 .line("no chat open: /chats lists them, /open CHAT opens one");
             return Ok(Step::Go);
@@ -587,8 +607,15 @@ impl Session {
                 self.show(conn, &ready).await?;
             }
             ServerFrame::Ack {
-                id, seq, duplicate, ..
+                id,
+                chat,
+                seq,
+                duplicate,
+                ..
             } if self.answered(&id).is_some() => {
+                if let Some(c) = self.current.as_mut().filter(|c| c.chat == chat) {
+                    c.acked = c.acked.max(seq);
+                }
                 if duplicate {
                     self.screen
                         .line(format!("  (#{seq} was already stored: not sent twice)"));
@@ -734,6 +761,8 @@ pub async fn run(cli: &Cli, args: &ChatArgs) -> Result<String, CliError> {
     ));
     let first = match &args.chat {
         Some(c) => Some(c.clone()),
+        // Piped input: the script names its chat (see `NO_CHAT_CHOSEN`); never a guess.
+        None if !raw => None,
         None => {
             let chats = sync_chats(&mut conn).await?;
             chats
@@ -749,6 +778,7 @@ pub async fn run(cli: &Cli, args: &ChatArgs) -> Result<String, CliError> {
                 return Err(e);
             }
         }
+        None if !raw => {}
         None => s
             .screen
             .line("no chats yet: /dm USER or /group NAME USER… starts one"),
@@ -763,7 +793,7 @@ pub async fn run(cli: &Cli, args: &ChatArgs) -> Result<String, CliError> {
             }
             Ended::Lost(why) => {
                 if conn.close_code() == Some(chatd_proto::close::UNAUTHORIZED) {
-                    return Err(why);
+                    return Err(CliError::TokenRefused(ws::USER_TOKEN_REFUSED.to_string()));
                 }
                 s.screen.line(format!("chat-cli: {why}; reconnecting"));
                 conn = match messaging::reconnect(cli, &why, &mut stop).await? {
@@ -783,12 +813,31 @@ pub async fn run(cli: &Cli, args: &ChatArgs) -> Result<String, CliError> {
     }
 }
 
-/// Before leaving, waits (up to `timeout`) for the acks of sends still pending, so a
-/// scripted `echo hi | chat-cli chat CHAT` does not quit before its message is stored;
-/// whatever is still unacknowledged then is reported.
+/// Before leaving (`/quit`, end of input, Ctrl-D, Ctrl-C, SIGTERM), waits (up to
+/// `timeout`) for the acks of sends still pending and for the acknowledged messages of
+/// the current chat to be shown with their `✓`, so a scripted `echo hi | chat-cli chat
+/// CHAT` neither quits before its message is stored nor before it says so; whatever is
+/// still unacknowledged then is reported.
 async fn drain_pending(s: &mut Session, conn: &mut Connection, timeout: Duration) {
     let deadline = tokio::time::Instant::now() + timeout;
-    while s.pending() > 0 {
+    loop {
+        if s.pending() == 0 {
+            let Some(c) = s.current.as_mut().filter(|c| c.follower.high < c.acked) else {
+                break;
+            };
+            // Every ack is in but not every acked message was pushed yet: ask for them
+            // (the follower shows each seq once, whichever comes first).
+            if !c.follower.fetching {
+                c.follower.fetching = true;
+                let (chat, after) = (c.chat.clone(), c.follower.high);
+                if messaging::request_catch_up(conn, &chat, after)
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
         match tokio::time::timeout_at(deadline, conn.recv()).await {
             Ok(Ok(incoming)) => {
                 if let Some(frame) = incoming.frame {

@@ -230,3 +230,96 @@ fn arguments() {
     .is_err());
     assert!(Cli::try_parse_from(["chat-cli", "admin", "cluster"]).is_err());
 }
+
+/// The text clap prints for `args` (`--help`).
+fn help_of(args: &[&str]) -> String {
+    let e = Cli::try_parse_from(args).expect_err("--help ends parsing");
+    assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
+    assert_eq!(usage_exit_code(&e), exit::OK);
+    e.to_string()
+}
+
+/// The lines of the help section under `heading` (up to the next blank line).
+fn section<'a>(help: &'a str, heading: &str) -> Vec<&'a str> {
+    help.lines()
+        .skip_while(|l| *l != format!("{heading}:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .collect()
+}
+
+#[test]
+fn subcommand_help_shows_global_options_apart() {
+    let help = help_of(&["chat-cli", "send", "--help"]);
+    let own = section(&help, "Options");
+    let global = section(&help, GLOBAL_OPTIONS);
+    assert!(own.iter().any(|l| l.contains("--reply-to")), "{help}");
+    assert!(own.iter().any(|l| l.contains("--client-msg-id")), "{help}");
+    for flag in ["--server", "--token", "--config", "--json", "--timeout-ms"] {
+        assert!(
+            global.iter().any(|l| l.trim_start().starts_with(flag)),
+            "{flag} not under {GLOBAL_OPTIONS}:\n{help}"
+        );
+        assert!(
+            !own.iter().any(|l| l.trim_start().starts_with(flag)),
+            "{flag} among send's own options:\n{help}"
+        );
+    }
+    // The section comes after the command's own options.
+    assert!(help.find("\nOptions:").unwrap() < help.find("\nGlobal options:").unwrap());
+    // Same for a nested command.
+    let help = help_of(&["chat-cli", "admin", "users", "rotate-token", "--help"]);
+    assert!(
+        section(&help, GLOBAL_OPTIONS)
+            .iter()
+            .any(|l| l.trim_start().starts_with("--token")),
+        "{help}"
+    );
+}
+
+#[test]
+fn top_level_help_lists_the_exit_statuses() {
+    let help = help_of(&["chat-cli", "--help"]);
+    assert!(help.contains(EXIT_STATUS_HELP), "{help}");
+    for (code, what) in [
+        (exit::OK, "success"),
+        (exit::FAILED, "refused"),
+        (exit::USAGE, "usage"),
+        (exit::UNREACHABLE, "cannot be reached"),
+        (exit::TOKEN, "token"),
+    ] {
+        let line = format!("  {code}  ");
+        let l = help
+            .lines()
+            .find(|l| l.starts_with(&line))
+            .unwrap_or_else(|| panic!("no line for {code}:\n{help}"));
+        assert!(l.contains(what), "{l}");
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let e = Cli::try_parse_from(["chat-cli", "send", "d:a:b"]).unwrap_err();
+    assert_eq!(usage_exit_code(&e), 2);
+    let e = Cli::try_parse_from(["chat-cli", "--timeout-ms", "0", "sync"]).unwrap_err();
+    assert_eq!(usage_exit_code(&e), 2);
+    let e = Cli::try_parse_from(["chat-cli", "--version"]).unwrap_err();
+    assert_eq!(usage_exit_code(&e), 0);
+    let usage = anyhow::Error::new(CliError::Usage("u".into()));
+    assert_eq!(exit_code(&usage), 2);
+    assert_eq!(exit_code(&anyhow::anyhow!("other")), 1);
+}
+
+#[test]
+fn rotate_token_parses() {
+    let cli = Cli::try_parse_from(["chat-cli", "admin", "users", "rotate-token", "alice"]).unwrap();
+    assert!(matches!(
+        cli.command,
+        Command::Admin {
+            command: AdminCommand::Users {
+                command: admin::UsersCommand::RotateToken { ref user }
+            }
+        } if user == "alice"
+    ));
+    assert!(Cli::try_parse_from(["chat-cli", "admin", "users", "rotate-token"]).is_err());
+}

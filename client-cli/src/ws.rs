@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::client::{cause_chain, server_url, snippet, CliError};
+use crate::client::{cause_chain, server_url, snippet, ApiErrorBody, CliError};
 
 type Stream = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -33,6 +33,13 @@ pub const STASH_FRAMES_MAX: usize = 10_000;
 /// How often long-lived sessions (`tail`, `chat`) send a `ping` (the server closes
 /// connections silent for 60 s).
 pub const PING_INTERVAL: Duration = Duration::from_secs(20);
+
+/// What `chat-cli` says when a messaging command has no user token.
+pub const NO_USER_TOKEN: &str =
+    "no token: pass --token, set CHATD_TOKEN, or put `token` in the config file";
+/// What `chat-cli` says when the server refuses the user token (`unauthorized`).
+pub const USER_TOKEN_REFUSED: &str =
+    "the token was refused (unknown or disabled user, or not a user token); pass --token or set CHATD_TOKEN";
 
 /// The WebSocket URL of the node at `server`: `http` becomes `ws`, `https` `wss`, and
 /// `v1/ws` is appended to the base path.
@@ -154,10 +161,7 @@ impl Connection {
         let url = ws_url(server)?;
         let shown = url.to_string();
         let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
-            return Err(CliError::Failed(
-                "no token: give --token, set CHATD_TOKEN, or put `token` in the config file"
-                    .to_string(),
-            ));
+            return Err(CliError::NoToken(NO_USER_TOKEN.to_string()));
         };
         let mut req = url
             .as_str()
@@ -199,6 +203,10 @@ impl Connection {
             .map_err(|_| unreachable(format!("no `ready` within {} ms", timeout.as_millis())))?;
         let first = match first {
             Ok(f) => f,
+            // Closed with 4001 before its `unauthorized` frame was read: the same refusal.
+            Err(_) if conn.close_code == Some(chatd_proto::close::UNAUTHORIZED) => {
+                return Err(CliError::TokenRefused(USER_TOKEN_REFUSED.to_string()))
+            }
             Err(e) => return Err(e),
         };
         match first.frame {
@@ -206,6 +214,9 @@ impl Connection {
                 conn.user = user;
                 conn.session = session;
                 Ok(conn)
+            }
+            Some(ServerFrame::Error { code, .. }) if code == chatd_proto::code::UNAUTHORIZED => {
+                Err(CliError::TokenRefused(USER_TOKEN_REFUSED.to_string()))
             }
             Some(ServerFrame::Error { code, message, .. }) => Err(CliError::Failed(format!(
                 "{code}: {message} (chatd at {shown})"
@@ -387,6 +398,9 @@ pub fn refused(code: &str, message: &str) -> CliError {
 /// Sorts a failed WebSocket handshake like the HTTP client sorts its errors.
 fn handshake_error(url: &str, e: tungstenite::Error) -> CliError {
     match e {
+        tungstenite::Error::Http(resp) if resp.status().as_u16() == 401 => {
+            CliError::TokenRefused(USER_TOKEN_REFUSED.to_string())
+        }
         tungstenite::Error::Http(resp) => {
             let status = resp.status();
             let body = resp
@@ -395,11 +409,6 @@ fn handshake_error(url: &str, e: tungstenite::Error) -> CliError {
                 .map(String::from_utf8_lossy)
                 .unwrap_or_default()
                 .into_owned();
-            #[derive(serde::Deserialize)]
-            struct ApiErrorBody {
-                code: String,
-                message: String,
-            }
             match serde_json::from_str::<ApiErrorBody>(&body) {
                 Ok(b) => CliError::Api {
                     url: url.to_string(),

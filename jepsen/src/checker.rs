@@ -146,6 +146,13 @@ pub struct Results {
     pub longest_unavailable_ms: f64,
     /// When that began, seconds since the run began.
     pub longest_unavailable_at_s: f64,
+    /// The longest time one chat had no send acknowledged while sends to it were being
+    /// made: what a person in that chat sees when its partition's leader fails.
+    pub longest_chat_gap_ms: f64,
+    /// The chat of that gap.
+    pub longest_chat_gap_chat: String,
+    /// When that gap began, seconds since the run began.
+    pub longest_chat_gap_at_s: f64,
     /// The faults.
     pub windows: Vec<Window>,
     /// Faults that could not be applied or healed as asked (e.g. a node that did not
@@ -193,6 +200,12 @@ impl Results {
             self.ack_latency_ms.p99,
             self.longest_unavailable_ms
         ));
+        if !self.longest_chat_gap_chat.is_empty() {
+            s.push_str(&format!(
+                " · longest write gap of one chat {:.0} ms ({} at {:.1} s)",
+                self.longest_chat_gap_ms, self.longest_chat_gap_chat, self.longest_chat_gap_at_s
+            ));
+        }
         s
     }
 }
@@ -294,6 +307,9 @@ pub fn check(ops: &[Op]) -> Results {
     let mut latencies: Vec<f64> = Vec::new();
     let mut ack_times: Vec<u64> = Vec::new();
     let mut send_times: Vec<u64> = Vec::new();
+    // Per chat: the first send, and each ack's time.
+    let mut chat_first_send: HashMap<String, u64> = HashMap::new();
+    let mut chat_acks: BTreeMap<String, Vec<u64>> = BTreeMap::new();
     let mut availability: BTreeMap<String, Availability> = BTreeMap::new();
     // (read op, its invoke time)
     let mut reads: Vec<(&Op, u64)> = Vec::new();
@@ -311,6 +327,9 @@ pub fn check(ops: &[Op]) -> Results {
             if f == F::Send {
                 res.sends_invoked += 1;
                 send_times.push(op.time_us);
+                if let Some(chat) = &op.chat {
+                    chat_first_send.entry(chat.clone()).or_insert(op.time_us);
+                }
                 if let Some(m) = &op.msg {
                     invoked_msgs.insert(m);
                 }
@@ -334,6 +353,9 @@ pub fn check(ops: &[Op]) -> Results {
                         res.sends_ok += 1;
                         latencies.push((op.time_us.saturating_sub(inv.time_us)) as f64 / 1000.0);
                         ack_times.push(op.time_us);
+                        if let Some(chat) = &inv.chat {
+                            chat_acks.entry(chat.clone()).or_default().push(op.time_us);
+                        }
                         if let (Some(chat), Some(msg), Some(seq)) = (&inv.chat, &inv.msg, op.seq) {
                             acks.entry(chat.clone()).or_default().push(Ack {
                                 msg: msg.clone(),
@@ -394,6 +416,23 @@ pub fn check(ops: &[Op]) -> Results {
             if gap as f64 / 1000.0 > res.longest_unavailable_ms {
                 res.longest_unavailable_ms = gap as f64 / 1000.0;
                 res.longest_unavailable_at_s = secs(prev);
+            }
+            prev = prev.max(*t);
+        }
+    }
+
+    // The same per chat: from its first send, the longest stretch between acks.
+    for (chat, times) in &mut chat_acks {
+        times.sort_unstable();
+        let Some(mut prev) = chat_first_send.get(chat).copied() else {
+            continue;
+        };
+        for t in times.iter() {
+            let gap = t.saturating_sub(prev) as f64 / 1000.0;
+            if gap > res.longest_chat_gap_ms {
+                res.longest_chat_gap_ms = gap;
+                res.longest_chat_gap_chat = chat.clone();
+                res.longest_chat_gap_at_s = secs(prev);
             }
             prev = prev.max(*t);
         }
@@ -1027,5 +1066,39 @@ mod tests {
             res.longest_unavailable_ms
         );
         assert_eq!(res.ack_latency_ms.count, 2);
+    }
+
+    #[test]
+    fn the_longest_write_gap_of_one_chat_is_measured_per_chat() {
+        let mut h = H::new();
+        // Chat "a" acks every 12 ms throughout; chat "b" has no ack for ~930 ms.
+        h.send("c1", "a", "a-1", Some(1));
+        h.send("c2", "b", "b-1", Some(1));
+        h.t += 100_000;
+        h.send("c2", "b", "b-2", None);
+        for i in 2..=70 {
+            h.t += 10_000;
+            h.send("c1", "a", &format!("a-{i}"), Some(i));
+        }
+        h.send("c2", "b", "b-2", Some(2));
+        h.final_read(
+            1,
+            "a",
+            (1..=70).map(|i| text(i, &format!("a-{i}"))).collect(),
+        );
+        h.final_read(1, "b", vec![text(1, "b-1"), text(2, "b-2")]);
+        let res = h.check();
+        assert!(res.valid, "{:#?}", res);
+        assert!(
+            res.longest_unavailable_ms < 200.0,
+            "{}",
+            res.longest_unavailable_ms
+        );
+        assert_eq!(res.longest_chat_gap_chat, "b");
+        assert!(
+            (900.0..=960.0).contains(&res.longest_chat_gap_ms),
+            "{}",
+            res.longest_chat_gap_ms
+        );
     }
 }

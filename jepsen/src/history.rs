@@ -6,9 +6,9 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
 use std::time::Instant;
 
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 /// The phase of an operation.
@@ -207,7 +207,7 @@ impl History {
     /// Records `op` (its index and time are set here). `false` once the history holds
     /// `ops_max` operations: the op is dropped and the workload must stop.
     pub fn record(&self, mut op: Op) -> bool {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.inner.lock();
         if inner.ops.len() >= self.ops_max {
             return false;
         }
@@ -227,13 +227,13 @@ impl History {
 
     /// Whether the bound was reached.
     pub fn full(&self) -> bool {
-        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let inner = self.inner.lock();
         inner.ops.len() >= self.ops_max
     }
 
     /// Flushes the file and returns the operations.
     pub fn finish(&self) -> Result<Vec<Op>, String> {
-        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut inner = self.inner.lock();
         if let Err(e) = inner.out.flush() {
             inner.write_error.get_or_insert(e.to_string());
         }

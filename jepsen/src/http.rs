@@ -1,12 +1,13 @@
-//! A minimal blocking HTTP/1.1 client for the admin API (create users, inspect chats,
-//! find leaders), usable from the nemesis thread. One request per connection, bounded in
-//! time and size.
+//! A blocking HTTP client for the admin API (create users, inspect chats, find leaders),
+//! usable from the nemesis thread: ureq, bounded in time and size.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::OnceLock;
 use std::time::Duration;
 
-/// Per request: connect, write and read each bounded by this.
+use ureq::http::Response;
+use ureq::Body;
+
+/// Per request, from connecting to the last byte of the answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest answer read.
 pub const RESPONSE_BYTES_MAX: u64 = 16 * 1024 * 1024;
@@ -46,91 +47,65 @@ pub enum HttpError {
     },
 }
 
+/// The agent every request goes through: no redirects, errors for statuses left to us.
+fn agent() -> &'static ureq::Agent {
+    static AGENT: OnceLock<ureq::Agent> = OnceLock::new();
+    AGENT.get_or_init(|| {
+        ureq::Agent::config_builder()
+            .timeout_global(Some(REQUEST_TIMEOUT))
+            .http_status_as_error(false)
+            .max_redirects(0)
+            .build()
+            .into()
+    })
+}
+
+/// `GET path`, or `POST path` with `body`, with the bearer token; the JSON answer.
 fn request(
     addr: &str,
-    method: &str,
     path: &str,
     token: &str,
     body: Option<&serde_json::Value>,
 ) -> Result<serde_json::Value, HttpError> {
-    let io = |cause: String| HttpError::Io {
-        addr: addr.to_string(),
-        cause,
+    let url = format!("http://{addr}{path}");
+    let auth = format!("Bearer {token}");
+    let answer: Result<Response<Body>, ureq::Error> = match body {
+        None => agent().get(&url).header("Authorization", &auth).call(),
+        Some(b) => agent()
+            .post(&url)
+            .header("Authorization", &auth)
+            .send_json(b),
     };
-    let sock: SocketAddr = addr
-        .to_socket_addrs()
-        .map_err(|e| io(e.to_string()))?
-        .next()
-        .ok_or_else(|| io("no address".into()))?;
-    let mut s =
-        TcpStream::connect_timeout(&sock, REQUEST_TIMEOUT).map_err(|e| io(e.to_string()))?;
-    s.set_read_timeout(Some(REQUEST_TIMEOUT))
-        .and_then(|()| s.set_write_timeout(Some(REQUEST_TIMEOUT)))
-        .map_err(|e| io(e.to_string()))?;
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .map_err(|e| io(e.to_string()))?;
-    let mut raw = Vec::new();
-    s.take(RESPONSE_BYTES_MAX)
-        .read_to_end(&mut raw)
-        .map_err(|e| io(e.to_string()))?;
-    let malformed = |cause: &str| HttpError::Malformed {
+    let mut answer = answer.map_err(|e| HttpError::Io {
+        addr: addr.to_string(),
+        cause: e.to_string(),
+    })?;
+    let malformed = |cause: String| HttpError::Malformed {
         addr: addr.to_string(),
         path: path.to_string(),
-        cause: cause.to_string(),
+        cause,
     };
-    let text = String::from_utf8_lossy(&raw);
-    let (head, rest) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| malformed("no header end"))?;
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| malformed("no status"))?;
-    let chunked = head.lines().any(|l| {
-        l.to_ascii_lowercase().starts_with("transfer-encoding:")
-            && l.to_ascii_lowercase().contains("chunked")
-    });
-    let body = if chunked {
-        dechunk(rest)
-    } else {
-        rest.to_string()
-    };
+    let status = answer.status().as_u16();
+    let text = answer
+        .body_mut()
+        .with_config()
+        .limit(RESPONSE_BYTES_MAX)
+        .read_to_string()
+        .map_err(|e| malformed(e.to_string()))?;
     if !(200..300).contains(&status) {
         return Err(HttpError::Status {
             addr: addr.to_string(),
             path: path.to_string(),
             status,
-            body: body.trim().chars().take(300).collect(),
+            body: text.trim().chars().take(300).collect(),
         });
     }
-    serde_json::from_str(&body).map_err(|e| malformed(&e.to_string()))
-}
-
-/// Joins the chunks of a chunked body.
-fn dechunk(mut rest: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, tail)) = rest.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || tail.len() < n {
-            break;
-        }
-        out.push_str(&tail[..n]);
-        rest = tail[n..].trim_start_matches("\r\n");
-    }
-    out
+    serde_json::from_str(&text).map_err(|e| malformed(e.to_string()))
 }
 
 /// `GET path` with the bearer token; the JSON answer.
 pub fn get_json(addr: &str, path: &str, token: &str) -> Result<serde_json::Value, HttpError> {
-    request(addr, "GET", path, token, None)
+    request(addr, path, token, None)
 }
 
 /// `POST path` with a JSON body and the bearer token; the JSON answer.
@@ -140,16 +115,89 @@ pub fn post_json(
     token: &str,
     body: &serde_json::Value,
 ) -> Result<serde_json::Value, HttpError> {
-    request(addr, "POST", path, token, Some(body))
+    request(addr, path, token, Some(body))
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::net::TcpListener;
+
     use super::*;
 
+    /// Serves each of `answers` to one connection in turn; returns the address and the
+    /// request heads and bodies received.
+    fn serve(answers: Vec<&'static str>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let handle = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for answer in answers {
+                let (s, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(s.try_clone().unwrap());
+                let mut head = String::new();
+                let mut len = 0;
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).unwrap();
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+                seen.push(format!("{head}\n{}", String::from_utf8(body).unwrap()));
+                (&s).write_all(answer.as_bytes()).unwrap();
+            }
+            seen
+        });
+        (addr, handle)
+    }
+
     #[test]
-    fn chunked_bodies_are_joined() {
-        assert_eq!(dechunk("4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n"), "{\"a\":1}");
-        assert_eq!(dechunk("zz\r\n"), "");
+    fn chunked_answers_statuses_and_requests() {
+        let (addr, server) = serve(vec![
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n4\r\n{\"a\"\r\n3\r\n:1}\r\n0\r\n\r\n",
+            "HTTP/1.1 404 Not Found\r\nContent-Length: 9\r\nConnection: close\r\n\r\nno chat\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nnot",
+        ]);
+        let v = post_json(
+            &addr,
+            "/v1/admin/users",
+            "tok",
+            &serde_json::json!({"user": "u1"}),
+        );
+        assert_eq!(v.unwrap(), serde_json::json!({"a": 1}));
+        match get_json(&addr, "/v1/admin/chats/x", "tok") {
+            Err(HttpError::Status { status, body, .. }) => {
+                assert_eq!((status, body.as_str()), (404, "no chat"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            get_json(&addr, "/v1/admin/cluster", "tok"),
+            Err(HttpError::Malformed { .. })
+        ));
+        let seen = server.join().unwrap();
+        assert!(
+            seen[0].starts_with("POST /v1/admin/users HTTP/1.1\r\n"),
+            "{}",
+            seen[0]
+        );
+        assert!(seen[0]
+            .to_ascii_lowercase()
+            .contains("authorization: bearer tok\r\n"));
+        assert!(seen[0].ends_with("\n{\"user\":\"u1\"}"), "{}", seen[0]);
+        assert!(seen[1].starts_with("GET /v1/admin/chats/x HTTP/1.1\r\n"));
+        // Nothing listens any more: an I/O error, not a hang.
+        assert!(matches!(
+            get_json(&addr, "/v1/admin/cluster", "tok"),
+            Err(HttpError::Io { .. })
+        ));
     }
 }

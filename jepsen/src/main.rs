@@ -82,7 +82,7 @@ fn faults(names: &[String]) -> anyhow::Result<Vec<FaultKind>> {
             "mixed" => out.extend(FaultKind::MIXED),
             other => out.push(
                 FaultKind::from_str(other, true)
-                    .map_err(|_| anyhow::anyhow!("unknown fault {other:?}; known: mixed, none, kill, kill-leader, pause, partition-one, partition-leader, majority-minority, bridge, rolling-restart"))?,
+                    .map_err(|_| anyhow::anyhow!("unknown fault {other:?}; known: mixed, none, kill, kill-leader, pause, pause-leader, partition-one, partition-leader, majority-minority, bridge, rolling-restart"))?,
             ),
         }
     }
@@ -143,6 +143,10 @@ fn summary(r: &Results) -> String {
     s.push_str(&format!(
         "longest time without an acknowledged write: {:.0} ms (from {:.1} s)\n",
         r.longest_unavailable_ms, r.longest_unavailable_at_s
+    ));
+    s.push_str(&format!(
+        "longest write gap of one chat: {:.0} ms ({}, from {:.1} s)\n",
+        r.longest_chat_gap_ms, r.longest_chat_gap_chat, r.longest_chat_gap_at_s
     ));
     s
 }

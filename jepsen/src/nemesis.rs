@@ -5,9 +5,10 @@
 //! they come with the issues that add them to chatd.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -25,6 +26,8 @@ pub enum FaultKind {
     KillLeader,
     /// SIGSTOP a random node, SIGCONT when healed.
     Pause,
+    /// SIGSTOP the leader of a partition holding the test's chats, SIGCONT when healed.
+    PauseLeader,
     /// Cut one random node off from the others.
     PartitionOne,
     /// Cut the leader of a test partition off from the others.
@@ -134,10 +137,6 @@ impl Nemesis {
         self.history.record(op);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Cluster> {
-        self.cluster.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
     /// Sleeps up to `d`, waking early on stop; `false` if stopped.
     fn sleep(&self, d: Duration) -> bool {
         let end = Instant::now() + d;
@@ -151,7 +150,7 @@ impl Nemesis {
     }
 
     fn apply(&self, kind: FaultKind, rng: &mut StdRng) -> (String, Undo, Option<String>) {
-        let mut c = self.lock();
+        let mut c = self.cluster.lock();
         let n = c.nodes.len();
         let up = up_nodes(&c);
         let pick = |rng: &mut StdRng| up.choose(rng).copied();
@@ -171,6 +170,12 @@ impl Nemesis {
                     .kill(id)
                     .map(|()| (format!("kill -9 n{id} (leader of p{g})"), Undo::Restart(id))),
                 (g, None) => Ok((format!("kill leader: p{g} has no leader"), Undo::Nothing)),
+            },
+            FaultKind::PauseLeader => match leader(rng, &c) {
+                (g, Some(id)) => c
+                    .pause(id)
+                    .map(|()| (format!("pause n{id} (leader of p{g})"), Undo::Resume(id))),
+                (g, None) => Ok((format!("pause leader: p{g} has no leader"), Undo::Nothing)),
             },
             FaultKind::Pause => match pick(rng) {
                 Some(id) => c
@@ -243,7 +248,7 @@ impl Nemesis {
     }
 
     fn undo(&self, undo: Undo) -> Option<String> {
-        let mut c = self.lock();
+        let mut c = self.cluster.lock();
         let r = match undo {
             Undo::Restart(id) => c.start(id),
             Undo::Resume(id) => c.resume(id),
@@ -255,14 +260,14 @@ impl Nemesis {
 
     /// SIGTERM, wait for the exit, restart and wait ready: node after node.
     fn rolling_restart(&self, pause_between: Duration) {
-        let n = self.lock().nodes.len();
+        let n = self.cluster.lock().nodes.len();
         for id in 1..=n {
             if !self.sleep(pause_between) {
                 return;
             }
             let name = format!("drain+restart n{id}");
             self.record(Kind::Invoke, &name, None);
-            let stopped = self.lock().stop(id, STOP_TIMEOUT);
+            let stopped = self.cluster.lock().stop(id, STOP_TIMEOUT);
             let mut error = match stopped {
                 Ok((took, true)) => {
                     tracing_line(&format!(
@@ -277,11 +282,11 @@ impl Nemesis {
                 )),
                 Err(e) => Some(e.to_string()),
             };
-            let started = self.lock().start(id);
+            let started = self.cluster.lock().start(id);
             if let Err(e) = started {
                 error.get_or_insert(e.to_string());
             }
-            let ready = self.lock().wait_ready(id, READY_TIMEOUT);
+            let ready = self.cluster.lock().wait_ready(id, READY_TIMEOUT);
             if let Err(e) = ready {
                 error.get_or_insert(e.to_string());
             }
@@ -322,7 +327,7 @@ impl Nemesis {
             }
         }
         // Whatever happens, leave the cluster whole.
-        let mut c = self.lock();
+        let mut c = self.cluster.lock();
         let _ = c.heal();
         for id in 1..=c.nodes.len() {
             match c.nodes[id - 1].state() {

@@ -3,12 +3,13 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use chat_cli::ws::Connection;
 use chatd_proto::{ClientFrame, ServerFrame};
+use parking_lot::Mutex;
 
 use crate::checker::{self, Results};
 use crate::cluster::{self, Cluster, READY_TIMEOUT};
@@ -58,10 +59,6 @@ pub struct Outcome {
     pub results: Results,
     /// The run's directory.
     pub dir: PathBuf,
-}
-
-fn lock(c: &Mutex<Cluster>) -> std::sync::MutexGuard<'_, Cluster> {
-    c.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Creates the users (one per client) and the groups; returns the setup and the Raft
@@ -154,7 +151,7 @@ pub async fn test(spec: &TestSpec, stop: Arc<AtomicBool>) -> anyhow::Result<Outc
     let cluster = Arc::new(Mutex::new(cluster));
     let outcome = run_on(spec, &cluster, stop).await;
     {
-        let mut c = lock(&cluster);
+        let mut c = cluster.lock();
         c.teardown();
         if !spec.keep_data {
             for n in &c.nodes {
@@ -176,7 +173,7 @@ async fn run_on(
     {
         let c = cluster.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let mut c = lock(&c);
+            let mut c = c.lock();
             if needs_iptables {
                 c.enable_partitions()?;
             }
@@ -187,7 +184,7 @@ async fn run_on(
     }
     nemesis::tracing_line(&format!("{} nodes ready", spec.nodes));
     let (nodes, admin) = {
-        let c = lock(cluster);
+        let c = cluster.lock();
         let nodes: Vec<String> = c.nodes.iter().map(cluster::Node::api).collect();
         (nodes, c.admin_token.clone())
     };
@@ -255,7 +252,7 @@ async fn run_on(
     {
         let c = cluster.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            let mut c = lock(&c);
+            let mut c = c.lock();
             c.heal()?;
             for id in 1..=c.nodes.len() {
                 c.start(id)?;

@@ -317,36 +317,52 @@ impl Client {
         if !self.history.record(self.op(Kind::Invoke, F::Sync)) {
             return;
         }
-        let id = format!("y{n}");
-        let answer = match self.send_frame(&ClientFrame::Sync { id: id.clone() }).await {
-            Err(e) => Answer::Lost(e),
-            Ok(()) => self.answer(&id, Instant::now() + OP_TIMEOUT).await,
-        };
-        let op = match answer {
-            Answer::Frame(ServerFrame::Chats { chats, .. }) => {
-                let mut op = self.op(Kind::Ok, F::Sync);
-                op.cursors = Some(
-                    chats
-                        .iter()
-                        .map(|c| Cursor {
-                            chat: c.chat.clone(),
-                            last_seq: c.last_seq,
-                            read: c.read,
-                        })
-                        .collect(),
-                );
-                op
-            }
-            Answer::Frame(ServerFrame::Error { code, message, .. }) => {
-                let mut op = self.op(Kind::Fail, F::Sync);
-                op.error = Some(format!("{code}: {message}"));
-                op
-            }
-            _ => {
-                self.drop_conn();
-                let mut op = self.op(Kind::Info, F::Sync);
-                op.error = Some("no answer".into());
-                op
+        // Every page, each from the previous one's `next`; the op completes with all of
+        // them (each page is a linearizable read within the op's invoke..complete window).
+        let mut cursors = Vec::new();
+        let mut after: Option<String> = None;
+        let mut page = 0u32;
+        let op = loop {
+            let id = format!("y{n}-{page}");
+            page += 1;
+            let frame = ClientFrame::Sync {
+                id: id.clone(),
+                after: after.clone(),
+                limit: None,
+            };
+            let answer = match self.send_frame(&frame).await {
+                Err(e) => Answer::Lost(e),
+                Ok(()) => self.answer(&id, Instant::now() + OP_TIMEOUT).await,
+            };
+            match answer {
+                Answer::Frame(ServerFrame::Chats { chats, next, .. }) => {
+                    cursors.extend(chats.iter().map(|c| Cursor {
+                        chat: c.chat.clone(),
+                        last_seq: c.last_seq,
+                        read: c.read,
+                    }));
+                    match next {
+                        Some(next) if after.as_ref().is_none_or(|a| *a < next) => {
+                            after = Some(next);
+                        }
+                        _ => {
+                            let mut op = self.op(Kind::Ok, F::Sync);
+                            op.cursors = Some(std::mem::take(&mut cursors));
+                            break op;
+                        }
+                    }
+                }
+                Answer::Frame(ServerFrame::Error { code, message, .. }) => {
+                    let mut op = self.op(Kind::Fail, F::Sync);
+                    op.error = Some(format!("{code}: {message}"));
+                    break op;
+                }
+                _ => {
+                    self.drop_conn();
+                    let mut op = self.op(Kind::Info, F::Sync);
+                    op.error = Some("no answer".into());
+                    break op;
+                }
             }
         };
         self.history.record(op);

@@ -55,6 +55,10 @@ fn rolling_restart_under_load_loses_nothing() {
         "rolling restart: longest time without an acknowledged write: {:.0} ms (at {:.1} s)",
         r.longest_unavailable_ms, r.longest_unavailable_at_s
     );
+    eprintln!(
+        "rolling restart: longest write gap of one chat: {:.0} ms ({} at {:.1} s)",
+        r.longest_chat_gap_ms, r.longest_chat_gap_chat, r.longest_chat_gap_at_s
+    );
     for w in &r.windows {
         eprintln!("  {} from {:.1} s to {:.1} s", w.fault, w.start_s, w.end_s);
     }

@@ -11,9 +11,10 @@ mod placement;
 mod routing;
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use chatd_raftlog::{Applier, ApplyTxn, GroupId, NodeId};
+use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
 pub use hash::{partition_of, stable_hash};
@@ -55,8 +56,11 @@ pub enum MetaCommand {
     Bootstrap(ClusterMeta),
     /// Creates a user with the SHA-256 (hex) of its bearer token; refused if the id exists.
     CreateUser { user: String, token_sha256: String },
-    /// Disables a user: its token stops working.
+    /// Disables a user: its token stops working and its sessions end on every node.
     DisableUser { user: String },
+    /// Replaces an enabled user's token (by its SHA-256, hex): the old one stops working and
+    /// the sessions opened with it end on every node.
+    RotateToken { user: String, token_sha256: String },
 }
 
 /// A user as group 0 stores it.
@@ -74,7 +78,14 @@ pub enum UserReply {
     Disabled,
     Exists,
     Unknown,
+    /// The token was replaced.
+    Rotated,
+    /// The user is disabled: its token is not rotated (it would not open anything).
+    IsDisabled,
 }
+
+/// Called with a user whose token stopped working (disabled or rotated), on the apply path.
+type RevokeHook = Box<dyn Fn(&str) + Send + Sync>;
 
 fn user_key(user: &str) -> Vec<u8> {
     [b"user\0".as_slice(), user.as_bytes()].concat()
@@ -87,6 +98,7 @@ const CLUSTER_KEY: &[u8] = b"cluster";
 pub struct MetaApplier {
     current: RwLock<Option<Arc<ClusterMeta>>>,
     users: RwLock<Users>,
+    on_revoke: std::sync::OnceLock<RevokeHook>,
 }
 
 #[derive(Default)]
@@ -129,18 +141,33 @@ impl MetaApplier {
         Ok(())
     }
 
-    fn users_mut(&self) -> std::sync::RwLockWriteGuard<'_, Users> {
-        match self.users.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
+    /// Sets what happens when a user's token stops working: called on the apply path, after
+    /// the in-memory view changed (so a lookup racing with it already misses). Must not
+    /// block. Set once; later calls are ignored.
+    pub fn on_revoke(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        let _ = self.on_revoke.set(Box::new(hook));
+    }
+
+    fn revoked(&self, user: &str) {
+        if let Some(hook) = self.on_revoke.get() {
+            hook(user);
         }
     }
 
-    fn users(&self) -> std::sync::RwLockReadGuard<'_, Users> {
-        match self.users.read() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        }
+    /// True if `token_sha256` is `user`'s current token and the user is enabled.
+    pub fn token_valid(&self, user: &str, token_sha256: &str) -> bool {
+        self.users()
+            .by_id
+            .get(user)
+            .is_some_and(|u| !u.disabled && u.token_sha256 == token_sha256)
+    }
+
+    fn users_mut(&self) -> parking_lot::RwLockWriteGuard<'_, Users> {
+        self.users.write()
+    }
+
+    fn users(&self) -> parking_lot::RwLockReadGuard<'_, Users> {
+        self.users.read()
     }
 
     /// The enabled user whose token hashes to `token_sha256`.
@@ -162,18 +189,11 @@ impl MetaApplier {
 
     /// The metadata applied so far, if the cluster was bootstrapped.
     pub fn current(&self) -> Option<Arc<ClusterMeta>> {
-        match self.current.read() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        self.current.read().clone()
     }
 
     fn set(&self, meta: ClusterMeta) {
-        let mut g = match self.current.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *g = Some(Arc::new(meta));
+        *self.current.write() = Some(Arc::new(meta));
     }
 }
 
@@ -234,7 +254,28 @@ impl Applier for MetaApplier {
                         record.disabled = true;
                         txn.put(&key, chatd_codec::encode(&record).map_err(corrupt)?);
                         self.users_mut().set(record);
+                        self.revoked(&user);
                         UserReply::Disabled
+                    }
+                };
+                chatd_codec::encode(&reply).map_err(corrupt)
+            }
+            MetaCommand::RotateToken { user, token_sha256 } => {
+                let key = user_key(&user);
+                let reply = match txn.get(&key)? {
+                    None => UserReply::Unknown,
+                    Some(bytes) => {
+                        let mut record: UserRecord =
+                            chatd_codec::decode(&bytes).map_err(corrupt)?;
+                        if record.disabled {
+                            UserReply::IsDisabled
+                        } else {
+                            record.token_sha256 = token_sha256;
+                            txn.put(&key, chatd_codec::encode(&record).map_err(corrupt)?);
+                            self.users_mut().set(record);
+                            self.revoked(&user);
+                            UserReply::Rotated
+                        }
                     }
                 };
                 chatd_codec::encode(&reply).map_err(corrupt)
@@ -286,5 +327,81 @@ mod tests {
         })
         .unwrap();
         assert_eq!(user, vec![1, 1, 1, b'a', 1, b'b']);
+        let rotate = chatd_codec::encode(&MetaCommand::RotateToken {
+            user: "a".into(),
+            token_sha256: "c".into(),
+        })
+        .unwrap();
+        assert_eq!(rotate, vec![1, 3, 1, b'a', 1, b'c']);
+        assert_eq!(
+            chatd_codec::encode(&UserReply::IsDisabled).unwrap(),
+            vec![1, 5]
+        );
+    }
+
+    fn apply(meta: &MetaApplier, store: &chatd_storage::Storage, cmd: MetaCommand) -> UserReply {
+        let mut txn = ApplyTxn::standalone(META_GROUP, store);
+        let out = meta
+            .apply(META_GROUP, 1, &chatd_codec::encode(&cmd).unwrap(), &mut txn)
+            .unwrap();
+        txn.commit().unwrap();
+        chatd_codec::decode(&out).unwrap()
+    }
+
+    #[test]
+    fn rotating_or_disabling_revokes_the_token_and_tells_the_hook() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = chatd_storage::Storage::open(
+            dir.path(),
+            &chatd_storage::NodeIdentity {
+                cluster_id: "t".into(),
+                node_id: 1,
+            },
+            &chatd_storage::StorageOptions::default(),
+        )
+        .unwrap();
+        let meta = MetaApplier::new();
+        let revoked = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = revoked.clone();
+        meta.on_revoke(move |u| seen.lock().unwrap().push(u.to_string()));
+        let create = |user: &str, t: &str| MetaCommand::CreateUser {
+            user: user.into(),
+            token_sha256: t.into(),
+        };
+        assert_eq!(apply(&meta, &store, create("a", "t1")), UserReply::Created);
+        assert_eq!(apply(&meta, &store, create("b", "t2")), UserReply::Created);
+        let rotate = |user: &str, t: &str| MetaCommand::RotateToken {
+            user: user.into(),
+            token_sha256: t.into(),
+        };
+        assert_eq!(apply(&meta, &store, rotate("a", "t3")), UserReply::Rotated);
+        assert_eq!(
+            meta.user_by_token("t1"),
+            None,
+            "the old token opens nothing"
+        );
+        assert_eq!(meta.user_by_token("t3").as_deref(), Some("a"));
+        assert!(meta.token_valid("a", "t3") && !meta.token_valid("a", "t1"));
+        assert_eq!(apply(&meta, &store, rotate("zz", "t4")), UserReply::Unknown);
+        let disable = MetaCommand::DisableUser { user: "b".into() };
+        assert_eq!(apply(&meta, &store, disable), UserReply::Disabled);
+        assert_eq!(meta.user_by_token("t2"), None);
+        assert!(!meta.token_valid("b", "t2"));
+        assert_eq!(
+            apply(&meta, &store, rotate("b", "t5")),
+            UserReply::IsDisabled
+        );
+        assert_eq!(
+            meta.user_by_token("t5"),
+            None,
+            "a disabled user gets no token"
+        );
+        assert_eq!(*revoked.lock().unwrap(), vec!["a".to_string(), "b".into()]);
+        // What was applied survives a restart.
+        let reloaded = MetaApplier::new();
+        reloaded.load(&store).unwrap();
+        assert_eq!(reloaded.user_by_token("t3").as_deref(), Some("a"));
+        assert_eq!(reloaded.user_by_token("t1"), None);
+        assert!(!reloaded.user_enabled("b"));
     }
 }

@@ -1,9 +1,9 @@
 //! Which node leads each partition, as last learned.
 
 use std::collections::HashMap;
-use std::sync::RwLock;
 
 use chatd_raftlog::{GroupId, NodeId};
+use parking_lot::RwLock;
 
 /// Partition → leader, refreshed from "not leader" answers and local Raft metrics.
 #[derive(Default)]
@@ -19,18 +19,12 @@ impl RoutingTable {
 
     /// The last known leader of `group`.
     pub fn leader(&self, group: GroupId) -> Option<NodeId> {
-        match self.leaders.read() {
-            Ok(g) => g.get(&group).copied(),
-            Err(p) => p.into_inner().get(&group).copied(),
-        }
+        self.leaders.read().get(&group).copied()
     }
 
     /// Records a leader hint; `None` forgets the group's leader.
     pub fn update(&self, group: GroupId, leader: Option<NodeId>) {
-        let mut g = match self.leaders.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
+        let mut g = self.leaders.write();
         match leader {
             Some(l) => g.insert(group, l),
             None => g.remove(&group),

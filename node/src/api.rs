@@ -30,6 +30,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/admin/cluster", get(cluster_status))
         .route("/v1/admin/users", post(create_user).get(list_users))
         .route("/v1/admin/users/{user}/disable", post(disable_user))
+        .route("/v1/admin/users/{user}/rotate-token", post(rotate_token))
         .route("/v1/admin/chats/{chat}", get(inspect_chat))
         .route(
             "/v1/admin/partitions/{group}/transfer",
@@ -62,22 +63,29 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
         .map(|(_, t)| t.trim().to_string())
 }
 
-/// Admin endpoints need the admin token when the config has one.
+/// Admin endpoints need the admin token. A node configured without one never serves them:
+/// it answers 403 `admin_disabled` rather than running them open.
 async fn require_admin(
     State(node): State<Arc<Node>>,
     request: axum::extract::Request,
     next: Next,
 ) -> Response {
-    if let Some(expected) = &node.config.admin_token_sha256 {
-        let given = bearer(request.headers()).map(|t| crate::auth::sha256_hex(&t));
-        let ok = given.is_some_and(|g| crate::auth::constant_time_eq(&g, expected));
-        if !ok {
-            return error(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "admin endpoints need Authorization: Bearer <admin token>",
-            );
-        }
+    let Some(expected) = &node.config.admin_token_sha256 else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "admin_disabled",
+            "this node has no admin token configured (admin_token_sha256 in its config): \
+             its admin endpoints are off",
+        );
+    };
+    let given = bearer(request.headers()).map(|t| crate::auth::sha256_hex(&t));
+    let ok = given.is_some_and(|g| crate::auth::constant_time_eq(&g, expected));
+    if !ok {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "admin endpoints need Authorization: Bearer <admin token>",
+        );
     }
     next.run(request).await
 }
@@ -111,9 +119,24 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        node.gateway.metrics.render(&lag),
+        node.gateway.metrics.render(&lag) + &peer_health_metrics(&node),
     )
         .into_response()
+}
+
+/// Peer liveness as the Raft RPCs of every hosted group see it (Prometheus text).
+fn peer_health_metrics(node: &Node) -> String {
+    let health = node.registry.peer_health();
+    let (lost, recovered) = health.transitions();
+    format!(
+        "# HELP chatd_peers_unreachable Peers whose last Raft RPC failed.\n\
+         # TYPE chatd_peers_unreachable gauge\nchatd_peers_unreachable {}\n\
+         # HELP chatd_peer_lost_total Times a peer stopped answering Raft RPCs.\n\
+         # TYPE chatd_peer_lost_total counter\nchatd_peer_lost_total {lost}\n\
+         # HELP chatd_peer_recovered_total Times an unreachable peer answered again.\n\
+         # TYPE chatd_peer_recovered_total counter\nchatd_peer_recovered_total {recovered}\n",
+        health.down().len()
+    )
 }
 
 #[derive(Deserialize)]
@@ -223,6 +246,40 @@ async fn disable_user(State(node): State<Arc<Node>>, Path(user): Path<String>) -
             disabled: true,
         })
         .into_response(),
+        Ok(_) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_user",
+            format!("no user {user}"),
+        ),
+    }
+}
+
+/// Replaces a user's token; the new one is shown once. Sessions opened with the old token
+/// are closed (4004) by every node as it applies the change.
+async fn rotate_token(State(node): State<Arc<Node>>, Path(user): Path<String>) -> Response {
+    let token = crate::auth::new_token();
+    let token_sha256 = crate::auth::sha256_hex(&token);
+    let cmd = chatd_membership::MetaCommand::RotateToken {
+        user: user.clone(),
+        token_sha256: token_sha256.clone(),
+    };
+    match propose_user_command(&node, &cmd).await {
+        Err(response) => response,
+        Ok(chatd_membership::UserReply::Rotated) => {
+            // Read-your-writes on the issuing node, as for a new user.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+            while !node.meta.token_valid(&user, &token_sha256)
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            Json(CreatedUser { user, token }).into_response()
+        }
+        Ok(chatd_membership::UserReply::IsDisabled) => error(
+            StatusCode::CONFLICT,
+            "user_disabled",
+            format!("user {user} is disabled: its token is not rotated"),
+        ),
         Ok(_) => error(
             StatusCode::NOT_FOUND,
             "unknown_user",
@@ -431,7 +488,7 @@ async fn append_record(
         Err(e @ ProposeError::Overloaded { .. }) => {
             error(StatusCode::TOO_MANY_REQUESTS, "overloaded", e.to_string())
         }
-        Err(e @ ProposeError::NoLeader { .. }) => {
+        Err(e @ (ProposeError::NoLeader { .. } | ProposeError::CutOff { .. })) => {
             error(StatusCode::SERVICE_UNAVAILABLE, "no_leader", e.to_string())
         }
         Err(e @ ProposeError::Unknown { .. }) => error(
@@ -485,12 +542,21 @@ async fn read_records(
         );
     }
     let limit = q.limit.min(READ_RECORDS_MAX);
-    let result = chatd_chat::log_count(&node.store, group).and_then(|count| {
-        Ok((
-            count,
-            chatd_chat::log_records(&node.store, group, q.from, limit)?,
-        ))
-    });
+    // At most READ_RECORDS_MAX records, on a blocking-pool thread.
+    let store = node.store.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        chatd_chat::log_count(&store, group).and_then(|count| {
+            Ok((
+                count,
+                chatd_chat::log_records(&store, group, q.from, limit)?,
+            ))
+        })
+    })
+    .await;
+    let result = match result {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    };
     match result {
         Ok((count, records)) => Json(RecordsOut {
             node: node.id,
@@ -539,14 +605,34 @@ async fn digest(State(node): State<Arc<Node>>, Path(group): Path<GroupId>) -> Re
             "partition not hosted here",
         );
     }
+    // A scan of the whole partition: on a blocking-pool thread, never on the runtime.
+    let store = node.store.clone();
+    let scanned = tokio::task::spawn_blocking(move || digest_scan(&store, group)).await;
+    let (count, h) = match scanned {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    };
+    Json(DigestOut {
+        node: node.id,
+        group,
+        count,
+        digest: format!("{h:016x}"),
+    })
+    .into_response()
+}
+
+/// The record count and digest of `group`'s opaque log, read in pages of
+/// `READ_RECORDS_MAX` records. Blocks on RocksDB: run it on a blocking thread.
+fn digest_scan(
+    store: &chatd_storage::Storage,
+    group: GroupId,
+) -> Result<(u64, u64), chatd_storage::StorageError> {
     let mut h = chatd_membership::stable_hash(b"");
     let mut count = 0u64;
     let mut from = 1;
     loop {
-        let batch = match chatd_chat::log_records(&node.store, group, from, READ_RECORDS_MAX) {
-            Ok(b) => b,
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
-        };
+        let batch = chatd_chat::log_records(store, group, from, READ_RECORDS_MAX)?;
         let Some(last) = batch.last().map(|r| r.seq) else {
             break;
         };
@@ -558,13 +644,7 @@ async fn digest(State(node): State<Arc<Node>>, Path(group): Path<GroupId>) -> Re
         }
         from = last + 1;
     }
-    Json(DigestOut {
-        node: node.id,
-        group,
-        count,
-        digest: format!("{h:016x}"),
-    })
-    .into_response()
+    Ok((count, h))
 }
 
 /// One replica's view of a partition.

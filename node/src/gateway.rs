@@ -18,21 +18,19 @@ use futures::{SinkExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch, Semaphore};
 
+use crate::limits::{ChatMembers, SendBuckets, TypingLimiter};
 use crate::node::{Node, ProposeError};
 use crate::queries::{ChatQuery, ChatQueryReply};
+use crate::receipts::{ReceiptQueue, RECEIPT_QUEUE_MAX};
 
 /// Limits of the gateway, each with its unit (defined with the rest of the configuration
 /// in `chatd-config`).
 pub use chatd_config::GatewayConfig;
 
+/// Close reason of sessions whose user was disabled or whose token was rotated.
+pub const REVOKED_REASON: &str = "token revoked: the user was disabled or its token rotated";
 /// How long closing a connection may wait for the client to take the close frame.
 const CLOSE_WRITE_TIMEOUT_MS: u64 = 1_000;
-/// Receipts waiting to be proposed, at most.
-pub const RECEIPT_QUEUE_MAX: usize = 65_536;
-/// Receipts in one proposal.
-pub const RECEIPT_BATCH_MAX: usize = 1024;
-/// How long receipts wait to be batched.
-const RECEIPT_FLUSH_MS: u64 = 10;
 /// Applied event batches waiting for delivery, at most (more are dropped: clients sync).
 pub const DELIVERY_QUEUE_BATCHES_MAX: usize = 4096;
 /// Most queued frames a session's writer puts into one flush.
@@ -67,19 +65,18 @@ struct SessionHandle {
     closer: watch::Sender<Option<(u16, String)>>,
 }
 
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
 /// Sessions on this node, and the gateway's shared state.
 pub struct Gateway {
     pub config: GatewayConfig,
     sessions: RwLock<HashMap<String, Vec<SessionHandle>>>,
-    buckets: Mutex<HashMap<String, Bucket>>,
+    /// Per-user send token buckets (bounded, idle ones dropped).
+    buckets: SendBuckets,
     next_session: AtomicU64,
-    receipts: mpsc::Sender<ReceiptUpdate>,
-    receipts_rx: Mutex<Option<mpsc::Receiver<ReceiptUpdate>>>,
+    /// Receipts accepted and not yet written (bounded per node and per session).
+    receipts: ReceiptQueue,
+    receipts_rx: Mutex<Option<mpsc::Receiver<crate::receipts::Queued>>>,
+    /// Current members of chats for typing frames (bounded, short TTL).
+    typing_members: ChatMembers,
     pub presence: crate::presence::Presence,
     pub notifier: std::sync::OnceLock<crate::notify::Notifier>,
     pub metrics: crate::metrics::Metrics,
@@ -142,14 +139,15 @@ pub fn direct_chat_id(a: &str, b: &str) -> String {
 impl Gateway {
     /// A gateway with `config`.
     pub fn new(config: GatewayConfig, delivery_dropped: Arc<AtomicU64>) -> Self {
-        let (tx, rx) = mpsc::channel(RECEIPT_QUEUE_MAX);
+        let (receipts, rx) = ReceiptQueue::new(RECEIPT_QUEUE_MAX);
         Self {
             config: config.clone(),
             sessions: RwLock::new(HashMap::new()),
-            buckets: Mutex::new(HashMap::new()),
+            buckets: SendBuckets::new(config.send_burst, config.send_rate_per_sec),
             next_session: AtomicU64::new(1),
-            receipts: tx,
+            receipts,
             receipts_rx: Mutex::new(Some(rx)),
+            typing_members: ChatMembers::default(),
             presence: crate::presence::Presence::new(Duration::from_millis(config.presence_ttl_ms)),
             notifier: std::sync::OnceLock::new(),
             metrics: crate::metrics::Metrics {
@@ -181,6 +179,19 @@ impl Gateway {
                 let _ = s.closer.send(Some((code, reason.to_string())));
             }
         }
+    }
+
+    /// Asks every session of `user` on this node to close with `code`. Never blocks (the
+    /// metadata apply path calls it when a token stops working).
+    pub fn close_user(&self, user: &str, code: u16, reason: &str) -> usize {
+        let sessions = self.sessions_read();
+        let Some(list) = sessions.get(user) else {
+            return 0;
+        };
+        for s in list {
+            let _ = s.closer.send(Some((code, reason.to_string())));
+        }
+        list.len()
     }
 
     /// True if this node has a session of `user`.
@@ -237,6 +248,10 @@ impl Gateway {
                     message,
                     recipients,
                 } => {
+                    if message.kind == "join" || message.kind == "leave" {
+                        // The typing path's cached members are stale now.
+                        self.typing_members.invalidate(&message.chat);
+                    }
                     let frame = ServerFrame::Message {
                         message: view(message),
                     };
@@ -318,21 +333,7 @@ impl Gateway {
 
     /// Takes a send token of `user`; false when the bucket is empty.
     fn take_send_token(&self, user: &str) -> bool {
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let b = buckets.entry(user.to_string()).or_insert(Bucket {
-            tokens: self.config.send_burst,
-            at: now,
-        });
-        let refill = now.duration_since(b.at).as_secs_f64() * self.config.send_rate_per_sec;
-        b.tokens = (b.tokens + refill).min(self.config.send_burst);
-        b.at = now;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        self.buckets.take(user)
     }
 }
 
@@ -403,9 +404,9 @@ pub async fn run_presence(node: Weak<Node>) {
 /// Users in one presence announcement.
 pub const PRESENCE_ANNOUNCE_USERS_MAX: usize = 4096;
 
-/// Batches receipts and proposes them per partition.
+/// Batches receipts and proposes them per partition (bounds: `crate::receipts`).
 pub async fn run_receipts(node: Weak<Node>) {
-    let rx = {
+    let (rx, partitions) = {
         let Some(n) = node.upgrade() else { return };
         let taken = n
             .gateway
@@ -413,26 +414,16 @@ pub async fn run_receipts(node: Weak<Node>) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        taken
+        (taken, n.table.partitions)
     };
-    let Some(mut rx) = rx else { return };
-    while let Some(first) = rx.recv().await {
-        tokio::time::sleep(Duration::from_millis(RECEIPT_FLUSH_MS)).await;
-        let mut batch = vec![first];
-        while batch.len() < RECEIPT_BATCH_MAX {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        let Some(n) = node.upgrade() else { return };
-        let mut by_group: BTreeMap<u64, Vec<ReceiptUpdate>> = BTreeMap::new();
-        for r in batch {
-            by_group.entry(chat_group(&n, &r.chat)).or_default().push(r);
-        }
-        for (group, updates) in by_group {
-            let n = n.clone();
-            tokio::spawn(async move {
+    let Some(rx) = rx else { return };
+    crate::receipts::run_batcher(
+        rx,
+        move |chat| chatd_membership::partition_of(chat.as_bytes(), partitions),
+        move |group, updates| {
+            let node = node.clone();
+            async move {
+                let Some(n) = node.upgrade() else { return };
                 let cmd = match chatd_codec::encode(&ChatCommand::Receipts(updates)) {
                     Ok(c) => c,
                     Err(e) => {
@@ -443,9 +434,10 @@ pub async fn run_receipts(node: Weak<Node>) {
                 if let Err(e) = n.propose(group, cmd).await {
                     tracing::debug!(group, error = %e, "receipts not written");
                 }
-            });
-        }
-    }
+            }
+        },
+    )
+    .await;
 }
 
 /// Serves one WebSocket connection; `header_token` came in the Authorization header.
@@ -474,11 +466,9 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
             }
         }
     };
-    let user = match token.as_deref() {
-        Some(t) => {
-            node.user_by_token_caught_up(&crate::auth::sha256_hex(t))
-                .await
-        }
+    let token_sha256 = token.as_deref().map(crate::auth::sha256_hex);
+    let user = match token_sha256.as_deref() {
+        Some(t) => node.user_by_token_caught_up(t).await,
         None => None,
     };
     let Some(user) = user else {
@@ -527,6 +517,15 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
             let _ = close_with(&mut sink, close::TOO_MANY_SESSIONS, "too many sessions").await;
             return;
         }
+    }
+    // A revocation applied between the token lookup and the registration found no session
+    // to close: look again now that the session is registered (the hook runs after the
+    // in-memory view changes, so one of the two sees it).
+    if !token_sha256
+        .as_deref()
+        .is_some_and(|t| node.meta.token_valid(&user, t))
+    {
+        let _ = closer.send(Some((close::REVOKED, REVOKED_REASON.into())));
     }
     gw.metrics.connections.fetch_add(1, Ordering::Relaxed);
     if first_here {
@@ -599,7 +598,9 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
     // Reader: parse, bound, dispatch.
     let in_flight = Arc::new(Semaphore::new(cfg.requests_in_flight_max.max(1)));
     let idle = Duration::from_millis(cfg.presence_ttl_ms);
-    let typing_last: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    // Owned by this reader: typing frames over the rate are dropped here, before any work.
+    let mut typing = TypingLimiter::new(Duration::from_millis(cfg.typing_interval_ms));
+    let receipt_budget = ReceiptQueue::session_budget();
     loop {
         let next = tokio::select! {
             _ = closed_for_reader.changed() => break,
@@ -667,18 +668,25 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
                 continue;
             }
         };
+        if let ClientFrame::Typing { chat } = &frame {
+            // Invalid chat ids go on to be refused with an error.
+            if valid_id(chat, chatd_proto::CHAT_ID_BYTES_MAX) && !typing.allow(chat, Instant::now())
+            {
+                continue;
+            }
+        }
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
-        let (node, user, tx2, closer2, typing) = (
+        let (node, user, tx2, closer2, receipts) = (
             node.clone(),
             user.clone(),
             tx.clone(),
             closer.clone(),
-            typing_last.clone(),
+            receipt_budget.clone(),
         );
         tokio::spawn(async move {
-            if let Some(reply) = handle(&node, &user, frame, &typing).await {
+            if let Some(reply) = handle(&node, &user, frame, &receipts).await {
                 if tx2.try_send(Outbound::Frame(reply)).is_err() {
                     let _ = closer2.send(Some((
                         close::SLOW_CONSUMER,
@@ -833,7 +841,7 @@ async fn handle(
     node: &Node,
     user: &str,
     frame: ClientFrame,
-    typing: &Mutex<HashMap<String, Instant>>,
+    receipt_budget: &Arc<Semaphore>,
 ) -> Option<ServerFrame> {
     let cfg = &node.gateway.config;
     if frame
@@ -898,6 +906,7 @@ async fn handle(
                 text,
                 reply_to,
                 ts: now_ms(),
+                dedup_window_ms: node.gateway.config.dedup_window_ms,
             };
             let reply = propose_chat(node, chat_group(node, &chat), &cmd).await;
             match reply {
@@ -1123,10 +1132,27 @@ async fn handle(
                 Err(e) => err(Some(id), code::UNAVAILABLE, e.to_string()),
             }
         }
-        ClientFrame::Sync { id } => match sync(node, user).await {
-            Ok(chats) => ServerFrame::Chats { id, chats },
-            Err(e) => err(Some(id), code::UNAVAILABLE, e),
-        },
+        ClientFrame::Sync { id, after, limit } => {
+            if after.as_deref().is_some_and(|a| !chat_ok(a)) {
+                return Some(err(
+                    Some(id),
+                    code::INVALID_FIELD,
+                    "after must be a chat id",
+                ));
+            }
+            let limit = limit.unwrap_or(chatd_proto::SYNC_PAGE_CHATS_MAX);
+            if limit == 0 || limit > chatd_proto::SYNC_PAGE_CHATS_MAX {
+                return Some(err(
+                    Some(id),
+                    code::INVALID_FIELD,
+                    format!("limit must be 1-{}", chatd_proto::SYNC_PAGE_CHATS_MAX),
+                ));
+            }
+            match sync(node, user, after, limit).await {
+                Ok((chats, next)) => ServerFrame::Chats { id, chats, next },
+                Err(e) => err(Some(id), code::UNAVAILABLE, e),
+            }
+        }
         ClientFrame::Receipt {
             chat,
             delivered,
@@ -1141,10 +1167,22 @@ async fn handle(
                 delivered,
                 read,
             };
-            if node.gateway.receipts.try_send(update).is_err() {
-                return Some(err(None, code::RATE_LIMITED, "receipt queue full; retry"));
-            }
-            return None;
+            return match node.gateway.receipts.offer(receipt_budget, update) {
+                Ok(()) => None,
+                Err(crate::receipts::Refused::Session) => Some(err(
+                    None,
+                    code::RATE_LIMITED,
+                    format!(
+                        "{} receipts of this connection are waiting to be written; retry",
+                        crate::receipts::RECEIPTS_PENDING_PER_SESSION_MAX
+                    ),
+                )),
+                Err(crate::receipts::Refused::Node) => Some(err(
+                    None,
+                    code::RATE_LIMITED,
+                    "the node's receipt queue is full; retry",
+                )),
+            };
         }
         ClientFrame::Presence { id, users } => {
             if users.len() > chatd_proto::PRESENCE_USERS_MAX {
@@ -1178,30 +1216,30 @@ async fn handle(
             if !chat_ok(&chat) {
                 return Some(err(None, code::INVALID_FIELD, "bad chat"));
             }
-            {
-                let mut last = typing.lock().unwrap_or_else(|p| p.into_inner());
-                let now = Instant::now();
-                if let Some(t) = last.get(&chat) {
-                    if now.duration_since(*t) < Duration::from_millis(cfg.typing_interval_ms) {
-                        return None;
+            // The rate limit was applied by the session's reader. Members come from the
+            // cache while fresh; a miss reads them from the partition's leader once.
+            let members = match node.gateway.typing_members.get(&chat) {
+                Some(m) => m,
+                None => match node
+                    .query(
+                        chat_group(node, &chat),
+                        ChatQuery::Members { chat: chat.clone() },
+                    )
+                    .await
+                {
+                    Ok(ChatQueryReply::Members(Some(m))) => {
+                        let m = Arc::new(m);
+                        node.gateway.typing_members.insert(&chat, m.clone());
+                        m
                     }
-                }
-                last.insert(chat.clone(), now);
-            }
-            let members = match node
-                .query(
-                    chat_group(node, &chat),
-                    ChatQuery::Members { chat: chat.clone() },
-                )
-                .await
-            {
-                Ok(ChatQueryReply::Members(Some(m))) if m.iter().any(|x| x == user) => m,
-                Ok(ChatQueryReply::Members(Some(_))) => {
-                    return Some(err(None, code::NOT_MEMBER, "not a member"))
-                }
-                Ok(_) => return Some(err(None, code::UNKNOWN_CHAT, "no such chat")),
-                Err(e) => return Some(err(None, code::UNAVAILABLE, e.to_string())),
+                    Ok(_) => return Some(err(None, code::UNKNOWN_CHAT, "no such chat")),
+                    Err(e) => return Some(err(None, code::UNAVAILABLE, e.to_string())),
+                },
             };
+            if !members.iter().any(|x| x == user) {
+                return Some(err(None, code::NOT_MEMBER, "not a member"));
+            }
+            let members = members.as_ref().clone();
             let item = Ephemeral::Typing {
                 chat,
                 user: user.to_string(),
@@ -1214,13 +1252,23 @@ async fn handle(
     })
 }
 
-/// The caller's chats with their state, from the user's index and each chat's partition.
-async fn sync(node: &Node, user: &str) -> Result<Vec<chatd_proto::ChatState>, String> {
-    let chats = match node
+/// One page of the caller's chats with their state: at most `limit` entries of the user's
+/// index after `after`, then those chats' states from their partitions. Answers the page
+/// and the `after` of the next one (`None` on the last page).
+async fn sync(
+    node: &Node,
+    user: &str,
+    after: Option<String>,
+    limit: u32,
+) -> Result<(Vec<chatd_proto::ChatState>, Option<String>), String> {
+    let mut chats = match node
         .query(
             user_group(node, user),
             ChatQuery::UserChats {
                 user: user.to_string(),
+                after,
+                // One more than the page tells whether another page follows.
+                limit: limit + 1,
             },
         )
         .await
@@ -1228,6 +1276,12 @@ async fn sync(node: &Node, user: &str) -> Result<Vec<chatd_proto::ChatState>, St
         Ok(ChatQueryReply::UserChats(c)) => c,
         Ok(other) => return Err(format!("unexpected {other:?}")),
         Err(e) => return Err(e.to_string()),
+    };
+    let next = if chats.len() > limit as usize {
+        chats.truncate(limit as usize);
+        chats.last().cloned()
+    } else {
+        None
     };
     let mut by_group: BTreeMap<u64, Vec<String>> = BTreeMap::new();
     for c in chats {
@@ -1251,5 +1305,5 @@ async fn sync(node: &Node, user: &str) -> Result<Vec<chatd_proto::ChatState>, St
         }
     }
     out.sort_by(|a, b| a.chat.cmp(&b.chat));
-    Ok(out)
+    Ok((out, next))
 }

@@ -11,10 +11,12 @@ pub mod gateway;
 #[cfg(test)]
 mod golden;
 pub mod init;
+pub mod limits;
 pub mod metrics;
 pub mod node;
 pub mod notify;
 pub mod presence;
 pub mod queries;
+pub mod receipts;
 pub mod run;
 pub mod systemd;

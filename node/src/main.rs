@@ -26,6 +26,8 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once at start: the size of the largest variant (`cluster init`) does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Cmd {
     /// Run a node.
     Run {
@@ -97,9 +99,13 @@ enum ClusterCmd {
         /// Sustained sends per second per user.
         #[arg(long)]
         send_rate_per_sec: Option<f64>,
-        /// Webhook for offline notifications (http:// only).
+        /// Webhook for offline notifications (http:// or https://).
         #[arg(long)]
         webhook_url: Option<String>,
+        /// PEM file of CA certificates trusted for an https:// webhook besides the webpki
+        /// roots; written into every config as an absolute path.
+        #[arg(long, value_name = "FILE")]
+        webhook_ca_file: Option<PathBuf>,
         /// Coalescing window of offline notifications.
         #[arg(long)]
         notify_window_ms: Option<u64>,
@@ -159,6 +165,7 @@ async fn main() -> anyhow::Result<()> {
                     presence_heartbeat_ms,
                     send_rate_per_sec,
                     webhook_url,
+                    webhook_ca_file,
                     notify_window_ms,
                     data_dir_root,
                 },
@@ -173,8 +180,16 @@ async fn main() -> anyhow::Result<()> {
             if let Some(v) = send_rate_per_sec {
                 gateway.send_rate_per_sec = v;
             }
+            let webhook_ca_file = match webhook_ca_file {
+                Some(p) => Some(
+                    std::path::absolute(&p)
+                        .map_err(|e| anyhow::anyhow!("--webhook-ca-file {}: {e}", p.display()))?,
+                ),
+                None => None,
+            };
             let mut notify = chatd::config::NotifySection {
                 webhook_url,
+                webhook_ca_file,
                 ..Default::default()
             };
             if let Some(v) = notify_window_ms {

@@ -59,6 +59,13 @@ pub struct Metrics {
     pub delivery_dropped: std::sync::Arc<AtomicU64>,
     /// Requests to other nodes (deliveries, typing) dropped: queue full or call failed.
     pub broadcast_dropped: AtomicU64,
+    /// Forwarded requests answered "outcome unknown" because the target lost the
+    /// leadership (a newer term seen here) while they were in flight.
+    pub forwards_cut_by_new_term: AtomicU64,
+    /// Offline notifications the webhook accepted.
+    pub notifications_sent: AtomicU64,
+    /// Offline notifications dropped: the webhook refused TLS, or every attempt failed.
+    pub notifications_failed: AtomicU64,
 }
 
 impl Metrics {
@@ -112,6 +119,32 @@ impl Metrics {
             "Deliveries or typing events for other nodes dropped (queue full or call failed).",
             "counter",
             self.broadcast_dropped.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "chatd_notifications_sent_total",
+            "Offline notifications the webhook accepted (2xx).",
+            "counter",
+            self.notifications_sent.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "chatd_notifications_failed_total",
+            "Offline notifications dropped: TLS refused by this node, or every attempt failed.",
+            "counter",
+            self.notifications_failed
+                .load(Ordering::Relaxed)
+                .to_string(),
+        );
+        gauge(
+            &mut out,
+            "chatd_forwards_cut_by_new_term_total",
+            "Forwarded requests ended early (outcome unknown) because their leader lost the \
+             leadership while they were in flight.",
+            "counter",
+            self.forwards_cut_by_new_term
+                .load(Ordering::Relaxed)
+                .to_string(),
         );
         self.ack_latency.render(
             "chatd_send_to_ack_seconds",

@@ -30,7 +30,9 @@ pub const PROPOSE_ATTEMPTS_MAX: u32 = 20;
 /// Pause between routing attempts when no leader is known.
 const PROPOSE_BACKOFF_MS: u64 = 50;
 /// A QUIC connection silent for this long is dead (keep-alives go at a third of it).
-const CLUSTER_IDLE_TIMEOUT_MS: u64 = 3_000;
+/// 1 s: a dead peer's in-flight calls fail within it even where no local replica sees the
+/// new term (see `Node::unless_leader_changes`).
+const CLUSTER_IDLE_TIMEOUT_MS: u64 = 1_000;
 /// How long an unknown user or token waits for this node's group 0 replica to catch up.
 const USER_CATCH_UP_MS: u64 = 1_000;
 const USER_CATCH_UP_POLL_MS: u64 = 20;
@@ -40,6 +42,8 @@ const BROADCAST_TIMEOUT_MS: u64 = 2_000;
 pub const BROADCAST_QUEUE_REQUESTS_MAX: usize = 4096;
 /// Most queued requests merged into one call to a peer.
 pub const BROADCAST_MERGE_REQUESTS_MAX: usize = 256;
+/// How often a leadership transfer looks at its target's role.
+const TRANSFER_POLL_MS: u64 = 20;
 /// Timeout of a status call to a peer.
 const STATUS_CALL_TIMEOUT_MS: u64 = 1_000;
 /// Longest wait for a leader to confirm its leadership (and catch up its state machine)
@@ -131,6 +135,16 @@ pub enum ProposeError {
     /// The request may or may not have been committed (a leader failed mid-request).
     #[error("outcome unknown for partition {group}: {cause}")]
     Unknown { group: GroupId, cause: String },
+    /// This node reaches no majority of the partition's replicas and knows no leader: it
+    /// cannot serve the partition now (a client should try another node). Nothing was sent.
+    #[error(
+        "this node reaches no majority of partition {group}'s replicas (unreachable: \
+         {unreachable:?}): try another node"
+    )]
+    CutOff {
+        group: GroupId,
+        unreachable: Vec<NodeId>,
+    },
 }
 
 /// The QUIC handler: routes on the first byte to Raft or node services.
@@ -225,6 +239,9 @@ pub enum StartError {
     /// Group 0's stored state.
     #[error(transparent)]
     Membership(#[from] chatd_membership::MembershipError),
+    /// The webhook of `[notify]` (its URL or its CA file).
+    #[error("{0}")]
+    Webhook(String),
 }
 
 impl Node {
@@ -236,6 +253,8 @@ impl Node {
             node_id: id,
         };
         let tls = TlsIdentity::load(&config.tls.ca_cert, &config.tls.cert, &config.tls.key)?;
+        let webhook =
+            crate::notify::Webhook::from_config(&config.notify).map_err(StartError::Webhook)?;
         let store = Storage::open(
             &config.data_dir.join("db"),
             &identity,
@@ -341,6 +360,19 @@ impl Node {
         });
         let _ = node.me.set(Arc::downgrade(&node));
         let _ = handler.node.set(Arc::downgrade(&node));
+        // Every node replicates group 0, so each closes its own sessions of a user as soon
+        // as it applies the user's disabling or token rotation.
+        let weak = Arc::downgrade(&node);
+        node.meta.on_revoke(move |user| {
+            if let Some(n) = weak.upgrade() {
+                let closed = n.gateway.close_user(
+                    user,
+                    chatd_proto::close::REVOKED,
+                    crate::gateway::REVOKED_REASON,
+                );
+                tracing::info!(user, sessions = closed, "token revoked; sessions closed");
+            }
+        });
         tokio::spawn(bootstrap_meta(Arc::downgrade(&node)));
         tokio::spawn(crate::gateway::run_delivery(
             Arc::downgrade(&node),
@@ -348,9 +380,9 @@ impl Node {
         ));
         tokio::spawn(crate::gateway::run_receipts(Arc::downgrade(&node)));
         tokio::spawn(crate::gateway::run_presence(Arc::downgrade(&node)));
-        if let Some(url) = node.config.notify.webhook_url.clone() {
+        if let Some(webhook) = webhook {
             let window = Duration::from_millis(node.config.notify.coalesce_window_ms.max(1));
-            let notifier = crate::notify::Notifier::start(Arc::downgrade(&node), url, window);
+            let notifier = crate::notify::Notifier::start(Arc::downgrade(&node), webhook, window);
             let _ = node.gateway.notifier.set(notifier);
         }
         tracing::info!(
@@ -372,14 +404,19 @@ impl Node {
         self.peers.get(&self.id).map(|p| p.api_addr)
     }
 
-    /// True when the metadata is bootstrapped and every hosted group knows a leader.
+    /// True when the metadata is bootstrapped and every hosted group has a leader that
+    /// this node leads or that has reached this replica since it started (rejoined).
     pub fn ready(&self) -> bool {
         self.meta.current().is_some()
             && self.registry.groups().iter().all(|g| {
-                self.registry
+                let has_leader = self
+                    .registry
                     .get(*g)
                     .map(|r| r.metrics().borrow().current_leader.is_some())
-                    .unwrap_or(false)
+                    .unwrap_or(false);
+                // A leader it knows of is not enough after a restart (its persisted vote
+                // names the old one): the leader must actually reach this replica.
+                has_leader && self.registry.rejoined(*g)
             })
     }
 
@@ -390,11 +427,7 @@ impl Node {
     pub fn start_draining(&self) {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        for g in self.registry.groups() {
-            if let Some(raft) = self.registry.get(g) {
-                raft.runtime_config().elect(false);
-            }
-        }
+        self.registry.stop_elections();
     }
 
     /// The leader of `group` in this node's own Raft view.
@@ -452,7 +485,10 @@ impl Node {
                             tracing::debug!(group, %why, "read refused: leadership not confirmed");
                             return NodeReply::NotLeader { leader: None };
                         }
-                        NodeReply::QueryResult(crate::queries::run(&self.store, group, query))
+                        // RocksDB reads run on a blocking-pool thread, never on the runtime.
+                        NodeReply::QueryResult(
+                            crate::queries::run_blocking(&self.store, group, query).await,
+                        )
                     }
                 }
             }
@@ -662,6 +698,9 @@ impl Node {
                     attempts: attempt - 1,
                 });
             }
+            if let Some(unreachable) = self.cut_off_from(group) {
+                return Err(ProposeError::CutOff { group, unreachable });
+            }
             let Some(target) = self.leader_hint(group, &avoid) else {
                 avoid.clear();
                 tokio::time::sleep(Duration::from_millis(PROPOSE_BACKOFF_MS)).await;
@@ -676,7 +715,8 @@ impl Node {
                     continue;
                 };
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                match self.call(peer.cluster_addr, &req, remaining).await {
+                let call = self.call(peer.cluster_addr, &req, remaining);
+                match self.unless_leader_changes(group, target, call).await {
                     Ok(r) => r,
                     Err(CallError::NotSent(cause)) => {
                         tracing::debug!(group, target, %cause, "leader unreachable");
@@ -726,6 +766,71 @@ impl Node {
             group,
             attempts: PROPOSE_ATTEMPTS_MAX,
         })
+    }
+
+    /// The unreachable replicas of `group` when this node hosts it, knows no leader for
+    /// it, and reaches no majority of its replicas (itself included), as the Raft RPCs of
+    /// all groups see the peers: asking around would only time out.
+    fn cut_off_from(&self, group: GroupId) -> Option<Vec<NodeId>> {
+        let raft = self.registry.get(group)?;
+        if raft.metrics().borrow().current_leader.is_some() {
+            return None;
+        }
+        let replicas = self.replicas_of(group)?;
+        let down = self.registry.peer_health().down();
+        let unreachable: Vec<NodeId> = replicas
+            .iter()
+            .copied()
+            .filter(|r| *r != self.id && down.contains(r))
+            .collect();
+        let reachable = replicas.len() - unreachable.len();
+        (reachable * 2 <= replicas.len()).then_some(unreachable)
+    }
+
+    /// Runs `call` (a request in flight to `target`, which led `group` when it was sent)
+    /// until it answers or this node's replica of `group` sees a newer term without
+    /// `target` as leader. A leader that died or was cut off never answers, and the call
+    /// would wait for the connection's idle timeout; the survivors' election shows here as
+    /// a new term, and the caller hears "outcome unknown" at once (the request may have
+    /// been appended before the old leader failed) and can retry with the new leader.
+    async fn unless_leader_changes(
+        &self,
+        group: GroupId,
+        target: NodeId,
+        call: impl std::future::Future<Output = Result<NodeReply, CallError>>,
+    ) -> Result<NodeReply, CallError> {
+        let Some(raft) = self.registry.get(group) else {
+            return call.await;
+        };
+        let mut metrics = raft.metrics();
+        let term_at_send = metrics.borrow().current_term;
+        let moved_on = async move {
+            loop {
+                {
+                    let m = metrics.borrow_and_update();
+                    if m.current_term > term_at_send && m.current_leader != Some(target) {
+                        return (m.current_term, m.current_leader);
+                    }
+                }
+                if metrics.changed().await.is_err() {
+                    // The group stopped here: only the call itself can end.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::select! {
+            reply = call => reply,
+            (term, leader) = moved_on => {
+                self.gateway
+                    .metrics
+                    .forwards_cut_by_new_term
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(CallError::Failed(format!(
+                    "node {target} lost the leadership of group {group} while the request was \
+                     in flight (term {term}, leader {leader:?})"
+                )))
+            }
+        }
     }
 
     /// Sends `req` to every other node, in the background, best effort but **in order**:
@@ -813,6 +918,32 @@ impl Node {
         if !replicas.contains(&to) {
             return Err(format!("node {to} is not a replica of partition {group}"));
         }
+        // Leading here: stop taking proposals and let the target catch up first, so that
+        // no replica refuses its campaign for a shorter log.
+        let leading_here = to != self.id && self.local_leader(group) == Some(self.id);
+        if leading_here && !self.registry.begin_handover(group, to).await {
+            tracing::debug!(
+                group,
+                to,
+                "handover target not caught up in time; trying anyway"
+            );
+        }
+        let result = self.campaign_and_wait(group, to).await;
+        if leading_here {
+            self.registry.end_handover(group);
+        }
+        result
+    }
+
+    /// Asks `to` to campaign for `group` and waits until it leads; fails as soon as its
+    /// campaign is seen lost (it is a follower again in a newer term) or another node
+    /// leads, so a caller can try the next candidate at once.
+    async fn campaign_and_wait(&self, group: GroupId, to: NodeId) -> Result<NodeId, String> {
+        let term_before = self
+            .registry
+            .get(group)
+            .map(|r| r.metrics().borrow().current_term)
+            .unwrap_or(0);
         let reply = if to == self.id {
             self.serve(NodeRequest::Elect { group }).await
         } else {
@@ -833,11 +964,25 @@ impl Node {
         }
         let deadline = Instant::now() + self.propose_timeout;
         loop {
+            if let Some(other) = self
+                .local_leader(group)
+                .filter(|l| *l != to && *l != self.id)
+            {
+                return Err(format!(
+                    "node {other} took over {group} instead of node {to}"
+                ));
+            }
             if let Ok(s) = self.peer_status(to).await {
                 if let Some(g) = s.groups.iter().find(|g| g.group == group) {
                     if g.role == "Leader" {
                         self.routing.update(group, Some(to));
                         return Ok(to);
+                    }
+                    if g.role == "Follower" && g.term > term_before && g.leader != Some(to) {
+                        return Err(format!(
+                            "node {to} lost its campaign for {group} (term {})",
+                            g.term
+                        ));
                     }
                 }
             }
@@ -846,7 +991,7 @@ impl Node {
                     "node {to} did not become leader of {group} in time"
                 ));
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(TRANSFER_POLL_MS)).await;
         }
     }
 

@@ -2,15 +2,21 @@
 //! configured webhook per coalescing window ("alice: Hello!" for one message, "You have 47
 //! new messages" for many). Bounded everywhere; failures are retried with backoff a bounded
 //! number of times and never block messaging.
+//!
+//! The webhook is `http://` or `https://` (reqwest over rustls with ring). An `https://`
+//! webhook's certificate must chain to a webpki root or to a CA of `notify.webhook_ca_file`;
+//! a certificate that does not is a refusal, not a transient failure: the notification is
+//! dropped at once (never sent in clear, never retried), counted and logged once.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, Semaphore};
 
+use crate::config::NotifySection;
 use crate::node::Node;
 
 /// Messages waiting to be coalesced, at most (more are dropped and counted).
@@ -23,10 +29,10 @@ pub const NOTIFY_IN_FLIGHT_MAX: usize = 16;
 pub const NOTIFY_ATTEMPTS_MAX: u32 = 4;
 /// First retry delay; doubled for each further retry.
 const NOTIFY_BACKOFF_MS: u64 = 200;
-/// Timeout of one webhook call.
+/// Timeout of one webhook call, connection and TLS handshake included.
 const NOTIFY_CALL_TIMEOUT_MS: u64 = 5_000;
-/// Largest webhook answer read (only its status line matters).
-const NOTIFY_RESPONSE_BYTES_MAX: usize = 16 * 1024;
+/// Timeout of connecting (TCP and TLS) to the webhook.
+const NOTIFY_CONNECT_TIMEOUT_MS: u64 = 2_000;
 
 /// One message for a user who was offline when it was delivered.
 pub struct Offline {
@@ -57,11 +63,71 @@ pub struct Notifier {
     tx: mpsc::Sender<Offline>,
 }
 
+/// Where notifications go: the webhook's URL and the HTTP client that calls it.
+#[derive(Clone)]
+pub struct Webhook {
+    url: reqwest::Url,
+    client: reqwest::Client,
+}
+
+impl Webhook {
+    /// The webhook of a `[notify]` section, `None` without `webhook_url`. Its client trusts
+    /// the webpki roots and the certificates of `webhook_ca_file`; errors name what is wrong
+    /// (an unusable URL, an unreadable CA file, a file without certificates).
+    pub fn from_config(notify: &NotifySection) -> Result<Option<Self>, String> {
+        let Some(url) = notify.webhook_url.as_deref() else {
+            return Ok(None);
+        };
+        let url = reqwest::Url::parse(url)
+            .map_err(|e| format!("notify.webhook_url {url:?} is not a URL: {e}"))?;
+        if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
+            return Err(format!(
+                "notify.webhook_url {url} must be an http:// or https:// URL with a host"
+            ));
+        }
+        let mut client = reqwest::Client::builder()
+            .timeout(Duration::from_millis(NOTIFY_CALL_TIMEOUT_MS))
+            .connect_timeout(Duration::from_millis(NOTIFY_CONNECT_TIMEOUT_MS))
+            // A webhook that redirects is misconfigured: a 3xx is a failure, not a new target.
+            .redirect(reqwest::redirect::Policy::none())
+            // Straight to the webhook, as configured: no proxy from the environment.
+            .no_proxy()
+            .user_agent(concat!("chatd/", env!("CARGO_PKG_VERSION")));
+        if let Some(path) = &notify.webhook_ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                format!(
+                    "notify.webhook_ca_file {}: cannot read: {e}",
+                    path.display()
+                )
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                format!(
+                    "notify.webhook_ca_file {}: not PEM certificates: {e}",
+                    path.display()
+                )
+            })?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "notify.webhook_ca_file {}: no CERTIFICATE section",
+                    path.display()
+                ));
+            }
+            for cert in certs {
+                client = client.add_root_certificate(cert);
+            }
+        }
+        let client = client
+            .build()
+            .map_err(|e| format!("webhook client: {}", chain(&e)))?;
+        Ok(Some(Self { url, client }))
+    }
+}
+
 impl Notifier {
-    /// Starts the notifier posting to `url` with `window` coalescing.
-    pub fn start(node: Weak<Node>, url: String, window: Duration) -> Self {
+    /// Starts the notifier posting to `webhook` with `window` coalescing.
+    pub fn start(node: Weak<Node>, webhook: Webhook, window: Duration) -> Self {
         let (tx, rx) = mpsc::channel(NOTIFY_QUEUE_MAX);
-        tokio::spawn(run(node, rx, url, window));
+        tokio::spawn(run(node, rx, webhook, window));
         Self { tx }
     }
 
@@ -71,7 +137,12 @@ impl Notifier {
     }
 }
 
-async fn run(node: Weak<Node>, mut rx: mpsc::Receiver<Offline>, url: String, window: Duration) {
+async fn run(
+    node: Weak<Node>,
+    mut rx: mpsc::Receiver<Offline>,
+    webhook: Webhook,
+    window: Duration,
+) {
     let mut pending: HashMap<String, Window> = HashMap::new();
     let mut last_sent: HashMap<String, Instant> = HashMap::new();
     let in_flight = Arc::new(Semaphore::new(NOTIFY_IN_FLIGHT_MAX));
@@ -126,10 +197,19 @@ async fn run(node: Weak<Node>, mut rx: mpsc::Receiver<Offline>, url: String, win
                         format!("You have {} new messages", w.count)
                     };
                     let body = Notification { user, text, count: w.count, chats: w.chats };
-                    let (url, permits) = (url.clone(), in_flight.clone());
+                    let (webhook, permits) = (webhook.clone(), in_flight.clone());
+                    let node = node.clone();
                     tokio::spawn(async move {
                         let Ok(_permit) = permits.acquire_owned().await else { return };
-                        post_with_retry(&url, &body).await;
+                        let sent = post_with_retry(&webhook, &body).await;
+                        if let Some(n) = node.upgrade() {
+                            let counter = if sent {
+                                &n.gateway.metrics.notifications_sent
+                            } else {
+                                &n.gateway.metrics.notifications_failed
+                            };
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
                     });
                 }
                 last_sent.retain(|_, t| now.duration_since(*t) < window * 2);
@@ -138,64 +218,176 @@ async fn run(node: Weak<Node>, mut rx: mpsc::Receiver<Offline>, url: String, win
     }
 }
 
-async fn post_with_retry(url: &str, body: &Notification) {
-    let Ok(json) = serde_json::to_vec(body) else {
-        return;
-    };
+/// Posts `body` to the webhook, retrying transient failures; true once it was accepted.
+async fn post_with_retry(webhook: &Webhook, body: &Notification) -> bool {
     for attempt in 0..NOTIFY_ATTEMPTS_MAX {
-        match post_json(url, &json).await {
-            Ok(()) => return,
-            Err(e) => {
+        match post_once(webhook, body).await {
+            Ok(()) => return true,
+            Err(Failure::Refused(e)) => {
+                tracing::error!(
+                    user = %body.user, url = %webhook.url, error = %e,
+                    "webhook refused: notification dropped, not retried"
+                );
+                return false;
+            }
+            Err(Failure::Transient(e)) => {
                 tracing::warn!(user = %body.user, attempt, error = %e, "webhook call failed");
                 tokio::time::sleep(Duration::from_millis(NOTIFY_BACKOFF_MS << attempt)).await;
             }
         }
     }
     tracing::error!(user = %body.user, "notification dropped after {NOTIFY_ATTEMPTS_MAX} attempts");
+    false
 }
 
-/// POSTs `json` to an `http://host:port/path` URL; Ok on a 2xx answer.
-pub async fn post_json(url: &str, json: &[u8]) -> Result<(), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("only http:// webhooks are supported, got {url}"))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let call = async {
-        let mut s = tokio::net::TcpStream::connect(authority)
-            .await
-            .map_err(|e| format!("connect {authority}: {e}"))?;
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            json.len()
-        );
-        s.write_all(head.as_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        s.write_all(json).await.map_err(|e| e.to_string())?;
-        let mut buf = vec![0u8; NOTIFY_RESPONSE_BYTES_MAX];
-        let mut got = 0;
-        while got < 12 {
-            let n = s.read(&mut buf[got..]).await.map_err(|e| e.to_string())?;
-            if n == 0 {
-                break;
-            }
-            got += n;
-        }
-        let status = String::from_utf8_lossy(&buf[..got]);
-        let code = status.split_whitespace().nth(1).unwrap_or("");
-        if code.starts_with('2') {
-            Ok(())
-        } else {
-            Err(format!(
-                "webhook answered {:?}",
-                status.lines().next().unwrap_or("")
-            ))
-        }
-    };
-    tokio::time::timeout(Duration::from_millis(NOTIFY_CALL_TIMEOUT_MS), call)
+/// Why one webhook call failed.
+#[derive(Debug)]
+enum Failure {
+    /// Worth another attempt: no connection, a timeout, a non-2xx answer.
+    Transient(String),
+    /// Never worth another attempt: the TLS handshake failed (the certificate does not chain
+    /// to a trusted CA, names another host, has expired...).
+    Refused(String),
+}
+
+/// One JSON POST to the webhook; Ok on a 2xx answer (its body is not read).
+async fn post_once(webhook: &Webhook, body: &Notification) -> Result<(), Failure> {
+    match webhook
+        .client
+        .post(webhook.url.clone())
+        .json(body)
+        .send()
         .await
-        .map_err(|_| format!("no answer within {NOTIFY_CALL_TIMEOUT_MS} ms"))?
+    {
+        Ok(answer) if answer.status().is_success() => Ok(()),
+        Ok(answer) => Err(Failure::Transient(format!(
+            "webhook answered {}",
+            answer.status()
+        ))),
+        Err(e) if tls_failure(&e) => Err(Failure::Refused(chain(&e))),
+        Err(e) => Err(Failure::Transient(chain(&e))),
+    }
+}
+
+/// True if `e` comes from rustls: the TLS handshake with the webhook failed.
+fn tls_failure(e: &reqwest::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        // io::Error::source skips the error it wraps, so look inside it too.
+        let inner = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        if c.is::<rustls::Error>() || inner.is_some_and(|i| i.is::<rustls::Error>()) {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// `e` with its causes, e.g. "error sending request for url (...): client error (Connect):
+/// invalid peer certificate: UnknownIssuer".
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.ends_with(&next) {
+            text.push_str(": ");
+            text.push_str(&next);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn section(url: &str, ca: Option<&std::path::Path>) -> NotifySection {
+        NotifySection {
+            webhook_url: Some(url.to_string()),
+            webhook_ca_file: ca.map(std::path::Path::to_path_buf),
+            ..NotifySection::default()
+        }
+    }
+
+    #[test]
+    fn webhook_config_errors_name_what_is_wrong() {
+        assert!(Webhook::from_config(&NotifySection::default())
+            .unwrap()
+            .is_none());
+        assert!(Webhook::from_config(&section("http://127.0.0.1:9/h", None))
+            .unwrap()
+            .is_some());
+        let e = Webhook::from_config(&section("ftp://127.0.0.1/h", None)).err();
+        assert!(e.unwrap().contains("http:// or https://"));
+        let e = Webhook::from_config(&section("not a url", None)).err();
+        assert!(e.unwrap().contains("not a URL"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let e = Webhook::from_config(&section("https://h/", Some(&missing))).err();
+        assert!(e.unwrap().contains("missing.pem"));
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no pem here\n").unwrap();
+        let e = Webhook::from_config(&section("https://h/", Some(&empty))).err();
+        assert!(e.unwrap().contains("no CERTIFICATE"));
+        let ca = chatd_transport::ClusterCa::generate("hooks").unwrap();
+        let good = dir.path().join("ca.pem");
+        std::fs::write(&good, ca.cert_pem()).unwrap();
+        assert!(Webhook::from_config(&section("https://h/", Some(&good)))
+            .unwrap()
+            .is_some());
+    }
+
+    /// Answers every connection with `answer` and closes it.
+    async fn answering(answer: &'static [u8]) -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(answer).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn a_failed_handshake_is_refused_and_other_failures_are_transient() {
+        let body = Notification {
+            user: "bob".into(),
+            text: "hi".into(),
+            count: 1,
+            chats: vec![],
+        };
+        let body = &body;
+        let post = |url: String| async move {
+            let webhook = Webhook::from_config(&section(&url, None)).unwrap().unwrap();
+            post_once(&webhook, body).await
+        };
+        let ok = answering(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n").await;
+        assert!(post(format!("http://{ok}/h")).await.is_ok());
+        let failing = answering(b"HTTP/1.1 500 Oops\r\nContent-Length: 0\r\n\r\n").await;
+        let e = post(format!("http://{failing}/h")).await.unwrap_err();
+        assert!(
+            matches!(&e, Failure::Transient(m) if m.contains("500")),
+            "{e:?}"
+        );
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let e = post(format!("http://{closed}/h")).await.unwrap_err();
+        assert!(matches!(e, Failure::Transient(_)), "{e:?}");
+        // Plain HTTP where TLS was expected: the handshake fails, which no retry mends.
+        let e = post(format!("https://{ok}/h")).await.unwrap_err();
+        assert!(matches!(e, Failure::Refused(_)), "{e:?}");
+    }
 }

@@ -12,16 +12,21 @@ use std::time::{Duration, Instant};
 
 use chatd_proto::PresenceView;
 use chatd_raftlog::NodeId;
+use moka::policy::EvictionPolicy;
+use moka::sync::Cache;
 
 /// Users one subscriber may watch.
 pub const SUBSCRIPTIONS_PER_USER_MAX: usize = 1024;
+/// Users whose `last_seen` a node remembers; beyond it the least recently set or read is
+/// forgotten (that user then has no `last_seen` until it goes offline again).
+pub const LAST_SEEN_USERS_MAX: u64 = 200_000;
+/// A `last_seen` neither set nor read for this long is forgotten, in milliseconds (7 days).
+pub const LAST_SEEN_IDLE_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 
 #[derive(Default)]
 struct Inner {
     /// user → node → announcement valid until.
     remote: HashMap<String, HashMap<NodeId, Instant>>,
-    /// user → last time it was seen going offline (ms since epoch).
-    last_seen: HashMap<String, u64>,
     /// watched user → subscribers.
     watchers: HashMap<String, HashSet<String>>,
     /// subscriber → watched users.
@@ -32,6 +37,9 @@ struct Inner {
 pub struct Presence {
     ttl: Duration,
     inner: Mutex<Inner>,
+    /// user → last time it was seen going offline (ms since epoch); bounded, idle entries
+    /// dropped.
+    last_seen: Cache<String, u64>,
 }
 
 /// A change to push: `user` is now `online` (or not) to these subscribers.
@@ -43,10 +51,36 @@ pub struct Change {
 impl Presence {
     /// A table whose remote announcements expire after `ttl`.
     pub fn new(ttl: Duration) -> Self {
+        Self::with_last_seen_bounds(
+            ttl,
+            LAST_SEEN_USERS_MAX,
+            Duration::from_millis(LAST_SEEN_IDLE_MS),
+        )
+    }
+
+    fn with_last_seen_bounds(ttl: Duration, users_max: u64, idle: Duration) -> Self {
         Self {
             ttl,
             inner: Mutex::new(Inner::default()),
+            last_seen: Cache::builder()
+                .max_capacity(users_max)
+                .time_to_idle(idle)
+                .eviction_policy(EvictionPolicy::lru())
+                .build(),
         }
+    }
+
+    /// Records that `user` went offline at `at_ms` (the latest such time is kept).
+    fn seen_offline(&self, user: &str, at_ms: u64) {
+        self.last_seen
+            .entry_by_ref(user)
+            .and_upsert_with(|old| old.map_or(at_ms, |e| e.into_value().max(at_ms)));
+    }
+
+    /// Users whose `last_seen` is remembered (after pending evictions).
+    pub fn last_seen_users(&self) -> u64 {
+        self.last_seen.run_pending_tasks();
+        self.last_seen.entry_count()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -70,7 +104,7 @@ impl Presence {
             .map(|u| PresenceView {
                 user: u.clone(),
                 online: Self::online_in(&inner, u, local(u), now),
-                last_seen: inner.last_seen.get(u).copied(),
+                last_seen: self.last_seen.get(u),
             })
             .collect()
     }
@@ -97,11 +131,10 @@ impl Presence {
             if entry.is_empty() {
                 inner.remote.remove(user);
             }
-            let seen = inner.last_seen.entry(user.to_string()).or_insert(0);
-            *seen = (*seen).max(at_ms);
+            self.seen_offline(user, at_ms);
         }
         let after = Self::online_in(&inner, user, local, now);
-        Self::change(&inner, user, before, after)
+        self.change(&inner, user, before, after)
     }
 
     /// A local session change: `before`/`after` are whether this node has sessions of it.
@@ -112,18 +145,17 @@ impl Presence {
         after: bool,
         at_ms: u64,
     ) -> Option<Change> {
-        let mut inner = self.lock();
+        let inner = self.lock();
         let now = Instant::now();
         let was = Self::online_in(&inner, user, before, now);
         if !after {
-            let seen = inner.last_seen.entry(user.to_string()).or_insert(0);
-            *seen = (*seen).max(at_ms);
+            self.seen_offline(user, at_ms);
         }
         let is = Self::online_in(&inner, user, after, now);
-        Self::change(&inner, user, was, is)
+        self.change(&inner, user, was, is)
     }
 
-    fn change(inner: &Inner, user: &str, before: bool, after: bool) -> Option<Change> {
+    fn change(&self, inner: &Inner, user: &str, before: bool, after: bool) -> Option<Change> {
         if before == after {
             return None;
         }
@@ -139,7 +171,7 @@ impl Presence {
             view: PresenceView {
                 user: user.to_string(),
                 online: after,
-                last_seen: inner.last_seen.get(user).copied(),
+                last_seen: self.last_seen.get(user),
             },
             subscribers,
         })
@@ -162,9 +194,8 @@ impl Presence {
         inner.remote.retain(|_, nodes| !nodes.is_empty());
         let mut changes = Vec::new();
         for user in flipped {
-            let seen = inner.last_seen.entry(user.clone()).or_insert(0);
-            *seen = (*seen).max(now_ms);
-            if let Some(c) = Self::change(&inner, &user, true, false) {
+            self.seen_offline(&user, now_ms);
+            if let Some(c) = self.change(&inner, &user, true, false) {
                 changes.push(c);
             }
         }
@@ -241,6 +272,30 @@ mod tests {
         p.announce(3, "erin", true, 1, true);
         std::thread::sleep(Duration::from_millis(80));
         assert!(p.expire(|u| u == "erin", 5).is_empty());
+    }
+
+    #[test]
+    fn last_seen_is_bounded_in_users_and_forgotten_when_idle() {
+        let p = Presence::new(Duration::from_secs(1));
+        for i in 0..LAST_SEEN_USERS_MAX + 1 {
+            p.local_change(&format!("u{i}"), true, false, i + 1);
+        }
+        assert_eq!(p.last_seen_users(), LAST_SEEN_USERS_MAX);
+        let newest = format!("u{LAST_SEEN_USERS_MAX}");
+        let q = p.query(&[newest, "u0".into()], |_| false);
+        assert_eq!(q[0].last_seen, Some(LAST_SEEN_USERS_MAX + 1), "newest kept");
+        assert_eq!(q[1].last_seen, None, "least recently used forgotten");
+        // The latest offline time wins, whatever order announcements come in.
+        p.announce(2, "u5", false, 3, false);
+        assert_eq!(p.query(&["u5".into()], |_| false)[0].last_seen, Some(6));
+
+        let p =
+            Presence::with_last_seen_bounds(Duration::from_secs(1), 10, Duration::from_millis(30));
+        p.local_change("carol", true, false, 7);
+        assert_eq!(p.last_seen_users(), 1);
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(p.last_seen_users(), 0, "idle entries are dropped");
+        assert_eq!(p.query(&["carol".into()], |_| false)[0].last_seen, None);
     }
 
     #[test]

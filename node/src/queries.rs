@@ -1,4 +1,10 @@
 //! Reads of chat state, run on a partition's leader (so they see every acknowledged write).
+//!
+//! [`run`] reads RocksDB synchronously: callers on the async runtime run it with
+//! [`run_blocking`] (a blocking-pool thread). Every query's work is bounded: a history page
+//! by `HISTORY_PAGE_MAX`, a sync page by `SYNC_PAGE_CHATS_MAX` chats (and
+//! `UNREAD_SCAN_MAX` entries per chat for its unread count), the user index page by
+//! its `limit`.
 
 use chatd_chat::{HistoryPage, MessageRecord};
 use chatd_raftlog::GroupId;
@@ -16,10 +22,17 @@ pub enum ChatQuery {
         after: Option<u64>,
         limit: u32,
     },
-    /// The state of `chats` for `user` (sync).
+    /// The state of `chats` for `user` (sync); at most `SYNC_PAGE_CHATS_MAX` chats are
+    /// read, the rest are ignored.
     Summaries { chats: Vec<String>, user: String },
-    /// The chats indexed for `user` on its own partition.
-    UserChats { user: String },
+    /// One page of the chats indexed for `user` on its own partition: after `after`
+    /// (exclusive), at most `limit` (capped at `SYNC_PAGE_CHATS_MAX` + 1, which the
+    /// gateway asks for to learn whether another page follows).
+    UserChats {
+        user: String,
+        after: Option<String>,
+        limit: u32,
+    },
     /// Current members of `chat`, if it exists.
     Members { chat: String },
     /// Everything about `chat` (admin).
@@ -66,7 +79,24 @@ fn rejected(code: &str, message: impl Into<String>) -> ChatQueryReply {
     }
 }
 
-/// Runs `query` against this node's committed state of `group`.
+/// Most index entries one `UserChats` query reads: a sync page and one more, which tells
+/// whether another page follows.
+pub const USER_CHATS_QUERY_MAX: usize = chatd_proto::SYNC_PAGE_CHATS_MAX as usize + 1;
+
+/// [`run`] on a blocking-pool thread, so RocksDB reads never stall the async runtime.
+pub async fn run_blocking(store: &Storage, group: GroupId, query: ChatQuery) -> ChatQueryReply {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || run(&store, group, query)).await {
+        Ok(r) => r,
+        Err(e) => rejected(
+            chatd_proto::code::INTERNAL,
+            format!("query task failed: {e}"),
+        ),
+    }
+}
+
+/// Runs `query` against this node's committed state of `group`. Blocks on RocksDB: call
+/// it from a blocking thread ([`run_blocking`]).
 pub fn run(store: &Storage, group: GroupId, query: ChatQuery) -> ChatQueryReply {
     match run_inner(store, group, query) {
         Ok(r) => r,
@@ -116,16 +146,17 @@ fn run_inner(
         }
         ChatQuery::Summaries { chats, user } => {
             let mut out = Vec::new();
-            for chat in chats {
+            for chat in chats
+                .into_iter()
+                .take(chatd_proto::SYNC_PAGE_CHATS_MAX as usize)
+            {
                 let Some(record) = chatd_chat::chat_record(store, group, &chat)? else {
                     continue;
                 };
                 let Some(span) = record.span_of(&user) else {
                     continue;
                 };
-                let cursor = chatd_chat::cursors(store, group, &chat)?
-                    .remove(&user)
-                    .unwrap_or_default();
+                let cursor = chatd_chat::cursor(store, group, &chat, &user)?;
                 let visible_last = span.to.unwrap_or(record.last_seq).min(record.last_seq);
                 let unread = chatd_chat::unread(
                     store,
@@ -152,8 +183,14 @@ fn run_inner(
             }
             ChatQueryReply::Summaries(out)
         }
-        ChatQuery::UserChats { user } => {
-            ChatQueryReply::UserChats(chatd_chat::user_chats(store, group, &user)?)
+        ChatQuery::UserChats { user, after, limit } => {
+            ChatQueryReply::UserChats(chatd_chat::user_chats(
+                store,
+                group,
+                &user,
+                after.as_deref(),
+                (limit as usize).min(USER_CHATS_QUERY_MAX),
+            )?)
         }
         ChatQuery::Members { chat } => ChatQueryReply::Members(
             chatd_chat::chat_record(store, group, &chat)?.map(|r| r.current_members()),
@@ -185,4 +222,120 @@ fn run_inner(
             }
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use chatd_chat::{ChatApplier, ChatCommand};
+    use chatd_raftlog::{Applier, ApplyTxn};
+    use chatd_storage::{NodeIdentity, StorageOptions};
+
+    const G: GroupId = 2;
+
+    /// A partition where `user` is in `n` direct chats, all indexed for it.
+    fn partition_with_chats(user: &str, n: usize) -> (tempfile::TempDir, Storage, Vec<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Storage::open(
+            dir.path(),
+            &NodeIdentity {
+                cluster_id: "t".into(),
+                node_id: 1,
+            },
+            &StorageOptions::default(),
+        )
+        .unwrap();
+        let applier = ChatApplier::new(|_, _| {});
+        let mut chats = Vec::new();
+        let mut txn = ApplyTxn::standalone(G, &store);
+        for i in 0..n {
+            let other = format!("u{i:04}");
+            let chat = crate::gateway::direct_chat_id(user, &other);
+            for cmd in [
+                ChatCommand::OpenDirect {
+                    chat: chat.clone(),
+                    a: user.into(),
+                    b: other,
+                    ts: 1,
+                },
+                ChatCommand::IndexChat {
+                    user: user.into(),
+                    chat: chat.clone(),
+                },
+            ] {
+                let bytes = chatd_codec::encode(&cmd).unwrap();
+                applier.apply(G, i as u64 + 1, &bytes, &mut txn).unwrap();
+            }
+            chats.push(chat);
+        }
+        txn.commit().unwrap();
+        chats.sort();
+        (dir, store, chats)
+    }
+
+    #[test]
+    fn sync_queries_read_at_most_a_page() {
+        let page = chatd_proto::SYNC_PAGE_CHATS_MAX as usize;
+        let (_dir, store, chats) = partition_with_chats("alice", page + 2);
+        // The index query stops at a page and one more, whatever limit it is given.
+        let ChatQueryReply::UserChats(listed) = run(
+            &store,
+            G,
+            ChatQuery::UserChats {
+                user: "alice".into(),
+                after: None,
+                limit: u32::MAX,
+            },
+        ) else {
+            panic!("not a chat list")
+        };
+        assert_eq!(listed.len(), USER_CHATS_QUERY_MAX);
+        assert_eq!(listed, chats[..USER_CHATS_QUERY_MAX]);
+        let ChatQueryReply::UserChats(rest) = run(
+            &store,
+            G,
+            ChatQuery::UserChats {
+                user: "alice".into(),
+                after: Some(chats[page - 1].clone()),
+                limit: USER_CHATS_QUERY_MAX as u32,
+            },
+        ) else {
+            panic!("not a chat list")
+        };
+        assert_eq!(rest, chats[page..], "exclusive cursor");
+        // The states of at most a page of chats are read.
+        let ChatQueryReply::Summaries(states) = run(
+            &store,
+            G,
+            ChatQuery::Summaries {
+                chats: chats.clone(),
+                user: "alice".into(),
+            },
+        ) else {
+            panic!("not summaries")
+        };
+        assert_eq!(states.len(), page);
+        assert_eq!(
+            states.iter().map(|s| s.chat.clone()).collect::<Vec<_>>(),
+            chats[..page]
+        );
+    }
+
+    #[tokio::test]
+    async fn run_blocking_answers_as_run_does() {
+        let (_dir, store, chats) = partition_with_chats("alice", 1);
+        let reply = run_blocking(
+            &store,
+            G,
+            ChatQuery::Members {
+                chat: chats[0].clone(),
+            },
+        )
+        .await;
+        let ChatQueryReply::Members(Some(members)) = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(members, vec!["alice".to_string(), "u0000".to_string()]);
+    }
 }

@@ -47,9 +47,29 @@ pub const DRAIN_ATTEMPT_TIMEOUT_MS: u64 = 1_000;
 /// Bound on stopping the Raft groups and the QUIC endpoint after the drain.
 pub const SHUTDOWN_TIMEOUT_MS: u64 = 5_000;
 
+/// The directive added to every log filter that does not mention
+/// `openraft::replication`: openraft logs each failed replication RPC at ERROR, per group
+/// and retry (~1,700 lines in 30 s while one peer was down); chatd reports a peer's loss
+/// and return once each instead (`chatd_raftlog::PeerHealth`, `chatd_peer_*` metrics).
+/// Name `openraft::replication` in the filter to see openraft's own lines.
+pub const REPLICATION_LOG_DIRECTIVE: &str = "openraft::replication=off";
+
+/// The filter text in effect: `configured` plus [`REPLICATION_LOG_DIRECTIVE`] unless it
+/// says something about `openraft::replication` itself.
+pub fn effective_log_filter(configured: &str) -> String {
+    if configured.contains("openraft::replication") {
+        configured.to_string()
+    } else if configured.trim().is_empty() {
+        REPLICATION_LOG_DIRECTIVE.to_string()
+    } else {
+        format!("{configured},{REPLICATION_LOG_DIRECTIVE}")
+    }
+}
+
 /// Sets up tracing from the config (RUST_LOG overrides its filter).
 pub fn init_tracing(config: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+    let configured = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log.filter.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(effective_log_filter(&configured))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&config.log.filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -455,5 +475,23 @@ pub async fn wait_for_signal() {
         Err(_) => {
             let _ = tokio::signal::ctrl_c().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod log_filter_tests {
+    use super::*;
+
+    #[test]
+    fn openraft_replication_lines_are_off_unless_the_filter_names_them() {
+        assert_eq!(
+            effective_log_filter("info,openraft=warn"),
+            "info,openraft=warn,openraft::replication=off"
+        );
+        assert_eq!(effective_log_filter(""), "openraft::replication=off");
+        assert_eq!(
+            effective_log_filter("info,openraft::replication=debug"),
+            "info,openraft::replication=debug"
+        );
     }
 }

@@ -21,6 +21,9 @@ pub const CHAT_ID_BYTES_MAX: usize = 96;
 pub const USER_ID_BYTES_MAX: usize = 32;
 /// Most messages in one history page.
 pub const HISTORY_PAGE_MAX: u32 = 100;
+/// Most chats in one `sync` page, and the page size when a `sync` gives no `limit`. A page
+/// reads at most this many entries of the user's chat index and this many chats' states.
+pub const SYNC_PAGE_CHATS_MAX: u32 = 100;
 /// Most users in one presence query or subscription.
 pub const PRESENCE_USERS_MAX: usize = 256;
 /// Most members added in one request.
@@ -34,6 +37,9 @@ pub mod close {
     pub const AUTH_TIMEOUT: u16 = 4002;
     /// The user already has the maximum number of sessions.
     pub const TOO_MANY_SESSIONS: u16 = 4003;
+    /// The user was disabled or its token rotated while the session was open: do not
+    /// reconnect with this token.
+    pub const REVOKED: u16 = 4004;
     /// The client did not read fast enough: its outbound queue filled. Reconnect and sync.
     pub const SLOW_CONSUMER: u16 = 4008;
     /// A frame larger than `FRAME_BYTES_MAX`, or a binary / non-UTF-8 frame.
@@ -126,8 +132,17 @@ pub enum ClientFrame {
         #[serde(default)]
         limit: Option<u32>,
     },
-    /// Every chat of the caller with its last seq, cursors and unread count.
-    Sync { id: String },
+    /// A page of the caller's chats (sorted by chat id) with their last seq, cursors and
+    /// unread count: the chats after `after` (exclusive; from the first when absent), at
+    /// most `limit` (1–[`SYNC_PAGE_CHATS_MAX`], default [`SYNC_PAGE_CHATS_MAX`]). The answer's
+    /// `next` is the `after` of the next page; absent on the last page.
+    Sync {
+        id: String,
+        #[serde(default)]
+        after: Option<String>,
+        #[serde(default)]
+        limit: Option<u32>,
+    },
     /// Moves the caller's delivered and/or read cursor forward in a chat.
     Receipt {
         chat: String,
@@ -157,7 +172,7 @@ impl ClientFrame {
             | ClientFrame::RemoveMember { id, .. }
             | ClientFrame::Leave { id, .. }
             | ClientFrame::History { id, .. }
-            | ClientFrame::Sync { id }
+            | ClientFrame::Sync { id, .. }
             | ClientFrame::Presence { id, .. }
             | ClientFrame::Subscribe { id, .. } => Some(id),
             ClientFrame::Ping { id } => id.as_deref(),
@@ -242,8 +257,14 @@ pub enum ServerFrame {
         /// True if more messages exist in the paging direction.
         more: bool,
     },
-    /// Answer to sync.
-    Chats { id: String, chats: Vec<ChatState> },
+    /// Answer to sync: one page of chats, sorted by chat id. `next` is present when more
+    /// chats may follow: send `sync` again with `after` = `next`.
+    Chats {
+        id: String,
+        chats: Vec<ChatState>,
+        #[serde(skip_serializing_if = "Option::is_none", default)]
+        next: Option<String>,
+    },
     /// Answer to presence.
     PresenceList {
         id: String,
@@ -345,6 +366,45 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&ack).unwrap(),
             r#"{"type":"ack","id":"1","chat":"d:alice:bob","seq":1,"msg_id":"d:alice:bob/1","ts":5,"duplicate":false}"#
+        );
+    }
+
+    #[test]
+    fn sync_pages_are_optional_and_next_is_omitted_on_the_last_page() {
+        // A client that knows nothing of paging still sends a valid frame (first page).
+        assert_eq!(
+            parse_client_frame(r#"{"type":"sync","id":"1"}"#).unwrap(),
+            ClientFrame::Sync {
+                id: "1".into(),
+                after: None,
+                limit: None
+            }
+        );
+        assert_eq!(
+            parse_client_frame(r#"{"type":"sync","id":"2","after":"d:a:b","limit":100}"#).unwrap(),
+            ClientFrame::Sync {
+                id: "2".into(),
+                after: Some("d:a:b".into()),
+                limit: Some(SYNC_PAGE_CHATS_MAX)
+            }
+        );
+        let last = ServerFrame::Chats {
+            id: "1".into(),
+            chats: vec![],
+            next: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&last).unwrap(),
+            r#"{"type":"chats","id":"1","chats":[]}"#
+        );
+        let more = ServerFrame::Chats {
+            id: "1".into(),
+            chats: vec![],
+            next: Some("g:00".into()),
+        };
+        assert_eq!(
+            serde_json::to_string(&more).unwrap(),
+            r#"{"type":"chats","id":"1","chats":[],"next":"g:00"}"#
         );
     }
 

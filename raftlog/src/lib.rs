@@ -31,7 +31,9 @@ pub use batcher::{
     PROPOSAL_QUEUE_MAX,
 };
 pub use log_store::LogStore;
-pub use network::{NetworkFactory, RaftReply, RaftRequest, RAFT_SERVICE_TAG};
+pub use network::{
+    NetworkFactory, PeerHealth, RaftReply, RaftRequest, RAFT_SERVICE_TAG, UNREACHABLE_BACKOFF_MS,
+};
 pub use registry::{GroupStatus, Registry};
 pub use state_machine::{read_record, scan_records, Applier, ApplyTxn, StateMachine};
 

@@ -65,17 +65,100 @@ pub(crate) fn encode_request(envelope: &RaftEnvelope) -> Result<Bytes, chatd_cod
     Ok(Bytes::from(out))
 }
 
+/// How long a group's replication to a peer pauses after the peer could not be reached
+/// (openraft retries after it). Short: a restarted peer must hear from its leaders well
+/// within its election timeout.
+pub const UNREACHABLE_BACKOFF_MS: u64 = 200;
+
+/// Whether each peer answers Raft RPCs, as all groups together see it. Every group's RPC
+/// outcome is recorded here, and only a change is logged: a peer's loss once (WARN) and its
+/// return once (INFO), with counters, instead of one error per group and retry.
+#[derive(Default)]
+pub struct PeerHealth {
+    peers: parking_lot::Mutex<std::collections::HashMap<NodeId, PeerState>>,
+    lost_total: std::sync::atomic::AtomicU64,
+    recovered_total: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Clone, Copy)]
+enum PeerState {
+    Up,
+    Down { since: std::time::Instant },
+}
+
+impl PeerHealth {
+    /// Records the outcome of one RPC to `peer`.
+    pub fn record(&self, peer: NodeId, outcome: Result<(), &dyn std::fmt::Display>) {
+        let mut peers = self.peers.lock();
+        let before = peers.get(&peer).copied();
+        match (before, outcome) {
+            (None | Some(PeerState::Up), Ok(())) => {
+                peers.insert(peer, PeerState::Up);
+            }
+            (Some(PeerState::Down { since }), Ok(())) => {
+                peers.insert(peer, PeerState::Up);
+                self.recovered_total
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(
+                    peer,
+                    down_ms = since.elapsed().as_millis() as u64,
+                    "peer reachable again"
+                );
+            }
+            (None | Some(PeerState::Up), Err(cause)) => {
+                peers.insert(
+                    peer,
+                    PeerState::Down {
+                        since: std::time::Instant::now(),
+                    },
+                );
+                self.lost_total
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(peer, %cause, "peer unreachable for Raft RPCs");
+            }
+            (Some(PeerState::Down { .. }), Err(_)) => {}
+        }
+    }
+
+    /// Peers whose last RPC failed.
+    pub fn down(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self
+            .peers
+            .lock()
+            .iter()
+            .filter(|(_, s)| matches!(s, PeerState::Down { .. }))
+            .map(|(p, _)| *p)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Times a peer became unreachable, and times one came back.
+    pub fn transitions(&self) -> (u64, u64) {
+        (
+            self.lost_total.load(std::sync::atomic::Ordering::Relaxed),
+            self.recovered_total
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+}
+
 /// Creates the per-peer clients of one group.
 #[derive(Clone)]
 pub struct NetworkFactory {
     group: GroupId,
     endpoint: Endpoint,
+    health: std::sync::Arc<PeerHealth>,
 }
 
 impl NetworkFactory {
-    /// Clients of `group` that send through `endpoint`.
-    pub fn new(group: GroupId, endpoint: Endpoint) -> Self {
-        Self { group, endpoint }
+    /// Clients of `group` that send through `endpoint` and report to `health`.
+    pub fn new(group: GroupId, endpoint: Endpoint, health: std::sync::Arc<PeerHealth>) -> Self {
+        Self {
+            group,
+            endpoint,
+            health,
+        }
     }
 }
 
@@ -89,6 +172,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             node: node.clone(),
             addr: node.addr.parse(),
             endpoint: self.endpoint.clone(),
+            health: self.health.clone(),
         }
     }
 }
@@ -100,6 +184,7 @@ pub struct Network {
     node: BasicNode,
     addr: Result<SocketAddr, std::net::AddrParseError>,
     endpoint: Endpoint,
+    health: std::sync::Arc<PeerHealth>,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -119,16 +204,21 @@ impl Network {
             request,
         })
         .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
-        let reply = self
-            .endpoint
-            .call_with_timeout(addr, frame, ttl)
-            .await
-            .map_err(|e| match e {
-                TransportError::Connect { .. }
-                | TransportError::ConnectTimeout { .. }
-                | TransportError::Timeout { .. } => RPCError::Unreachable(Unreachable::new(&e)),
-                other => RPCError::Network(NetworkError::new(&other)),
-            })?;
+        let reply = self.endpoint.call_with_timeout(addr, frame, ttl).await;
+        self.health.record(
+            self.target,
+            reply
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| e as &dyn std::fmt::Display),
+        );
+        // Any failure to exchange bytes with the peer (refused, timed out, connection lost
+        // or reset) is "unreachable": openraft backs off for `UNREACHABLE_BACKOFF_MS`
+        // instead of retrying at once. Only our own oversized frames are a network error.
+        let reply = reply.map_err(|e| match e {
+            TransportError::FrameTooLarge { .. } => RPCError::Network(NetworkError::new(&e)),
+            other => RPCError::Unreachable(Unreachable::new(&other)),
+        })?;
         let reply: RaftReply =
             chatd_codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         match reply {
@@ -158,6 +248,12 @@ impl Network {
 }
 
 impl RaftNetwork<TypeConfig> for Network {
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(Duration::from_millis(
+            UNREACHABLE_BACKOFF_MS,
+        )))
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,

@@ -2,12 +2,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chatd_storage::Storage;
 use chatd_transport::Endpoint;
+use openraft::raft::AppendEntriesResponse;
 use openraft::BasicNode;
+use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
 use crate::batcher::{Committed, Proposal, ProposeError, PROPOSAL_QUEUE_MAX};
@@ -47,12 +50,65 @@ pub struct Registry {
     snapshot_root: PathBuf,
     config: Arc<openraft::Config>,
     groups: RwLock<HashMap<GroupId, Hosted>>,
+    health: Arc<crate::network::PeerHealth>,
+    /// Set by [`Registry::stop_elections`] (a drain): no group campaigns again.
+    elections_off: Arc<AtomicBool>,
 }
 
 #[derive(Clone)]
 struct Hosted {
     raft: Raft,
     proposals: tokio::sync::mpsc::Sender<Proposal>,
+    /// Set once this replica accepted an AppendEntries (or heartbeat) since it was opened:
+    /// a leader reaches it.
+    heard_from_leader: Arc<AtomicBool>,
+    /// Set while this leader hands the group to another replica: new proposals are refused
+    /// (not leader) so the target can catch up and win its election at once.
+    handing_over: Arc<AtomicBool>,
+}
+
+/// Longest wait for a handover target to hold every entry of the leader's log.
+pub const HANDOVER_CATCH_UP_MS_MAX: u64 = 500;
+
+/// How often an opened group checks whether to release its held-back elections.
+const ELECTION_HOLD_POLL_MS: u64 = 10;
+
+/// Keeps a just-opened replica from campaigning until a leader reached it, or for
+/// `hold` at most (then it campaigns on timeouts as usual, e.g. when the whole cluster
+/// restarted and there is no leader to hear from). A restarted follower otherwise times
+/// out before its leaders' first heartbeats reach it, campaigns with a higher term and
+/// unseats a leader that a quorum still follows (openraft 0.9 has no pre-vote). A group
+/// with a single voter, or this node leading, releases at once. Elections stay off if the
+/// node began draining meanwhile.
+async fn hold_elections_until_heard(
+    raft: Raft,
+    heard: Arc<AtomicBool>,
+    elections_off: Arc<AtomicBool>,
+    node_id: NodeId,
+    hold: std::time::Duration,
+) {
+    let deadline = tokio::time::Instant::now() + hold;
+    loop {
+        let (single_voter, leading) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            (
+                m.membership_config.membership().voter_ids().count() <= 1,
+                m.current_leader == Some(node_id),
+            )
+        };
+        if heard.load(Ordering::Acquire)
+            || single_voter
+            || leading
+            || tokio::time::Instant::now() >= deadline
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(ELECTION_HOLD_POLL_MS)).await;
+    }
+    if !elections_off.load(Ordering::Acquire) {
+        raft.runtime_config().elect(true);
+    }
 }
 
 impl Registry {
@@ -76,7 +132,14 @@ impl Registry {
             snapshot_root,
             config: Arc::new(options.to_config(cluster_name)?),
             groups: RwLock::new(HashMap::new()),
+            health: Arc::new(crate::network::PeerHealth::default()),
+            elections_off: Arc::new(AtomicBool::new(false)),
         }))
+    }
+
+    /// Which peers answer Raft RPCs, as every hosted group sees it.
+    pub fn peer_health(&self) -> &crate::network::PeerHealth {
+        &self.health
     }
 
     /// This node's id.
@@ -103,17 +166,25 @@ impl Registry {
         let log = LogStore::new(group, self.store.clone());
         let sm = StateMachine::open(group, self.store.clone(), applier, &self.snapshot_root)
             .map_err(|e| start(e.to_string()))?;
-        let network = NetworkFactory::new(group, self.endpoint.clone());
+        let network = NetworkFactory::new(group, self.endpoint.clone(), self.health.clone());
         let raft = Raft::new(self.node_id, self.config.clone(), network, log, sm)
             .await
             .map_err(|e| start(e.to_string()))?;
-        let mut groups = match self.groups.write() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let heard_from_leader = Arc::new(AtomicBool::new(false));
+        raft.runtime_config().elect(false);
+        tokio::spawn(hold_elections_until_heard(
+            raft.clone(),
+            heard_from_leader.clone(),
+            self.elections_off.clone(),
+            self.node_id,
+            std::time::Duration::from_millis(self.config.election_timeout_max.saturating_mul(2)),
+        ));
+        let mut groups = self.groups.write();
         let hosted = groups.entry(group).or_insert_with(|| Hosted {
             proposals: crate::batcher::start(group, raft.clone()),
             raft,
+            heard_from_leader,
+            handing_over: Arc::new(AtomicBool::new(false)),
         });
         Ok(hosted.raft.clone())
     }
@@ -126,10 +197,7 @@ impl Registry {
         command: Vec<u8>,
     ) -> Result<Committed, ProposeError> {
         let hosted = {
-            let groups = match self.groups.read() {
-                Ok(g) => g,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let groups = self.groups.read();
             groups.get(&group).cloned()
         };
         let Some(hosted) = hosted else {
@@ -139,6 +207,10 @@ impl Registry {
         let leader = hosted.raft.metrics().borrow().current_leader;
         if leader != Some(self.node_id) {
             return Err(ProposeError::NotLeader { leader });
+        }
+        if hosted.handing_over.load(Ordering::Acquire) {
+            // The leadership is moving: the caller retries with the next leader.
+            return Err(ProposeError::NotLeader { leader: None });
         }
         let (reply, answer) = tokio::sync::oneshot::channel();
         hosted
@@ -191,21 +263,85 @@ impl Registry {
         }
     }
 
+    /// True if this node leads `group`, or its replica accepted an AppendEntries since it
+    /// was opened (the leader reaches it): the replica has rejoined its group.
+    pub fn rejoined(&self, group: GroupId) -> bool {
+        let groups = self.groups.read();
+        groups.get(&group).is_some_and(|h| {
+            h.heard_from_leader.load(Ordering::Acquire)
+                || h.raft.metrics().borrow().current_leader == Some(self.node_id)
+        })
+    }
+
+    /// Prepares handing `group`, which this node leads, to `target`: refuses new proposals
+    /// and waits (at most [`HANDOVER_CATCH_UP_MS_MAX`]) until `target` holds every entry of
+    /// this leader's log, so its campaign is not refused for a shorter log. Returns whether
+    /// it caught up. [`Self::end_handover`] undoes the refusal.
+    pub async fn begin_handover(&self, group: GroupId, target: NodeId) -> bool {
+        let Some(hosted) = self.hosted(group) else {
+            return false;
+        };
+        hosted.handing_over.store(true, Ordering::Release);
+        let mut metrics = hosted.raft.metrics();
+        let caught_up = tokio::time::timeout(
+            std::time::Duration::from_millis(HANDOVER_CATCH_UP_MS_MAX),
+            async {
+                loop {
+                    {
+                        let m = metrics.borrow_and_update();
+                        if m.current_leader != Some(self.node_id) {
+                            return false;
+                        }
+                        let last = m.last_log_index;
+                        let matched = m
+                            .replication
+                            .as_ref()
+                            .and_then(|r| r.get(&target).cloned().flatten())
+                            .map(|l| l.index);
+                        if last.is_some() && matched >= last {
+                            return true;
+                        }
+                    }
+                    if metrics.changed().await.is_err() {
+                        return false;
+                    }
+                }
+            },
+        )
+        .await;
+        caught_up.unwrap_or(false)
+    }
+
+    /// Accepts proposals of `group` again (a handover is over, whichever way it went).
+    pub fn end_handover(&self, group: GroupId) {
+        if let Some(hosted) = self.hosted(group) {
+            hosted.handing_over.store(false, Ordering::Release);
+        }
+    }
+
+    /// Turns elections off in every hosted group, for good (a drain): this node never
+    /// campaigns again, including groups whose start-up hold ends later. It still votes.
+    pub fn stop_elections(&self) {
+        self.elections_off.store(true, Ordering::Release);
+        let groups = self.groups.read();
+        for h in groups.values() {
+            h.raft.runtime_config().elect(false);
+        }
+    }
+
+    fn hosted(&self, group: GroupId) -> Option<Hosted> {
+        self.groups.read().get(&group).cloned()
+    }
+
     /// The group's handle, if this node hosts it.
     pub fn get(&self, group: GroupId) -> Option<Raft> {
-        let groups = match self.groups.read() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let groups = self.groups.read();
         groups.get(&group).map(|h| h.raft.clone())
     }
 
     /// Ids of the hosted groups, sorted.
     pub fn groups(&self) -> Vec<GroupId> {
-        let groups = match self.groups.read() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let groups = self.groups.read();
         let mut ids: Vec<_> = groups.keys().copied().collect();
         ids.sort_unstable();
         ids
@@ -237,10 +373,23 @@ impl Registry {
     pub async fn handle(&self, frame: &[u8]) -> Bytes {
         let reply = match chatd_codec::decode::<RaftEnvelope>(frame) {
             Err(e) => RaftReply::Malformed(e.to_string()),
-            Ok(env) => match self.get(env.group) {
+            Ok(env) => match self.hosted(env.group) {
                 None => RaftReply::UnknownGroup(env.group),
-                Some(raft) => match env.request {
-                    RaftRequest::Append(r) => RaftReply::Append(raft.append_entries(r).await),
+                Some(Hosted {
+                    raft,
+                    heard_from_leader,
+                    ..
+                }) => match env.request {
+                    RaftRequest::Append(r) => {
+                        let reply = raft.append_entries(r).await;
+                        // Any answer but "your vote is stale" means a current leader's
+                        // message was taken here (a conflict is resolved in later rounds).
+                        if matches!(&reply, Ok(resp) if !matches!(resp, AppendEntriesResponse::HigherVote(_)))
+                        {
+                            heard_from_leader.store(true, Ordering::Release);
+                        }
+                        RaftReply::Append(reply)
+                    }
                     RaftRequest::Vote(r) => RaftReply::Vote(raft.vote(r).await),
                     RaftRequest::Snapshot(r) => RaftReply::Snapshot(raft.install_snapshot(r).await),
                 },
@@ -258,10 +407,7 @@ impl Registry {
     /// Stops every group (their logs stay on disk).
     pub async fn shutdown(&self) {
         let all: Vec<Raft> = {
-            let groups = match self.groups.read() {
-                Ok(g) => g,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let groups = self.groups.read();
             groups.values().map(|h| h.raft.clone()).collect()
         };
         for raft in all {

@@ -90,6 +90,46 @@ impl<'a> ApplyTxn<'a> {
         }
         self.store.get(Cf::StateMachine, &sm_key(self.group, key))
     }
+    /// The first `limit` records of this group with keys in `from..to`, in key order, as the
+    /// batch sees them (its own writes and deletes included). Reads at most
+    /// `limit` + (writes of this batch in the range) stored records.
+    pub fn scan(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<chatd_storage::KeyValue>, chatd_storage::StorageError> {
+        if limit == 0 || from >= to {
+            return Ok(Vec::new());
+        }
+        let pending: Vec<(&Vec<u8>, &Option<Vec<u8>>)> = self
+            .overlay
+            .range::<[u8], _>((
+                std::ops::Bound::Included(from),
+                std::ops::Bound::Excluded(to),
+            ))
+            .collect();
+        let stored = self.store.scan(
+            Cf::StateMachine,
+            &sm_key(self.group, from),
+            &sm_key(self.group, to),
+            limit.saturating_add(pending.len()),
+        )?;
+        let mut merged: BTreeMap<Vec<u8>, Vec<u8>> = stored
+            .into_iter()
+            .map(|(mut k, v)| {
+                k.drain(..8);
+                (k, v)
+            })
+            .collect();
+        for (k, v) in pending {
+            match v {
+                Some(v) => merged.insert(k.clone(), v.clone()),
+                None => merged.remove(k),
+            };
+        }
+        Ok(merged.into_iter().take(limit).collect())
+    }
     /// Sets `key` of this group to `value`.
     pub fn put(&mut self, key: &[u8], value: Vec<u8>) {
         self.overlay.insert(key.to_vec(), Some(value));
@@ -305,7 +345,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let path = self.dir.join(format!("recv-{}.tmp", unique_suffix()));
         let file = tokio::fs::File::create(&path).await.map_err(snap_err)?;
         if let Some(old) = self.receiving.replace(path) {
-            let _ = std::fs::remove_file(old);
+            let _ = tokio::fs::remove_file(old).await;
         }
         Ok(Box::new(file))
     }
@@ -322,7 +362,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             snap_err(std::io::Error::other("install without a received snapshot"))
         })?;
         let file = snapshot_file_name(meta);
-        std::fs::rename(&received, self.dir.join(&file)).map_err(snap_err)?;
+        tokio::fs::rename(&received, self.dir.join(&file))
+            .await
+            .map_err(snap_err)?;
         let record = SnapshotRecord {
             meta: meta.clone(),
             file,
@@ -348,11 +390,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
-        let record: Option<SnapshotRecord> = decode_meta(
-            self.store
-                .get(Cf::StateMeta, &meta_key(self.group, META_SNAPSHOT))
-                .map_err(sm_read)?,
-        )?;
+        // A point read, but RocksDB may still go to disk: on a blocking-pool thread.
+        let (store, key) = (self.store.clone(), meta_key(self.group, META_SNAPSHOT));
+        let bytes = tokio::task::spawn_blocking(move || store.get(Cf::StateMeta, &key))
+            .await
+            .map_err(sm_read)?
+            .map_err(sm_read)?;
+        let record: Option<SnapshotRecord> = decode_meta(bytes)?;
         let Some(record) = record else {
             return Ok(None);
         };

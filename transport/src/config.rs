@@ -21,10 +21,52 @@ const STREAM_RECEIVE_WINDOW: u32 = 8 * 1024 * 1024;
 /// Per-connection receive window (all streams together), also used as the send window.
 const CONNECTION_RECEIVE_WINDOW: u32 = 32 * 1024 * 1024;
 
-/// Both QUIC configurations of an endpoint.
+/// The QUIC configurations of an endpoint.
 pub(crate) struct QuicConfigs {
     pub(crate) server: quinn::ServerConfig,
     pub(crate) client: quinn::ClientConfig,
+    pub(crate) endpoint: quinn::EndpointConfig,
+}
+
+/// Length of the connection ids an endpoint issues.
+const CID_BYTES: usize = 8;
+
+/// Issues random connection ids and treats any id as possibly one of its own.
+///
+/// quinn's default signs its ids with a key that dies with the process, so a restarted
+/// node silently drops the packets of connections its previous process had, and each peer
+/// waits for its idle timeout before it reconnects. With this generator (and a reset key
+/// that outlives the process, see [`endpoint_config`]) the restarted node answers such a
+/// packet with a stateless reset that the peer accepts: the stale connection ends at once
+/// and the peer's next call opens a new one.
+struct RestartableCids;
+
+impl quinn::ConnectionIdGenerator for RestartableCids {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        let mut bytes = [0u8; CID_BYTES];
+        // The system RNG does not fail on Linux; an all-zero id would still be valid.
+        let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes);
+        quinn::ConnectionId::new(&bytes)
+    }
+    fn cid_len(&self) -> usize {
+        CID_BYTES
+    }
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
+/// The endpoint configuration: a stateless-reset key derived from the node's private key,
+/// so a restarted process of the same node produces the reset tokens its predecessor
+/// issued, and connection ids any process of the node accepts as its own.
+pub(crate) fn endpoint_config(private_key_der: &[u8]) -> quinn::EndpointConfig {
+    let mut material = b"chatd stateless reset key v1\0".to_vec();
+    material.extend_from_slice(private_key_der);
+    let digest = ring::digest::digest(&ring::digest::SHA256, &material);
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, digest.as_ref());
+    let mut config = quinn::EndpointConfig::new(Arc::new(key));
+    config.cid_generator(|| Box::new(RestartableCids));
+    config
 }
 
 fn tls_error(context: &str, e: impl std::fmt::Display) -> TransportError {
@@ -77,6 +119,7 @@ pub(crate) fn quic_configs(
 ) -> Result<QuicConfigs, TransportError> {
     let transport = Arc::new(transport_config(limits)?);
     let ParsedIdentity { roots, chain, key } = identity.parse()?;
+    let endpoint = endpoint_config(key.secret_der());
     let provider: Arc<CryptoProvider> = Arc::new(rustls::crypto::ring::default_provider());
 
     let mut root_store = RootCertStore::empty();
@@ -115,5 +158,9 @@ pub(crate) fn quic_configs(
     let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
     client.transport_config(transport);
 
-    Ok(QuicConfigs { server, client })
+    Ok(QuicConfigs {
+        server,
+        client,
+        endpoint,
+    })
 }

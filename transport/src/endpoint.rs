@@ -10,17 +10,17 @@ use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::FutureExt;
+use parking_lot::Mutex;
 use quinn::{Connection, ConnectionError, ReadError, ReadToEndError, VarInt, WriteError};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
 use crate::config::quic_configs;
-use crate::der::cert_dns_names;
 use crate::error::{Frame, TransportError};
 use crate::pki::{TlsIdentity, NODE_SERVER_NAME};
 use crate::{Handler, PeerInfo, TransportLimits};
@@ -43,12 +43,6 @@ mod code {
 
 /// How long [`Endpoint::close`] waits for connections to drain.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
-
-/// Locks a std mutex, ignoring poisoning (the protected data stay consistent: every critical
-/// section is a single assignment or lookup).
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Error code telling the peer that a frame exceeded `limit`.
 fn frame_code(base: u64, limit: usize) -> VarInt {
@@ -159,7 +153,7 @@ struct PeerSlot {
 impl PeerSlot {
     /// The cached connection if it is still open; a closed one is dropped from the cache.
     fn live(&self) -> Option<Connection> {
-        let mut slot = lock(&self.connection);
+        let mut slot = self.connection.lock();
         match slot.as_ref() {
             Some(connection) if connection.close_reason().is_none() => Some(connection.clone()),
             Some(_) => {
@@ -172,7 +166,7 @@ impl PeerSlot {
 
     /// Drops `connection` from the cache (if it is still the cached one).
     fn forget(&self, connection: &Connection) {
-        let mut slot = lock(&self.connection);
+        let mut slot = self.connection.lock();
         if slot.as_ref().map(Connection::stable_id) == Some(connection.stable_id()) {
             *slot = None;
         }
@@ -194,7 +188,7 @@ struct Inner {
 impl Inner {
     fn quinn_endpoints(&self) -> Vec<quinn::Endpoint> {
         let mut endpoints = vec![self.quinn.clone()];
-        endpoints.extend(lock(&self.other_family).clone());
+        endpoints.extend(self.other_family.lock().clone());
         endpoints
     }
 }
@@ -238,12 +232,7 @@ impl Endpoint {
     ) -> Result<Self, TransportError> {
         let runtime = current_runtime()?;
         let configs = quic_configs(identity, &limits)?;
-        let mut endpoint = quinn::Endpoint::server(configs.server, listen).map_err(|source| {
-            TransportError::Bind {
-                addr: listen,
-                source,
-            }
-        })?;
+        let mut endpoint = quic_endpoint(configs.endpoint, Some(configs.server), listen)?;
         endpoint.set_default_client_config(configs.client.clone());
         let accept_task = runtime.spawn(accept_loop(endpoint.clone(), handler, limits));
         Ok(Self::new(
@@ -265,8 +254,7 @@ impl Endpoint {
         current_runtime()?;
         let configs = quic_configs(identity, &limits)?;
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
-        let mut endpoint = quinn::Endpoint::client(addr)
-            .map_err(|source| TransportError::Bind { addr, source })?;
+        let mut endpoint = quic_endpoint(configs.endpoint, None, addr)?;
         endpoint.set_default_client_config(configs.client.clone());
         Ok(Self::new(endpoint, configs.client, limits, None))
     }
@@ -302,7 +290,7 @@ impl Endpoint {
 
     /// Number of open outgoing connections in the cache (at most one per peer address).
     pub fn connection_count(&self) -> usize {
-        let slots: Vec<Arc<PeerSlot>> = lock(&self.inner.peers).values().cloned().collect();
+        let slots: Vec<Arc<PeerSlot>> = self.inner.peers.lock().values().cloned().collect();
         slots.iter().filter(|slot| slot.live().is_some()).count()
     }
 
@@ -345,12 +333,15 @@ impl Endpoint {
     /// time for connections to drain. The socket is released once every clone is dropped.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
-        let slots: Vec<Arc<PeerSlot>> = lock(&self.inner.peers)
+        let slots: Vec<Arc<PeerSlot>> = self
+            .inner
+            .peers
+            .lock()
             .drain()
             .map(|(_, slot)| slot)
             .collect();
         for slot in slots {
-            if let Some(connection) = lock(&slot.connection).take() {
+            if let Some(connection) = slot.connection.lock().take() {
                 connection.close(VarInt::from_u32(code::CLOSING), b"endpoint closing");
             }
         }
@@ -358,7 +349,7 @@ impl Endpoint {
         for endpoint in &endpoints {
             endpoint.close(VarInt::from_u32(code::CLOSING), b"endpoint closing");
         }
-        let accept_task = lock(&self.inner.accept_task).take();
+        let accept_task = self.inner.accept_task.lock().take();
         let drained = tokio::time::timeout(CLOSE_WAIT, async {
             for endpoint in &endpoints {
                 endpoint.wait_idle().await;
@@ -428,7 +419,7 @@ impl Endpoint {
 
     /// The slot for `peer`, created on first use.
     fn slot(&self, peer: SocketAddr) -> Arc<PeerSlot> {
-        lock(&self.inner.peers).entry(peer).or_default().clone()
+        self.inner.peers.lock().entry(peer).or_default().clone()
     }
 
     /// The open connection to `peer`, dialled if needed. Concurrent callers wait for a single
@@ -454,7 +445,7 @@ impl Endpoint {
         }
         match self.dial(peer).await {
             Ok(connection) => {
-                *lock(&slot.connection) = Some(connection.clone());
+                *slot.connection.lock() = Some(connection.clone());
                 *last_failure = None;
                 Ok(connection)
             }
@@ -502,7 +493,7 @@ impl Endpoint {
         if local.is_ipv4() == peer.is_ipv4() || dual_stack {
             return Ok(self.inner.quinn.clone());
         }
-        let mut other = lock(&self.inner.other_family);
+        let mut other = self.inner.other_family.lock();
         if let Some(endpoint) = other.as_ref() {
             return Ok(endpoint.clone());
         }
@@ -517,6 +508,24 @@ impl Endpoint {
         *other = Some(endpoint.clone());
         Ok(endpoint)
     }
+}
+
+/// A quinn endpoint on a UDP socket bound to `addr`, with our endpoint configuration
+/// (stateless resets that survive a restart: see `config::endpoint_config`).
+fn quic_endpoint(
+    config: quinn::EndpointConfig,
+    server: Option<quinn::ServerConfig>,
+    addr: SocketAddr,
+) -> Result<quinn::Endpoint, TransportError> {
+    let socket =
+        std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+    let runtime = quinn::default_runtime().ok_or_else(|| {
+        TransportError::Io(std::io::Error::other(
+            "no async runtime for the QUIC endpoint",
+        ))
+    })?;
+    quinn::Endpoint::new(config, server, socket, runtime)
+        .map_err(|source| TransportError::Bind { addr, source })
 }
 
 /// The current Tokio runtime, or a clear error.
@@ -562,19 +571,6 @@ fn connection_lost(
     }
 }
 
-/// The DNS names of the peer's verified certificate.
-fn peer_cert_names(connection: &Connection) -> Vec<String> {
-    connection
-        .peer_identity()
-        .and_then(|identity| {
-            identity
-                .downcast::<Vec<rustls_pki_types::CertificateDer<'static>>>()
-                .ok()
-        })
-        .and_then(|chain| chain.first().map(|leaf| cert_dns_names(leaf)))
-        .unwrap_or_default()
-}
-
 /// Accepts connections until the endpoint closes; each is served by its own task.
 async fn accept_loop(
     endpoint: quinn::Endpoint,
@@ -601,11 +597,8 @@ async fn serve_connection(
             return;
         }
     };
-    let peer = PeerInfo {
-        remote,
-        cert_names: peer_cert_names(&connection),
-    };
-    debug!(%remote, cert_names = ?peer.cert_names, "accepted connection");
+    let peer = PeerInfo { remote };
+    debug!(%remote, "accepted connection");
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {

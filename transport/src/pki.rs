@@ -9,13 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
-    ExtendedKeyUsagePurpose, Ia5String, IsCa, KeyPair, KeyUsagePurpose, PrintableString, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    Ia5String, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls_pki_types::pem::{PemObject, SectionKind};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::der;
 use crate::error::TransportError;
 
 /// DNS name every node certificate carries; clients verify servers against it.
@@ -136,49 +135,86 @@ fn dns_name(name: &str) -> Result<Ia5String, TransportError> {
     })
 }
 
-/// Parses the contents of an X.509 `Name` into rcgen's representation.
-fn parse_distinguished_name(name: &[u8]) -> Result<DistinguishedName, String> {
-    let mut dn = DistinguishedName::new();
-    for (tag, rdn) in der::tlvs(name) {
-        if tag != der::SET {
-            return Err(format!("unexpected DER tag {tag:#04x} in the subject name"));
-        }
-        for (tag, attribute) in der::tlvs(rdn) {
-            if tag != der::SEQUENCE {
-                return Err(format!("unexpected DER tag {tag:#04x} in the subject name"));
-            }
-            let mut fields = der::tlvs(attribute);
-            let (Some((der::OID, oid)), Some((value_tag, value))) = (fields.next(), fields.next())
-            else {
-                return Err("malformed attribute in the subject name".into());
-            };
-            let oid = der::decode_oid(oid).ok_or("malformed attribute type in the subject name")?;
-            let text = String::from_utf8(value.to_vec())
-                .map_err(|_| "subject name attribute is not valid text".to_string())?;
-            let value = match value_tag {
-                0x0c => DnValue::Utf8String(text),
-                0x13 => DnValue::PrintableString(
-                    PrintableString::try_from(text).map_err(|e| e.to_string())?,
-                ),
-                0x16 => DnValue::Ia5String(Ia5String::try_from(text).map_err(|e| e.to_string())?),
-                other => {
-                    return Err(format!(
-                        "unsupported string type (DER tag {other:#04x}) in the subject name"
-                    ))
-                }
-            };
-            dn.push(DnType::from_oid(&oid), value);
-        }
-    }
-    Ok(dn)
+/// The subject name (raw DER) and the SubjectPublicKeyInfo (DER) of a certificate.
+fn subject_and_spki(cert_der: &[u8]) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+        .map_err(|e| format!("malformed X.509 certificate: {e}"))?;
+    Ok((
+        cert.subject().as_raw().to_vec(),
+        cert.public_key().raw.to_vec(),
+    ))
 }
 
-/// Strips an outer SEQUENCE header if `der` is exactly one SEQUENCE.
-fn sequence_contents(der: &[u8]) -> &[u8] {
-    match der::split_tlv(der) {
-        Some((der::SEQUENCE, contents, [])) => contents,
-        _ => der,
+/// What signing with a CA needs from its certificate: rcgen's parameters (subject name, key
+/// identifier, constraints), checked to describe a CA.
+fn ca_cert_params(ca_der: &CertificateDer<'_>) -> Result<CertificateParams, String> {
+    let params = CertificateParams::from_ca_cert_der(ca_der)
+        .map_err(|e| format!("unusable X.509 CA certificate: {e}"))?;
+    if !matches!(params.is_ca, IsCa::Ca(_)) {
+        return Err("not a CA certificate (basicConstraints cA is not set)".into());
     }
+    writable_oids(&params)?;
+    Ok(params)
+}
+
+/// True if rcgen (yasna) can write `oid`: at least two arcs, the first 0, 1 or 2, the
+/// second below 40 unless the first is 2. yasna panics on any other.
+fn oid_writable(oid: &[u64]) -> bool {
+    match oid {
+        [first, second, ..] => {
+            *first < 3 && (*first == 2 || *second < 40) && *second < u64::MAX - 80
+        }
+        _ => false,
+    }
+}
+
+/// Refuses parameters with an object identifier rcgen cannot write back (found by fuzzing
+/// `ClusterCa::from_pem`: a subject attribute type `3.29…` made re-signing the CA panic).
+fn writable_oids(params: &CertificateParams) -> Result<(), String> {
+    fn names(dn: &DistinguishedName) -> Result<(), String> {
+        for (ty, _) in dn.iter() {
+            if let DnType::CustomDnType(oid) = ty {
+                if !oid_writable(oid) {
+                    return Err(format!("unsupported attribute type {oid:?} in a name"));
+                }
+            }
+        }
+        Ok(())
+    }
+    names(&params.distinguished_name)?;
+    for usage in &params.extended_key_usages {
+        if let ExtendedKeyUsagePurpose::Other(oid) = usage {
+            if !oid_writable(oid) {
+                return Err(format!("unsupported extended key usage {oid:?}"));
+            }
+        }
+    }
+    for san in &params.subject_alt_names {
+        if let SanType::OtherName((oid, _)) = san {
+            if !oid_writable(oid) {
+                return Err(format!("unsupported otherName type {oid:?}"));
+            }
+        }
+    }
+    if let Some(constraints) = &params.name_constraints {
+        for subtree in constraints
+            .permitted_subtrees
+            .iter()
+            .chain(&constraints.excluded_subtrees)
+        {
+            if let rcgen::GeneralSubtree::DirectoryName(dn) = subtree {
+                names(dn)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// For the fuzzers: what the CA loader reads of a CA certificate (DER).
+#[cfg(feature = "fuzzing")]
+pub(crate) fn parse_ca_cert(cert_der: &[u8]) -> Result<(), String> {
+    subject_and_spki(cert_der)?;
+    ca_cert_params(&CertificateDer::from(cert_der)).map(|_| ())
 }
 
 /// All certificates in a PEM text (empty if none).
@@ -288,11 +324,12 @@ impl ClusterCa {
         })
     }
 
-    /// Rebuilds rcgen's view of the CA (subject name + key) from the PEM texts.
+    /// Rebuilds rcgen's view of the CA (its parameters + key) from the PEM texts.
     ///
     /// rcgen can only sign with a `Certificate` it built itself, so the CA certificate is
-    /// re-created from the original subject name and key; the result is checked to encode the
-    /// same subject, so issued certificates chain to the original CA certificate.
+    /// re-created from the original's parameters (read by rcgen with x509-parser) and key;
+    /// the result is checked to encode the same subject, so issued certificates chain to the
+    /// original CA certificate.
     fn signer(&self) -> Result<(rcgen::Certificate, KeyPair), TransportError> {
         let invalid_cert = |reason: String| TransportError::InvalidPem {
             what: "CA certificate PEM",
@@ -302,21 +339,20 @@ impl ClusterCa {
         let ca_der = certs
             .first()
             .ok_or_else(|| invalid_cert("no CERTIFICATE section".into()))?;
-        let (subject, spki) = der::subject_and_spki(ca_der)
-            .ok_or_else(|| invalid_cert("malformed X.509 certificate".into()))?;
+        let (subject, spki) = subject_and_spki(ca_der).map_err(invalid_cert)?;
         let key = KeyPair::from_pem(&self.key_pem).map_err(|e| TransportError::InvalidPem {
             what: "CA private key PEM",
             reason: e.to_string(),
         })?;
-        if sequence_contents(&key.public_key_der()) != spki {
+        if key.public_key_der() != spki {
             return Err(TransportError::InvalidPem {
                 what: "CA private key PEM",
                 reason: "the key does not belong to the CA certificate".into(),
             });
         }
-        let dn = parse_distinguished_name(subject).map_err(invalid_cert)?;
-        let rebuilt = ca_params(dn).self_signed(&key).map_err(cert_error)?;
-        if der::subject_and_spki(rebuilt.der()).map(|(s, _)| s) != Some(subject) {
+        let params = ca_cert_params(ca_der).map_err(invalid_cert)?;
+        let rebuilt = params.self_signed(&key).map_err(cert_error)?;
+        if subject_and_spki(rebuilt.der()).ok().map(|(s, _)| s) != Some(subject) {
             return Err(invalid_cert(
                 "the subject name uses an encoding this tool cannot reproduce".into(),
             ));
@@ -441,17 +477,69 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::X509Certificate;
+
+    fn parsed(pem: &str) -> X509Certificate<'static> {
+        let der = pem_certs(pem).unwrap().remove(0);
+        let der: &'static [u8] = Vec::leak(der.to_vec());
+        x509_parser::parse_x509_certificate(der).unwrap().1
+    }
+
+    fn dns_names(cert: &X509Certificate<'_>) -> Vec<String> {
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(name) => Some(name.to_string()),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
     fn node_cert_names_and_ca_round_trip() {
         let ca = ClusterCa::generate("unit").unwrap();
-        let node = ca.issue_node(7, &["10.0.0.7".parse().unwrap()]).unwrap();
-        let der = &pem_certs(&node.cert_pem).unwrap()[0];
-        assert_eq!(der::cert_dns_names(der), vec!["chatd-node", "node-7"]);
+        let ca_cert = parsed(ca.cert_pem());
+        let node = parsed(
+            &ca.issue_node(7, &["10.0.0.7".parse().unwrap()])
+                .unwrap()
+                .cert_pem,
+        );
+        assert_eq!(dns_names(&node), vec!["chatd-node", "node-7"]);
+        node.verify_signature(Some(ca_cert.public_key())).unwrap();
 
+        // A CA loaded back from its PEM files issues certificates that chain to it.
         let reloaded = ClusterCa::from_pem(ca.cert_pem(), ca.key_pem()).unwrap();
-        let client = reloaded.issue_client("bench-1").unwrap();
-        let der = &pem_certs(&client.cert_pem).unwrap()[0];
-        assert_eq!(der::cert_dns_names(der), vec!["bench-1"]);
+        let client = parsed(&reloaded.issue_client("bench-1").unwrap().cert_pem);
+        assert_eq!(dns_names(&client), vec!["bench-1"]);
+        assert_eq!(client.issuer().as_raw(), ca_cert.subject().as_raw());
+        client.verify_signature(Some(ca_cert.public_key())).unwrap();
+        let ca_key_id = ca_cert
+            .iter_extensions()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0),
+                _ => None,
+            });
+        let authority_key_id = client
+            .iter_extensions()
+            .find_map(|e| match e.parsed_extension() {
+                x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                    aki.key_identifier.as_ref().map(|id| id.0)
+                }
+                _ => None,
+            });
+        assert!(ca_key_id.is_some());
+        assert_eq!(authority_key_id, ca_key_id);
+    }
+
+    #[test]
+    fn a_certificate_that_is_not_a_ca_cannot_sign() {
+        let ca = ClusterCa::generate("unit").unwrap();
+        let node = ca.issue_node(1, &[]).unwrap();
+        let err = ClusterCa::from_pem(&node.cert_pem, &node.key_pem).unwrap_err();
+        assert!(err.to_string().contains("not a CA certificate"), "{err}");
     }
 
     #[test]

@@ -156,7 +156,7 @@ fn bench_needs_the_admin_token_and_enough_connections() {
     let out = chat_cli_cmd(&["--server", "127.0.0.1:9", "bench"])
         .output()
         .expect("cannot run chat-cli");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin token"));
     let out = chat_cli_cmd(&[
         "--server",
@@ -171,7 +171,7 @@ fn bench_needs_the_admin_token_and_enough_connections() {
     ])
     .output()
     .expect("cannot run chat-cli");
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("at least 3 connections"));
 }
 

@@ -82,7 +82,7 @@ fn messaging_commands_against_a_three_node_cluster() {
     ]);
     fails(&out, 1, "invalid_field");
     let out = chat_cli(&["--server", n1, "--token", &alice, "admin", "users", "list"]);
-    fails(&out, 1, "unauthorized");
+    fails(&out, 4, "the admin token was refused");
     let users = json_ok(&[
         "--server", n2, "--token", &admin, "--json", "admin", "users", "list",
     ]);
@@ -321,7 +321,7 @@ fn messaging_commands_against_a_three_node_cluster() {
     let out = chat_cli(&[
         "--server", n1, "--token", "wrong", "--json", "send", &direct, "x",
     ]);
-    fails(&out, 1, "unauthorized");
+    fails(&out, 4, "the token was refused");
     let out = chat_cli(&[
         "--server",
         n1,
@@ -347,7 +347,7 @@ fn messaging_commands_against_a_three_node_cluster() {
     ]);
     fails(&out, 1, "too_large");
     let out = chat_cli(&["--server", n1, "--json", "sync"]);
-    fails(&out, 1, "no token");
+    fails(&out, 4, "no token");
     let dead = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -360,7 +360,7 @@ fn messaging_commands_against_a_three_node_cluster() {
         "--json",
         "sync",
     ]);
-    fails(&out, 2, "cannot reach");
+    fails(&out, 3, "cannot reach");
     // Nothing of that was stored.
     let h = json_ok(&[
         "--server", n2, "--token", &alice, "--json", "history", &direct,
@@ -388,7 +388,7 @@ fn messaging_commands_against_a_three_node_cluster() {
     let users = json_ok(&["--config", &cfg_s, "--json", "admin", "users", "list"]);
     assert!(users.as_array().is_some());
     let out = chat_cli(&["--config", &cfg_s, "--token", "wrong", "sync"]);
-    fails(&out, 1, "unauthorized");
+    fails(&out, 4, "the token was refused");
     let out = chat_cli(&["--config", "/nonexistent/cli.toml", "sync"]);
     fails(&out, 1, "cannot read config file");
 
@@ -400,7 +400,7 @@ fn messaging_commands_against_a_three_node_cluster() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let out = chat_cli(&["--server", n1, "--token", &carol, "--json", "sync"]);
-        if out.status.code() == Some(1) && text(&out.stderr).contains("unauthorized") {
+        if out.status.code() == Some(4) && text(&out.stderr).contains("the token was refused") {
             break;
         }
         assert!(

@@ -11,21 +11,21 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::harness::{create_user_via, Cluster};
 use crate::ws::{self, Event, Ws};
 
-const READY: Duration = Duration::from_secs(60);
+pub(crate) const READY: Duration = Duration::from_secs(60);
 /// Hard bound of one test, cluster start included (a liveness bound, not a target).
 const TEST_LIMIT: Duration = Duration::from_secs(180);
 /// How long live delivery may take to reach every member.
 const DELIVERY: Duration = Duration::from_secs(20);
 
 /// Runs a test body within `TEST_LIMIT`; the cluster it owns is killed when it is dropped.
-async fn bounded(body: impl Future<Output = ()>) {
+pub(crate) async fn bounded(body: impl Future<Output = ()>) {
     if tokio::time::timeout(TEST_LIMIT, body).await.is_err() {
         panic!("test did not finish within {TEST_LIMIT:?}");
     }
 }
 
 /// A 3-node cluster (`extra` init flags), every node ready.
-async fn cluster3(extra: &[&str]) -> Cluster {
+pub(crate) async fn cluster3(extra: &[&str]) -> Cluster {
     let mut c = Cluster::init(3, extra);
     c.start_all();
     c.wait_ready(READY).await;
@@ -39,7 +39,7 @@ async fn cluster3(extra: &[&str]) -> Cluster {
 /// retry a first 4001 after a short delay; `chat_fresh_token_...` tests exactly that). The
 /// wait keeps that race out of tests about other things. It uses the admin user list (each
 /// node's own view) and opens no session, which would disturb presence.
-async fn create_user(c: &Cluster, via: u64, user: &str) -> String {
+pub(crate) async fn create_user(c: &Cluster, via: u64, user: &str) -> String {
     let token = create_user_via(c, via, user).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     for n in c.nodes.iter().filter(|n| n.child.is_some()) {
@@ -68,7 +68,7 @@ async fn create_user(c: &Cluster, via: u64, user: &str) -> String {
 }
 
 /// FNV-1a 64, the cluster's stable hash.
-fn fnv1a64(bytes: &[u8]) -> u64 {
+pub(crate) fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= u64::from(*b);
@@ -78,12 +78,12 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 }
 
 /// The partition group of a chat.
-fn partition(chat: &str, partitions: u64) -> u64 {
+pub(crate) fn partition(chat: &str, partitions: u64) -> u64 {
     1 + fnv1a64(chat.as_bytes()) % partitions
 }
 
 /// The node that leads `group` among `among`, by the nodes' own views (highest term wins).
-async fn leader_of(c: &Cluster, group: u64, among: &[u64]) -> u64 {
+pub(crate) async fn leader_of(c: &Cluster, group: u64, among: &[u64]) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut best: Option<(u64, u64)> = None;
@@ -115,12 +115,12 @@ fn seqs(messages: &[Value]) -> Vec<u64> {
         .collect()
 }
 
-fn is_error(frame: &Value, code: &str) -> bool {
+pub(crate) fn is_error(frame: &Value, code: &str) -> bool {
     frame["type"] == "error" && frame["code"] == code
 }
 
 /// Asserts `frame` is an error with `code` (and the request id `id` when given).
-fn assert_error(frame: &Value, code: &str, id: Option<&str>) {
+pub(crate) fn assert_error(frame: &Value, code: &str, id: Option<&str>) {
     assert!(is_error(frame, code), "expected error {code}, got {frame}");
     assert!(
         frame["message"].as_str().is_some_and(|m| !m.is_empty()),

@@ -129,6 +129,29 @@ impl Cluster {
         }
     }
 
+    /// Changes node `id`'s config file (before it starts).
+    pub fn edit_config(&self, id: u64, f: impl FnOnce(&mut toml::Table)) {
+        let path = &self.node(id).config;
+        let text = std::fs::read_to_string(path).expect("read config");
+        let mut table: toml::Table = text.parse().expect("parse config");
+        f(&mut table);
+        std::fs::write(path, toml::to_string(&table).expect("write config")).expect("write");
+    }
+
+    /// Sets `[section] key = value` in every node's config (before they start).
+    pub fn set_everywhere(&self, section: &str, key: &str, value: toml::Value) {
+        for id in 1..=self.nodes.len() as u64 {
+            self.edit_config(id, |t| {
+                let s = t
+                    .entry(section.to_string())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                if let toml::Value::Table(s) = s {
+                    s.insert(key.to_string(), value.clone());
+                }
+            });
+        }
+    }
+
     pub fn node(&self, id: u64) -> &NodeProc {
         &self.nodes[(id - 1) as usize]
     }

@@ -1,10 +1,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 //! chatd end to end: real node processes, real RocksDB, real QUIC on loopback.
 
+mod accounts;
 mod bad_input;
+mod bounds;
 mod chat;
+mod dedup;
 mod demo;
 mod drain;
+mod failover;
 mod harness;
 mod replication;
+mod webhook_tls;
 mod ws;
