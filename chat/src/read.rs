@@ -143,6 +143,10 @@ pub fn user_chats(
     after: Option<&str>,
     limit: usize,
 ) -> Result<Vec<String>, StorageError> {
+    if limit == 0 {
+        // (A storage scan reads at least one record.)
+        return Ok(Vec::new());
+    }
     let prefix = keys::user_chat_prefix(user);
     // Chat ids never contain `\0`, so the first key after `u\0user\0after` is that key
     // followed by `\0`.

@@ -964,10 +964,15 @@ impl Node {
         }
         let deadline = Instant::now() + self.propose_timeout;
         loop {
-            if let Some(other) = self
-                .local_leader(group)
-                .filter(|l| *l != to && *l != self.id)
-            {
+            // Someone other than the target leads in a newer term: the campaign was lost.
+            let newer_leader = self.registry.get(group).and_then(|r| {
+                let m = r.metrics();
+                let m = m.borrow();
+                (m.current_term > term_before)
+                    .then_some(m.current_leader)
+                    .flatten()
+            });
+            if let Some(other) = newer_leader.filter(|l| *l != to) {
                 return Err(format!(
                     "node {other} took over {group} instead of node {to}"
                 ));

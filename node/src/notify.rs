@@ -264,26 +264,24 @@ async fn post_once(webhook: &Webhook, body: &Notification) -> Result<(), Failure
             "webhook answered {}",
             answer.status()
         ))),
-        Err(e) if tls_failure(&e) => Err(Failure::Refused(chain(&e))),
+        Err(e) if from_rustls(&e) => Err(Failure::Refused(chain(&e))),
         Err(e) => Err(Failure::Transient(chain(&e))),
     }
 }
 
-/// True if `e` comes from rustls: the TLS handshake with the webhook failed.
-fn tls_failure(e: &reqwest::Error) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(c) = cause {
-        // io::Error::source skips the error it wraps, so look inside it too.
-        let inner = c
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-            .map(|inner| inner as &(dyn std::error::Error + 'static));
-        if c.is::<rustls::Error>() || inner.is_some_and(|i| i.is::<rustls::Error>()) {
-            return true;
-        }
-        cause = c.source();
+/// True if `e` or one of its causes is a `rustls::Error` (the TLS handshake with the webhook
+/// failed), looking inside `io::Error`s too: their `source()` skips the error they wrap.
+fn from_rustls(e: &(dyn std::error::Error + 'static)) -> bool {
+    if e.is::<rustls::Error>() {
+        return true;
     }
-    false
+    if let Some(inner) = e
+        .downcast_ref::<std::io::Error>()
+        .and_then(|io| io.get_ref())
+    {
+        return from_rustls(inner);
+    }
+    e.source().is_some_and(from_rustls)
 }
 
 /// `e` with its causes, e.g. "error sending request for url (...): client error (Connect):
