@@ -4,9 +4,10 @@
 //! and bounded.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
-use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+
+mod common;
 
 use chatd_jepsen::nemesis::FaultKind;
 use chatd_jepsen::run::{self, TestSpec};
@@ -20,18 +21,6 @@ const CHAT_GAP_MS_MAX: f64 = 2_500.0;
 /// met yet (clients connected to the isolated node wait for its own election timeout and
 /// their request deadline before moving on); this bound only catches regressions.
 const CHAT_GAP_ISOLATED_MS_MAX: f64 = 5_000.0;
-
-fn chatd() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let debug = exe.parent().and_then(Path::parent).unwrap();
-    let chatd = debug.join("chatd");
-    assert!(
-        chatd.is_file(),
-        "{} is missing: build the binaries first (cargo build --workspace --bins)",
-        chatd.display()
-    );
-    chatd
-}
 
 fn run_one(kind: FaultKind, seed: u64, base_port: u16) -> f64 {
     let dir = std::env::temp_dir().join(format!(
@@ -50,7 +39,7 @@ fn run_one(kind: FaultKind, seed: u64, base_port: u16) -> f64 {
         rate: 150.0,
         quiet_ms: (3_000, 3_000),
         hold_ms: (3_000, 3_000),
-        chatd: chatd(),
+        chatd: common::chatd(),
         dir: dir.join("run"),
         base_port,
         keep_data: false,

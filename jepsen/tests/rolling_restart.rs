@@ -5,26 +5,14 @@
 //! time writes were unavailable is printed.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stderr)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+mod common;
+
 use chatd_jepsen::nemesis::FaultKind;
 use chatd_jepsen::run::{self, TestSpec};
-
-/// The chatd binary of this build: next to the test's target dir.
-fn chatd() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    // <target>/debug/deps/rolling_restart-… → <target>/debug/chatd
-    let debug = exe.parent().and_then(Path::parent).unwrap();
-    let chatd = debug.join("chatd");
-    assert!(
-        chatd.is_file(),
-        "{} is missing: build the binaries first (cargo build --workspace --bins)",
-        chatd.display()
-    );
-    chatd
-}
 
 #[test]
 fn rolling_restart_under_load_loses_nothing() {
@@ -40,7 +28,7 @@ fn rolling_restart_under_load_loses_nothing() {
         // Between restarts: 3 s of steady load.
         quiet_ms: (3_000, 3_000),
         hold_ms: (0, 0),
-        chatd: chatd(),
+        chatd: common::chatd(),
         dir: out.join("run"),
         base_port: 27_300,
         keep_data: false,
