@@ -112,6 +112,10 @@ fn golden_node_requests() {
         "01 05 01 0161",
     );
     pin(&NodeRequest::Elect { group: 4 }, "01 06 04");
+    pin(
+        &NodeRequest::HoldElections { group: 4, ms: 1500 },
+        "01 07 04 fb dc 05",
+    );
 }
 
 #[test]

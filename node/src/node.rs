@@ -44,6 +44,10 @@ pub const BROADCAST_QUEUE_REQUESTS_MAX: usize = 4096;
 pub const BROADCAST_MERGE_REQUESTS_MAX: usize = 256;
 /// How often a leadership transfer looks at its target's role.
 const TRANSFER_POLL_MS: u64 = 20;
+/// How long the replicas other than a transfer's target hold their elections: the
+/// handover's catch-up wait and a campaign with time to spare; lifted as soon as the
+/// transfer ends either way.
+const TRANSFER_ELECTION_HOLD_MS: u64 = chatd_raftlog::HANDOVER_CATCH_UP_MS_MAX + 1_500;
 /// Timeout of a status call to a peer.
 const STATUS_CALL_TIMEOUT_MS: u64 = 1_000;
 /// Longest wait for a leader to confirm its leadership (and catch up its state machine)
@@ -73,6 +77,10 @@ pub enum NodeRequest {
     Presence { users: Vec<String> },
     /// The receiver campaigns for leadership of `group` (a leadership transfer).
     Elect { group: GroupId },
+    /// The receiver's replica of `group` does not campaign on its own timeouts for `ms`
+    /// (bounded by [`chatd_raftlog::ELECTION_HOLD_MS_MAX`]; 0 lifts an earlier hold):
+    /// leadership is moving to another replica.
+    HoldElections { group: GroupId, ms: u64 },
 }
 
 /// Answers to [`NodeRequest`].
@@ -507,6 +515,16 @@ impl Node {
                     Err(e) => NodeReply::Failed(e.to_string()),
                 },
             },
+            NodeRequest::HoldElections { group, ms } => {
+                if self
+                    .registry
+                    .hold_elections(group, Duration::from_millis(ms))
+                {
+                    NodeReply::Delivered
+                } else {
+                    NodeReply::Failed(format!("node {} does not host group {group}", self.id))
+                }
+            }
             NodeRequest::Presence { users } => NodeReply::Presence(
                 self.gateway
                     .presence_of(&users)
@@ -918,6 +936,13 @@ impl Node {
         if !replicas.contains(&to) {
             return Err(format!("node {to} is not a replica of partition {group}"));
         }
+        // The other replicas do not campaign meanwhile: the old leader steps down when the
+        // target asks for its vote, and its (or a third replica's) election timer must not
+        // start a newer term before the target's first heartbeats arrive. The holds lapse
+        // by themselves if this call is cut short.
+        let others: Vec<NodeId> = replicas.iter().copied().filter(|r| *r != to).collect();
+        self.hold_elections_on(group, &others, TRANSFER_ELECTION_HOLD_MS)
+            .await;
         // Leading here: stop taking proposals and let the target catch up first, so that
         // no replica refuses its campaign for a shorter log.
         let leading_here = to != self.id && self.local_leader(group) == Some(self.id);
@@ -932,7 +957,39 @@ impl Node {
         if leading_here {
             self.registry.end_handover(group);
         }
+        self.hold_elections_on(group, &others, 0).await;
         result
+    }
+
+    /// Asks each of `nodes` (this one included) to hold its elections in `group` for `ms`
+    /// (0 lifts the hold), at once and best effort: a replica that cannot be reached
+    /// cannot win an election either.
+    async fn hold_elections_on(&self, group: GroupId, nodes: &[NodeId], ms: u64) {
+        let request = NodeRequest::HoldElections { group, ms };
+        futures::future::join_all(nodes.iter().map(|&n| {
+            let request = &request;
+            async move {
+                if n == self.id {
+                    self.registry
+                        .hold_elections(group, Duration::from_millis(ms));
+                    return;
+                }
+                let Some(peer) = self.peers.get(&n) else {
+                    return;
+                };
+                if let Err(e) = self
+                    .call(
+                        peer.cluster_addr,
+                        request,
+                        Duration::from_millis(STATUS_CALL_TIMEOUT_MS),
+                    )
+                    .await
+                {
+                    tracing::debug!(group, node = n, error = %e, "election hold not delivered");
+                }
+            }
+        }))
+        .await;
     }
 
     /// Asks `to` to campaign for `group` and waits until it leads; fails as soon as its

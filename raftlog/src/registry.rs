@@ -65,6 +65,40 @@ struct Hosted {
     /// Set while this leader hands the group to another replica: new proposals are refused
     /// (not leader) so the target can catch up and win its election at once.
     handing_over: Arc<AtomicBool>,
+    /// Whether this replica may campaign on its own timeouts.
+    gate: Arc<ElectionGate>,
+}
+
+/// Longest a leadership transfer may keep a replica from campaigning (per request; a
+/// hold lapses by itself, so a coordinator that dies mid-transfer strands nothing).
+pub const ELECTION_HOLD_MS_MAX: u64 = 5_000;
+
+/// Who keeps a replica from campaigning on its timeouts: the start-up hold (until a leader
+/// is heard), a leadership transfer to another replica (until a deadline), a drain (for
+/// good). Elections run only when none holds them. Every change goes through [`Self::apply`]
+/// under one lock, so two changes never race each other's outcome.
+struct ElectionGate {
+    startup_held: AtomicBool,
+    held_until: parking_lot::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl ElectionGate {
+    fn new() -> Self {
+        Self {
+            startup_held: AtomicBool::new(true),
+            held_until: parking_lot::Mutex::new(None),
+        }
+    }
+
+    /// Sets the raft's election switch from the current holds.
+    fn apply(&self, raft: &Raft, elections_off: &AtomicBool) {
+        let held_until = self.held_until.lock();
+        let transfer_held = held_until.is_some_and(|t| tokio::time::Instant::now() < t);
+        let on = !elections_off.load(Ordering::Acquire)
+            && !self.startup_held.load(Ordering::Acquire)
+            && !transfer_held;
+        raft.runtime_config().elect(on);
+    }
 }
 
 /// Longest wait for a handover target to hold every entry of the leader's log.
@@ -83,6 +117,7 @@ const ELECTION_HOLD_POLL_MS: u64 = 10;
 async fn hold_elections_until_heard(
     raft: Raft,
     heard: Arc<AtomicBool>,
+    gate: Arc<ElectionGate>,
     elections_off: Arc<AtomicBool>,
     node_id: NodeId,
     hold: std::time::Duration,
@@ -106,9 +141,8 @@ async fn hold_elections_until_heard(
         }
         tokio::time::sleep(std::time::Duration::from_millis(ELECTION_HOLD_POLL_MS)).await;
     }
-    if !elections_off.load(Ordering::Acquire) {
-        raft.runtime_config().elect(true);
-    }
+    gate.startup_held.store(false, Ordering::Release);
+    gate.apply(&raft, &elections_off);
 }
 
 impl Registry {
@@ -171,10 +205,12 @@ impl Registry {
             .await
             .map_err(|e| start(e.to_string()))?;
         let heard_from_leader = Arc::new(AtomicBool::new(false));
+        let gate = Arc::new(ElectionGate::new());
         raft.runtime_config().elect(false);
         tokio::spawn(hold_elections_until_heard(
             raft.clone(),
             heard_from_leader.clone(),
+            gate.clone(),
             self.elections_off.clone(),
             self.node_id,
             std::time::Duration::from_millis(self.config.election_timeout_max.saturating_mul(2)),
@@ -185,6 +221,7 @@ impl Registry {
             raft,
             heard_from_leader,
             handing_over: Arc::new(AtomicBool::new(false)),
+            gate,
         });
         Ok(hosted.raft.clone())
     }
@@ -317,6 +354,47 @@ impl Registry {
         if let Some(hosted) = self.hosted(group) {
             hosted.handing_over.store(false, Ordering::Release);
         }
+    }
+
+    /// Keeps this replica of `group` from campaigning on its own timeouts for `hold`
+    /// (at most [`ELECTION_HOLD_MS_MAX`]; a zero `hold` lifts an earlier one at once), while
+    /// leadership moves to another replica: without it, a replica whose timer fires during
+    /// the target's campaign (the old leader steps down on the target's vote request) can
+    /// start a newer term and take the group instead. An explicit campaign
+    /// ([`openraft::Raft::trigger`]) is not held. Returns false if the group is not hosted.
+    pub fn hold_elections(&self, group: GroupId, hold: std::time::Duration) -> bool {
+        let Some(hosted) = self.hosted(group) else {
+            return false;
+        };
+        let hold = hold.min(std::time::Duration::from_millis(ELECTION_HOLD_MS_MAX));
+        if hold.is_zero() {
+            *hosted.gate.held_until.lock() = None;
+            hosted.gate.apply(&hosted.raft, &self.elections_off);
+            return true;
+        }
+        let until = tokio::time::Instant::now() + hold;
+        {
+            let mut held_until = hosted.gate.held_until.lock();
+            *held_until = Some(held_until.map_or(until, |t| t.max(until)));
+            hosted.raft.runtime_config().elect(false);
+        }
+        let elections_off = self.elections_off.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(until).await;
+            hosted.gate.apply(&hosted.raft, &elections_off);
+        });
+        true
+    }
+
+    /// True if `group` is hosted here and may campaign on its own timeouts now.
+    pub fn elections_enabled(&self, group: GroupId) -> Option<bool> {
+        let hosted = self.hosted(group)?;
+        let held_until = *hosted.gate.held_until.lock();
+        Some(
+            !self.elections_off.load(Ordering::Acquire)
+                && !hosted.gate.startup_held.load(Ordering::Acquire)
+                && held_until.is_none_or(|t| tokio::time::Instant::now() >= t),
+        )
     }
 
     /// Turns elections off in every hosted group, for good (a drain): this node never

@@ -260,3 +260,56 @@ async fn proposing_to_a_group_not_hosted_or_not_led_is_refused() {
     }
     stop(s).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_election_hold_lapses_by_itself_is_lifted_early_and_never_outlives_a_drain() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::generate("t").unwrap();
+    let s = start_single(dir.path(), &ca, Arc::new(Counter::default())).await;
+    let r = &s.registry;
+    assert!(
+        !r.hold_elections(9, Duration::from_millis(100)),
+        "not hosted"
+    );
+    assert_eq!(r.elections_enabled(1), Some(true), "start-up hold released");
+
+    // A hold lapses by itself.
+    assert!(r.hold_elections(1, Duration::from_millis(200)));
+    assert_eq!(r.elections_enabled(1), Some(false));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while r.elections_enabled(1) != Some(true) {
+        assert!(Instant::now() < deadline, "the hold did not lapse");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // A longer hold is not shortened by a shorter one; zero lifts it at once.
+    assert!(r.hold_elections(1, Duration::from_secs(3_600)));
+    assert!(r.hold_elections(1, Duration::from_millis(1)));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        r.elections_enabled(1),
+        Some(false),
+        "the longer hold still holds"
+    );
+    assert!(r.hold_elections(1, Duration::ZERO));
+    assert_eq!(r.elections_enabled(1), Some(true));
+
+    // At the bound: an hour is cut to ELECTION_HOLD_MS_MAX, never more.
+    let started = Instant::now();
+    assert!(r.hold_elections(1, Duration::from_secs(3_600)));
+    while r.elections_enabled(1) != Some(true) {
+        assert!(
+            started.elapsed() < Duration::from_millis(chatd_raftlog::ELECTION_HOLD_MS_MAX + 2_000),
+            "a hold outlived ELECTION_HOLD_MS_MAX"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(chatd_raftlog::ELECTION_HOLD_MS_MAX));
+
+    // A drain turns elections off for good: a hold lapsing does not turn them back on.
+    assert!(r.hold_elections(1, Duration::from_millis(50)));
+    r.stop_elections();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(r.elections_enabled(1), Some(false));
+    stop(s).await;
+}
