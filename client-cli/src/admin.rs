@@ -55,6 +55,14 @@ pub enum PartitionCommand {
     },
 }
 
+/// `admin node` commands.
+#[derive(Clone, Debug, Subcommand)]
+pub enum NodeCommand {
+    /// List the cluster's nodes as group 0 holds them: id, state (joining, active,
+    /// draining, removed), addresses, replicas held and partitions preferred to lead.
+    List,
+}
+
 /// An API path with `segments` percent-encoded (ids may hold `:`; anything outside
 /// `A-Za-z0-9_.:-` is encoded).
 pub fn api_path(prefix: &str, segments: &[&str]) -> String {
@@ -356,6 +364,57 @@ pub async fn partition(
                 "partition {}: leader is now node {}\n",
                 t.group, t.leader
             ))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct NodeRow {
+    id: u64,
+    state: String,
+    api_addr: String,
+    cluster_addr: String,
+    replicas: usize,
+    preferred_leader_of: usize,
+}
+
+/// `admin node …`.
+pub async fn node(
+    cli: &Cli,
+    client: &Client,
+    command: &NodeCommand,
+    color: bool,
+) -> Result<String, CliError> {
+    match command {
+        NodeCommand::List => {
+            let path = "v1/admin/nodes";
+            let raw = client.get_json(path).await?;
+            let rows: Vec<NodeRow> = parse(client, path, &raw)?;
+            if cli.json {
+                return Ok(pretty(&raw));
+            }
+            let mut t = Table::new(&[
+                ("NODE", Align::Right),
+                ("STATE", Align::Left),
+                ("API", Align::Left),
+                ("CLUSTER", Align::Left),
+                ("REPLICAS", Align::Right),
+                ("PREFERRED LEADER", Align::Right),
+            ]);
+            for r in &rows {
+                t.row(
+                    false,
+                    vec![
+                        r.id.to_string(),
+                        clean(&r.state),
+                        clean(&r.api_addr),
+                        clean(&r.cluster_addr),
+                        r.replicas.to_string(),
+                        r.preferred_leader_of.to_string(),
+                    ],
+                );
+            }
+            Ok(t.render(color))
         }
     }
 }

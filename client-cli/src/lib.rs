@@ -169,6 +169,12 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: admin::PartitionCommand,
     },
+    /// Nodes: list them with their membership state.
+    Node {
+        /// What to do with nodes.
+        #[command(subcommand)]
+        command: admin::NodeCommand,
+    },
 }
 
 /// `admin cluster` commands.
@@ -218,6 +224,7 @@ pub async fn execute(cli: &Cli, color: bool) -> Result<String, CliError> {
             AdminCommand::Users { command } => admin::users(cli, &http()?, command, color).await,
             AdminCommand::Chat { command } => admin::chat(cli, &http()?, command, color).await,
             AdminCommand::Partition { command } => admin::partition(cli, &http()?, command).await,
+            AdminCommand::Node { command } => admin::node(cli, &http()?, command, color).await,
         },
         Command::Send(args) => messaging::send(cli, args).await,
         Command::History(args) => messaging::history(cli, args, color).await,

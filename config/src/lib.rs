@@ -59,6 +59,11 @@ pub struct ClusterSection {
     pub partitions: u32,
     /// Replicas per partition R; default min(3, nodes).
     pub replication: Option<u32>,
+    /// This node joins a running cluster (written by `chatd cluster add-node`): it asks the
+    /// `[[peers]]` (seeds) to admit it instead of bootstrapping a cluster from them, and
+    /// hosts only what group 0's placement gives it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub join: bool,
 }
 
 impl Default for ClusterSection {
@@ -66,6 +71,7 @@ impl Default for ClusterSection {
         Self {
             partitions: 64,
             replication: None,
+            join: false,
         }
     }
 }

@@ -121,3 +121,71 @@ fn golden_key_layout() {
     assert!(user_key("\u{10ffff}").as_slice() < b"user\0\xff".as_slice());
     assert!(!user_key("x").starts_with(CLUSTER_KEY));
 }
+
+#[test]
+fn golden_membership_records_commands_and_keys() {
+    use crate::members::{node_key, part_key};
+    use crate::{MemberCommand, MemberReply, NodeRecord, NodeState, PartitionRecord, ReplicaMove};
+    let info = NodeInfo {
+        id: 4,
+        cluster_addr: "a".into(),
+        api_addr: "b".into(),
+    };
+    pin(
+        &NodeRecord {
+            info: info.clone(),
+            state: NodeState::Draining,
+        },
+        "01 04 01 61 01 62 02",
+    );
+    pin(
+        &PartitionRecord {
+            group: 7,
+            replicas: vec![1, 4],
+            epoch: 3,
+            moving: Some(ReplicaMove { add: 5, remove: 1 }),
+        },
+        "01 07 02 01 04 03 01 05 01",
+    );
+    pin(
+        &MetaCommand::Member(MemberCommand::AddNode { info }),
+        "01 04 00 04 01 61 01 62",
+    );
+    pin(
+        &MetaCommand::Member(MemberCommand::SetNodeState {
+            id: 4,
+            state: NodeState::Removed,
+        }),
+        "01 04 01 04 03",
+    );
+    pin(
+        &MetaCommand::Member(MemberCommand::BeginMove {
+            group: 7,
+            epoch: 3,
+            add: 5,
+            remove: 1,
+        }),
+        "01 04 02 07 03 05 01",
+    );
+    pin(
+        &MetaCommand::Member(MemberCommand::EndMove {
+            group: 7,
+            epoch: 4,
+            done: true,
+        }),
+        "01 04 03 07 04 01",
+    );
+    pin(
+        &MetaCommand::Member(MemberCommand::SetPreferredLeader {
+            group: 7,
+            epoch: 5,
+            leader: 4,
+        }),
+        "01 04 04 07 05 04",
+    );
+    pin(&MemberReply::Done { epoch: 9 }, "01 00 09");
+    pin(&MemberReply::Tombstoned(4), "01 03 04");
+    pin(&MemberReply::Refused("x".into()), "01 09 01 78");
+    assert_eq!(hex(&node_key(4)), "6e6f6465000000000000000004");
+    assert_eq!(hex(&part_key(7)), "70617274000000000000000007");
+}

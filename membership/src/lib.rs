@@ -7,6 +7,7 @@
 #[cfg(test)]
 mod golden;
 mod hash;
+mod members;
 mod placement;
 mod routing;
 
@@ -18,6 +19,10 @@ use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
 pub use hash::{partition_of, stable_hash};
+pub use members::{
+    plan, Changed, MemberCommand, MemberReply, Membership, NodeRecord, NodeState, PartitionRecord,
+    ReplicaMove, Step,
+};
 pub use placement::{
     default_replication, place, PartitionAssignment, PartitionTable, PlacementError,
 };
@@ -61,6 +66,9 @@ pub enum MetaCommand {
     /// Replaces an enabled user's token (by its SHA-256, hex): the old one stops working and
     /// the sessions opened with it end on every node.
     RotateToken { user: String, token_sha256: String },
+    /// A change of the cluster's membership (nodes, replica sets); answered with a
+    /// [`MemberReply`].
+    Member(MemberCommand),
 }
 
 /// A user as group 0 stores it.
@@ -97,6 +105,9 @@ const CLUSTER_KEY: &[u8] = b"cluster";
 #[derive(Default)]
 pub struct MetaApplier {
     current: RwLock<Option<Arc<ClusterMeta>>>,
+    /// The live membership (bootstrap record overlaid with node and partition records);
+    /// watchers hear every change.
+    membership: tokio::sync::watch::Sender<Option<Arc<Membership>>>,
     users: RwLock<Users>,
     on_revoke: std::sync::OnceLock<RevokeHook>,
 }
@@ -129,15 +140,27 @@ impl MetaApplier {
     pub fn load(&self, store: &chatd_storage::Storage) -> Result<(), MembershipError> {
         if let Some(bytes) = chatd_raftlog::read_record(store, META_GROUP, CLUSTER_KEY)? {
             let meta: ClusterMeta = chatd_codec::decode(&bytes)?;
+            let mut membership = Membership::from_bootstrap(&meta);
+            for (_, v) in scan_prefix(store, b"node\0")? {
+                let n: NodeRecord = chatd_codec::decode(&v)?;
+                membership.nodes.insert(n.info.id, n);
+            }
+            for (_, v) in scan_prefix(store, b"part\0")? {
+                let p: PartitionRecord = chatd_codec::decode(&v)?;
+                let at = usize::try_from(p.group.saturating_sub(1)).unwrap_or(usize::MAX);
+                if let Some(slot) = membership.parts.get_mut(at) {
+                    *slot = p;
+                }
+            }
             self.set(meta);
+            self.membership.send_replace(Some(Arc::new(membership)));
         }
-        let prefix = user_key("");
-        let mut end = prefix.clone();
-        end.push(0xff);
-        for (_, v) in chatd_raftlog::scan_records(store, META_GROUP, &prefix, &end, usize::MAX)? {
+        let mut users = Users::default();
+        for (_, v) in scan_prefix(store, &user_key(""))? {
             let u: UserRecord = chatd_codec::decode(&v)?;
-            self.users_mut().set(u);
+            users.set(u);
         }
+        *self.users_mut() = users;
         Ok(())
     }
 
@@ -187,6 +210,16 @@ impl MetaApplier {
         v
     }
 
+    /// The live membership, if the cluster was bootstrapped.
+    pub fn membership(&self) -> Option<Arc<Membership>> {
+        self.membership.borrow().clone()
+    }
+
+    /// Hears every change of the live membership.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<Arc<Membership>>> {
+        self.membership.subscribe()
+    }
+
     /// The metadata applied so far, if the cluster was bootstrapped.
     pub fn current(&self) -> Option<Arc<ClusterMeta>> {
         self.current.read().clone()
@@ -225,8 +258,39 @@ impl Applier for MetaApplier {
                     }
                 };
                 let applied: ClusterMeta = chatd_codec::decode(&stored).map_err(corrupt)?;
+                if self.membership().is_none() {
+                    self.membership
+                        .send_replace(Some(Arc::new(Membership::from_bootstrap(&applied))));
+                }
                 self.set(applied);
                 Ok(stored)
+            }
+            MetaCommand::Member(cmd) => {
+                let Some(current) = self.membership() else {
+                    return chatd_codec::encode(&MemberReply::NotBootstrapped).map_err(corrupt);
+                };
+                let mut next = (*current).clone();
+                let (reply, changed) = next.apply(&cmd);
+                for id in &changed.nodes {
+                    if let Some(n) = next.nodes.get(id) {
+                        txn.put(
+                            &members::node_key(*id),
+                            chatd_codec::encode(n).map_err(corrupt)?,
+                        );
+                    }
+                }
+                for g in &changed.parts {
+                    if let Some(p) = next.part(*g) {
+                        txn.put(
+                            &members::part_key(*g),
+                            chatd_codec::encode(p).map_err(corrupt)?,
+                        );
+                    }
+                }
+                if !changed.nodes.is_empty() || !changed.parts.is_empty() {
+                    self.membership.send_replace(Some(Arc::new(next)));
+                }
+                chatd_codec::encode(&reply).map_err(corrupt)
             }
             MetaCommand::CreateUser { user, token_sha256 } => {
                 let key = user_key(&user);
@@ -282,6 +346,48 @@ impl Applier for MetaApplier {
             }
         }
     }
+
+    fn installed(&self, _group: GroupId, store: &chatd_storage::Storage) {
+        let before = self.users().by_id.clone();
+        if let Err(e) = self.load(store) {
+            tracing::error!(error = %e, "cannot reload group 0 after a snapshot install");
+            return;
+        }
+        // Tokens the snapshot revoked end their sessions here too.
+        let revoked: Vec<String> = {
+            let after = self.users();
+            before
+                .values()
+                .filter(|old| {
+                    !old.disabled
+                        && after
+                            .by_id
+                            .get(&old.user)
+                            .is_none_or(|new| new.disabled || new.token_sha256 != old.token_sha256)
+                })
+                .map(|old| old.user.clone())
+                .collect()
+        };
+        for user in revoked {
+            self.revoked(&user);
+        }
+    }
+}
+
+/// Every group 0 record under `prefix`.
+fn scan_prefix(
+    store: &chatd_storage::Storage,
+    prefix: &[u8],
+) -> Result<Vec<chatd_storage::KeyValue>, MembershipError> {
+    let mut end = prefix.to_vec();
+    end.push(0xff);
+    Ok(chatd_raftlog::scan_records(
+        store,
+        META_GROUP,
+        prefix,
+        &end,
+        usize::MAX,
+    )?)
 }
 
 /// Errors of the membership layer.

@@ -28,6 +28,7 @@ pub const READ_RECORDS_MAX: usize = 1000;
 pub fn router(node: Arc<Node>) -> Router {
     let admin = Router::new()
         .route("/v1/admin/cluster", get(cluster_status))
+        .route("/v1/admin/nodes", get(list_nodes))
         .route("/v1/admin/users", post(create_user).get(list_users))
         .route("/v1/admin/users/{user}/disable", post(disable_user))
         .route("/v1/admin/users/{user}/rotate-token", post(rotate_token))
@@ -119,9 +120,66 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        node.gateway.metrics.render(&lag) + &peer_health_metrics(&node),
+        node.gateway.metrics.render(&lag) + &peer_health_metrics(&node) + &rebalance_metrics(&node),
     )
         .into_response()
+}
+
+/// The rebalancer's counters on this node (it acts only while leading group 0) and the
+/// moves group 0 records as in progress (Prometheus text).
+fn rebalance_metrics(node: &Node) -> String {
+    use std::sync::atomic::Ordering::Relaxed;
+    let r = &node.rebalancer;
+    let in_progress = node.meta.membership().map_or(0, |m| m.moves().count());
+    let mut out = String::new();
+    for (name, help, kind, v) in [
+        (
+            "chatd_replica_moves_in_progress",
+            "Replica moves group 0 records as in progress.",
+            "gauge",
+            in_progress as u64,
+        ),
+        (
+            "chatd_replica_moves_started_total",
+            "Replica moves this node began as group 0's leader.",
+            "counter",
+            r.moves_started.load(Relaxed),
+        ),
+        (
+            "chatd_replica_moves_done_total",
+            "Replica moves this node drove to their end.",
+            "counter",
+            r.moves_done.load(Relaxed),
+        ),
+        (
+            "chatd_replica_moves_rolled_back_total",
+            "Replica moves this node rolled back.",
+            "counter",
+            r.moves_rolled_back.load(Relaxed),
+        ),
+        (
+            "chatd_replica_move_seconds_total",
+            "Time spent in replica moves that ended here (divide by moves done: time per move).",
+            "counter",
+            r.move_ms_total.load(Relaxed),
+        ),
+        (
+            "chatd_preferred_leader_changes_total",
+            "Preferred-leader changes this node made to even out leadership.",
+            "counter",
+            r.leaders_preferred.load(Relaxed),
+        ),
+    ] {
+        let value = if name == "chatd_replica_move_seconds_total" {
+            format!("{:.3}", v as f64 / 1000.0)
+        } else {
+            v.to_string()
+        };
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+        ));
+    }
+    out
 }
 
 /// Peer liveness as the Raft RPCs of every hosted group see it (Prometheus text).
@@ -222,6 +280,53 @@ async fn propose_user_command(
 struct UserOut {
     user: String,
     disabled: bool,
+}
+
+/// One node as group 0's membership holds it.
+#[derive(Serialize)]
+struct NodeOut {
+    id: NodeId,
+    /// joining, active, draining or removed.
+    state: &'static str,
+    api_addr: String,
+    cluster_addr: String,
+    /// Partitions it replicates (moves to it included).
+    replicas: usize,
+    /// Partitions it is the preferred leader of.
+    preferred_leader_of: usize,
+}
+
+/// The cluster's nodes from group 0 (removed ones too: their ids stay taken).
+async fn list_nodes(State(node): State<Arc<Node>>) -> Response {
+    let Some(m) = node.meta.membership() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_bootstrapped",
+            "group 0 has not reached this node yet; try again or ask another node",
+        );
+    };
+    let nodes: Vec<NodeOut> = m
+        .nodes
+        .values()
+        .map(|n| NodeOut {
+            id: n.info.id,
+            state: match n.state {
+                chatd_membership::NodeState::Joining => "joining",
+                chatd_membership::NodeState::Active => "active",
+                chatd_membership::NodeState::Draining => "draining",
+                chatd_membership::NodeState::Removed => "removed",
+            },
+            api_addr: n.info.api_addr.clone(),
+            cluster_addr: n.info.cluster_addr.clone(),
+            replicas: m.hosted_by(n.info.id).len(),
+            preferred_leader_of: m
+                .parts
+                .iter()
+                .filter(|p| p.replicas.first() == Some(&n.info.id))
+                .count(),
+        })
+        .collect();
+    Json(nodes).into_response()
 }
 
 async fn list_users(State(node): State<Arc<Node>>) -> Response {
@@ -702,7 +807,7 @@ async fn cluster_status(State(node): State<Arc<Node>>) -> Json<ClusterView> {
     let mut per_group: BTreeMap<GroupId, Vec<ReplicaView>> = BTreeMap::new();
     let mut leaders: BTreeMap<GroupId, (u64, NodeId)> = BTreeMap::new();
     for (id, status) in ids.iter().zip(statuses) {
-        let peer = &node.peers()[id];
+        let Some(peer) = node.peer(*id) else { continue };
         nodes.push(NodeView {
             id: *id,
             api_addr: peer.api_addr.to_string(),
@@ -732,10 +837,7 @@ async fn cluster_status(State(node): State<Arc<Node>>) -> Json<ClusterView> {
     }
     let mut groups: Vec<(GroupId, Vec<NodeId>)> = vec![(0, ids.clone())];
     groups.extend(
-        node.table
-            .assignments
-            .iter()
-            .map(|a| (a.group, a.replicas.clone())),
+        (1..=node.partitions() as GroupId).filter_map(|g| node.replicas_of(g).map(|r| (g, r))),
     );
     let partitions = groups
         .into_iter()

@@ -122,12 +122,12 @@ fn valid_id(s: &str, max: usize) -> bool {
 
 /// The partition group of a chat.
 pub fn chat_group(node: &Node, chat: &str) -> u64 {
-    chatd_membership::partition_of(chat.as_bytes(), node.table.partitions)
+    chatd_membership::partition_of(chat.as_bytes(), node.partitions())
 }
 
 /// The partition group holding a user's chat index.
 pub fn user_group(node: &Node, user: &str) -> u64 {
-    chatd_membership::partition_of(format!("u:{user}").as_bytes(), node.table.partitions)
+    chatd_membership::partition_of(format!("u:{user}").as_bytes(), node.partitions())
 }
 
 /// The direct chat id of two users.
@@ -414,7 +414,7 @@ pub async fn run_receipts(node: Weak<Node>) {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        (taken, n.table.partitions)
+        (taken, n.partitions())
     };
     let Some(rx) = rx else { return };
     crate::receipts::run_batcher(

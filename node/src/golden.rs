@@ -116,6 +116,33 @@ fn golden_node_requests() {
         &NodeRequest::HoldElections { group: 4, ms: 1500 },
         "01 07 04 fb dc 05",
     );
+    pin(
+        &NodeRequest::Join {
+            info: chatd_membership::NodeInfo {
+                id: 4,
+                cluster_addr: "a".into(),
+                api_addr: "b".into(),
+            },
+        },
+        "01 08 04 01 61 01 62",
+    );
+    pin(
+        &NodeRequest::AddLearner {
+            group: 3,
+            node: 4,
+            addr: "a".into(),
+        },
+        "01 09 03 04 01 61",
+    );
+    pin(
+        &NodeRequest::ChangeVoters {
+            group: 3,
+            voters: vec![1, 4],
+            drop: vec![5],
+            catch_up_ms: 100,
+        },
+        "01 0a 03 02 01 04 01 05 64",
+    );
 }
 
 #[test]
@@ -191,6 +218,7 @@ fn golden_node_replies() {
     );
     pin(&NodeReply::Overloaded("q".into()), "01 06 0171");
     pin(&NodeReply::Failed("x".into()), "01 07 0178");
+    pin(&NodeReply::Refused("x".into()), "01 08 0178");
 }
 
 #[test]

@@ -130,6 +130,7 @@ pub fn init_cluster(spec: &InitSpec) -> anyhow::Result<Vec<NodeFiles>> {
             cluster: ClusterSection {
                 partitions: spec.partitions,
                 replication: None,
+                join: false,
             },
             raft: spec.raft.clone(),
             storage: StorageSection::default(),
@@ -152,6 +153,137 @@ pub fn init_cluster(spec: &InitSpec) -> anyhow::Result<Vec<NodeFiles>> {
         });
     }
     Ok(out)
+}
+
+/// What `cluster add-node` produces.
+#[derive(Clone, Debug)]
+pub struct AddNodeSpec {
+    /// The directory `cluster init` wrote: `ca.pem`, `ca.key`, and a node config to copy
+    /// the cluster's settings and seed peers from.
+    pub ca_dir: PathBuf,
+    /// The new node's id (never used before in this cluster).
+    pub id: u64,
+    /// The new node's host address.
+    pub host: IpAddr,
+    /// Its client API port; QUIC listens on the next port.
+    pub api_port: u16,
+    /// Where to write `chatd.toml`, `node.pem`, `node.key`, `ca.pem`.
+    pub out: PathBuf,
+    /// A member's config to take the cluster's settings and seed peers from (default: the
+    /// first `node-*/chatd.toml` under `ca_dir`).
+    pub seed_config: Option<PathBuf>,
+    /// As in [`InitSpec::data_dir_root`].
+    pub data_dir_root: Option<PathBuf>,
+}
+
+/// Writes a joining node's certificate (signed by the cluster CA) and config: the cluster's
+/// settings and seed peers from a member's config, `join = true`. The node is admitted when
+/// it starts; group 0 refuses a taken or tombstoned id then. Refuses to overwrite files.
+pub fn add_node(spec: &AddNodeSpec) -> anyhow::Result<NodeFiles> {
+    if spec.id == 0 {
+        bail!("--id must be at least 1");
+    }
+    let read = |name: &str| {
+        let p = spec.ca_dir.join(name);
+        std::fs::read_to_string(&p).with_context(|| format!("cannot read {}", p.display()))
+    };
+    let ca = ClusterCa::from_pem(&read("ca.pem")?, &read("ca.key")?)
+        .context("the cluster CA in --ca-dir is not usable")?;
+    let seed_path = match &spec.seed_config {
+        Some(p) => p.clone(),
+        None => first_node_config(&spec.ca_dir)?,
+    };
+    let seed = Config::load(&seed_path)
+        .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", seed_path.display()))?;
+    if seed.peers.iter().any(|p| p.id == spec.id) {
+        bail!(
+            "node id {} is already in the peer list of {}: pick an id never used in this cluster",
+            spec.id,
+            seed_path.display()
+        );
+    }
+    let me = Peer {
+        id: spec.id,
+        api_addr: SocketAddr::new(spec.host, spec.api_port),
+        cluster_addr: SocketAddr::new(spec.host, spec.api_port.saturating_add(1)),
+    };
+    if let Some(clash) = seed
+        .peers
+        .iter()
+        .find(|p| p.api_addr == me.api_addr || p.cluster_addr == me.cluster_addr)
+    {
+        bail!(
+            "{} or {} is node {}'s address: pick another --host or --api-port",
+            me.api_addr,
+            me.cluster_addr,
+            clash.id
+        );
+    }
+    if spec.out.join("chatd.toml").exists() {
+        bail!(
+            "{} already exists: refusing to overwrite a node's config",
+            spec.out.join("chatd.toml").display()
+        );
+    }
+    std::fs::create_dir_all(&spec.out)
+        .with_context(|| format!("cannot create {}", spec.out.display()))?;
+    let cert = ca
+        .issue_node(spec.id, &[spec.host])
+        .context("cannot issue a node certificate")?;
+    write_file(&spec.out.join("ca.pem"), ca.cert_pem(), false)?;
+    write_file(&spec.out.join("node.pem"), &cert.cert_pem, false)?;
+    write_file(&spec.out.join("node.key"), &cert.key_pem, true)?;
+    let mut peers = seed.peers.clone();
+    peers.push(me.clone());
+    let mut cluster = seed.cluster.clone();
+    cluster.join = true;
+    let config = Config {
+        node_id: spec.id,
+        data_dir: match &spec.data_dir_root {
+            Some(root) => root.join(format!("node-{}", spec.id)),
+            None => "data".into(),
+        },
+        tls: TlsPaths {
+            ca_cert: "ca.pem".into(),
+            cert: "node.pem".into(),
+            key: "node.key".into(),
+        },
+        peers,
+        cluster,
+        ..seed
+    };
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("generated config is invalid: {e}"))?;
+    let text = toml::to_string_pretty(&config).context("cannot encode the config")?;
+    let path = spec.out.join("chatd.toml");
+    write_file(&path, &text, false)?;
+    Ok(NodeFiles {
+        id: spec.id,
+        config: path,
+        peer: me,
+    })
+}
+
+/// The first `node-*/chatd.toml` under `dir` (by node number).
+fn first_node_config(dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().to_string();
+            let n: u64 = name.strip_prefix("node-")?.parse().ok()?;
+            let cfg = e.path().join("chatd.toml");
+            cfg.exists().then_some((n, cfg))
+        })
+        .collect();
+    found.sort();
+    found.into_iter().next().map(|(_, p)| p).ok_or_else(|| {
+        anyhow::anyhow!(
+            "no node-*/chatd.toml under {}: pass --seed-config with a member's config",
+            dir.display()
+        )
+    })
 }
 
 fn write_file(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {

@@ -114,6 +114,33 @@ enum ClusterCmd {
         #[arg(long, value_name = "DIR")]
         data_dir_root: Option<PathBuf>,
     },
+    /// Make a new node's certificate and config to join a running cluster: its id must
+    /// never have been used in the cluster. Start it with `chatd run --config OUT/chatd.toml`
+    /// (or its systemd unit); it asks the seed peers to admit it.
+    AddNode {
+        /// The directory `cluster init --out` wrote (ca.pem, ca.key, node-*/chatd.toml).
+        #[arg(long, value_name = "DIR")]
+        ca_dir: PathBuf,
+        /// The new node's id.
+        #[arg(long)]
+        id: u64,
+        /// The new node's host address.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: IpAddr,
+        /// Its client API port (QUIC uses the next one) [default: 7000 + 10·(id−1)].
+        #[arg(long)]
+        api_port: Option<u16>,
+        /// Output directory for chatd.toml, node.pem, node.key, ca.pem.
+        #[arg(long)]
+        out: PathBuf,
+        /// A member's config to copy the cluster's settings and seed peers from
+        /// [default: the first node-*/chatd.toml under --ca-dir].
+        #[arg(long, value_name = "FILE")]
+        seed_config: Option<PathBuf>,
+        /// Write `data_dir = "<DIR>/node-<id>"` (absolute), as `cluster init` does.
+        #[arg(long, value_name = "DIR")]
+        data_dir_root: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -148,6 +175,43 @@ async fn main() -> anyhow::Result<()> {
                 None => default_single_node()?,
             };
             chatd::run::run(&path).await
+        }
+        Cmd::Cluster {
+            command:
+                ClusterCmd::AddNode {
+                    ca_dir,
+                    id,
+                    host,
+                    api_port,
+                    out,
+                    seed_config,
+                    data_dir_root,
+                },
+        } => {
+            let api_port = match api_port {
+                Some(p) => p,
+                None => u16::try_from(id.saturating_sub(1).saturating_mul(10))
+                    .ok()
+                    .and_then(|o| o.checked_add(7000))
+                    .context("--id too large for the default port; pass --api-port")?,
+            };
+            let files = chatd::init::add_node(&chatd::init::AddNodeSpec {
+                ca_dir,
+                id,
+                host,
+                api_port,
+                out,
+                seed_config,
+                data_dir_root,
+            })?;
+            eprintln!(
+                "chatd: node {} (api {}, cluster {}): start it with\n  chatd run --config {}",
+                files.id,
+                files.peer.api_addr,
+                files.peer.cluster_addr,
+                files.config.display()
+            );
+            Ok(())
         }
         Cmd::Cluster {
             command:

@@ -81,6 +81,25 @@ pub enum NodeRequest {
     /// (bounded by [`chatd_raftlog::ELECTION_HOLD_MS_MAX`]; 0 lifts an earlier hold):
     /// leadership is moving to another replica.
     HoldElections { group: GroupId, ms: u64 },
+    /// A node asks to join the cluster (any member serves it): group 0 records it and
+    /// adds it as a learner. Answers `Proposed` (admitted) or `Refused`.
+    Join { info: chatd_membership::NodeInfo },
+    /// On `group`'s leader: adds `node`, reached at `addr`, as a learner. Answers
+    /// `Proposed` with the index of the membership entry.
+    AddLearner {
+        group: GroupId,
+        node: NodeId,
+        addr: String,
+    },
+    /// On `group`'s leader: makes `voters` the group's voters once the new ones caught up
+    /// (waiting at most `catch_up_ms`). Answers `Proposed` with the membership entry's index.
+    ChangeVoters {
+        group: GroupId,
+        voters: Vec<NodeId>,
+        /// Learners to remove from the group entirely (not voters in `voters`).
+        drop: Vec<NodeId>,
+        catch_up_ms: u64,
+    },
 }
 
 /// Answers to [`NodeRequest`].
@@ -106,6 +125,9 @@ pub enum NodeReply {
     Overloaded(String),
     /// The request failed; the outcome of a proposal is unknown.
     Failed(String),
+    /// Refused for good, with the reason (e.g. a join with a tombstoned id): retrying
+    /// changes nothing.
+    Refused(String),
 }
 
 /// One node's view of its groups.
@@ -213,13 +235,19 @@ pub struct Node {
     pub registry: Arc<Registry>,
     /// Group 0's state.
     pub meta: Arc<MetaApplier>,
-    /// The placement computed from the static peer list.
-    pub table: PartitionTable,
+    /// The applier of every chat partition this node hosts (groups opened later, when
+    /// placement moves a replica here, get the same one).
+    chat_applier: Arc<dyn chatd_raftlog::Applier>,
+    /// The placement this node bootstraps group 0 with, computed from its config's peer
+    /// list (`None` on a node that joined a running cluster or restarted as a member).
+    bootstrap_table: Option<PartitionTable>,
     /// Partition → leader hints.
     pub routing: RoutingTable,
     /// Client sessions on this node.
     pub gateway: crate::gateway::Gateway,
-    peers: BTreeMap<NodeId, Peer>,
+    /// The cluster's live nodes: group 0's membership once known, the config's peer list
+    /// (seeds) before.
+    peers: parking_lot::RwLock<Arc<BTreeMap<NodeId, Peer>>>,
     propose_timeout: Duration,
     /// Set once a graceful drain starts: no new sessions, `/readyz` answers 503.
     draining: std::sync::atomic::AtomicBool,
@@ -227,6 +255,8 @@ pub struct Node {
     outboxes: std::sync::Mutex<HashMap<NodeId, tokio::sync::mpsc::Sender<NodeRequest>>>,
     /// This node, for tasks it spawns.
     me: std::sync::OnceLock<Weak<Node>>,
+    /// Moves replicas while this node leads group 0.
+    pub rebalancer: crate::rebalance::Rebalancer,
 }
 
 /// Why a node could not start.
@@ -250,6 +280,15 @@ pub enum StartError {
     /// The webhook of `[notify]` (its URL or its CA file).
     #[error("{0}")]
     Webhook(String),
+    /// Joining the cluster failed.
+    #[error(transparent)]
+    Join(#[from] crate::members::JoinError),
+    /// This node was removed from the cluster; its id never serves again.
+    #[error(
+        "node {0} was removed from the cluster (its id is tombstoned in group 0): it cannot \
+         serve again; give a new machine a new id with `chatd cluster add-node`"
+    )]
+    Removed(NodeId),
 }
 
 impl Node {
@@ -293,19 +332,37 @@ impl Node {
         )?;
         let _ = handler.registry.set(registry.clone());
 
-        let peers: BTreeMap<NodeId, Peer> =
-            config.peers.iter().map(|p| (p.id, p.clone())).collect();
-        let ids: Vec<NodeId> = peers.keys().copied().collect();
-        let table = place(&ids, config.cluster.partitions, config.replication())?;
-
         let meta = MetaApplier::new();
         meta.load(&store)?;
+        let membership = meta.membership();
+        if membership
+            .as_ref()
+            .is_some_and(|m| m.state_of(id) == Some(chatd_membership::NodeState::Removed))
+        {
+            return Err(StartError::Removed(id));
+        }
+        let seeds: BTreeMap<NodeId, Peer> =
+            config.peers.iter().map(|p| (p.id, p.clone())).collect();
+        // A member (restarted) follows group 0; a joining node hosts only group 0 until
+        // placement gives it more; a founding node bootstraps from its config.
+        let (peers, bootstrap_table) = match &membership {
+            Some(m) => (peers_of(m), None),
+            None if config.cluster.join => (seeds.clone(), None),
+            None => {
+                let ids: Vec<NodeId> = seeds.keys().copied().collect();
+                let table = place(&ids, config.cluster.partitions, config.replication())?;
+                (seeds.clone(), Some(table))
+            }
+        };
         registry.open_group(META_GROUP, meta.clone()).await?;
         let all_voters: BTreeMap<NodeId, BasicNode> = peers
             .values()
             .map(|p| (p.id, BasicNode::new(p.cluster_addr.to_string())))
             .collect();
-        let mut inits = vec![(META_GROUP, all_voters, ids.first() == Some(&id))];
+        let mut inits = Vec::new();
+        if bootstrap_table.is_some() {
+            inits.push((META_GROUP, all_voters, peers.keys().next() == Some(&id)));
+        }
         let (events_tx, events_rx) =
             tokio::sync::mpsc::channel(crate::gateway::DELIVERY_QUEUE_BATCHES_MAX);
         let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -316,16 +373,24 @@ impl Node {
                 dropped_in_apply.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }));
-        for group in table.groups_of(id) {
-            registry.open_group(group, applier.clone()).await?;
-            let Some(a) = table.get(group) else { continue };
-            let voters = a
-                .replicas
-                .iter()
-                .filter_map(|r| peers.get(r))
-                .map(|p| (p.id, BasicNode::new(p.cluster_addr.to_string())))
-                .collect();
-            inits.push((group, voters, a.replicas.first() == Some(&id)));
+        if let Some(table) = &bootstrap_table {
+            for group in table.groups_of(id) {
+                registry.open_group(group, applier.clone()).await?;
+                let Some(a) = table.get(group) else { continue };
+                let voters = a
+                    .replicas
+                    .iter()
+                    .filter_map(|r| peers.get(r))
+                    .map(|p| (p.id, BasicNode::new(p.cluster_addr.to_string())))
+                    .collect();
+                inits.push((group, voters, a.replicas.first() == Some(&id)));
+            }
+        } else if let Some(m) = &membership {
+            // Groups exist already (or are being created on this node by a move): open
+            // them; never initialize, which would start a second membership.
+            for group in m.hosted_by(id) {
+                registry.open_group(group, applier.clone()).await?;
+            }
         }
         // The preferred leader initializes its groups now, so leadership starts spread
         // evenly; the other replicas initialize with the same (deterministic) membership after
@@ -359,12 +424,14 @@ impl Node {
             endpoint,
             registry,
             meta,
-            table,
+            bootstrap_table,
             routing: RoutingTable::new(),
-            peers,
+            peers: parking_lot::RwLock::new(Arc::new(peers)),
+            chat_applier: applier,
             draining: std::sync::atomic::AtomicBool::new(false),
             outboxes: std::sync::Mutex::new(HashMap::new()),
             me: std::sync::OnceLock::new(),
+            rebalancer: crate::rebalance::Rebalancer::default(),
         });
         let _ = node.me.set(Arc::downgrade(&node));
         let _ = handler.node.set(Arc::downgrade(&node));
@@ -381,7 +448,17 @@ impl Node {
                 tracing::info!(user, sessions = closed, "token revoked; sessions closed");
             }
         });
-        tokio::spawn(bootstrap_meta(Arc::downgrade(&node)));
+        if node.bootstrap_table.is_some() {
+            tokio::spawn(bootstrap_meta(Arc::downgrade(&node)));
+        }
+        if node.meta.membership().is_none() && node.config.cluster.join {
+            crate::members::join(&node).await?;
+        }
+        tokio::spawn(crate::rebalance::run(Arc::downgrade(&node)));
+        tokio::spawn(crate::members::follow(
+            Arc::downgrade(&node),
+            node.meta.subscribe(),
+        ));
         tokio::spawn(crate::gateway::run_delivery(
             Arc::downgrade(&node),
             events_rx,
@@ -402,30 +479,154 @@ impl Node {
         Ok(node)
     }
 
-    /// The peers of the static peer list.
-    pub fn peers(&self) -> &BTreeMap<NodeId, Peer> {
-        &self.peers
+    /// The cluster's live nodes (this one included): group 0's membership once this node
+    /// knows it, its config's peer list (seeds) before.
+    pub fn peers(&self) -> Arc<BTreeMap<NodeId, Peer>> {
+        self.peers.read().clone()
+    }
+
+    /// Where node `id` is reached, if it is a live member.
+    pub fn peer(&self, id: NodeId) -> Option<Peer> {
+        self.peers.read().get(&id).cloned()
+    }
+
+    /// Replaces the live node list (group 0's membership changed).
+    pub(crate) fn set_peers(&self, peers: BTreeMap<NodeId, Peer>) {
+        *self.peers.write() = Arc::new(peers);
+    }
+
+    /// The chat applier shared by every partition hosted here.
+    pub(crate) fn chat_applier(&self) -> Arc<dyn chatd_raftlog::Applier> {
+        self.chat_applier.clone()
+    }
+
+    /// Sends `req` to node `id` (a live member or a seed) and waits at most `timeout`.
+    pub(crate) async fn call_peer(
+        &self,
+        id: NodeId,
+        req: &NodeRequest,
+        timeout: Duration,
+    ) -> Result<NodeReply, String> {
+        let addr = match self.peer(id) {
+            Some(p) => p.cluster_addr,
+            None => {
+                self.config
+                    .peers
+                    .iter()
+                    .find(|p| p.id == id)
+                    .ok_or_else(|| format!("unknown node {id}"))?
+                    .cluster_addr
+            }
+        };
+        self.call(addr, req, timeout)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Proposes a membership change to group 0 and decodes its answer.
+    pub(crate) async fn propose_member(
+        &self,
+        cmd: chatd_membership::MemberCommand,
+    ) -> Result<chatd_membership::MemberReply, ProposeError> {
+        let bytes =
+            chatd_codec::encode(&MetaCommand::Member(cmd)).map_err(|e| ProposeError::Unknown {
+                group: META_GROUP,
+                cause: e.to_string(),
+            })?;
+        let proposed = self.propose(META_GROUP, bytes).await?;
+        chatd_codec::decode(&proposed.response).map_err(|e| ProposeError::Unknown {
+            group: META_GROUP,
+            cause: format!("unreadable membership answer: {e}"),
+        })
+    }
+
+    /// Adds `node` (at `addr`) to `group` as a learner, on the group's leader wherever it
+    /// is. Returns the index of the membership entry.
+    pub(crate) async fn add_learner(
+        &self,
+        group: GroupId,
+        node: NodeId,
+        addr: String,
+    ) -> Result<u64, ProposeError> {
+        let (_, reply) = self
+            .call_leader(group, |_| NodeRequest::AddLearner {
+                group,
+                node,
+                addr: addr.clone(),
+            })
+            .await?;
+        match reply {
+            NodeReply::Proposed { index, .. } => Ok(index),
+            other => Err(ProposeError::Unknown {
+                group,
+                cause: format!("unexpected reply {other:?}"),
+            }),
+        }
+    }
+
+    /// Stops sending broadcasts to a node that left the membership.
+    pub(crate) fn forget_peer(&self, id: NodeId) {
+        self.outboxes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&id);
+    }
+
+    /// Number of partitions P (fixed when the cluster was made).
+    pub fn partitions(&self) -> u32 {
+        self.meta
+            .membership()
+            .map(|m| m.partitions)
+            .unwrap_or(self.config.cluster.partitions)
+    }
+
+    /// The replicas of partition `group` as placement says (group 0's membership, or the
+    /// bootstrap placement before it is known).
+    fn partition_replicas(&self, group: GroupId) -> Option<Vec<NodeId>> {
+        match self.meta.membership() {
+            Some(m) => m.replicas(group).map(<[NodeId]>::to_vec),
+            None => self
+                .bootstrap_table
+                .as_ref()?
+                .get(group)
+                .map(|a| a.replicas.clone()),
+        }
     }
 
     /// This node's client API address.
     pub fn api_addr(&self) -> Option<SocketAddr> {
-        self.peers.get(&self.id).map(|p| p.api_addr)
+        self.peer(self.id).map(|p| p.api_addr)
     }
 
     /// True when the metadata is bootstrapped and every hosted group has a leader that
     /// this node leads or that has reached this replica since it started (rejoined).
     pub fn ready(&self) -> bool {
+        // A replica being copied here by a move is not part of readiness: it has no
+        // leader's attention until the move adds it.
+        let membership = self.meta.membership();
+        let counts = |g: GroupId| {
+            g == META_GROUP
+                || membership
+                    .as_ref()
+                    .is_none_or(|m| m.replicas(g).is_some_and(|r| r.contains(&self.id)))
+        };
         self.meta.current().is_some()
-            && self.registry.groups().iter().all(|g| {
-                let has_leader = self
-                    .registry
-                    .get(*g)
-                    .map(|r| r.metrics().borrow().current_leader.is_some())
-                    .unwrap_or(false);
-                // A leader it knows of is not enough after a restart (its persisted vote
-                // names the old one): the leader must actually reach this replica.
-                has_leader && self.registry.rejoined(*g)
-            })
+            && self
+                .registry
+                .groups()
+                .into_iter()
+                .filter(|g| counts(*g))
+                .all(|g| {
+                    let g = &g;
+                    let has_leader = self
+                        .registry
+                        .get(*g)
+                        .map(|r| r.metrics().borrow().current_leader.is_some())
+                        .unwrap_or(false);
+                    // A leader it knows of is not enough after a restart (its persisted vote
+                    // names the old one): the leader must actually reach this replica.
+                    has_leader && self.registry.rejoined(*g)
+                })
     }
 
     /// Marks the node as draining (SIGTERM): it takes no new client sessions, is not ready
@@ -436,6 +637,27 @@ impl Node {
         self.draining
             .store(true, std::sync::atomic::Ordering::SeqCst);
         self.registry.stop_elections();
+    }
+
+    /// The leader of `group`: this node's own Raft view if it hosts the group, else what
+    /// its replicas say (bounded calls).
+    pub(crate) async fn leader_of(&self, group: GroupId) -> Option<NodeId> {
+        if let Some(l) = self.local_leader(group) {
+            return Some(l);
+        }
+        for r in self.replicas_of(group)? {
+            if let Ok(s) = self.peer_status(r).await {
+                if let Some(l) = s
+                    .groups
+                    .iter()
+                    .find(|g| g.group == group)
+                    .and_then(|g| g.leader)
+                {
+                    return Some(l);
+                }
+            }
+        }
+        None
     }
 
     /// The leader of `group` in this node's own Raft view.
@@ -466,9 +688,9 @@ impl Node {
     /// The replicas of `group` (every node for group 0); `None` for an unknown group.
     pub fn replicas_of(&self, group: GroupId) -> Option<Vec<NodeId>> {
         if group == META_GROUP {
-            Some(self.peers.keys().copied().collect())
+            Some(self.peers().keys().copied().collect())
         } else {
-            self.table.get(group).map(|a| a.replicas.clone())
+            self.partition_replicas(group)
         }
     }
 
@@ -508,6 +730,10 @@ impl Node {
                 self.gateway.ephemeral_local(&items);
                 NodeReply::Delivered
             }
+            // A draining node never takes leadership, even when asked (it is leaving).
+            NodeRequest::Elect { .. } if self.draining() => {
+                NodeReply::Failed(format!("node {} is draining", self.id))
+            }
             NodeRequest::Elect { group } => match self.registry.get(group) {
                 None => NodeReply::Failed(format!("node {} does not host group {group}", self.id)),
                 Some(raft) => match raft.trigger().elect().await {
@@ -523,6 +749,46 @@ impl Node {
                     NodeReply::Delivered
                 } else {
                     NodeReply::Failed(format!("node {} does not host group {group}", self.id))
+                }
+            }
+            // Boxed: admitting proposes to group 0, which may come back here (serve).
+            NodeRequest::Join { info } => Box::pin(crate::members::admit(self, info)).await,
+            NodeRequest::AddLearner { group, node, addr } => {
+                match self.registry.add_learner(group, node, addr).await {
+                    Ok(index) => NodeReply::Proposed {
+                        index,
+                        response: Vec::new(),
+                    },
+                    Err(RaftProposeError::NotLeader { leader }) => NodeReply::NotLeader { leader },
+                    Err(RaftProposeError::NotHosted(_)) => NodeReply::NotLeader { leader: None },
+                    Err(e) => NodeReply::Failed(e.to_string()),
+                }
+            }
+            NodeRequest::ChangeVoters {
+                group,
+                voters,
+                drop,
+                catch_up_ms,
+            } => {
+                let catch_up =
+                    Duration::from_millis(catch_up_ms.min(crate::rebalance::MOVE_CATCH_UP_MS_MAX));
+                match self
+                    .registry
+                    .change_voters(
+                        group,
+                        voters.into_iter().collect(),
+                        drop.into_iter().collect(),
+                        catch_up,
+                    )
+                    .await
+                {
+                    Ok(index) => NodeReply::Proposed {
+                        index,
+                        response: Vec::new(),
+                    },
+                    Err(RaftProposeError::NotLeader { leader }) => NodeReply::NotLeader { leader },
+                    Err(RaftProposeError::NotHosted(_)) => NodeReply::NotLeader { leader: None },
+                    Err(e) => NodeReply::Failed(e.to_string()),
                 }
             }
             NodeRequest::Presence { users } => NodeReply::Presence(
@@ -555,8 +821,7 @@ impl Node {
             return Ok(self.local_status().await);
         }
         let addr = self
-            .peers
-            .get(&peer)
+            .peer(peer)
             .ok_or_else(|| format!("unknown node {peer}"))?
             .cluster_addr;
         match self
@@ -617,11 +882,7 @@ impl Node {
         if let Some(l) = self.routing.leader(group).filter(|l| !avoid.contains(l)) {
             return Some(l);
         }
-        let replicas: Vec<NodeId> = if group == META_GROUP {
-            self.peers.keys().copied().collect()
-        } else {
-            self.table.get(group)?.replicas.clone()
-        };
+        let replicas = self.replicas_of(group)?;
         replicas.into_iter().find(|r| !avoid.contains(r))
     }
 
@@ -704,10 +965,21 @@ impl Node {
         group: GroupId,
         make: impl Fn(NodeId) -> NodeRequest,
     ) -> Result<(NodeId, NodeReply), ProposeError> {
-        if group != META_GROUP && self.table.get(group).is_none() {
+        self.call_leader_within(group, self.propose_timeout, make)
+            .await
+    }
+
+    /// [`Self::call_leader`] with its own time bound (membership steps wait for catch-up).
+    pub(crate) async fn call_leader_within(
+        &self,
+        group: GroupId,
+        within: Duration,
+        make: impl Fn(NodeId) -> NodeRequest,
+    ) -> Result<(NodeId, NodeReply), ProposeError> {
+        if group != META_GROUP && self.partition_replicas(group).is_none() {
             return Err(ProposeError::UnknownGroup(group));
         }
-        let deadline = Instant::now() + self.propose_timeout;
+        let deadline = Instant::now() + within;
         let mut avoid = HashSet::new();
         for attempt in 1..=PROPOSE_ATTEMPTS_MAX {
             if Instant::now() >= deadline {
@@ -728,7 +1000,7 @@ impl Node {
             let reply = if target == self.id {
                 self.serve(req).await
             } else {
-                let Some(peer) = self.peers.get(&target) else {
+                let Some(peer) = self.peer(target) else {
                     avoid.insert(target);
                     continue;
                 };
@@ -861,7 +1133,7 @@ impl Node {
             .outboxes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for p in self.peers.values().filter(|p| p.id != self.id) {
+        for p in self.peers().values().filter(|p| p.id != self.id) {
             let tx = outboxes.entry(p.id).or_insert_with(|| {
                 let (tx, rx) = tokio::sync::mpsc::channel(BROADCAST_QUEUE_REQUESTS_MAX);
                 tokio::spawn(run_outbox(
@@ -924,15 +1196,9 @@ impl Node {
     /// Moves leadership of `group` to `to`: `to` campaigns; with an up-to-date log it wins
     /// (openraft 0.9 has no transfer RPC). Waits, bounded, until a leader is known again.
     pub async fn transfer_leadership(&self, group: GroupId, to: NodeId) -> Result<NodeId, String> {
-        let replicas: Vec<NodeId> = if group == META_GROUP {
-            self.peers.keys().copied().collect()
-        } else {
-            self.table
-                .get(group)
-                .ok_or_else(|| format!("partition {group} does not exist"))?
-                .replicas
-                .clone()
-        };
+        let replicas = self
+            .replicas_of(group)
+            .ok_or_else(|| format!("partition {group} does not exist"))?;
         if !replicas.contains(&to) {
             return Err(format!("node {to} is not a replica of partition {group}"));
         }
@@ -974,7 +1240,7 @@ impl Node {
                         .hold_elections(group, Duration::from_millis(ms));
                     return;
                 }
-                let Some(peer) = self.peers.get(&n) else {
+                let Some(peer) = self.peer(n) else {
                     return;
                 };
                 if let Err(e) = self
@@ -1004,10 +1270,7 @@ impl Node {
         let reply = if to == self.id {
             self.serve(NodeRequest::Elect { group }).await
         } else {
-            let peer = self
-                .peers
-                .get(&to)
-                .ok_or_else(|| format!("unknown node {to}"))?;
+            let peer = self.peer(to).ok_or_else(|| format!("unknown node {to}"))?;
             self.call(
                 peer.cluster_addr,
                 &NodeRequest::Elect { group },
@@ -1075,12 +1338,12 @@ impl Node {
         tracing::info!(node = self.id, "node stopped");
     }
 
-    /// The cluster metadata this node would bootstrap group 0 with.
-    fn initial_meta(&self) -> ClusterMeta {
+    /// The cluster metadata this node would bootstrap group 0 with (a founding node).
+    fn initial_meta(&self, table: &PartitionTable) -> ClusterMeta {
         ClusterMeta {
             cluster_id: self.config.cluster_id.clone(),
             nodes: self
-                .peers
+                .peers()
                 .values()
                 .map(|p| {
                     (
@@ -1093,9 +1356,35 @@ impl Node {
                     )
                 })
                 .collect(),
-            table: self.table.clone(),
+            table: table.clone(),
         }
     }
+}
+
+/// The live nodes of `m` with addresses this build can parse (group 0 stores them as
+/// text; a node whose address does not parse is logged and left out).
+pub(crate) fn peers_of(m: &chatd_membership::Membership) -> BTreeMap<NodeId, Peer> {
+    m.live_nodes()
+        .filter_map(|n| {
+            match (
+                n.info.cluster_addr.parse::<SocketAddr>(),
+                n.info.api_addr.parse::<SocketAddr>(),
+            ) {
+                (Ok(cluster_addr), Ok(api_addr)) => Some((
+                    n.info.id,
+                    Peer {
+                        id: n.info.id,
+                        cluster_addr,
+                        api_addr,
+                    },
+                )),
+                _ => {
+                    tracing::error!(node = n.info.id, "group 0 holds an unreadable address");
+                    None
+                }
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -1112,8 +1401,11 @@ enum CallError {
 async fn bootstrap_meta(node: Weak<Node>) {
     loop {
         let Some(n) = node.upgrade() else { return };
+        let Some(table) = n.bootstrap_table.clone() else {
+            return;
+        };
         if let Some(meta) = n.meta.current() {
-            if meta.table != n.table {
+            if meta.table != table {
                 tracing::error!(
                     "the partition table in group 0 differs from the one this node's config \
                      describes; this node serves the stored table's groups it hosts"
@@ -1121,7 +1413,7 @@ async fn bootstrap_meta(node: Weak<Node>) {
             }
             return;
         }
-        let cmd = match chatd_codec::encode(&MetaCommand::Bootstrap(n.initial_meta())) {
+        let cmd = match chatd_codec::encode(&MetaCommand::Bootstrap(n.initial_meta(&table))) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot encode the bootstrap command");

@@ -69,6 +69,9 @@ struct Hosted {
     gate: Arc<ElectionGate>,
 }
 
+/// A new voter may lag the leader by at most this many entries when a move makes it one.
+pub const MOVE_CATCH_UP_LAG_ENTRIES_MAX: u64 = 64;
+
 /// Longest a leadership transfer may keep a replica from campaigning (per request; a
 /// hold lapses by itself, so a coordinator that dies mid-transfer strands nothing).
 pub const ELECTION_HOLD_MS_MAX: u64 = 5_000;
@@ -395,6 +398,195 @@ impl Registry {
                 && !hosted.gate.startup_held.load(Ordering::Acquire)
                 && held_until.is_none_or(|t| tokio::time::Instant::now() >= t),
         )
+    }
+
+    /// Adds `node` (reached at `addr`) to `group` as a learner, on the group's leader: the
+    /// leader replicates the log (or a snapshot) to it from now on. Returns once the
+    /// membership entry is committed, with its index; catching up happens after.
+    /// Adding a learner that is one already changes nothing.
+    pub async fn add_learner(
+        &self,
+        group: GroupId,
+        node: NodeId,
+        addr: String,
+    ) -> Result<u64, ProposeError> {
+        let Some(hosted) = self.hosted(group) else {
+            return Err(ProposeError::NotHosted(group));
+        };
+        let leader = hosted.raft.metrics().borrow().current_leader;
+        if leader != Some(self.node_id) {
+            return Err(ProposeError::NotLeader { leader });
+        }
+        match hosted
+            .raft
+            .add_learner(node, BasicNode::new(addr), false)
+            .await
+        {
+            Ok(resp) => Ok(resp.log_id.index),
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::ClientWriteError::ForwardToLeader(f),
+            )) => Err(ProposeError::NotLeader {
+                leader: f.leader_id,
+            }),
+            Err(e) => Err(ProposeError::Raft(e.to_string())),
+        }
+    }
+
+    /// On `group`'s leader: makes `voters` the group's voters (openraft's joint consensus;
+    /// voters left out are removed, not kept as learners) and removes the learners in
+    /// `drop` (a move rolled back, a node retired), once each new voter holds the
+    /// leader's log to within [`MOVE_CATCH_UP_LAG_ENTRIES_MAX`] entries (waiting at most
+    /// `catch_up`, then refusing: a replica is never swapped for one that is far behind).
+    /// Returns the index of the final membership entry. Asking for the voters it has
+    /// changes nothing.
+    pub async fn change_voters(
+        &self,
+        group: GroupId,
+        voters: std::collections::BTreeSet<NodeId>,
+        drop: std::collections::BTreeSet<NodeId>,
+        catch_up: std::time::Duration,
+    ) -> Result<u64, ProposeError> {
+        let Some(hosted) = self.hosted(group) else {
+            return Err(ProposeError::NotHosted(group));
+        };
+        let mut metrics = hosted.raft.metrics();
+        let deadline = tokio::time::Instant::now() + catch_up;
+        loop {
+            let lagging = {
+                let m = metrics.borrow_and_update();
+                if m.current_leader != Some(self.node_id) {
+                    return Err(ProposeError::NotLeader {
+                        leader: m.current_leader,
+                    });
+                }
+                let current: std::collections::BTreeSet<NodeId> =
+                    m.membership_config.membership().voter_ids().collect();
+                let learners_left = m
+                    .membership_config
+                    .membership()
+                    .learner_ids()
+                    .any(|l| drop.contains(&l));
+                if current == voters && !learners_left {
+                    return Ok(m.last_log_index.unwrap_or(0));
+                }
+                let last = m.last_log_index.unwrap_or(0);
+                let replication = m.replication.clone().unwrap_or_default();
+                voters
+                    .iter()
+                    .filter(|v| **v != self.node_id && !current.contains(v))
+                    .filter(|v| {
+                        let matched = replication.get(v).cloned().flatten().map_or(0, |l| l.index);
+                        last.saturating_sub(matched) > MOVE_CATCH_UP_LAG_ENTRIES_MAX
+                    })
+                    .copied()
+                    .collect::<Vec<_>>()
+            };
+            if lagging.is_empty() {
+                break;
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(ProposeError::Raft(format!(
+                    "group {group}: nodes {lagging:?} did not catch up within {} ms",
+                    catch_up.as_millis()
+                )));
+            }
+            // Replication progress shows in the metrics; wake on change or every 100 ms.
+            let _ = tokio::time::timeout(
+                left.min(std::time::Duration::from_millis(100)),
+                metrics.changed(),
+            )
+            .await;
+        }
+        let (learners, same_voters): (std::collections::BTreeSet<NodeId>, bool) = {
+            let m = hosted.raft.metrics();
+            let m = m.borrow();
+            let membership = m.membership_config.membership();
+            (
+                membership
+                    .learner_ids()
+                    .filter(|l| !voters.contains(l) && drop.contains(l))
+                    .collect(),
+                membership
+                    .voter_ids()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    == voters,
+            )
+        };
+        let changed = if same_voters {
+            0
+        } else {
+            match hosted.raft.change_membership(voters, false).await {
+                Ok(resp) => resp.log_id.index,
+                Err(openraft::error::RaftError::APIError(
+                    openraft::error::ClientWriteError::ForwardToLeader(f),
+                )) => {
+                    return Err(ProposeError::NotLeader {
+                        leader: f.leader_id,
+                    })
+                }
+                Err(e) => return Err(ProposeError::Raft(e.to_string())),
+            }
+        };
+        if learners.is_empty() {
+            return Ok(changed);
+        }
+        // Learners left over (a move rolled back): the leader stops replicating to them.
+        match hosted
+            .raft
+            .change_membership(openraft::ChangeMembers::RemoveNodes(learners), false)
+            .await
+        {
+            Ok(resp) => Ok(resp.log_id.index),
+            Err(openraft::error::RaftError::APIError(
+                openraft::error::ClientWriteError::ForwardToLeader(f),
+            )) => Err(ProposeError::NotLeader {
+                leader: f.leader_id,
+            }),
+            Err(e) => Err(ProposeError::Raft(e.to_string())),
+        }
+    }
+
+    /// Stops `group` on this node and deletes its log, state and snapshots (its replica
+    /// moved elsewhere). A group not hosted is only purged from the store.
+    pub async fn remove_group(&self, group: GroupId) -> Result<(), RaftlogError> {
+        let hosted = self.groups.write().remove(&group);
+        if let Some(h) = hosted {
+            if let Err(e) = h.raft.shutdown().await {
+                tracing::warn!(group, error = %e, "raft group shutdown");
+            }
+        }
+        let (store, dir) = (
+            self.store.clone(),
+            self.snapshot_root.join(format!("group-{group}")),
+        );
+        let purge = move || -> Result<(), String> {
+            let (from, to) = crate::keys::group_range(group);
+            let mut batch = chatd_storage::Batch::new();
+            {
+                let mut w = store.batch(&mut batch);
+                for cf in chatd_storage::Cf::ALL {
+                    if cf != chatd_storage::Cf::NodeMeta {
+                        w.delete_range(cf, &from, &to);
+                    }
+                }
+            }
+            store
+                .write_synced_blocking(batch)
+                .map_err(|e| e.to_string())?;
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(format!("{}: {e}", dir.display())),
+            }
+        };
+        tokio::task::spawn_blocking(purge)
+            .await
+            .map_err(|e| RaftlogError::Start {
+                group,
+                cause: e.to_string(),
+            })?
+            .map_err(|cause| RaftlogError::Start { group, cause })
     }
 
     /// Turns elections off in every hosted group, for good (a drain): this node never

@@ -43,6 +43,11 @@ pub trait Applier: Send + Sync + 'static {
     /// Called after a batch of applied entries is written, with the events that `apply`
     /// emitted, in order. Runs on the apply path: it must not block.
     fn applied(&self, _group: GroupId, _events: Vec<Vec<u8>>) {}
+
+    /// Called after a snapshot replaced the group's state (a replica far behind, or a new
+    /// one, caught up from a leader's snapshot): an applier that caches state in memory
+    /// reloads it from `store` here.
+    fn installed(&self, _group: GroupId, _store: &Storage) {}
 }
 
 /// The reads and writes of one apply batch: writes are buffered and land atomically with
@@ -229,6 +234,7 @@ impl StateMachine {
         if let Some(record) = pending {
             tracing::warn!(group, file = %record.file, "finishing an interrupted snapshot install");
             install_from_file(&store, group, &dir, &record)?;
+            applier.installed(group, &store);
         }
         let last_applied: Option<LogId> = decode_meta::<Option<LogId>>(
             store
@@ -385,6 +391,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(snap_err)??;
         self.last_applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        self.applier.installed(self.group, &self.store);
         tracing::info!(group = self.group, last_log_id = ?meta.last_log_id, "installed snapshot");
         Ok(())
     }

@@ -129,6 +129,35 @@ impl Cluster {
         }
     }
 
+    /// `chatd cluster add-node` for node `id` on a free port, seeded from node 1's config;
+    /// not started. Returns chatd's exit status and stderr when it refuses.
+    pub fn add_node(&mut self, id: u64, extra: &[&str]) -> Result<(), String> {
+        let api = free_base_port(1);
+        let out_dir = self.dir.path().join(format!("node-{id}"));
+        let out = Command::new(CHATD)
+            .args(["cluster", "add-node", "--ca-dir"])
+            .arg(self.dir.path())
+            .args(["--id", &id.to_string(), "--api-port", &api.to_string()])
+            .arg("--out")
+            .arg(&out_dir)
+            .args(extra)
+            .output()
+            .expect("run chatd cluster add-node");
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).to_string());
+        }
+        assert_eq!(id as usize, self.nodes.len() + 1, "add nodes in id order");
+        self.nodes.push(NodeProc {
+            id,
+            config: out_dir.join("chatd.toml"),
+            api: SocketAddr::from(([127, 0, 0, 1], api)),
+            cluster: SocketAddr::from(([127, 0, 0, 1], api + 1)),
+            child: None,
+            log: out_dir.join("chatd.log"),
+        });
+        Ok(())
+    }
+
     /// Changes node `id`'s config file (before it starts).
     pub fn edit_config(&self, id: u64, f: impl FnOnce(&mut toml::Table)) {
         let path = &self.node(id).config;

@@ -10,6 +10,7 @@ mod demo;
 mod drain;
 mod failover;
 mod harness;
+mod membership;
 mod replication;
 mod webhook_tls;
 mod ws;
