@@ -61,6 +61,17 @@ pub enum NodeCommand {
     /// List the cluster's nodes as group 0 holds them: id, state (joining, active,
     /// draining, removed), addresses, replicas held and partitions preferred to lead.
     List,
+    /// Retire a node: its replicas move to the others (R is kept), it leaves group 0, its
+    /// id is tombstoned (it never joins again), and a live node drains its sessions and
+    /// exits. Refused if fewer than R active nodes would be left: add a node first.
+    Remove {
+        /// The node id.
+        id: u64,
+        /// The node is gone for good (dead machine, lost disk): its replicas are
+        /// re-created on the others from the remaining copies.
+        #[arg(long)]
+        dead: bool,
+    },
 }
 
 /// An API path with `segments` percent-encoded (ids may hold `:`; anything outside
@@ -415,6 +426,20 @@ pub async fn node(
                 );
             }
             Ok(t.render(color))
+        }
+        NodeCommand::Remove { id, dead } => {
+            let path = api_path("v1/admin/nodes", &[&id.to_string(), "remove"]);
+            let raw = client
+                .post_json(&path, Some(&serde_json::json!({ "dead": dead })))
+                .await?;
+            if cli.json {
+                return Ok(pretty(&raw));
+            }
+            Ok(format!(
+                "node {id} is draining: its replicas move to the other nodes, then it is \
+                 removed{}; follow with `chat-cli admin node list`\n",
+                if *dead { "" } else { " and exits" }
+            ))
         }
     }
 }

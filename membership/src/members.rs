@@ -251,6 +251,21 @@ impl Membership {
         if !allowed {
             return MemberReply::Refused(format!("node {id} cannot go from {from:?} to {state:?}"));
         }
+        if state == NodeState::Draining && from != NodeState::Draining {
+            // Never below R active nodes: the replicas could not all move.
+            let active_after = self
+                .nodes
+                .values()
+                .filter(|n| n.info.id != id && n.state == NodeState::Active)
+                .count();
+            if active_after < self.replication as usize {
+                return MemberReply::Refused(format!(
+                    "removing node {id} would leave {active_after} active nodes, fewer than \
+                     the replication factor {}: add a node first",
+                    self.replication
+                ));
+            }
+        }
         if state == NodeState::Removed && from != NodeState::Removed {
             // A tombstone only once nothing is left on the node: its replicas moved first.
             if let Some(p) = self.parts.iter().find(|p| p.hosts().any(|h| h == id)) {
@@ -503,6 +518,25 @@ mod tests {
             m.apply(&add(NodeInfo { id: 6, ..info(4) })).0,
             MemberReply::Done { epoch: 0 }
         );
+    }
+
+    #[test]
+    fn a_node_is_not_retired_below_r_active_nodes() {
+        let mut m = three();
+        assert_eq!(m.replication, 2);
+        let drain = |id| MemberCommand::SetNodeState {
+            id,
+            state: NodeState::Draining,
+        };
+        assert_eq!(m.apply(&drain(3)).0, MemberReply::Done { epoch: 0 });
+        let before = m.clone();
+        let (reply, changed) = m.apply(&drain(2));
+        assert!(
+            matches!(&reply, MemberReply::Refused(why) if why.contains("fewer than the replication factor 2")),
+            "{reply:?}"
+        );
+        assert!(changed.nodes.is_empty());
+        assert_eq!(m, before);
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub fn router(node: Arc<Node>) -> Router {
     let admin = Router::new()
         .route("/v1/admin/cluster", get(cluster_status))
         .route("/v1/admin/nodes", get(list_nodes))
+        .route("/v1/admin/nodes/{id}/remove", post(remove_node))
         .route("/v1/admin/users", post(create_user).get(list_users))
         .route("/v1/admin/users/{user}/disable", post(disable_user))
         .route("/v1/admin/users/{user}/rotate-token", post(rotate_token))
@@ -327,6 +328,63 @@ async fn list_nodes(State(node): State<Arc<Node>>) -> Response {
         })
         .collect();
     Json(nodes).into_response()
+}
+
+#[derive(Deserialize, Default)]
+struct RemoveReq {
+    /// The node is gone for good (its replicas are re-created from the other copies).
+    #[serde(default)]
+    dead: bool,
+}
+
+/// Starts retiring a node: group 0 marks it draining (refused if fewer than R active nodes
+/// would be left), the rebalancer moves its replicas off and out of group 0's voters, and
+/// then tombstones it; a live node drains its sessions and exits then.
+async fn remove_node(
+    State(node): State<Arc<Node>>,
+    Path(id): Path<NodeId>,
+    body: Option<Json<RemoveReq>>,
+) -> Response {
+    let dead = body.map(|Json(b)| b.dead).unwrap_or(false);
+    match node.meta.membership().and_then(|m| m.state_of(id)) {
+        None => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "unknown_node",
+                format!("node {id} is not a member of this cluster"),
+            )
+        }
+        Some(chatd_membership::NodeState::Removed) => {
+            return error(
+                StatusCode::CONFLICT,
+                "already_removed",
+                format!("node {id} was removed already"),
+            )
+        }
+        Some(_) => {}
+    }
+    let cmd = chatd_membership::MemberCommand::SetNodeState {
+        id,
+        state: chatd_membership::NodeState::Draining,
+    };
+    match node.propose_member(cmd).await {
+        Ok(chatd_membership::MemberReply::Done { .. }) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({ "id": id, "state": "draining", "dead": dead })),
+        )
+            .into_response(),
+        Ok(chatd_membership::MemberReply::UnknownNode(_)) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_node",
+            format!("node {id} is not a member of this cluster"),
+        ),
+        Ok(refused) => error(StatusCode::CONFLICT, "refused", refused.to_string()),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
 }
 
 async fn list_users(State(node): State<Arc<Node>>) -> Response {

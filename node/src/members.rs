@@ -181,6 +181,9 @@ pub async fn follow(
 }
 
 async fn apply_membership(node: &Arc<Node>, m: &Membership) {
+    if m.state_of(node.id) == Some(NodeState::Removed) {
+        node.retire();
+    }
     let peers = peers_of(m);
     let gone: Vec<NodeId> = node
         .peers()

@@ -257,6 +257,8 @@ pub struct Node {
     me: std::sync::OnceLock<Weak<Node>>,
     /// Moves replicas while this node leads group 0.
     pub rebalancer: crate::rebalance::Rebalancer,
+    /// Set once group 0 says this node was removed: it drains and exits.
+    retired: tokio::sync::watch::Sender<bool>,
 }
 
 /// Why a node could not start.
@@ -432,6 +434,7 @@ impl Node {
             outboxes: std::sync::Mutex::new(HashMap::new()),
             me: std::sync::OnceLock::new(),
             rebalancer: crate::rebalance::Rebalancer::default(),
+            retired: tokio::sync::watch::Sender::new(false),
         });
         let _ = node.me.set(Arc::downgrade(&node));
         let _ = handler.node.set(Arc::downgrade(&node));
@@ -562,6 +565,22 @@ impl Node {
                 cause: format!("unexpected reply {other:?}"),
             }),
         }
+    }
+
+    /// Marks this node as removed from the cluster (group 0 tombstoned it).
+    pub(crate) fn retire(&self) {
+        if !self.retired.send_replace(true) {
+            tracing::warn!(
+                node = self.id,
+                "this node was removed from the cluster: draining and exiting"
+            );
+        }
+    }
+
+    /// Resolves once group 0 says this node was removed from the cluster.
+    pub async fn retired(&self) {
+        let mut rx = self.retired.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
     }
 
     /// Stops sending broadcasts to a node that left the membership.
@@ -778,6 +797,7 @@ impl Node {
                         group,
                         voters.into_iter().collect(),
                         drop.into_iter().collect(),
+                        false,
                         catch_up,
                     )
                     .await

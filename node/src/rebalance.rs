@@ -33,6 +33,8 @@ pub const LEADER_BALANCE_EVERY_MS: u64 = 2_000;
 /// long: a node that just restarted (or the next one in a rolling restart) is not handed
 /// leadership it may give up again in seconds, and a failover is not undone at once.
 pub const LEADER_RESTORE_GRACE_MS: u64 = 10_000;
+/// Longest a removed node stays in group 0 waiting to learn of its removal.
+pub const REMOVED_LEAVE_GRACE_MS: u64 = 30_000;
 /// Leadership transfers per such round.
 pub const LEADER_TRANSFERS_PER_ROUND_MAX: usize = 4;
 /// Pause between attempts of a move step.
@@ -43,6 +45,8 @@ const MOVE_RETRY_MS: u64 = 500;
 pub struct Rebalancer {
     paused: AtomicBool,
     driving: parking_lot::Mutex<HashSet<GroupId>>,
+    /// Removed nodes still in group 0: the leader's last index when first seen, and when.
+    removed_seen: parking_lot::Mutex<std::collections::HashMap<NodeId, (u64, Instant)>>,
     /// Partitions seen led by a node other than their preferred leader, since when.
     not_preferred_since: parking_lot::Mutex<std::collections::HashMap<GroupId, Instant>>,
     /// Moves begun by this node.
@@ -116,6 +120,10 @@ pub async fn run(node: Weak<Node>) {
                 });
             }
         }
+        // Group 0's own voters follow the membership, and drained nodes are retired:
+        // neither moves data, so a pause does not hold them.
+        meta_voters(&n, &m).await;
+        retire_drained(&n, &m).await;
         if n.rebalancer.paused() {
             continue;
         }
@@ -177,6 +185,126 @@ pub async fn run(node: Weak<Node>) {
                 Ok(other) => tracing::debug!(?step, reply = %other, "rebalance: step refused"),
                 Err(e) => tracing::debug!(?step, error = %e, "rebalance: step not recorded"),
             }
+        }
+    }
+}
+
+/// How many voters group 0 should have with `active` active nodes: 5 from five nodes on,
+/// else 3 from three on, else every active node.
+fn meta_voter_target(active: usize) -> usize {
+    match active {
+        a if a >= 5 => 5,
+        a if a >= 3 => 3,
+        a => a,
+    }
+}
+
+/// Makes group 0's voters follow the membership: voters that are not active leave (their
+/// replacements are active nodes, lowest id first, which are learners already), the count
+/// follows [`meta_voter_target`], and removed nodes are dropped from group 0 entirely. If
+/// this leader itself must stop being a voter it hands group 0 to a voter that stays.
+async fn meta_voters(node: &Arc<Node>, m: &chatd_membership::Membership) {
+    let Some((voters, learners)) = node.registry.membership_of(META_GROUP) else {
+        return;
+    };
+    let active: Vec<NodeId> = m
+        .nodes
+        .values()
+        .filter(|n| n.state == NodeState::Active)
+        .map(|n| n.info.id)
+        .collect();
+    let target = meta_voter_target(active.len());
+    if target == 0 {
+        return;
+    }
+    // Keep the active voters (this leader first), then add active learners.
+    let mut desired: Vec<NodeId> = voters
+        .iter()
+        .copied()
+        .filter(|v| active.contains(v))
+        .collect();
+    desired.sort_by_key(|v| (*v != node.id, *v));
+    desired.truncate(target);
+    for a in &active {
+        if desired.len() >= target {
+            break;
+        }
+        if !desired.contains(a) && learners.contains(a) {
+            desired.push(*a);
+        }
+    }
+    let desired: std::collections::BTreeSet<NodeId> = desired.into_iter().collect();
+    // A removed node leaves group 0 once it holds the entry that removed it (it then
+    // exits on its own), or after REMOVED_LEAVE_GRACE_MS if it never gets it (it is dead).
+    let drop: std::collections::BTreeSet<NodeId> = {
+        let mut seen = node.rebalancer.removed_seen.lock();
+        voters
+            .iter()
+            .chain(learners.iter())
+            .copied()
+            .filter(|id| !desired.contains(id))
+            .filter(|id| m.state_of(*id).is_none_or(|s| s == NodeState::Removed))
+            .filter(|id| {
+                let Some((matched, last)) = node.registry.matched(META_GROUP, *id) else {
+                    return true;
+                };
+                let (since_index, since) = *seen.entry(*id).or_insert((last, Instant::now()));
+                matched >= since_index
+                    || since.elapsed() >= Duration::from_millis(REMOVED_LEAVE_GRACE_MS)
+            })
+            .collect()
+    };
+    let learners_to_drop = learners.iter().any(|l| drop.contains(l));
+    if desired == voters && !learners_to_drop {
+        return;
+    }
+    if !desired.contains(&node.id) {
+        if let Some(&to) = desired.iter().next() {
+            if let Err(e) = node.transfer_leadership(META_GROUP, to).await {
+                tracing::debug!(to, error = %e, "rebalance: group 0 leadership not handed over");
+            }
+        }
+        return;
+    }
+    match node
+        .registry
+        .change_voters(
+            META_GROUP,
+            desired.clone(),
+            drop,
+            // A voter that leaves stays a learner: it keeps following group 0 (and learns
+            // of its own removal).
+            true,
+            Duration::from_millis(MOVE_CATCH_UP_MS_MAX),
+        )
+        .await
+    {
+        Ok(_) => tracing::info!(?voters, ?desired, "rebalance: group 0 voters changed"),
+        Err(e) => tracing::warn!(?desired, error = %e, "rebalance: group 0 voters not changed"),
+    }
+}
+
+/// Tombstones draining nodes that hold nothing any more (no replica, not a voter of group
+/// 0): they exit, and their ids never join again.
+async fn retire_drained(node: &Arc<Node>, m: &chatd_membership::Membership) {
+    let Some((voters, _)) = node.registry.membership_of(META_GROUP) else {
+        return;
+    };
+    for n in m.nodes.values().filter(|n| n.state == NodeState::Draining) {
+        let id = n.info.id;
+        if !m.hosted_by(id).is_empty() || voters.contains(&id) {
+            continue;
+        }
+        match node
+            .propose_member(MemberCommand::SetNodeState {
+                id,
+                state: NodeState::Removed,
+            })
+            .await
+        {
+            Ok(MemberReply::Done { .. }) => tracing::info!(node = id, "rebalance: node removed"),
+            Ok(other) => tracing::debug!(node = id, reply = %other, "rebalance: removal refused"),
+            Err(e) => tracing::debug!(node = id, error = %e, "rebalance: removal not recorded"),
         }
     }
 }

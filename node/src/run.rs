@@ -89,7 +89,11 @@ fn sd_log(result: Result<(), crate::systemd::NotifyError>) {
     }
 }
 
-/// Loads the config at `path`, runs the node, and drains it gracefully on a signal.
+/// What ends a node that group 0 removed from the cluster (in place of a signal's name).
+const REMOVED: &str = "removed from the cluster";
+
+/// Loads the config at `path`, runs the node, and drains it gracefully on a signal, or once
+/// group 0 removed it from the cluster (then it exits 0 and never starts again).
 pub async fn run(path: &Path) -> anyhow::Result<()> {
     // Signals first: a SIGTERM during start-up must drain, not kill.
     let mut signals = Signals::install()?;
@@ -140,6 +144,7 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let signalled = tokio::select! {
         _ = wait_ready(&node, &sd) => None,
         s = signals.recv() => Some(s),
+        _ = node.retired() => Some(REMOVED),
     };
     extender.abort();
     let first = match signalled {
@@ -153,7 +158,10 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
             );
             tracing::info!("{status}");
             sd_log(sd.ready(&status));
-            signals.recv().await
+            tokio::select! {
+                s = signals.recv() => s,
+                _ = node.retired() => REMOVED,
+            }
         }
     };
     tracing::info!(signal = first, "signal received: draining");

@@ -433,7 +433,7 @@ impl Registry {
     }
 
     /// On `group`'s leader: makes `voters` the group's voters (openraft's joint consensus;
-    /// voters left out are removed, not kept as learners) and removes the learners in
+    /// voters left out stay as learners if `retain`, else leave) and removes the learners in
     /// `drop` (a move rolled back, a node retired), once each new voter holds the
     /// leader's log to within [`MOVE_CATCH_UP_LAG_ENTRIES_MAX`] entries (waiting at most
     /// `catch_up`, then refusing: a replica is never swapped for one that is far behind).
@@ -444,6 +444,7 @@ impl Registry {
         group: GroupId,
         voters: std::collections::BTreeSet<NodeId>,
         drop: std::collections::BTreeSet<NodeId>,
+        retain: bool,
         catch_up: std::time::Duration,
     ) -> Result<u64, ProposeError> {
         let Some(hosted) = self.hosted(group) else {
@@ -516,7 +517,7 @@ impl Registry {
         let changed = if same_voters {
             0
         } else {
-            match hosted.raft.change_membership(voters, false).await {
+            match hosted.raft.change_membership(voters, retain).await {
                 Ok(resp) => resp.log_id.index,
                 Err(openraft::error::RaftError::APIError(
                     openraft::error::ClientWriteError::ForwardToLeader(f),
@@ -545,6 +546,40 @@ impl Registry {
             }),
             Err(e) => Err(ProposeError::Raft(e.to_string())),
         }
+    }
+
+    /// On `group`'s leader: the index of the last entry `node` is known to hold, and the
+    /// leader's last index.
+    pub fn matched(&self, group: GroupId, node: NodeId) -> Option<(u64, u64)> {
+        let hosted = self.hosted(group)?;
+        let m = hosted.raft.metrics();
+        let m = m.borrow();
+        let matched = m
+            .replication
+            .as_ref()?
+            .get(&node)
+            .cloned()
+            .flatten()
+            .map_or(0, |l| l.index);
+        Some((matched, m.last_log_index.unwrap_or(0)))
+    }
+
+    /// The voters and learners of `group` in this node's view of its membership.
+    pub fn membership_of(
+        &self,
+        group: GroupId,
+    ) -> Option<(
+        std::collections::BTreeSet<NodeId>,
+        std::collections::BTreeSet<NodeId>,
+    )> {
+        let hosted = self.hosted(group)?;
+        let m = hosted.raft.metrics();
+        let m = m.borrow();
+        let membership = m.membership_config.membership();
+        Some((
+            membership.voter_ids().collect(),
+            membership.learner_ids().collect(),
+        ))
     }
 
     /// Stops `group` on this node and deletes its log, state and snapshots (its replica

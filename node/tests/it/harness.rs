@@ -158,6 +158,22 @@ impl Cluster {
         Ok(())
     }
 
+    /// Waits (bounded) for node `id`'s process to exit on its own; its exit code.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        let child = self.nodes[(id - 1) as usize].child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.nodes[(id - 1) as usize].child = None;
+                return status.code();
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Changes node `id`'s config file (before it starts).
     pub fn edit_config(&self, id: u64, f: impl FnOnce(&mut toml::Table)) {
         let path = &self.node(id).config;

@@ -292,8 +292,21 @@ async fn membership_growing_three_to_five_under_load_spreads_replicas_and_loses_
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    // Every replica of every partition holds exactly what was acknowledged, in order,
-    // once; replicas that moved away hold nothing.
+    verify_partitions(&c, &seen, &[1, 2, 3, 4, 5]).await;
+    println!(
+        "grow 3→5: settled in {:.1} s; {writes} acknowledged writes ({} unknown); longest \
+         write gap of a partition {} ms (partition {}); nodes {}",
+        settled.as_secs_f64(),
+        seen.unknown.len(),
+        seen.longest_gap.as_millis(),
+        seen.longest_gap_group,
+        serde_json::to_string(&nodes).unwrap()
+    );
+}
+
+/// Every replica of every partition holds exactly what was acknowledged, in order, once,
+/// with gapless seqs; nodes of `all` that are not replicas host nothing of it.
+async fn verify_partitions(c: &Cluster, seen: &LoadSeen, all: &[u64]) {
     let status = c.status(1).await.unwrap();
     for g in 1..=16u64 {
         let part = status["partitions"]
@@ -356,7 +369,7 @@ async fn membership_growing_three_to_five_under_load_spreads_replicas_and_loses_
                 Some(f) => assert_eq!(&f[..acked.len()], &recs[..acked.len()], "replicas agree"),
             }
         }
-        for n in (1..=5u64).filter(|n| !replicas.contains(n)) {
+        for &n in all.iter().filter(|n| !replicas.contains(n)) {
             let r = c
                 .http
                 .get(c.url(n, &format!("/v1/admin/partitions/{g}/local")))
@@ -366,13 +379,154 @@ async fn membership_growing_three_to_five_under_load_spreads_replicas_and_loses_
             assert_eq!(r.status(), 404, "node {n} still hosts partition {g}");
         }
     }
+}
+
+async fn remove(c: &Cluster, id: u64, dead: bool) -> (u16, Value) {
+    let r = c
+        .http
+        .post(c.url(1, &format!("/v1/admin/nodes/{id}/remove")))
+        .json(&serde_json::json!({ "dead": dead }))
+        .send()
+        .await
+        .expect("POST remove");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// Waits until node `via` lists `expect` as (node, state, replicas) for every node.
+async fn wait_nodes(c: &Cluster, via: u64, expect: &[(u64, &str, u64)], timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let nodes = nodes_via(c, via).await;
+        let ok = expect.iter().all(|(id, state, replicas)| {
+            nodes.iter().any(|n| {
+                n["id"] == *id && n["state"] == *state && n["replicas"].as_u64() == Some(*replicas)
+            })
+        });
+        if ok {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nodes never became {expect:?}: {nodes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_shrinking_five_to_three_under_load_retires_nodes_for_good() {
+    let mut c = Cluster::init(5, &[]);
+    c.start_all();
+    c.wait_ready(READY).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let apis: Vec<String> = (1..=3).map(|id| c.url(id, "")).collect();
+    let load = tokio::spawn(steady_load(c.http.clone(), apis, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // Bad input changes nothing.
+    assert_eq!(remove(&c, 9, false).await.0, 404);
+    let started = std::time::Instant::now();
+    assert_eq!(remove(&c, 4, false).await.0, 202);
+    assert_eq!(remove(&c, 5, false).await.0, 202);
+    let (status, body) = remove(&c, 3, false).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("fewer than the replication factor 3"),
+        "{body}"
+    );
+
+    // Both drain, leave and exit 0 by themselves; the three others hold every replica.
+    for id in [4, 5] {
+        let code = c.wait_exit(id, Duration::from_secs(180));
+        assert_eq!(code, Some(0), "node {id} exits cleanly once removed");
+    }
+    let retired = started.elapsed();
+    wait_nodes(
+        &c,
+        1,
+        &[
+            (1, "active", 16),
+            (2, "active", 16),
+            (3, "active", 16),
+            (4, "removed", 0),
+            (5, "removed", 0),
+        ],
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(remove(&c, 4, false).await.0, 409, "removed already");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = load.await.unwrap();
+    verify_partitions(&c, &seen, &[1, 2, 3]).await;
+
+    // A removed node never serves again, and says why.
+    c.start(4);
+    let code = c.wait_exit(4, Duration::from_secs(30));
+    assert!(matches!(code, Some(c) if c != 0), "{code:?}");
+    let log = c.log_text(4);
+    assert!(log.contains("was removed from the cluster"), "{log}");
+    let writes: usize = seen.acked.values().map(Vec::len).sum();
     println!(
-        "grow 3→5: settled in {:.1} s; {writes} acknowledged writes ({} unknown); longest \
-         write gap of a partition {} ms (partition {}); nodes {}",
-        settled.as_secs_f64(),
+        "shrink 5→3: nodes 4 and 5 removed and exited in {:.1} s; {writes} acknowledged \
+         writes ({} unknown); longest write gap of a partition {} ms (partition {})",
+        retired.as_secs_f64(),
         seen.unknown.len(),
         seen.longest_gap.as_millis(),
-        seen.longest_gap_group,
-        serde_json::to_string(&nodes).unwrap()
+        seen.longest_gap_group
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn membership_a_dead_node_with_a_wiped_disk_is_replaced_and_r_is_restored() {
+    let mut c = Cluster::init(3, &[]);
+    c.start_all();
+    c.wait_ready(READY).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let apis: Vec<String> = (1..=2).map(|id| c.url(id, "")).collect();
+    let load = tokio::spawn(steady_load(c.http.clone(), apis, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The machine of node 3 dies and its disk is lost.
+    c.kill(3);
+    std::fs::remove_dir_all(c.data_dir(3)).unwrap();
+    // With three nodes and R = 3, removing it first is refused: add the replacement first.
+    let (status, body) = remove(&c, 3, true).await;
+    assert_eq!(status, 409, "{body}");
+    let started = std::time::Instant::now();
+    c.add_node(4, &[]).expect("add-node");
+    c.start(4);
+    wait_nodes(&c, 1, &[(4, "active", 0)], READY).await;
+    let (status, body) = remove(&c, 3, true).await;
+    assert_eq!(status, 202, "{body}");
+    wait_nodes(
+        &c,
+        1,
+        &[
+            (1, "active", 16),
+            (2, "active", 16),
+            (3, "removed", 0),
+            (4, "active", 16),
+        ],
+        Duration::from_secs(180),
+    )
+    .await;
+    let replaced = started.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = load.await.unwrap();
+    verify_partitions(&c, &seen, &[1, 2, 4]).await;
+    let writes: usize = seen.acked.values().map(Vec::len).sum();
+    println!(
+        "replace a dead node: R = 3 restored in {:.1} s; {writes} acknowledged writes ({} \
+         unknown); longest write gap of a partition {} ms (partition {})",
+        replaced.as_secs_f64(),
+        seen.unknown.len(),
+        seen.longest_gap.as_millis(),
+        seen.longest_gap_group
     );
 }
