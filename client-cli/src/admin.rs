@@ -74,6 +74,19 @@ pub enum NodeCommand {
     },
 }
 
+/// `admin rebalance` commands.
+#[derive(Clone, Debug, Subcommand)]
+pub enum RebalanceCommand {
+    /// Show whether the rebalancer is paused, the moves in progress and the next planned
+    /// steps.
+    Status,
+    /// Stop planning new moves and leadership changes (moves in progress finish); kept in
+    /// group 0, so it holds across restarts and leader changes.
+    Pause,
+    /// Plan moves again.
+    Resume,
+}
+
 /// An API path with `segments` percent-encoded (ids may hold `:`; anything outside
 /// `A-Za-z0-9_.:-` is encoded).
 pub fn api_path(prefix: &str, segments: &[&str]) -> String {
@@ -440,6 +453,67 @@ pub async fn node(
                  removed{}; follow with `chat-cli admin node list`\n",
                 if *dead { "" } else { " and exits" }
             ))
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RebalanceView {
+    paused: bool,
+    moves: Vec<MoveRow>,
+    planned: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct MoveRow {
+    group: u64,
+    add: u64,
+    remove: u64,
+}
+
+/// `admin rebalance …`.
+pub async fn rebalance(
+    cli: &Cli,
+    client: &Client,
+    command: &RebalanceCommand,
+) -> Result<String, CliError> {
+    let path = match command {
+        RebalanceCommand::Status => "v1/admin/rebalance",
+        RebalanceCommand::Pause => "v1/admin/rebalance/pause",
+        RebalanceCommand::Resume => "v1/admin/rebalance/resume",
+    };
+    let raw = match command {
+        RebalanceCommand::Status => client.get_json(path).await?,
+        _ => client.post_json(path, None).await?,
+    };
+    if cli.json {
+        return Ok(pretty(&raw));
+    }
+    match command {
+        RebalanceCommand::Pause => Ok("rebalancer paused (moves in progress finish)\n".into()),
+        RebalanceCommand::Resume => Ok("rebalancer resumed\n".into()),
+        RebalanceCommand::Status => {
+            let v: RebalanceView = parse(client, path, &raw)?;
+            let mut out = format!(
+                "rebalancer {}; {} move(s) in progress\n",
+                if v.paused { "paused" } else { "running" },
+                v.moves.len()
+            );
+            for m in &v.moves {
+                out.push_str(&format!(
+                    "  partition {}: node {} -> node {}\n",
+                    m.group, m.remove, m.add
+                ));
+            }
+            if v.planned.is_empty() {
+                out.push_str("placement is balanced: nothing planned\n");
+            } else {
+                out.push_str("next planned steps:\n");
+                for p in &v.planned {
+                    out.push_str(&format!("  {}\n", clean(p)));
+                }
+            }
+            Ok(out)
         }
     }
 }

@@ -169,11 +169,17 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: admin::PartitionCommand,
     },
-    /// Nodes: list them with their membership state.
+    /// Nodes: list them with their membership state, remove one.
     Node {
         /// What to do with nodes.
         #[command(subcommand)]
         command: admin::NodeCommand,
+    },
+    /// The rebalancer: moves in progress and planned; pause or resume it.
+    Rebalance {
+        /// What to do with the rebalancer.
+        #[command(subcommand)]
+        command: admin::RebalanceCommand,
     },
 }
 
@@ -225,6 +231,7 @@ pub async fn execute(cli: &Cli, color: bool) -> Result<String, CliError> {
             AdminCommand::Chat { command } => admin::chat(cli, &http()?, command, color).await,
             AdminCommand::Partition { command } => admin::partition(cli, &http()?, command).await,
             AdminCommand::Node { command } => admin::node(cli, &http()?, command, color).await,
+            AdminCommand::Rebalance { command } => admin::rebalance(cli, &http()?, command).await,
         },
         Command::Send(args) => messaging::send(cli, args).await,
         Command::History(args) => messaging::history(cli, args, color).await,

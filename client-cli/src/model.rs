@@ -24,6 +24,25 @@ pub struct ClusterView {
     pub nodes: Vec<NodeView>,
     /// Group 0 (metadata) and every partition.
     pub partitions: Vec<PartitionView>,
+    /// Replica moves in progress (absent from servers before live membership).
+    #[serde(default)]
+    pub moves: Vec<MoveView>,
+    /// Whether the rebalancer is paused.
+    #[serde(default)]
+    pub rebalance_paused: bool,
+}
+
+/// A replica move in progress.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MoveView {
+    /// The partition.
+    pub group: u64,
+    /// The node that gets a replica.
+    pub add: NodeId,
+    /// The node that gives its replica up.
+    pub remove: NodeId,
+    /// The partition record's epoch.
+    pub epoch: u64,
 }
 
 /// A node in the cluster view.
@@ -40,6 +59,9 @@ pub struct NodeView {
     /// Why it could not, when it could not.
     #[serde(default)]
     pub error: Option<String>,
+    /// Its membership state: joining, active, draining (absent from older servers).
+    #[serde(default)]
+    pub state: Option<String>,
 }
 
 /// A partition (or the metadata group) in the cluster view.

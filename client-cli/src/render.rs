@@ -146,6 +146,7 @@ fn yes_no(b: bool) -> &'static str {
 pub fn nodes_table(nodes: &[NodeView]) -> Table {
     let mut t = Table::new(&[
         ("ID", Align::Right),
+        ("STATE", Align::Left),
         ("API", Align::Left),
         ("CLUSTER", Align::Left),
         ("REACHABLE", Align::Left),
@@ -156,6 +157,7 @@ pub fn nodes_table(nodes: &[NodeView]) -> Table {
             !n.reachable,
             vec![
                 n.id.to_string(),
+                n.state.as_deref().map_or_else(|| "-".to_string(), sanitize),
                 n.api_addr.clone(),
                 n.cluster_addr.clone(),
                 yes_no(n.reachable).to_string(),
@@ -245,6 +247,25 @@ pub fn render_cluster_status(view: &ClusterView, color: bool) -> String {
         out.push_str("  (none)\n");
     } else {
         out.push_str(&nodes_table(&view.nodes).render(color));
+    }
+    if !view.moves.is_empty() || view.rebalance_paused {
+        let _ = writeln!(
+            out,
+            "\nREPLICA MOVES ({} in progress{})",
+            view.moves.len(),
+            if view.rebalance_paused {
+                "; rebalancer paused"
+            } else {
+                ""
+            }
+        );
+        for m in &view.moves {
+            let _ = writeln!(
+                out,
+                "  partition {}: node {} -> node {}",
+                m.group, m.remove, m.add
+            );
+        }
     }
     out.push_str("\nPARTITIONS\n");
     if view.partitions.is_empty() {

@@ -31,9 +31,10 @@ const HEALTHY: &str = r#"{"cluster_id":"chatd-a04824c4cd8216b9","answered_by":1,
 /// Node 3 is unreachable; group 1 misses a replica view, group 2 has no leader.
 const UNHEALTHY: &str = r#"{"cluster_id":"chatd-0000000000000042","answered_by":2,"metadata_bootstrapped":true,
  "nodes":[
-  {"id":1,"api_addr":"127.0.0.1:7000","cluster_addr":"127.0.0.1:7001","reachable":true,"error":null},
-  {"id":2,"api_addr":"127.0.0.1:7010","cluster_addr":"127.0.0.1:7011","reachable":true,"error":null},
-  {"id":3,"api_addr":"127.0.0.1:7020","cluster_addr":"127.0.0.1:7021","reachable":false,"error":"timed out\nafter 2s"}],
+  {"id":1,"api_addr":"127.0.0.1:7000","cluster_addr":"127.0.0.1:7001","reachable":true,"error":null,"state":"active"},
+  {"id":2,"api_addr":"127.0.0.1:7010","cluster_addr":"127.0.0.1:7011","reachable":true,"error":null,"state":"active"},
+  {"id":3,"api_addr":"127.0.0.1:7020","cluster_addr":"127.0.0.1:7021","reachable":false,"error":"timed out\nafter 2s","state":"draining"}],
+ "moves":[{"group":2,"add":4,"remove":3,"epoch":7}],"rebalance_paused":true,
  "partitions":[
   {"group":0,"replicas":[1,2,3],"leader":1,"term":4,"last_index":9,"committed_index":9,"applied_index":9,"healthy":true,
    "replica_views":[
@@ -59,10 +60,10 @@ fn healthy_cluster_renders_aligned_tables() {
 cluster chatd-a04824c4cd8216b9  answered by node 1  metadata bootstrapped: yes
 
 NODES
-   ID  API             CLUSTER         REACHABLE  ERROR
-    1  127.0.0.1:7000  127.0.0.1:7001  yes        -
-    2  127.0.0.1:7010  127.0.0.1:7011  yes        -
-    3  127.0.0.1:7020  127.0.0.1:7021  yes        -
+   ID  STATE  API             CLUSTER         REACHABLE  ERROR
+    1  -      127.0.0.1:7000  127.0.0.1:7001  yes        -
+    2  -      127.0.0.1:7010  127.0.0.1:7011  yes        -
+    3  -      127.0.0.1:7020  127.0.0.1:7021  yes        -
 
 PARTITIONS
    GROUP  LEADER  TERM  LAST  COMMITTED  APPLIED  LAG  REPLICAS  STATUS
@@ -84,10 +85,13 @@ fn unhealthy_cluster_is_flagged() {
 cluster chatd-0000000000000042  answered by node 2  metadata bootstrapped: yes
 
 NODES
-   ID  API             CLUSTER         REACHABLE  ERROR
-    1  127.0.0.1:7000  127.0.0.1:7001  yes        -
-    2  127.0.0.1:7010  127.0.0.1:7011  yes        -
-!   3  127.0.0.1:7020  127.0.0.1:7021  NO         timed out after 2s
+   ID  STATE     API             CLUSTER         REACHABLE  ERROR
+    1  active    127.0.0.1:7000  127.0.0.1:7001  yes        -
+    2  active    127.0.0.1:7010  127.0.0.1:7011  yes        -
+!   3  draining  127.0.0.1:7020  127.0.0.1:7021  NO         timed out after 2s
+
+REPLICA MOVES (1 in progress; rebalancer paused)
+  partition 2: node 3 -> node 4
 
 PARTITIONS
    GROUP  LEADER  TERM  LAST  COMMITTED  APPLIED  LAG  REPLICAS  STATUS

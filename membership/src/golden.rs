@@ -183,9 +183,14 @@ fn golden_membership_records_commands_and_keys() {
         }),
         "01 04 04 07 05 04",
     );
+    pin(
+        &MetaCommand::Member(MemberCommand::SetRebalancePaused { paused: true }),
+        "01 04 05 01",
+    );
     pin(&MemberReply::Done { epoch: 9 }, "01 00 09");
     pin(&MemberReply::Tombstoned(4), "01 03 04");
     pin(&MemberReply::Refused("x".into()), "01 09 01 78");
     assert_eq!(hex(&node_key(4)), "6e6f6465000000000000000004");
     assert_eq!(hex(&part_key(7)), "70617274000000000000000007");
+    assert_eq!(crate::members::REBALANCE_KEY, b"rebalance");
 }

@@ -152,6 +152,10 @@ impl MetaApplier {
                     *slot = p;
                 }
             }
+            if let Some(v) = chatd_raftlog::read_record(store, META_GROUP, members::REBALANCE_KEY)?
+            {
+                membership.rebalance_paused = chatd_codec::decode(&v)?;
+            }
             self.set(meta);
             self.membership.send_replace(Some(Arc::new(membership)));
         }
@@ -287,7 +291,13 @@ impl Applier for MetaApplier {
                         );
                     }
                 }
-                if !changed.nodes.is_empty() || !changed.parts.is_empty() {
+                if changed.rebalance {
+                    txn.put(
+                        members::REBALANCE_KEY,
+                        chatd_codec::encode(&next.rebalance_paused).map_err(corrupt)?,
+                    );
+                }
+                if !changed.is_empty() {
                     self.membership.send_replace(Some(Arc::new(next)));
                 }
                 chatd_codec::encode(&reply).map_err(corrupt)

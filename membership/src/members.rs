@@ -97,6 +97,8 @@ pub struct Membership {
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     /// One record per partition, in group order (group g at index g − 1).
     pub parts: Vec<PartitionRecord>,
+    /// The rebalancer plans no new moves while set (moves in progress still finish).
+    pub rebalance_paused: bool,
 }
 
 impl Membership {
@@ -130,6 +132,7 @@ impl Membership {
                     moving: None,
                 })
                 .collect(),
+            rebalance_paused: false,
         }
     }
 
@@ -200,6 +203,13 @@ impl Membership {
                 epoch,
                 leader,
             } => self.set_preferred_leader(*group, *epoch, *leader, &mut changed),
+            MemberCommand::SetRebalancePaused { paused } => {
+                if self.rebalance_paused != *paused {
+                    self.rebalance_paused = *paused;
+                    changed.rebalance = true;
+                }
+                MemberReply::Done { epoch: 0 }
+            }
         };
         (reply, changed)
     }
@@ -371,6 +381,15 @@ pub struct Changed {
     pub nodes: Vec<NodeId>,
     /// Partitions whose record changed.
     pub parts: Vec<GroupId>,
+    /// The rebalancer's pause switch changed.
+    pub rebalance: bool,
+}
+
+impl Changed {
+    /// True if nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty() && self.parts.is_empty() && !self.rebalance
+    }
 }
 
 /// Membership commands of group 0 (inside [`crate::MetaCommand::Member`]).
@@ -404,6 +423,8 @@ pub enum MemberCommand {
         epoch: u64,
         leader: NodeId,
     },
+    /// Pauses (or resumes) the rebalancer's planning, for every group 0 leader to come.
+    SetRebalancePaused { paused: bool },
 }
 
 /// Answers of [`MemberCommand`]s.
@@ -460,6 +481,9 @@ pub(crate) fn node_key(id: NodeId) -> Vec<u8> {
 pub(crate) fn part_key(group: GroupId) -> Vec<u8> {
     [b"part\0".as_slice(), &group.to_be_bytes()].concat()
 }
+
+/// Group 0's key of the rebalancer's pause switch (a codec-encoded bool).
+pub(crate) const REBALANCE_KEY: &[u8] = b"rebalance";
 
 #[cfg(test)]
 mod tests {

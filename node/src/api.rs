@@ -30,6 +30,9 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/admin/cluster", get(cluster_status))
         .route("/v1/admin/nodes", get(list_nodes))
         .route("/v1/admin/nodes/{id}/remove", post(remove_node))
+        .route("/v1/admin/rebalance", get(rebalance_status))
+        .route("/v1/admin/rebalance/pause", post(pause_rebalance))
+        .route("/v1/admin/rebalance/resume", post(resume_rebalance))
         .route("/v1/admin/users", post(create_user).get(list_users))
         .route("/v1/admin/users/{user}/disable", post(disable_user))
         .route("/v1/admin/users/{user}/rotate-token", post(rotate_token))
@@ -297,6 +300,88 @@ struct NodeOut {
     preferred_leader_of: usize,
 }
 
+fn node_state_name(s: chatd_membership::NodeState) -> &'static str {
+    match s {
+        chatd_membership::NodeState::Joining => "joining",
+        chatd_membership::NodeState::Active => "active",
+        chatd_membership::NodeState::Draining => "draining",
+        chatd_membership::NodeState::Removed => "removed",
+    }
+}
+
+/// The rebalancer as group 0 and this node see it.
+async fn rebalance_status(State(node): State<Arc<Node>>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(m) = node.meta.membership() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_bootstrapped",
+            "group 0 has not reached this node yet; try again or ask another node",
+        );
+    };
+    let moves: Vec<MoveView> = m
+        .moves()
+        .map(|(group, mv, epoch)| MoveView {
+            group,
+            add: mv.add,
+            remove: mv.remove,
+            epoch,
+        })
+        .collect();
+    let planned: Vec<String> = chatd_membership::plan(&m, 8)
+        .into_iter()
+        .map(|s| match s {
+            chatd_membership::Step::Move {
+                group, add, remove, ..
+            } => format!("move partition {group}: node {remove} -> node {add}"),
+            chatd_membership::Step::PreferLeader { group, leader, .. } => {
+                format!("prefer node {leader} as leader of partition {group}")
+            }
+        })
+        .collect();
+    let r = &node.rebalancer;
+    Json(serde_json::json!({
+        "answered_by": node.id,
+        "paused": m.rebalance_paused,
+        "moves": moves,
+        "planned": planned,
+        "this_node": {
+            "leads_group_0": node.local_leader(chatd_membership::META_GROUP) == Some(node.id),
+            "moves_started": r.moves_started.load(Relaxed),
+            "moves_done": r.moves_done.load(Relaxed),
+            "moves_rolled_back": r.moves_rolled_back.load(Relaxed),
+            "move_seconds_total": r.move_ms_total.load(Relaxed) as f64 / 1000.0,
+        },
+    }))
+    .into_response()
+}
+
+/// Pauses or resumes the rebalancer (in group 0: every future leader obeys it).
+async fn set_rebalance(node: &Node, paused: bool) -> Response {
+    match node
+        .propose_member(chatd_membership::MemberCommand::SetRebalancePaused { paused })
+        .await
+    {
+        Ok(chatd_membership::MemberReply::Done { .. }) => {
+            Json(serde_json::json!({ "paused": paused })).into_response()
+        }
+        Ok(other) => error(StatusCode::CONFLICT, "refused", other.to_string()),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
+}
+
+async fn pause_rebalance(State(node): State<Arc<Node>>) -> Response {
+    set_rebalance(&node, true).await
+}
+
+async fn resume_rebalance(State(node): State<Arc<Node>>) -> Response {
+    set_rebalance(&node, false).await
+}
+
 /// The cluster's nodes from group 0 (removed ones too: their ids stay taken).
 async fn list_nodes(State(node): State<Arc<Node>>) -> Response {
     let Some(m) = node.meta.membership() else {
@@ -311,12 +396,7 @@ async fn list_nodes(State(node): State<Arc<Node>>) -> Response {
         .values()
         .map(|n| NodeOut {
             id: n.info.id,
-            state: match n.state {
-                chatd_membership::NodeState::Joining => "joining",
-                chatd_membership::NodeState::Active => "active",
-                chatd_membership::NodeState::Draining => "draining",
-                chatd_membership::NodeState::Removed => "removed",
-            },
+            state: node_state_name(n.state),
             api_addr: n.info.api_addr.clone(),
             cluster_addr: n.info.cluster_addr.clone(),
             replicas: m.hosted_by(n.info.id).len(),
@@ -846,6 +926,17 @@ pub struct NodeView {
     pub cluster_addr: String,
     pub reachable: bool,
     pub error: Option<String>,
+    /// joining, active, draining (removed nodes are not listed; see /v1/admin/nodes).
+    pub state: String,
+}
+
+/// A replica move in progress, as group 0 records it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MoveView {
+    pub group: GroupId,
+    pub add: NodeId,
+    pub remove: NodeId,
+    pub epoch: u64,
 }
 
 /// The admin view of the cluster.
@@ -856,9 +947,14 @@ pub struct ClusterView {
     pub metadata_bootstrapped: bool,
     pub nodes: Vec<NodeView>,
     pub partitions: Vec<PartitionView>,
+    /// Replica moves in progress.
+    pub moves: Vec<MoveView>,
+    /// Whether the rebalancer is paused.
+    pub rebalance_paused: bool,
 }
 
 async fn cluster_status(State(node): State<Arc<Node>>) -> Json<ClusterView> {
+    let membership = node.meta.membership();
     let ids: Vec<NodeId> = node.peers().keys().copied().collect();
     let statuses = futures::future::join_all(ids.iter().map(|id| node.peer_status(*id))).await;
     let mut nodes = Vec::new();
@@ -866,7 +962,13 @@ async fn cluster_status(State(node): State<Arc<Node>>) -> Json<ClusterView> {
     let mut leaders: BTreeMap<GroupId, (u64, NodeId)> = BTreeMap::new();
     for (id, status) in ids.iter().zip(statuses) {
         let Some(peer) = node.peer(*id) else { continue };
+        let state = membership
+            .as_ref()
+            .and_then(|m| m.state_of(*id))
+            .map_or("unknown", node_state_name)
+            .to_string();
         nodes.push(NodeView {
+            state,
             id: *id,
             api_addr: peer.api_addr.to_string(),
             cluster_addr: peer.cluster_addr.to_string(),
@@ -928,5 +1030,19 @@ async fn cluster_status(State(node): State<Arc<Node>>) -> Json<ClusterView> {
         metadata_bootstrapped: node.meta.current().is_some(),
         nodes,
         partitions,
+        moves: membership
+            .as_ref()
+            .map(|m| {
+                m.moves()
+                    .map(|(group, mv, epoch)| MoveView {
+                        group,
+                        add: mv.add,
+                        remove: mv.remove,
+                        epoch,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        rebalance_paused: membership.as_ref().is_some_and(|m| m.rebalance_paused),
     })
 }

@@ -166,16 +166,40 @@ pub async fn follow(
     node: Weak<Node>,
     mut rx: tokio::sync::watch::Receiver<Option<Arc<Membership>>>,
 ) {
+    let mut purged = false;
     loop {
         let current = rx.borrow_and_update().clone();
         {
             let Some(n) = node.upgrade() else { return };
             if let Some(m) = current {
+                if !purged {
+                    purged = true;
+                    purge_leftovers(&n, &m).await;
+                }
                 apply_membership(&n, &m).await;
             }
         }
         if rx.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// Deletes what is left of partitions placement no longer gives this node: a replica that
+/// moved away while the node was down (the move ended without it) is not opened at start,
+/// and its data would otherwise stay forever (and be stale if a move brings it back).
+async fn purge_leftovers(node: &Arc<Node>, m: &Membership) {
+    let wanted: BTreeSet<GroupId> = m.hosted_by(node.id).into_iter().collect();
+    let hosted: BTreeSet<GroupId> = node.registry.groups().into_iter().collect();
+    for group in
+        (1..=GroupId::from(m.partitions)).filter(|g| !wanted.contains(g) && !hosted.contains(g))
+    {
+        if !node.registry.has_local_state(group) {
+            continue;
+        }
+        match node.registry.remove_group(group).await {
+            Ok(()) => tracing::info!(group, "purged the data of a replica that moved away"),
+            Err(e) => tracing::error!(group, error = %e, "cannot purge a moved replica's data"),
         }
     }
 }

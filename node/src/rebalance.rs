@@ -9,7 +9,7 @@
 //! to the preferred leader. A move whose target stops being active is rolled back.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -43,7 +43,6 @@ const MOVE_RETRY_MS: u64 = 500;
 /// The rebalancer's state on one node (it acts only while the node leads group 0).
 #[derive(Default)]
 pub struct Rebalancer {
-    paused: AtomicBool,
     driving: parking_lot::Mutex<HashSet<GroupId>>,
     /// Removed nodes still in group 0: the leader's last index when first seen, and when.
     removed_seen: parking_lot::Mutex<std::collections::HashMap<NodeId, (u64, Instant)>>,
@@ -62,21 +61,6 @@ pub struct Rebalancer {
 }
 
 impl Rebalancer {
-    /// Stops planning new moves (moves in progress still finish).
-    pub fn pause(&self) {
-        self.paused.store(true, Ordering::SeqCst);
-    }
-
-    /// Plans moves again.
-    pub fn resume(&self) {
-        self.paused.store(false, Ordering::SeqCst);
-    }
-
-    /// True while paused.
-    pub fn paused(&self) -> bool {
-        self.paused.load(Ordering::SeqCst)
-    }
-
     /// Partitions whose move this node drives now.
     pub fn driving(&self) -> Vec<GroupId> {
         let mut v: Vec<GroupId> = self.driving.lock().iter().copied().collect();
@@ -124,7 +108,8 @@ pub async fn run(node: Weak<Node>) {
         // neither moves data, so a pause does not hold them.
         meta_voters(&n, &m).await;
         retire_drained(&n, &m).await;
-        if n.rebalancer.paused() {
+        // Paused in group 0 (`SetRebalancePaused`): no new moves, no leadership moves.
+        if m.rebalance_paused {
             continue;
         }
         if m.moves().count() == 0

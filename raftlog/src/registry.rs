@@ -564,6 +564,18 @@ impl Registry {
         Some((matched, m.last_log_index.unwrap_or(0)))
     }
 
+    /// True if the store holds any Raft state of `group` (a vote, or applied entries),
+    /// hosted or not: leftovers of a replica that moved away while the node was down.
+    pub fn has_local_state(&self, group: GroupId) -> bool {
+        use crate::keys::{meta_key, META_LAST_APPLIED, META_VOTE};
+        let present = |cf, key: &[u8]| matches!(self.store.get(cf, key), Ok(Some(_)));
+        present(chatd_storage::Cf::RaftMeta, &meta_key(group, META_VOTE))
+            || present(
+                chatd_storage::Cf::StateMeta,
+                &meta_key(group, META_LAST_APPLIED),
+            )
+    }
+
     /// The voters and learners of `group` in this node's view of its membership.
     pub fn membership_of(
         &self,

@@ -39,6 +39,24 @@ fn start(identity: &TlsIdentity, addr: SocketAddr, limits: TransportLimits) -> P
     Process { runtime, endpoint }
 }
 
+fn restart(identity: &TlsIdentity, addr: SocketAddr, limits: TransportLimits) -> Process {
+    let deadline = Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        match runtime.block_on(async { Endpoint::bind(addr, identity, limits, echo()) }) {
+            Ok(endpoint) => return Process { runtime, endpoint },
+            Err(e) => {
+                assert!(Instant::now() < deadline, "port never freed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    }
+}
+
 fn kill(p: Process) {
     // The driver tasks die with the runtime first, so nothing is sent; then the socket goes.
     p.runtime.shutdown_background();
@@ -75,7 +93,9 @@ fn a_restarted_peer_resets_stale_connections_at_once() {
     assert_eq!(&r[..], b"one");
 
     kill(first);
-    let second = start(&server_id, addr, limits);
+    // The killed runtime's threads may still hold the socket for a moment (a process's
+    // port is free once it exited): bind again until the port is free, bounded.
+    let second = restart(&server_id, addr, limits);
     let restarted = Instant::now();
     let mut failures = 0;
     loop {

@@ -96,9 +96,9 @@ fn cluster_status_against_a_real_node() {
         first,
         format!("cluster {cluster_id}  answered by node 1  metadata bootstrapped: yes")
     );
-    assert!(table.contains("\nNODES\n   ID  API  "), "{table}");
+    assert!(table.contains("\nNODES\n   ID  STATE   API  "), "{table}");
     assert!(table.contains(&format!(
-        "\n    1  {server}  127.0.0.1:{}  yes        -\n",
+        "\n    1  active  {server}  127.0.0.1:{}  yes        -\n",
         node.ports[0] + 1
     )));
     assert!(
