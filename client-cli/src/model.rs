@@ -25,10 +25,10 @@ pub struct ClusterView {
     /// Group 0 (metadata) and every partition.
     pub partitions: Vec<PartitionView>,
     /// Replica moves in progress (absent from servers before live membership).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub moves: Vec<MoveView>,
     /// Whether the rebalancer is paused.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rebalance_paused: bool,
 }
 
@@ -60,7 +60,7 @@ pub struct NodeView {
     #[serde(default)]
     pub error: Option<String>,
     /// Its membership state: joining, active, draining (absent from older servers).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
 }
 

@@ -127,7 +127,7 @@ fn colour_only_when_asked() {
     let coloured = render_cluster_status(&view(UNHEALTHY), true);
     assert!(!plain.contains('\x1b'));
     assert!(coloured.contains("\x1b[1;31m!      2       -"));
-    assert!(coloured.contains("\x1b[1;31m!   3  127.0.0.1:7020"));
+    assert!(coloured.contains("\x1b[1;31m!   3  draining  127.0.0.1:7020"));
     // Healthy rows are not coloured.
     assert!(coloured.contains("\n       0       1     4"));
     // Without the escapes it is the plain text.

@@ -777,7 +777,7 @@ async fn read_records(
     Path(group): Path<GroupId>,
     Query(q): Query<ReadQuery>,
 ) -> Response {
-    if node.registry.get(group).is_none() {
+    if !node.registry.hosts(group) {
         return error(
             StatusCode::NOT_FOUND,
             "not_hosted",
@@ -841,7 +841,7 @@ struct DigestOut {
 
 /// A digest of every committed record of a partition on this node.
 async fn digest(State(node): State<Arc<Node>>, Path(group): Path<GroupId>) -> Response {
-    if node.registry.get(group).is_none() {
+    if !node.registry.hosts(group) {
         return error(
             StatusCode::NOT_FOUND,
             "not_hosted",
@@ -977,7 +977,7 @@ async fn cluster_status(State(node): State<Arc<Node>>) -> Json<ClusterView> {
         });
         let Ok(status) = status else { continue };
         for g in status.groups {
-            if g.role == "Leader" {
+            if g.is_leader() {
                 let e = leaders.entry(g.group).or_insert((g.term, *id));
                 if g.term >= e.0 {
                     *e = (g.term, *id);

@@ -88,12 +88,7 @@ pub async fn bench_log(spec: &BenchSpec) -> anyhow::Result<BenchResult> {
             while !stop.load(Ordering::Relaxed) {
                 let group = 1 + i % partitions;
                 i += 7919;
-                let leader = nodes.iter().find(|n| {
-                    n.registry
-                        .get(group)
-                        .map(|r| r.metrics().borrow().current_leader == Some(n.id))
-                        .unwrap_or(false)
-                });
+                let leader = nodes.iter().find(|n| n.registry.leads(group));
                 let Some(node) = leader else {
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     continue;

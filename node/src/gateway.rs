@@ -343,11 +343,7 @@ impl Gateway {
 pub async fn run_delivery(node: Weak<Node>, mut rx: mpsc::Receiver<(u64, Vec<ChatEvent>)>) {
     while let Some((group, events)) = rx.recv().await {
         let Some(n) = node.upgrade() else { return };
-        let leads = n
-            .registry
-            .get(group)
-            .map(|r| r.metrics().borrow().current_leader == Some(n.id))
-            .unwrap_or(false);
+        let leads = n.registry.leads(group);
         if !leads {
             continue;
         }

@@ -17,7 +17,6 @@ use chatd_raftlog::{
 use chatd_storage::{NodeIdentity, Storage};
 use chatd_transport::{Endpoint, PeerInfo, TlsIdentity, TransportError, TransportLimits};
 use futures::future::BoxFuture;
-use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, Peer, SectionOptions};
@@ -357,9 +356,9 @@ impl Node {
             }
         };
         registry.open_group(META_GROUP, meta.clone()).await?;
-        let all_voters: BTreeMap<NodeId, BasicNode> = peers
+        let all_voters: BTreeMap<NodeId, String> = peers
             .values()
-            .map(|p| (p.id, BasicNode::new(p.cluster_addr.to_string())))
+            .map(|p| (p.id, p.cluster_addr.to_string()))
             .collect();
         let mut inits = Vec::new();
         if bootstrap_table.is_some() {
@@ -383,7 +382,7 @@ impl Node {
                     .replicas
                     .iter()
                     .filter_map(|r| peers.get(r))
-                    .map(|p| (p.id, BasicNode::new(p.cluster_addr.to_string())))
+                    .map(|p| (p.id, p.cluster_addr.to_string()))
                     .collect();
                 inits.push((group, voters, a.replicas.first() == Some(&id)));
             }
@@ -637,11 +636,7 @@ impl Node {
                 .filter(|g| counts(*g))
                 .all(|g| {
                     let g = &g;
-                    let has_leader = self
-                        .registry
-                        .get(*g)
-                        .map(|r| r.metrics().borrow().current_leader.is_some())
-                        .unwrap_or(false);
+                    let has_leader = self.registry.leader(*g).is_some();
                     // A leader it knows of is not enough after a restart (its persisted vote
                     // names the old one): the leader must actually reach this replica.
                     has_leader && self.registry.rejoined(*g)
@@ -681,9 +676,7 @@ impl Node {
 
     /// The leader of `group` in this node's own Raft view.
     pub fn local_leader(&self, group: GroupId) -> Option<NodeId> {
-        self.registry
-            .get(group)
-            .and_then(|r| r.metrics().borrow().current_leader)
+        self.registry.leader(group)
     }
 
     /// True once a drain has started.
@@ -696,11 +689,7 @@ impl Node {
         self.registry
             .groups()
             .into_iter()
-            .filter(|g| {
-                self.registry
-                    .get(*g)
-                    .is_some_and(|r| r.metrics().borrow().current_leader == Some(self.id))
-            })
+            .filter(|g| self.registry.leads(*g))
             .collect()
     }
 
@@ -720,8 +709,8 @@ impl Node {
             NodeRequest::Query { group, query } => {
                 let leads = self
                     .registry
-                    .get(group)
-                    .map(|r| r.metrics().borrow().current_leader);
+                    .hosts(group)
+                    .then(|| self.registry.leader(group));
                 match leads {
                     None => NodeReply::NotLeader { leader: None },
                     Some(l) if l != Some(self.id) => NodeReply::NotLeader { leader: l },
@@ -753,12 +742,9 @@ impl Node {
             NodeRequest::Elect { .. } if self.draining() => {
                 NodeReply::Failed(format!("node {} is draining", self.id))
             }
-            NodeRequest::Elect { group } => match self.registry.get(group) {
-                None => NodeReply::Failed(format!("node {} does not host group {group}", self.id)),
-                Some(raft) => match raft.trigger().elect().await {
-                    Ok(()) => NodeReply::Delivered,
-                    Err(e) => NodeReply::Failed(e.to_string()),
-                },
+            NodeRequest::Elect { group } => match self.registry.campaign(group).await {
+                Ok(()) => NodeReply::Delivered,
+                Err(e) => NodeReply::Failed(format!("node {}: {e}", self.id)),
             },
             NodeRequest::HoldElections { group, ms } => {
                 if self
@@ -892,11 +878,9 @@ impl Node {
 
     fn leader_hint(&self, group: GroupId, avoid: &HashSet<NodeId>) -> Option<NodeId> {
         // A replica's own Raft view is fresher than any hint: it changes with each election.
-        if let Some(raft) = self.registry.get(group) {
-            if let Some(l) = raft.metrics().borrow().current_leader {
-                if !avoid.contains(&l) {
-                    return Some(l);
-                }
+        if let Some(l) = self.registry.leader(group) {
+            if !avoid.contains(&l) {
+                return Some(l);
             }
         }
         if let Some(l) = self.routing.leader(group).filter(|l| !avoid.contains(l)) {
@@ -938,22 +922,9 @@ impl Node {
     /// read began: reads after it see every write acknowledged before it (linearizable).
     /// Bounded by [`READ_INDEX_TIMEOUT_MS`].
     async fn read_index(&self, group: GroupId) -> Result<(), String> {
-        let raft = self
-            .registry
-            .get(group)
-            .ok_or_else(|| format!("group {group} not hosted"))?;
-        match tokio::time::timeout(
-            Duration::from_millis(READ_INDEX_TIMEOUT_MS),
-            raft.ensure_linearizable(),
-        )
-        .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!(
-                "no quorum answer within {READ_INDEX_TIMEOUT_MS} ms"
-            )),
-        }
+        self.registry
+            .read_index(group, Duration::from_millis(READ_INDEX_TIMEOUT_MS))
+            .await
     }
 
     /// Runs `query` on the leader of `group` (reads see every acknowledged write).
@@ -1082,8 +1053,7 @@ impl Node {
     /// it, and reaches no majority of its replicas (itself included), as the Raft RPCs of
     /// all groups see the peers: asking around would only time out.
     fn cut_off_from(&self, group: GroupId) -> Option<Vec<NodeId>> {
-        let raft = self.registry.get(group)?;
-        if raft.metrics().borrow().current_leader.is_some() {
+        if !self.registry.hosts(group) || self.registry.leader(group).is_some() {
             return None;
         }
         let replicas = self.replicas_of(group)?;
@@ -1109,20 +1079,17 @@ impl Node {
         target: NodeId,
         call: impl std::future::Future<Output = Result<NodeReply, CallError>>,
     ) -> Result<NodeReply, CallError> {
-        let Some(raft) = self.registry.get(group) else {
+        let Some(mut leadership) = self.registry.watch_leadership(group) else {
             return call.await;
         };
-        let mut metrics = raft.metrics();
-        let term_at_send = metrics.borrow().current_term;
+        let (term_at_send, _) = leadership.current();
         let moved_on = async move {
             loop {
-                {
-                    let m = metrics.borrow_and_update();
-                    if m.current_term > term_at_send && m.current_leader != Some(target) {
-                        return (m.current_term, m.current_leader);
-                    }
+                let (term, leader) = leadership.current();
+                if term > term_at_send && leader != Some(target) {
+                    return (term, leader);
                 }
-                if metrics.changed().await.is_err() {
+                if !leadership.changed().await {
                     // The group stopped here: only the call itself can end.
                     std::future::pending::<()>().await;
                 }
@@ -1282,11 +1249,7 @@ impl Node {
     /// campaign is seen lost (it is a follower again in a newer term) or another node
     /// leads, so a caller can try the next candidate at once.
     async fn campaign_and_wait(&self, group: GroupId, to: NodeId) -> Result<NodeId, String> {
-        let term_before = self
-            .registry
-            .get(group)
-            .map(|r| r.metrics().borrow().current_term)
-            .unwrap_or(0);
+        let term_before = self.registry.term(group);
         let reply = if to == self.id {
             self.serve(NodeRequest::Elect { group }).await
         } else {
@@ -1305,13 +1268,9 @@ impl Node {
         let deadline = Instant::now() + self.propose_timeout;
         loop {
             // Someone other than the target leads in a newer term: the campaign was lost.
-            let newer_leader = self.registry.get(group).and_then(|r| {
-                let m = r.metrics();
-                let m = m.borrow();
-                (m.current_term > term_before)
-                    .then_some(m.current_leader)
-                    .flatten()
-            });
+            let newer_leader = (self.registry.term(group) > term_before)
+                .then(|| self.registry.leader(group))
+                .flatten();
             if let Some(other) = newer_leader.filter(|l| *l != to) {
                 return Err(format!(
                     "node {other} took over {group} instead of node {to}"
@@ -1319,11 +1278,11 @@ impl Node {
             }
             if let Ok(s) = self.peer_status(to).await {
                 if let Some(g) = s.groups.iter().find(|g| g.group == group) {
-                    if g.role == "Leader" {
+                    if g.is_leader() {
                         self.routing.update(group, Some(to));
                         return Ok(to);
                     }
-                    if g.role == "Follower" && g.term > term_before && g.leader != Some(to) {
+                    if g.is_follower() && g.term > term_before && g.leader != Some(to) {
                         return Err(format!(
                             "node {to} lost its campaign for {group} (term {})",
                             g.term

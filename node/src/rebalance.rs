@@ -305,7 +305,7 @@ async fn prefer_leaders(node: &Arc<Node>, m: &chatd_membership::Membership) {
     for (id, status) in ids.iter().zip(statuses) {
         let Ok(status) = status else { continue };
         reachable.insert(*id);
-        for g in status.groups.iter().filter(|g| g.role == "Leader") {
+        for g in status.groups.iter().filter(|g| g.is_leader()) {
             let e = leaders.entry(g.group).or_insert((g.term, *id));
             if g.term >= e.0 {
                 *e = (g.term, *id);

@@ -239,11 +239,7 @@ async fn wait_ready(node: &Node, sd: &Notifier) {
             let groups = node.registry.groups();
             let led = groups
                 .iter()
-                .filter(|g| {
-                    node.registry
-                        .get(**g)
-                        .is_some_and(|r| r.metrics().borrow().current_leader.is_some())
-                })
+                .filter(|g| node.registry.leader(**g).is_some())
                 .count();
             let status = format!(
                 "recovering: {led} of {} hosted groups have a leader, metadata {}",

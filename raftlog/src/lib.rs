@@ -34,7 +34,9 @@ pub use log_store::LogStore;
 pub use network::{
     NetworkFactory, PeerHealth, RaftReply, RaftRequest, RAFT_SERVICE_TAG, UNREACHABLE_BACKOFF_MS,
 };
-pub use registry::{GroupStatus, Registry, ELECTION_HOLD_MS_MAX, HANDOVER_CATCH_UP_MS_MAX};
+pub use registry::{
+    GroupStatus, LeadershipWatch, Registry, ELECTION_HOLD_MS_MAX, HANDOVER_CATCH_UP_MS_MAX,
+};
 pub use state_machine::{read_record, scan_records, Applier, ApplyTxn, StateMachine};
 
 /// A node's id in the cluster.

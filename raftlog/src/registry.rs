@@ -42,6 +42,36 @@ pub struct GroupStatus {
     pub voters: Vec<NodeId>,
 }
 
+impl GroupStatus {
+    /// True if this replica leads the group.
+    pub fn is_leader(&self) -> bool {
+        self.role == "Leader"
+    }
+
+    /// True if this replica follows a leader (or waits for one) as a voter.
+    pub fn is_follower(&self) -> bool {
+        self.role == "Follower"
+    }
+}
+
+/// A group's leadership as one replica sees it, changing with each election.
+pub struct LeadershipWatch {
+    metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, BasicNode>>,
+}
+
+impl LeadershipWatch {
+    /// The current (term, leader).
+    pub fn current(&mut self) -> (u64, Option<NodeId>) {
+        let m = self.metrics.borrow_and_update();
+        (m.current_term, m.current_leader)
+    }
+
+    /// Waits for the next change; `false` once the group stopped on this node.
+    pub async fn changed(&mut self) -> bool {
+        self.metrics.changed().await.is_ok()
+    }
+}
+
 /// The groups hosted by one node.
 pub struct Registry {
     node_id: NodeId,
@@ -274,8 +304,12 @@ impl Registry {
     pub async fn initialize(
         &self,
         group: GroupId,
-        members: BTreeMap<NodeId, BasicNode>,
+        members: BTreeMap<NodeId, String>,
     ) -> Result<(), RaftlogError> {
+        let members: BTreeMap<NodeId, BasicNode> = members
+            .into_iter()
+            .map(|(id, addr)| (id, BasicNode::new(addr)))
+            .collect();
         let raft = self.get(group).ok_or_else(|| RaftlogError::Start {
             group,
             cause: "group not opened".into(),
@@ -648,6 +682,70 @@ impl Registry {
 
     fn hosted(&self, group: GroupId) -> Option<Hosted> {
         self.groups.read().get(&group).cloned()
+    }
+
+    /// The leader of `group` in this replica's view (`None`: not hosted, or no leader known).
+    pub fn leader(&self, group: GroupId) -> Option<NodeId> {
+        self.hosted(group)?.raft.metrics().borrow().current_leader
+    }
+
+    /// True if this node leads `group` in its own view.
+    pub fn leads(&self, group: GroupId) -> bool {
+        self.leader(group) == Some(self.node_id)
+    }
+
+    /// The current term of `group` here (0 if not hosted).
+    pub fn term(&self, group: GroupId) -> u64 {
+        self.hosted(group)
+            .map_or(0, |h| h.raft.metrics().borrow().current_term)
+    }
+
+    /// Follows `group`'s leadership as this replica sees it.
+    pub fn watch_leadership(&self, group: GroupId) -> Option<LeadershipWatch> {
+        Some(LeadershipWatch {
+            metrics: self.hosted(group)?.raft.metrics(),
+        })
+    }
+
+    /// Asks this replica of `group` to campaign now (a leadership transfer); a leader
+    /// ignores it.
+    pub async fn campaign(&self, group: GroupId) -> Result<(), RaftlogError> {
+        let hosted = self.hosted(group).ok_or(RaftlogError::Start {
+            group,
+            cause: "not hosted on this node".into(),
+        })?;
+        hosted
+            .raft
+            .trigger()
+            .elect()
+            .await
+            .map_err(|e| RaftlogError::Start {
+                group,
+                cause: e.to_string(),
+            })
+    }
+
+    /// True if this node hosts `group`.
+    pub fn hosts(&self, group: GroupId) -> bool {
+        self.groups.read().contains_key(&group)
+    }
+
+    /// Confirms this node still leads `group` with a quorum (a heartbeat round) and waits
+    /// until everything committed so far is applied here: a read after it sees every
+    /// acknowledged write. At most `within`.
+    pub async fn read_index(
+        &self,
+        group: GroupId,
+        within: std::time::Duration,
+    ) -> Result<(), String> {
+        let hosted = self
+            .hosted(group)
+            .ok_or_else(|| format!("group {group} not hosted"))?;
+        match tokio::time::timeout(within, hosted.raft.ensure_linearizable()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no quorum answer within {} ms", within.as_millis())),
+        }
     }
 
     /// The group's handle, if this node hosts it.

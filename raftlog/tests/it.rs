@@ -107,7 +107,7 @@ async fn start_single(dir: &Path, ca: &ClusterCa, applier: Arc<Counter>) -> Sing
     let _ = slot.set(registry.clone());
     registry.open_group(1, applier).await.unwrap();
     let addr = endpoint.local_addr().unwrap().to_string();
-    let members = BTreeMap::from([(1, openraft::BasicNode::new(addr))]);
+    let members = BTreeMap::from([(1, addr)]);
     registry.initialize(1, members).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while registry.get(1).unwrap().metrics().borrow().current_leader != Some(1) {

@@ -617,3 +617,56 @@ async fn membership_kill_9_during_moves_of_the_rebalancer_target_and_source_lose
         seen.longest_gap.as_millis()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn membership_a_node_with_another_clusters_certificate_is_not_admitted() {
+    let mut c = Cluster::init(3, &[]);
+    c.start_all();
+    c.wait_ready(READY).await;
+    // Its certificate and CA come from another cluster's `cluster init`; its seeds are
+    // this cluster's nodes.
+    let other = Cluster::init(1, &[]);
+    let dir = c.path().join("intruder");
+    let out = std::process::Command::new(crate::harness::CHATD)
+        .args(["cluster", "add-node", "--ca-dir"])
+        .arg(other.path())
+        .arg("--seed-config")
+        .arg(&c.node(1).config)
+        .args(["--id", "4", "--api-port"])
+        .arg(crate::harness::free_base_port(1).to_string())
+        .arg("--out")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = dir.join("chatd.log");
+    let mut child = std::process::Command::new(crate::harness::CHATD)
+        .args(["run", "--config"])
+        .arg(dir.join("chatd.toml"))
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // It keeps failing to reach any seed (mutual TLS refuses it both ways).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.matches("join attempt failed").count() >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed join attempts logged: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let nodes = nodes_via(&c, 1).await;
+    assert_eq!(nodes.len(), 3, "nothing admitted: {nodes:?}");
+    assert!(nodes.iter().all(|n| n["id"] != 4));
+}
