@@ -53,6 +53,18 @@ pub enum PartitionCommand {
         #[arg(long, value_name = "NODE")]
         to: u64,
     },
+    /// Move a partition's replica from one node to another (an active node that holds no
+    /// replica of it); group 0's leader copies it, swaps it in and deletes the old one.
+    Move {
+        /// The partition (Raft group) number.
+        group: u64,
+        /// The node that gives its replica up.
+        #[arg(long, value_name = "NODE")]
+        from: u64,
+        /// The node that gets the replica.
+        #[arg(long, value_name = "NODE")]
+        to: u64,
+    },
 }
 
 /// `admin node` commands.
@@ -387,6 +399,19 @@ pub async fn partition(
             Ok(format!(
                 "partition {}: leader is now node {}\n",
                 t.group, t.leader
+            ))
+        }
+        PartitionCommand::Move { group, from, to } => {
+            let path = api_path("v1/admin/partitions", &[&group.to_string(), "move"]);
+            let raw = client
+                .post_json(&path, Some(&serde_json::json!({ "from": from, "to": to })))
+                .await?;
+            if cli.json {
+                return Ok(pretty(&raw));
+            }
+            Ok(format!(
+                "partition {group}: moving its replica from node {from} to node {to}; follow \
+                 with `chat-cli admin rebalance status`\n"
             ))
         }
     }

@@ -163,7 +163,7 @@ pub enum AdminCommand {
         #[command(subcommand)]
         command: admin::ChatCommand,
     },
-    /// Partitions: move leadership.
+    /// Partitions: move leadership or a replica.
     Partition {
         /// What to do with a partition.
         #[command(subcommand)]

@@ -41,6 +41,7 @@ pub fn router(node: Arc<Node>) -> Router {
             "/v1/admin/partitions/{group}/transfer",
             post(transfer_leader),
         )
+        .route("/v1/admin/partitions/{group}/move", post(move_replica))
         .route(
             "/v1/admin/partitions/{group}/records",
             post(append_record).get(read_records),
@@ -614,6 +615,56 @@ async fn inspect_chat(State(node): State<Arc<Node>>, Path(chat): Path<String>) -
 #[derive(Deserialize)]
 struct TransferReq {
     to: NodeId,
+}
+
+#[derive(Deserialize)]
+struct MoveReq {
+    from: NodeId,
+    to: NodeId,
+}
+
+/// Records a move of `group`'s replica from one node to another; group 0's leader drives
+/// it like its own moves. Answers at once (202); `GET /v1/admin/rebalance` follows it.
+async fn move_replica(
+    State(node): State<Arc<Node>>,
+    Path(group): Path<GroupId>,
+    Json(req): Json<MoveReq>,
+) -> Response {
+    let Some(m) = node.meta.membership() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_bootstrapped",
+            "group 0 has not reached this node yet",
+        );
+    };
+    let Some(part) = m.part(group) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "unknown_partition",
+            format!("no partition {group}"),
+        );
+    };
+    let cmd = chatd_membership::MemberCommand::BeginMove {
+        group,
+        epoch: part.epoch,
+        add: req.to,
+        remove: req.from,
+    };
+    match node.propose_member(cmd).await {
+        Ok(chatd_membership::MemberReply::Done { epoch }) => (
+            StatusCode::ACCEPTED,
+            Json(
+                serde_json::json!({"group": group, "from": req.from, "to": req.to, "epoch": epoch}),
+            ),
+        )
+            .into_response(),
+        Ok(refused) => error(StatusCode::CONFLICT, "refused", refused.to_string()),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
 }
 
 /// Moves a partition's leadership to another of its replicas.

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod auth;
 pub mod bench;
+pub mod bench_move;
 pub mod config;
 pub mod demo;
 pub mod gateway;

@@ -433,6 +433,7 @@ async fn step(
     mv: ReplicaMove,
     target: &[NodeId],
 ) -> Result<(), String> {
+    let started = Instant::now();
     let addr = node
         .peer(mv.add)
         .ok_or_else(|| format!("node {} has no address", mv.add))?
@@ -441,6 +442,12 @@ async fn step(
     node.add_learner(group, mv.add, addr)
         .await
         .map_err(|e| format!("add learner: {e}"))?;
+    tracing::info!(
+        group,
+        add = mv.add,
+        ms = started.elapsed().as_millis() as u64,
+        "rebalance: learner added"
+    );
     // The replica that leaves hands its leadership over first: clients see a handover,
     // not an election.
     if node.leader_of(group).await == Some(mv.remove) {
@@ -467,6 +474,11 @@ async fn step(
         )
         .await
         .map_err(|e| format!("change voters: {e}"))?;
+    tracing::info!(
+        group,
+        ms = started.elapsed().as_millis() as u64,
+        "rebalance: voters changed"
+    );
     match reply {
         NodeReply::Proposed { .. } => Ok(()),
         other => Err(format!("change voters: unexpected reply {other:?}")),

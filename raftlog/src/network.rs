@@ -7,7 +7,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use chatd_transport::{Endpoint, TransportError};
 use openraft::error::{
-    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+    InstallSnapshotError, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError,
+    Unreachable,
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -69,6 +70,20 @@ pub(crate) fn encode_request(envelope: &RaftEnvelope) -> Result<Bytes, chatd_cod
 /// (openraft retries after it). Short: a restarted peer must hear from its leaders well
 /// within its election timeout.
 pub const UNREACHABLE_BACKOFF_MS: u64 = 200;
+
+/// Largest AppendEntries frame sent with more than one entry: a bigger one is cut (openraft
+/// is told the payload is too large and sends fewer entries), so each RPC arrives and is
+/// synced within openraft's per-RPC time (one heartbeat interval) and a far-behind replica
+/// catches up at the link's pace. A single entry is sent whatever its size (≤ 1 MiB plus
+/// framing: the batcher's `BATCH_BYTES_MAX`).
+pub const APPEND_RPC_BYTES_MAX: usize = 1 << 20;
+
+/// How many entries to send instead when `entries` entries make a frame of `frame_bytes`
+/// above [`APPEND_RPC_BYTES_MAX`] (`None`: send it as it is; one entry always goes).
+fn fewer_entries(entries: u64, frame_bytes: usize) -> Option<u64> {
+    (entries > 1 && frame_bytes > APPEND_RPC_BYTES_MAX)
+        .then(|| (entries * APPEND_RPC_BYTES_MAX as u64 / frame_bytes as u64).clamp(1, entries - 1))
+}
 
 /// Whether each peer answers Raft RPCs, as all groups together see it. Every group's RPC
 /// outcome is recorded here, and only a change is logged: a peer's loss once (WARN) and its
@@ -190,20 +205,32 @@ pub struct Network {
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
 
 impl Network {
+    fn encode<E: std::error::Error>(&self, request: RaftRequest) -> Result<Bytes, RpcErr<E>> {
+        encode_request(&RaftEnvelope {
+            group: self.group,
+            request,
+        })
+        .map_err(|e| RPCError::Network(NetworkError::new(&e)))
+    }
+
     async fn send<E: std::error::Error>(
         &self,
         request: RaftRequest,
+        ttl: Duration,
+    ) -> Result<RaftReply, RpcErr<E>> {
+        let frame = self.encode(request)?;
+        self.send_frame(frame, ttl).await
+    }
+
+    async fn send_frame<E: std::error::Error>(
+        &self,
+        frame: Bytes,
         ttl: Duration,
     ) -> Result<RaftReply, RpcErr<E>> {
         let addr = match &self.addr {
             Ok(a) => *a,
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(e))),
         };
-        let frame = encode_request(&RaftEnvelope {
-            group: self.group,
-            request,
-        })
-        .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         let reply = self.endpoint.call_with_timeout(addr, frame, ttl).await;
         self.health.record(
             self.target,
@@ -259,10 +286,19 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
-        match self
-            .send(RaftRequest::Append(rpc), option.hard_ttl())
-            .await?
-        {
+        let entries = rpc.entries.len() as u64;
+        let frame = self.encode(RaftRequest::Append(rpc))?;
+        // openraft sends up to `append_entries_max` entries per RPC and gives it one
+        // heartbeat interval; batched entries can make that many megabytes, which never
+        // arrive and sync in time (a far-behind follower, or a new replica, would not
+        // catch up) or exceed the frame bound. Ask for fewer entries instead: openraft
+        // retries at once with the hint.
+        if let Some(hint) = fewer_entries(entries, frame.len()) {
+            return Err(RPCError::PayloadTooLarge(
+                PayloadTooLarge::new_entries_hint(hint),
+            ));
+        }
+        match self.send_frame(frame, option.hard_ttl()).await? {
             RaftReply::Append(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.unexpected()),
         }
@@ -291,5 +327,30 @@ impl RaftNetwork<TypeConfig> for Network {
             RaftReply::Vote(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.unexpected()),
         }
+    }
+}
+
+#[cfg(test)]
+mod append_bound_tests {
+    use super::*;
+
+    #[test]
+    fn append_frames_above_the_bound_ask_for_fewer_entries() {
+        const MAX: usize = APPEND_RPC_BYTES_MAX;
+        assert_eq!(fewer_entries(512, MAX), None, "at the bound: sent");
+        assert_eq!(fewer_entries(512, MAX + 1), Some(511));
+        assert_eq!(fewer_entries(512, 4 * MAX), Some(128));
+        assert_eq!(
+            fewer_entries(512, 1000 * MAX),
+            Some(1),
+            "at least one entry"
+        );
+        assert_eq!(fewer_entries(2, 64 * MAX), Some(1));
+        assert_eq!(
+            fewer_entries(1, 64 * MAX),
+            None,
+            "a single entry always goes"
+        );
+        assert_eq!(fewer_entries(0, 0), None);
     }
 }
