@@ -648,6 +648,9 @@ pub async fn tail(cli: &Cli, args: &TailArgs) -> Result<String, CliError> {
                 if conn.close_code() == Some(chatd_proto::close::UNAUTHORIZED) {
                     return Err(CliError::TokenRefused(ws::USER_TOKEN_REFUSED.to_string()));
                 }
+                if conn.close_code() == Some(chatd_proto::close::REVOKED) {
+                    return Err(CliError::TokenRefused(ws::USER_TOKEN_REVOKED.to_string()));
+                }
                 match reconnect(cli, &why, &mut stop).await? {
                     Some(c) => conn = c,
                     None => return Ok(String::new()),

@@ -795,6 +795,9 @@ pub async fn run(cli: &Cli, args: &ChatArgs) -> Result<String, CliError> {
                 if conn.close_code() == Some(chatd_proto::close::UNAUTHORIZED) {
                     return Err(CliError::TokenRefused(ws::USER_TOKEN_REFUSED.to_string()));
                 }
+                if conn.close_code() == Some(chatd_proto::close::REVOKED) {
+                    return Err(CliError::TokenRefused(ws::USER_TOKEN_REVOKED.to_string()));
+                }
                 s.screen.line(format!("chat-cli: {why}; reconnecting"));
                 conn = match messaging::reconnect(cli, &why, &mut stop).await? {
                     Some(c) => c,

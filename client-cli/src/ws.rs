@@ -41,6 +41,10 @@ pub const NO_USER_TOKEN: &str =
 pub const USER_TOKEN_REFUSED: &str =
     "the token was refused (unknown or disabled user, or not a user token); pass --token or set CHATD_TOKEN";
 
+/// Said when the server ends a session because its token stopped working (close 4004).
+pub const USER_TOKEN_REVOKED: &str =
+    "the server ended the session: this token was revoked (the user was disabled or its token rotated); ask an operator for a new token";
+
 /// The WebSocket URL of the node at `server`: `http` becomes `ws`, `https` `wss`, and
 /// `v1/ws` is appended to the base path.
 pub fn ws_url(server: &str) -> Result<Url, CliError> {
@@ -118,6 +122,7 @@ pub fn close_reason_name(code: u16) -> &'static str {
         close::BAD_FRAME => "bad frame",
         close::IDLE => "idle",
         close::GOING_AWAY => "node going away",
+        close::REVOKED => "token revoked",
         1000 => "normal closure",
         _ => "closed",
     }
@@ -206,6 +211,9 @@ impl Connection {
             // Closed with 4001 before its `unauthorized` frame was read: the same refusal.
             Err(_) if conn.close_code == Some(chatd_proto::close::UNAUTHORIZED) => {
                 return Err(CliError::TokenRefused(USER_TOKEN_REFUSED.to_string()))
+            }
+            Err(_) if conn.close_code == Some(chatd_proto::close::REVOKED) => {
+                return Err(CliError::TokenRefused(USER_TOKEN_REVOKED.to_string()))
             }
             Err(e) => return Err(e),
         };

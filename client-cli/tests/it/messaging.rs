@@ -392,11 +392,45 @@ fn messaging_commands_against_a_three_node_cluster() {
     let out = chat_cli(&["--config", "/nonexistent/cli.toml", "sync"]);
     fails(&out, 1, "cannot read config file");
 
-    // Disabling a user: its token stops working for new connections.
+    // Disabling a user: its token stops working for new connections, and a session it has
+    // open (a running `tail`) is ended by the server with 4004: chat-cli says so and exits 4.
+    let mut carol_tail =
+        chat_cli_cmd(&["--server", n2, "--token", &carol, "--json", "tail", &group])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn tail");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let p = json_ok(&[
+            "--server", n1, "--token", &alice, "--json", "presence", "carol",
+        ]);
+        if p[0]["online"] == true {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "carol (tailing) never showed online"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let v = json_ok(&[
         "--server", n3, "--token", &admin, "--json", "admin", "users", "disable", "carol",
     ]);
     assert_eq!(v["disabled"], true);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = carol_tail.try_wait().expect("tail status") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "carol's tail still runs");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut carol_tail.stderr.take().expect("stderr"), &mut err)
+        .unwrap();
+    assert_eq!(status.code(), Some(4), "{err}");
+    assert!(err.contains("revoked"), "{err}");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let out = chat_cli(&["--server", n1, "--token", &carol, "--json", "sync"]);
