@@ -460,25 +460,36 @@ async fn step(
             .await
             .map_err(|e| format!("leadership off node {}: {e}", mv.remove))?;
     }
-    let voters = target.to_vec();
+    change_voters(node, group, target, &[]).await?;
+    tracing::info!(
+        group,
+        ms = started.elapsed().as_millis() as u64,
+        "rebalance: voters changed"
+    );
+    Ok(())
+}
+
+/// On `group`'s leader, wherever it is: makes `voters` the voters once the new ones caught
+/// up, and removes the learners in `drop`.
+async fn change_voters(
+    node: &Node,
+    group: GroupId,
+    voters: &[NodeId],
+    drop: &[NodeId],
+) -> Result<(), String> {
     let (_, reply) = node
         .call_leader_within(
             group,
             Duration::from_millis(MOVE_CATCH_UP_MS_MAX + 5_000),
             |_| NodeRequest::ChangeVoters {
                 group,
-                voters: voters.clone(),
-                drop: Vec::new(),
+                voters: voters.to_vec(),
+                drop: drop.to_vec(),
                 catch_up_ms: MOVE_CATCH_UP_MS_MAX,
             },
         )
         .await
         .map_err(|e| format!("change voters: {e}"))?;
-    tracing::info!(
-        group,
-        ms = started.elapsed().as_millis() as u64,
-        "rebalance: voters changed"
-    );
     match reply {
         NodeReply::Proposed { .. } => Ok(()),
         other => Err(format!("change voters: unexpected reply {other:?}")),
@@ -493,20 +504,8 @@ async fn roll_back(
     epoch: u64,
     replicas: &[NodeId],
 ) -> Option<bool> {
-    let voters = replicas.to_vec();
     for _ in 0..MOVE_ATTEMPTS_MAX {
-        let restored = node
-            .call_leader_within(
-                group,
-                Duration::from_millis(MOVE_CATCH_UP_MS_MAX + 5_000),
-                |_| NodeRequest::ChangeVoters {
-                    group,
-                    voters: voters.clone(),
-                    drop: vec![mv.add],
-                    catch_up_ms: MOVE_CATCH_UP_MS_MAX,
-                },
-            )
-            .await;
+        let restored = change_voters(node, group, replicas, &[mv.add]).await;
         if let Err(e) = restored {
             tracing::warn!(group, ?mv, error = %e, "rebalance: roll back not applied yet");
             tokio::time::sleep(Duration::from_millis(MOVE_RETRY_MS)).await;

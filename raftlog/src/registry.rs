@@ -457,12 +457,7 @@ impl Registry {
             .await
         {
             Ok(resp) => Ok(resp.log_id.index),
-            Err(openraft::error::RaftError::APIError(
-                openraft::error::ClientWriteError::ForwardToLeader(f),
-            )) => Err(ProposeError::NotLeader {
-                leader: f.leader_id,
-            }),
-            Err(e) => Err(ProposeError::Raft(e.to_string())),
+            Err(e) => Err(membership_error(e)),
         }
     }
 
@@ -553,14 +548,7 @@ impl Registry {
         } else {
             match hosted.raft.change_membership(voters, retain).await {
                 Ok(resp) => resp.log_id.index,
-                Err(openraft::error::RaftError::APIError(
-                    openraft::error::ClientWriteError::ForwardToLeader(f),
-                )) => {
-                    return Err(ProposeError::NotLeader {
-                        leader: f.leader_id,
-                    })
-                }
-                Err(e) => return Err(ProposeError::Raft(e.to_string())),
+                Err(e) => return Err(membership_error(e)),
             }
         };
         if learners.is_empty() {
@@ -573,12 +561,7 @@ impl Registry {
             .await
         {
             Ok(resp) => Ok(resp.log_id.index),
-            Err(openraft::error::RaftError::APIError(
-                openraft::error::ClientWriteError::ForwardToLeader(f),
-            )) => Err(ProposeError::NotLeader {
-                leader: f.leader_id,
-            }),
-            Err(e) => Err(ProposeError::Raft(e.to_string())),
+            Err(e) => Err(membership_error(e)),
         }
     }
 
@@ -830,5 +813,19 @@ impl Registry {
                 tracing::warn!(error = %e, "raft group shutdown");
             }
         }
+    }
+}
+
+/// A refused membership change in the registry's terms: "not leader" with the hint, or why.
+fn membership_error(
+    e: openraft::error::RaftError<NodeId, openraft::error::ClientWriteError<NodeId, BasicNode>>,
+) -> ProposeError {
+    match e {
+        openraft::error::RaftError::APIError(
+            openraft::error::ClientWriteError::ForwardToLeader(f),
+        ) => ProposeError::NotLeader {
+            leader: f.leader_id,
+        },
+        e => ProposeError::Raft(e.to_string()),
     }
 }
