@@ -16,7 +16,8 @@
 //! * **receipt_backwards**: a pushed receipt (or a sync's read cursor) went down.
 //!
 //! Also: availability (share of completed sends that succeeded) per fault, ack latency,
-//! and the longest time without any acknowledged write.
+//! the longest time without any acknowledged write, and the membership changes (faults
+//! named `membership add|remove|replace …`) with their durations.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -111,6 +112,74 @@ pub struct Window {
     pub end_s: f64,
 }
 
+/// One membership change, from its fault window.
+#[derive(Clone, Debug, Serialize)]
+pub struct MembershipChange {
+    /// `add`, `remove` or `replace`.
+    pub kind: String,
+    /// The fault's description (`membership replace n2 by n5`).
+    pub fault: String,
+    /// Start, seconds since the run began.
+    pub start_s: f64,
+    /// From the request to its end: an added node active and ready; a removed node
+    /// tombstoned (and, live, exited); a replaced node's replacement active and the old
+    /// node tombstoned.
+    pub duration_s: f64,
+    /// Ended as asked (no error recorded, not cut off by the end of the run).
+    pub ok: bool,
+}
+
+/// The membership changes of a run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct MembershipReport {
+    /// Nodes added (on their own or before a removal at 3 nodes).
+    pub adds: u64,
+    /// Live nodes removed.
+    pub removes: u64,
+    /// Nodes replaced (killed, disk wiped, a new node added, the old one removed dead).
+    pub replaces: u64,
+    /// Changes that failed or did not end (their errors are in `fault_errors`).
+    pub failed: u64,
+    /// Every change, in order.
+    pub changes: Vec<MembershipChange>,
+}
+
+impl MembershipReport {
+    fn push(&mut self, fault: &str, start_s: f64, end_s: f64, ok: bool) {
+        let kind = fault
+            .split_whitespace()
+            .nth(1)
+            .unwrap_or_default()
+            .to_string();
+        if ok {
+            match kind.as_str() {
+                "add" => self.adds += 1,
+                "remove" => self.removes += 1,
+                "replace" => self.replaces += 1,
+                _ => {}
+            }
+        } else {
+            self.failed += 1;
+        }
+        self.changes.push(MembershipChange {
+            kind,
+            fault: fault.to_string(),
+            start_s,
+            duration_s: end_s - start_s,
+            ok,
+        });
+    }
+
+    /// Durations (s) of the changes of `kind` that ended as asked.
+    pub fn durations(&self, kind: &str) -> Vec<f64> {
+        self.changes
+            .iter()
+            .filter(|c| c.ok && c.kind == kind)
+            .map(|c| c.duration_s)
+            .collect()
+    }
+}
+
 /// The checker's verdict and figures.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Results {
@@ -158,6 +227,8 @@ pub struct Results {
     /// Faults that could not be applied or healed as asked (e.g. a node that did not
     /// exit cleanly after SIGTERM); not anomalies of chatd's guarantees, but reported.
     pub fault_errors: Vec<String>,
+    /// Membership changes: counts and durations.
+    pub membership: MembershipReport,
 }
 
 impl Results {
@@ -259,8 +330,8 @@ pub fn check(ops: &[Op]) -> Results {
     let mut res = Results::default();
     let end_us = ops.last().map_or(0, |o| o.time_us);
 
-    // Fault windows.
-    let mut open: HashMap<String, u64> = HashMap::new();
+    // Fault windows (and whether each went as asked).
+    let mut open: HashMap<String, (u64, bool)> = HashMap::new();
     for op in ops.iter().filter(|o| o.f == Some(F::Fault)) {
         let name = op.fault.clone().unwrap_or_default();
         if let Some(e) = &op.error {
@@ -268,10 +339,18 @@ pub fn check(ops: &[Op]) -> Results {
         }
         match op.kind {
             Some(Kind::Invoke) => {
-                open.insert(name, op.time_us);
+                open.insert(name, (op.time_us, op.error.is_none()));
             }
             Some(_) => {
-                if let Some(start) = open.remove(&name) {
+                if let Some((start, ok)) = open.remove(&name) {
+                    if name.starts_with("membership ") {
+                        res.membership.push(
+                            &name,
+                            secs(start),
+                            secs(op.time_us),
+                            ok && op.error.is_none(),
+                        );
+                    }
                     res.windows.push(Window {
                         fault: name,
                         start_s: secs(start),
@@ -282,7 +361,10 @@ pub fn check(ops: &[Op]) -> Results {
             None => {}
         }
     }
-    for (name, start) in open {
+    for (name, (start, _)) in open {
+        if name.starts_with("membership ") {
+            res.membership.push(&name, secs(start), secs(end_us), false);
+        }
         res.windows.push(Window {
             fault: name,
             start_s: secs(start),
@@ -290,13 +372,18 @@ pub fn check(ops: &[Op]) -> Results {
         });
     }
     res.windows.sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
+    res.membership
+        .changes
+        .sort_by(|a, b| a.start_s.total_cmp(&b.start_s));
+    // The fault begun last of those active at `t_us` (a fault during a membership change
+    // that is still going on counts as that fault).
     let fault_at = |t_us: u64| -> String {
         let t = secs(t_us);
         res.windows
             .iter()
             .filter(|w| w.start_s <= t && t <= w.end_s)
             .map(|w| w.fault.clone())
-            .next()
+            .next_back()
             .unwrap_or_else(|| "none".to_string())
     };
 
@@ -1100,5 +1187,51 @@ mod tests {
             "{}",
             res.longest_chat_gap_ms
         );
+    }
+
+    #[test]
+    fn membership_changes_are_counted_with_their_durations() {
+        let fault = |h: &mut H, kind: Kind, name: &str, error: Option<&str>| {
+            let mut op = Op::new("nemesis", kind, F::Fault);
+            op.fault = Some(name.into());
+            op.error = error.map(str::to_string);
+            h.push(op);
+        };
+        let mut h = H::clean();
+        fault(&mut h, Kind::Invoke, "membership add n4", None);
+        h.t += 4_000_000;
+        fault(&mut h, Kind::Ok, "membership add n4", None);
+        fault(&mut h, Kind::Invoke, "membership remove n2", None);
+        // A kill while the removal goes on: windows overlap; a send during both counts
+        // for the kill, one after it for the removal.
+        fault(&mut h, Kind::Invoke, "kill -9 n1", None);
+        h.send("c3", "g", "c3-1", None);
+        fault(&mut h, Kind::Ok, "kill -9 n1", None);
+        h.send("c3", "g", "c3-1", None);
+        h.t += 20_000_000;
+        fault(&mut h, Kind::Ok, "membership remove n2", None);
+        fault(&mut h, Kind::Invoke, "membership replace n3 by n5", None);
+        fault(
+            &mut h,
+            Kind::Ok,
+            "membership replace n3 by n5",
+            Some("not removed"),
+        );
+        fault(&mut h, Kind::Invoke, "membership add n6", None);
+        let res = h.check();
+        assert!(res.valid, "{:#?}", res);
+        let m = &res.membership;
+        assert_eq!((m.adds, m.removes, m.replaces, m.failed), (1, 1, 0, 2));
+        assert_eq!(m.changes.len(), 4);
+        assert_eq!(m.changes[0].kind, "add");
+        let add = m.durations("add");
+        assert_eq!(add.len(), 1);
+        assert!((add[0] - 4.001).abs() < 1e-6, "{add:?}");
+        let remove = m.durations("remove");
+        assert!((remove[0] - 20.007).abs() < 1e-6, "{remove:?}");
+        assert_eq!(res.availability["kill -9 n1"].completed, 1);
+        assert_eq!(res.availability["membership remove n2"].completed, 1);
+        assert_eq!(res.fault_errors.len(), 1);
+        assert_eq!(res.windows.len(), 5);
     }
 }

@@ -1,8 +1,10 @@
 //! Cluster control: N chatd processes on loopback, each on its own address in
 //! 127.0.0.0/8 (127.0.0.11, .12, …) so iptables can cut the network between two of them;
 //! kill -9, SIGSTOP/SIGCONT, SIGTERM (the drain path) and restart; network partitions
-//! with an iptables chain of this run. Everything is undone on drop: paused processes are
-//! continued, every process is killed by its pid and reaped, the chain is removed.
+//! with an iptables chain of this run; membership changes: nodes added with
+//! `chatd cluster add-node` (node id i on 127.0.0.(10+i), ids never reused) and removed
+//! through the admin API. Everything is undone on drop: paused processes are continued,
+//! every process is killed by its pid and reaped, the chain is removed.
 
 use std::fs::{File, OpenOptions};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
@@ -16,8 +18,16 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// The first node's address; node i has 127.0.0.(10+i).
 pub const FIRST_HOST_OCTET: u8 = 11;
-/// Most nodes (addresses 127.0.0.11 to 127.0.0.19).
+/// Most nodes of `cluster init` (addresses 127.0.0.11 to 127.0.0.19).
 pub const NODES_MAX: usize = 9;
+/// Highest node id a run may use, added nodes included (address 127.0.0.50): ids are never
+/// reused, so this bounds the membership changes of one run.
+pub const NODE_IDS_MAX: usize = 40;
+/// Ports tried for an added node's API (from the base port, in steps of 2: QUIC takes
+/// the port after the API's).
+const PORT_TRIES_MAX: u16 = 50;
+/// How long `GET /v1/admin/nodes` or a removal is retried over the members.
+pub const ADMIN_RETRY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Errors of cluster control.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +94,29 @@ pub enum NodeState {
     Down,
 }
 
+/// Where a node stands in the cluster's membership, as this run drives it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// A member: clients use it, faults may hit it, it is restarted when down.
+    Member,
+    /// Its removal was asked (a live node draining): no new clients, no faults, never
+    /// restarted; it exits by itself once the cluster tombstoned it.
+    Leaving,
+    /// Gone for good (removed, or killed to be replaced): never started again.
+    Removed,
+}
+
+/// A node as `GET /v1/admin/nodes` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// Its id.
+    pub id: usize,
+    /// `joining`, `active`, `draining` or `removed`.
+    pub state: String,
+    /// Partitions it replicates.
+    pub replicas: u64,
+}
+
 /// One node.
 pub struct Node {
     /// 1-based id.
@@ -96,8 +129,11 @@ pub struct Node {
     pub config: PathBuf,
     /// Its log file.
     pub log: PathBuf,
+    /// One of the nodes `cluster init` made (the seed peers of every added node).
+    pub seed: bool,
     child: Option<Child>,
     state: NodeState,
+    standing: Standing,
 }
 
 impl Node {
@@ -111,9 +147,19 @@ impl Node {
         self.state
     }
 
+    /// Where it stands in the membership.
+    pub fn standing(&self) -> Standing {
+        self.standing
+    }
+
     /// The pid, when running or paused.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Its RocksDB directory (`data` beside its config, as `cluster init` writes it).
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        self.config.parent().map(|d| d.join("data"))
     }
 }
 
@@ -127,13 +173,63 @@ pub struct Cluster {
     pub nodes: Vec<Node>,
     /// The admin token.
     pub admin_token: String,
+    /// The directory `cluster init` wrote (CA, node configs): `add-node --ca-dir`.
+    ca_dir: PathBuf,
+    /// The API port every node tries first.
+    base_port: u16,
     /// The iptables chain of this run, once created.
     chain: Option<String>,
 }
 
-/// The address of node `id` (1-based).
+/// The address of node `id` (1-based, at most [`NODE_IDS_MAX`]).
 pub fn host_of(id: usize) -> Ipv4Addr {
-    Ipv4Addr::new(127, 0, 0, FIRST_HOST_OCTET + (id as u8 - 1))
+    let offset = u8::try_from(id.clamp(1, NODE_IDS_MAX) - 1).unwrap_or(0);
+    Ipv4Addr::new(127, 0, 0, FIRST_HOST_OCTET.saturating_add(offset))
+}
+
+/// Whether the API port (TCP) and the next one (UDP, QUIC) are free on `host`.
+fn ports_free(host: Ipv4Addr, api: u16) -> bool {
+    let Some(quic) = api.checked_add(1) else {
+        return false;
+    };
+    let tcp = std::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(host), api));
+    let udp = std::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(host), quic));
+    tcp.is_ok() && udp.is_ok()
+}
+
+/// A free API port on `host` (QUIC on the next one), trying `base` first.
+fn free_port(host: Ipv4Addr, base: u16) -> Result<u16, ClusterError> {
+    (0..PORT_TRIES_MAX)
+        .filter_map(|i| base.checked_add(i * 2))
+        .find(|p| ports_free(host, *p))
+        .ok_or_else(|| {
+            command_error(
+                format!("find a free port on {host}"),
+                format!("none of {PORT_TRIES_MAX} ports from {base} is free"),
+            )
+        })
+}
+
+/// The node list from `GET /v1/admin/nodes` at `api`.
+pub fn fetch_node_list(api: &str, token: &str) -> Result<Vec<NodeInfo>, ClusterError> {
+    let v = crate::http::get_json(api, "/v1/admin/nodes", token)
+        .map_err(|e| command_error("GET /v1/admin/nodes", e))?;
+    let list = v.as_array().ok_or_else(|| {
+        command_error(
+            format!("GET /v1/admin/nodes at {api}"),
+            "the answer is not a list",
+        )
+    })?;
+    Ok(list
+        .iter()
+        .filter_map(|n| {
+            Some(NodeInfo {
+                id: usize::try_from(n["id"].as_u64()?).ok()?,
+                state: n["state"].as_str()?.to_string(),
+                replicas: n["replicas"].as_u64().unwrap_or(0),
+            })
+        })
+        .collect())
 }
 
 fn http_ready(addr: SocketAddr) -> bool {
@@ -201,8 +297,10 @@ impl Cluster {
                 api_port: base_port,
                 config: out.join(format!("node-{id}")).join("chatd.toml"),
                 log: dir.join("logs").join(format!("node-{id}.log")),
+                seed: true,
                 child: None,
                 state: NodeState::Down,
+                standing: Standing::Member,
             })
             .collect();
         Ok(Cluster {
@@ -210,8 +308,180 @@ impl Cluster {
             dir: dir.to_path_buf(),
             nodes,
             admin_token,
+            ca_dir: out,
+            base_port,
             chain: None,
         })
+    }
+
+    /// Ids of the nodes standing as `standing`.
+    pub fn ids(&self, standing: Standing) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .filter(|n| n.standing == standing)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// Ids of the nodes not removed (members and leaving nodes): the ones partitions split.
+    pub fn in_cluster(&self) -> Vec<usize> {
+        self.nodes
+            .iter()
+            .filter(|n| n.standing != Standing::Removed)
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// `chatd cluster add-node` for a new node: the next id (never used before), its own
+    /// address, a free port there; its config under the cluster directory, its log with
+    /// the others. Not started. Returns its id.
+    pub fn add_node(&mut self) -> Result<usize, ClusterError> {
+        let id = self.nodes.len() + 1;
+        if id > NODE_IDS_MAX {
+            return Err(ClusterError::Invalid(format!(
+                "node {id}: a run uses at most {NODE_IDS_MAX} node ids"
+            )));
+        }
+        let host = host_of(id);
+        let api_port = free_port(host, self.base_port)?;
+        let out = self.ca_dir.join(format!("node-{id}"));
+        let args: Vec<String> = vec![
+            "cluster".into(),
+            "add-node".into(),
+            "--ca-dir".into(),
+            self.ca_dir.display().to_string(),
+            "--id".into(),
+            id.to_string(),
+            "--host".into(),
+            host.to_string(),
+            "--api-port".into(),
+            api_port.to_string(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&self.chatd.display().to_string(), &argv)?;
+        self.nodes.push(Node {
+            id,
+            host,
+            api_port,
+            config: out.join("chatd.toml"),
+            log: self.dir.join("logs").join(format!("node-{id}.log")),
+            seed: false,
+            child: None,
+            state: NodeState::Down,
+            standing: Standing::Member,
+        });
+        Ok(id)
+    }
+
+    /// Sets where node `id` stands.
+    pub fn set_standing(&mut self, id: usize, standing: Standing) -> Result<(), ClusterError> {
+        self.node(id)?.standing = standing;
+        Ok(())
+    }
+
+    /// Removes node `id`'s data directory (it must not be running): a wiped disk.
+    pub fn wipe(&mut self, id: usize) -> Result<(), ClusterError> {
+        let node = self.node(id)?;
+        if node.child.is_some() {
+            return Err(ClusterError::Invalid(format!(
+                "node {id} is running: kill it before wiping its disk"
+            )));
+        }
+        match node.data_dir() {
+            Some(d) if d.exists() => std::fs::remove_dir_all(&d)
+                .map_err(|e| command_error(format!("wipe {}", d.display()), e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// If node `id`'s process ended, reaps it: its exit status (`Some(true)` for 0).
+    pub fn reap(&mut self, id: usize) -> Result<Option<bool>, ClusterError> {
+        let node = self.node(id)?;
+        let Some(child) = node.child.as_mut() else {
+            return Ok(None);
+        };
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                node.child = None;
+                node.state = NodeState::Down;
+                Ok(Some(status.success()))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(command_error(format!("wait for node {id}"), e)),
+        }
+    }
+
+    /// The node list as the first member that answers gives it (members that are up,
+    /// `except` left out), retried over them for up to [`ADMIN_RETRY_TIMEOUT`].
+    pub fn node_list(&self, except: usize) -> Result<Vec<NodeInfo>, ClusterError> {
+        let deadline = Instant::now() + ADMIN_RETRY_TIMEOUT;
+        let mut last = ClusterError::Invalid("no member is up to ask".into());
+        while Instant::now() < deadline {
+            for n in self.asked(except) {
+                match fetch_node_list(&n, &self.admin_token) {
+                    Ok(list) => return Ok(list),
+                    Err(e) => last = e,
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(last)
+    }
+
+    /// API addresses of the up members but `except`.
+    fn asked(&self, except: usize) -> Vec<String> {
+        self.nodes
+            .iter()
+            .filter(|n| {
+                n.id != except && n.standing == Standing::Member && n.state == NodeState::Up
+            })
+            .map(Node::api)
+            .collect()
+    }
+
+    /// `POST /v1/admin/nodes/{id}/remove` (`dead`: the node is gone for good) through an up
+    /// member, retried while none answers (bounded). An answer of unknown outcome is
+    /// settled by the node list: a node already draining or removed counts as done.
+    pub fn remove_node(&self, id: usize, dead: bool) -> Result<(), ClusterError> {
+        let path = format!("/v1/admin/nodes/{id}/remove");
+        let body = serde_json::json!({ "dead": dead });
+        let deadline = Instant::now() + ADMIN_RETRY_TIMEOUT;
+        let mut last = ClusterError::Invalid("no member is up to ask".into());
+        let mut unknown = false;
+        while Instant::now() < deadline {
+            for api in self.asked(id) {
+                match crate::http::post_json(&api, &path, &self.admin_token, &body) {
+                    Ok(_) => return Ok(()),
+                    Err(crate::http::HttpError::Status { status, body, .. })
+                        if status == 404 || (status == 409 && !unknown) =>
+                    {
+                        return Err(command_error(
+                            format!("remove node {id}"),
+                            format!("HTTP {status}: {body}"),
+                        ));
+                    }
+                    Err(e) => {
+                        // Timeouts, 503s (a proposal that may still commit), a 409 after
+                        // one of those: the node list tells.
+                        unknown = true;
+                        last = command_error(format!("remove node {id}"), e);
+                    }
+                }
+                if unknown {
+                    let state = fetch_node_list(&api, &self.admin_token)
+                        .ok()
+                        .and_then(|l| l.into_iter().find(|n| n.id == id))
+                        .map(|n| n.state);
+                    if matches!(state.as_deref(), Some("draining" | "removed")) {
+                        return Ok(());
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Err(last)
     }
 
     fn node(&mut self, id: usize) -> Result<&mut Node, ClusterError> {
@@ -226,6 +496,11 @@ impl Cluster {
         let node = self.node(id)?;
         if node.child.is_some() {
             return Ok(());
+        }
+        if node.standing != Standing::Member {
+            return Err(ClusterError::Invalid(format!(
+                "node {id} left the cluster: it is not started again"
+            )));
         }
         let log: File = OpenOptions::new()
             .create(true)
@@ -283,10 +558,11 @@ impl Cluster {
 
     /// Starts every node and waits for all to be ready.
     pub fn start_all(&mut self) -> Result<(), ClusterError> {
-        for id in 1..=self.nodes.len() {
-            self.start(id)?;
+        let members = self.ids(Standing::Member);
+        for id in &members {
+            self.start(*id)?;
         }
-        for id in 1..=self.nodes.len() {
+        for id in members {
             self.wait_ready(id, READY_TIMEOUT)?;
         }
         Ok(())

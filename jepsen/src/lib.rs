@@ -3,8 +3,9 @@
 //! restarts), a recorded history of every client operation, and a [`checker`] that
 //! judges the history without trusting chatd's own logic.
 //!
-//! * [`cluster`]: start, stop, pause, kill, partition, heal; cleanup on drop;
-//! * [`nemesis`]: the faults and a seeded schedule;
+//! * [`cluster`]: start, stop, pause, kill, partition, heal, add and remove nodes;
+//!   cleanup on drop;
+//! * [`nemesis`]: the faults (membership changes included) and a seeded schedule;
 //! * [`workload`]: the clients and the final reads;
 //! * [`history`]: the JSONL history;
 //! * [`checker`]: lost, duplicate, inconsistent, gap, non-monotonic, unexpected, stale

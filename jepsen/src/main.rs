@@ -38,7 +38,8 @@ struct TestArgs {
     /// Seconds of workload (faults start only in the first 80%).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(5..=86_400))]
     time_limit: u64,
-    /// Faults, comma-separated; `mixed` = every fault but rolling-restart; `none`.
+    /// Faults, comma-separated; `mixed` = every fault but rolling-restart (membership
+    /// changes included); `none`.
     #[arg(long, default_value = "mixed", value_delimiter = ',')]
     nemesis: Vec<String>,
     /// Seed of the schedule and of the clients' choices [default: from the clock].
@@ -82,7 +83,7 @@ fn faults(names: &[String]) -> anyhow::Result<Vec<FaultKind>> {
             "mixed" => out.extend(FaultKind::MIXED),
             other => out.push(
                 FaultKind::from_str(other, true)
-                    .map_err(|_| anyhow::anyhow!("unknown fault {other:?}; known: mixed, none, kill, kill-leader, pause, pause-leader, partition-one, partition-leader, majority-minority, bridge, rolling-restart"))?,
+                    .map_err(|_| anyhow::anyhow!("unknown fault {other:?}; known: mixed, none, kill, kill-leader, pause, pause-leader, partition-one, partition-leader, majority-minority, bridge, rolling-restart, membership"))?,
             ),
         }
     }
@@ -127,6 +128,31 @@ fn summary(r: &Results) -> String {
     }
     for i in &r.incomplete {
         s.push_str(&format!("  incomplete: {i}\n"));
+    }
+    let m = &r.membership;
+    if !m.changes.is_empty() {
+        let shown = |kind: &str| {
+            let d: Vec<String> = m
+                .durations(kind)
+                .iter()
+                .map(|d| format!("{d:.1}"))
+                .collect();
+            if d.is_empty() {
+                String::new()
+            } else {
+                format!(" ({} s)", d.join(", "))
+            }
+        };
+        s.push_str(&format!(
+            "membership: {} adds{}, {} removes{}, {} replaces{}, {} failed\n",
+            m.adds,
+            shown("add"),
+            m.removes,
+            shown("remove"),
+            m.replaces,
+            shown("replace"),
+            m.failed
+        ));
     }
     s.push_str("availability (sends completed while each fault was active):\n");
     for (fault, a) in &r.availability {

@@ -1,8 +1,17 @@
 //! Nemeses: the faults, and a schedule of them drawn from a seed. Each fault is recorded
 //! in the history as `invoke` (it starts) and `ok` (it is healed), with a description.
 //!
-//! Room is left for membership changes and lost unsynced writes (power-cut semantics):
-//! they come with the issues that add them to chatd.
+//! Membership changes (`membership`) are recorded the same way, named
+//! `membership add nX`, `membership remove nX` and `membership replace nX by nY`: an add
+//! ends when the new node is active and ready (its replicas arrive in the background); a
+//! removal or replacement ends when the cluster tombstoned the old node (and a live one
+//! exited by itself). One change at a time. Alone, changes follow one another; composed
+//! with other faults (`mixed`), a change takes a turn whenever none is in progress and
+//! another fault came since the last, and the schedule goes on while a removal's replicas
+//! move, so moves run under kills, pauses and partitions.
+//!
+//! Room is left for lost unsynced writes (power-cut semantics): they come with the issue
+//! that adds them to chatd.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,8 +22,29 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::cluster::{Cluster, NodeState, READY_TIMEOUT, STOP_TIMEOUT};
+use crate::cluster::{Cluster, NodeState, Standing, NODE_IDS_MAX, READY_TIMEOUT, STOP_TIMEOUT};
 use crate::history::{History, Kind, Op, F};
+use crate::workload::NodeDirectory;
+
+/// Most nodes in the cluster at any time: members, a leaving node, and a dead node not
+/// yet removed all count.
+pub const MEMBERSHIP_NODES_MAX: usize = 6;
+/// Fewest active members (the replication factor): a removal at this size adds a node
+/// first.
+pub const MEMBERSHIP_ACTIVE_MIN: usize = 3;
+/// Nodes of `cluster init` (the seed peers of every added node) kept as members, so a
+/// new node always finds a seed to admit it.
+pub const SEEDS_KEPT_MIN: usize = 2;
+/// How long an added node may take to be listed active once it is ready.
+pub const ACTIVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a removal may take, from its request to the node's tombstone: its replicas
+/// move off two at a time (64 partitions: ~25 s measured on an idle machine).
+pub const REMOVE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a tombstoned live node may take to drain and exit by itself before it is
+/// killed (it learns of its removal within chatd's 30 s grace).
+pub const REMOVED_EXIT_TIMEOUT: Duration = Duration::from_secs(45);
+/// How often a removal in progress is checked.
+const PENDING_POLL_EVERY: Duration = Duration::from_millis(500);
 
 /// A kind of fault.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -38,11 +68,14 @@ pub enum FaultKind {
     Bridge,
     /// SIGTERM (graceful drain) and restart each node in turn.
     RollingRestart,
+    /// A membership change: add a node; remove a live node (adding one first at 3 nodes);
+    /// or replace one (kill -9, wipe its disk, add a fresh node, remove the old one dead).
+    Membership,
 }
 
 impl FaultKind {
     /// The faults of the mixed schedule (rolling restart is its own schedule).
-    pub const MIXED: [FaultKind; 7] = [
+    pub const MIXED: [FaultKind; 8] = [
         FaultKind::Kill,
         FaultKind::KillLeader,
         FaultKind::Pause,
@@ -50,6 +83,7 @@ impl FaultKind {
         FaultKind::PartitionLeader,
         FaultKind::MajorityMinority,
         FaultKind::Bridge,
+        FaultKind::Membership,
     ];
 
     /// Whether it needs iptables.
@@ -89,6 +123,39 @@ pub struct Nemesis {
     pub stop: Arc<AtomicBool>,
     /// Raft groups holding the test's chats.
     pub partitions: Vec<u64>,
+    /// The nodes clients use: a node joins it once active, leaves it when its removal
+    /// begins.
+    nodes: NodeDirectory,
+    /// The removal in progress (one membership change at a time).
+    pending: Mutex<Option<Pending>>,
+}
+
+/// A removal in progress: asked, not yet tombstoned (or, live, not yet exited).
+struct Pending {
+    /// The name of its fault window.
+    name: String,
+    /// The node removed.
+    node: usize,
+    /// A live node that must drain and exit by itself (not a dead one).
+    live: bool,
+    /// When the change began.
+    started: Instant,
+    /// When it is given up.
+    deadline: Instant,
+    /// When the cluster listed the node removed.
+    removed_at: Option<Instant>,
+    /// When to check next.
+    next_poll: Instant,
+    /// What already went wrong in this change.
+    error: Option<String>,
+}
+
+/// What a membership change will do.
+enum Plan {
+    Add,
+    Remove { victim: usize, add_first: bool },
+    Replace { victim: usize },
+    Nothing(String),
 }
 
 /// What a fault did, to undo it.
@@ -99,19 +166,19 @@ enum Undo {
     Nothing,
 }
 
-/// Node ids that are up (not paused or down).
+/// Ids of the members that are up (not paused or down, not leaving or removed).
 fn up_nodes(c: &Cluster) -> Vec<usize> {
     c.nodes
         .iter()
-        .filter(|n| n.state() == NodeState::Up)
+        .filter(|n| n.state() == NodeState::Up && n.standing() == Standing::Member)
         .map(|n| n.id)
         .collect()
 }
 
-/// The leader of `group` as the admin API of any up node says.
+/// The leader of `group` as the admin API of any up member says.
 fn leader_of(c: &Cluster, group: u64) -> Option<usize> {
     for n in &c.nodes {
-        if n.state() != NodeState::Up {
+        if n.state() != NodeState::Up || n.standing() != Standing::Member {
             continue;
         }
         let Ok(v) = crate::http::get_json(&n.api(), "/v1/admin/cluster", &c.admin_token) else {
@@ -130,6 +197,25 @@ fn leader_of(c: &Cluster, group: u64) -> Option<usize> {
 }
 
 impl Nemesis {
+    /// A nemesis for `cluster`, recording into `history`, changing `nodes` as nodes join
+    /// and leave.
+    pub fn new(
+        cluster: Arc<Mutex<Cluster>>,
+        history: Arc<History>,
+        stop: Arc<AtomicBool>,
+        partitions: Vec<u64>,
+        nodes: NodeDirectory,
+    ) -> Nemesis {
+        Nemesis {
+            cluster,
+            history,
+            stop,
+            partitions,
+            nodes,
+            pending: Mutex::new(None),
+        }
+    }
+
     fn record(&self, kind: Kind, fault: &str, error: Option<String>) {
         let mut op = Op::new("nemesis", kind, F::Fault);
         op.fault = Some(fault.to_string());
@@ -137,26 +223,38 @@ impl Nemesis {
         self.history.record(op);
     }
 
-    /// Sleeps up to `d`, waking early on stop; `false` if stopped.
+    /// Sleeps up to `d`, waking early on stop; `false` if stopped. A removal in progress
+    /// is checked meanwhile.
     fn sleep(&self, d: Duration) -> bool {
         let end = Instant::now() + d;
         while Instant::now() < end {
             if self.stop.load(Ordering::Relaxed) {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(50).min(end - Instant::now()));
+            self.poll_pending();
+            std::thread::sleep(
+                Duration::from_millis(50).min(end.saturating_duration_since(Instant::now())),
+            );
         }
         !self.stop.load(Ordering::Relaxed)
     }
 
     fn apply(&self, kind: FaultKind, rng: &mut StdRng) -> (String, Undo, Option<String>) {
         let mut c = self.cluster.lock();
-        let n = c.nodes.len();
+        // Partitions split the nodes in the cluster (a leaving node too).
+        let ids = c.in_cluster();
         let up = up_nodes(&c);
         let pick = |rng: &mut StdRng| up.choose(rng).copied();
+        // The leader of a test partition, if it is a member (a leaving node is no target
+        // of other faults); else why not.
         let leader = |rng: &mut StdRng, c: &Cluster| {
             let group = self.partitions.choose(rng).copied().unwrap_or(1);
-            (group, leader_of(c, group))
+            let target = match leader_of(c, group) {
+                None => Err(format!("p{group} has no leader")),
+                Some(id) if c.ids(Standing::Member).contains(&id) => Ok(id),
+                Some(id) => Err(format!("p{group} is led by n{id}, which is leaving")),
+            };
+            (group, target)
         };
         let result = match kind {
             FaultKind::Kill => match pick(rng) {
@@ -166,16 +264,16 @@ impl Nemesis {
                 None => Ok(("kill: no node up".into(), Undo::Nothing)),
             },
             FaultKind::KillLeader => match leader(rng, &c) {
-                (g, Some(id)) => c
+                (g, Ok(id)) => c
                     .kill(id)
                     .map(|()| (format!("kill -9 n{id} (leader of p{g})"), Undo::Restart(id))),
-                (g, None) => Ok((format!("kill leader: p{g} has no leader"), Undo::Nothing)),
+                (_, Err(why)) => Ok((format!("kill leader: {why}"), Undo::Nothing)),
             },
             FaultKind::PauseLeader => match leader(rng, &c) {
-                (g, Some(id)) => c
+                (g, Ok(id)) => c
                     .pause(id)
                     .map(|()| (format!("pause n{id} (leader of p{g})"), Undo::Resume(id))),
-                (g, None) => Ok((format!("pause leader: p{g} has no leader"), Undo::Nothing)),
+                (_, Err(why)) => Ok((format!("pause leader: {why}"), Undo::Nothing)),
             },
             FaultKind::Pause => match pick(rng) {
                 Some(id) => c
@@ -188,15 +286,15 @@ impl Nemesis {
                     pick(rng).map(|id| (id, String::new()))
                 } else {
                     match leader(rng, &c) {
-                        (g, Some(id)) => Some((id, format!(" (leader of p{g})"))),
+                        (g, Ok(id)) => Some((id, format!(" (leader of p{g})"))),
                         _ => None,
                     }
                 };
                 match target {
                     Some((id, why)) => {
                         let mut r = Ok(());
-                        for other in (1..=n).filter(|o| *o != id) {
-                            r = r.and_then(|()| c.cut(id, other));
+                        for other in ids.iter().filter(|o| **o != id) {
+                            r = r.and_then(|()| c.cut(id, *other));
                         }
                         r.map(|()| (format!("isolate n{id}{why}"), Undo::Heal))
                     }
@@ -204,9 +302,9 @@ impl Nemesis {
                 }
             }
             FaultKind::MajorityMinority => {
-                let mut ids: Vec<usize> = (1..=n).collect();
+                let mut ids = ids;
                 ids.shuffle(rng);
-                let (minority, majority) = ids.split_at(n / 2);
+                let (minority, majority) = ids.split_at(ids.len() / 2);
                 let mut r = Ok(());
                 for a in minority {
                     for b in majority {
@@ -221,10 +319,11 @@ impl Nemesis {
                 })
             }
             FaultKind::Bridge => {
-                let mut ids: Vec<usize> = (1..=n).collect();
+                let mut ids = ids;
                 ids.shuffle(rng);
-                let bridge = ids[0];
-                let rest = &ids[1..];
+                let Some((bridge, rest)) = ids.split_first() else {
+                    return ("bridge: no node".into(), Undo::Nothing, None);
+                };
                 let (a, b) = rest.split_at(rest.len() / 2);
                 let mut r = Ok(());
                 for x in a {
@@ -240,6 +339,7 @@ impl Nemesis {
                 })
             }
             FaultKind::RollingRestart => Ok(("rolling restart".into(), Undo::Nothing)),
+            FaultKind::Membership => Ok(("membership".into(), Undo::Nothing)),
         };
         match result {
             Ok((name, undo)) => (name, undo, None),
@@ -260,8 +360,8 @@ impl Nemesis {
 
     /// SIGTERM, wait for the exit, restart and wait ready: node after node.
     fn rolling_restart(&self, pause_between: Duration) {
-        let n = self.cluster.lock().nodes.len();
-        for id in 1..=n {
+        let members = self.cluster.lock().ids(Standing::Member);
+        for id in members {
             if !self.sleep(pause_between) {
                 return;
             }
@@ -304,15 +404,41 @@ impl Nemesis {
         let draw = |rng: &mut StdRng, (lo, hi): (u64, u64)| {
             Duration::from_millis(if hi > lo { rng.gen_range(lo..=hi) } else { lo })
         };
+        // Composed with other faults, membership changes take their own turns: whenever
+        // none is in progress and another fault came since the last one. A removal's
+        // replica moves then run under the faults that follow it.
+        let composed = schedule.kinds.contains(&FaultKind::Membership)
+            && schedule.kinds.iter().any(|k| *k != FaultKind::Membership);
+        let others: Vec<FaultKind> = if composed {
+            schedule
+                .kinds
+                .iter()
+                .copied()
+                .filter(|k| *k != FaultKind::Membership)
+                .collect()
+        } else {
+            schedule.kinds.clone()
+        };
+        let mut faults_since_change = 0u32;
         while Instant::now() < schedule.until {
             if !self.sleep(draw(&mut rng, schedule.quiet_ms)) || Instant::now() >= schedule.until {
                 break;
             }
-            let Some(kind) = schedule.kinds.choose(&mut rng).copied() else {
+            if composed && faults_since_change > 0 && self.pending.lock().is_none() {
+                faults_since_change = 0;
+                self.membership(&mut rng, schedule.until);
+                continue;
+            }
+            let Some(kind) = others.choose(&mut rng).copied() else {
                 break;
             };
+            faults_since_change = faults_since_change.saturating_add(1);
             if kind == FaultKind::RollingRestart {
                 self.rolling_restart(Duration::ZERO);
+                continue;
+            }
+            if kind == FaultKind::Membership {
+                self.membership(&mut rng, schedule.until);
                 continue;
             }
             let (name, undo, error) = self.apply(kind, &mut rng);
@@ -327,19 +453,367 @@ impl Nemesis {
             }
         }
         // Whatever happens, leave the cluster whole.
-        let mut c = self.cluster.lock();
-        let _ = c.heal();
-        for id in 1..=c.nodes.len() {
-            match c.nodes[id - 1].state() {
-                NodeState::Paused => {
-                    let _ = c.resume(id);
+        {
+            let mut c = self.cluster.lock();
+            let _ = c.heal();
+            for id in c.ids(Standing::Member) {
+                match c.nodes[id - 1].state() {
+                    NodeState::Paused => {
+                        let _ = c.resume(id);
+                    }
+                    NodeState::Down => {
+                        let _ = c.start(id);
+                    }
+                    NodeState::Up => {}
                 }
-                NodeState::Down => {
-                    let _ = c.start(id);
-                }
-                NodeState::Up => {}
             }
         }
+        // A removal in progress ends (bounded by its deadlines) before the final reads.
+        while self.pending.lock().is_some() {
+            if !self.sleep(Duration::from_millis(200)) {
+                break;
+            }
+        }
+    }
+
+    /// One membership change, drawn from what the cluster allows now. Waits first for the
+    /// previous change to end and for every member to be ready.
+    fn membership(&self, rng: &mut StdRng, until: Instant) {
+        while self.pending.lock().is_some() {
+            if !self.sleep(Duration::from_millis(200)) {
+                return;
+            }
+        }
+        if Instant::now() >= until {
+            return;
+        }
+        let members = self.cluster.lock().ids(Standing::Member);
+        for id in members {
+            let ready = self.cluster.lock().wait_ready(id, READY_TIMEOUT);
+            if let Err(e) = ready {
+                tracing_line(&format!("membership: skipped, n{id} is not ready: {e}"));
+                return;
+            }
+        }
+        let plan = self.plan(&self.cluster.lock(), rng);
+        match plan {
+            Plan::Add => {
+                self.add();
+            }
+            Plan::Remove { victim, add_first } => {
+                if add_first && self.add().is_none() {
+                    return;
+                }
+                self.remove(victim);
+            }
+            Plan::Replace { victim } => self.replace(victim),
+            Plan::Nothing(why) => tracing_line(&format!("membership: nothing to do: {why}")),
+        }
+    }
+
+    /// What the cluster allows: an add while fewer than [`MEMBERSHIP_NODES_MAX`] nodes
+    /// are in it; a removal of an up member that is not one of the last
+    /// [`SEEDS_KEPT_MIN`] seeds (adding a node first at [`MEMBERSHIP_ACTIVE_MIN`]); a
+    /// replacement when both are allowed.
+    fn plan(&self, c: &Cluster, rng: &mut StdRng) -> Plan {
+        let members = c.ids(Standing::Member);
+        if members.len() < MEMBERSHIP_ACTIVE_MIN {
+            return Plan::Nothing(format!(
+                "{} members, fewer than the replication factor {MEMBERSHIP_ACTIVE_MIN}",
+                members.len()
+            ));
+        }
+        let is_seed = |id: &usize| c.nodes.get(id - 1).is_some_and(|n| n.seed);
+        let seeds = members.iter().filter(|id| is_seed(id)).count();
+        let can_add = c.in_cluster().len() < MEMBERSHIP_NODES_MAX && c.nodes.len() < NODE_IDS_MAX;
+        let removable: Vec<usize> = up_nodes(c)
+            .into_iter()
+            .filter(|id| !is_seed(id) || seeds > SEEDS_KEPT_MIN)
+            .collect();
+        let add_first = members.len() <= MEMBERSHIP_ACTIVE_MIN;
+        let mut options = Vec::new();
+        if can_add {
+            options.push(0);
+        }
+        if !removable.is_empty() && (can_add || !add_first) {
+            options.push(1);
+        }
+        if !removable.is_empty() && can_add {
+            options.push(2);
+        }
+        let victim = removable.choose(rng).copied();
+        match (options.choose(rng), victim) {
+            (Some(0), _) => Plan::Add,
+            (Some(1), Some(victim)) => Plan::Remove { victim, add_first },
+            (Some(2), Some(victim)) => Plan::Replace { victim },
+            _ => Plan::Nothing(format!(
+                "{} members, {} nodes in the cluster, ids up to {}",
+                members.len(),
+                c.in_cluster().len(),
+                c.nodes.len()
+            )),
+        }
+    }
+
+    /// Adds a node: `cluster add-node`, start, ready, active; then clients may use it.
+    /// Recorded as its own window. The new node's id, or `None` if it did not join.
+    fn add(&self) -> Option<usize> {
+        let predicted = self.cluster.lock().nodes.len() + 1;
+        let name = format!("membership add n{predicted}");
+        self.record(Kind::Invoke, &name, None);
+        tracing_line(&format!("fault: {name}"));
+        let started = Instant::now();
+        match self.join_new_node() {
+            Ok(id) => {
+                self.record(Kind::Ok, &name, None);
+                tracing_line(&format!(
+                    "n{id} joined: active and ready in {:.1} s (its replicas arrive now)",
+                    started.elapsed().as_secs_f64()
+                ));
+                Some(id)
+            }
+            Err(e) => {
+                tracing_line(&format!("{name} failed: {e}"));
+                self.record(Kind::Ok, &name, Some(e));
+                None
+            }
+        }
+    }
+
+    /// Makes, starts and waits for a new node (bounded: ready within [`READY_TIMEOUT`],
+    /// active within [`ACTIVE_TIMEOUT`]); lists it for the clients. A node that does not
+    /// join is killed and asked out of the cluster; its id is not used again.
+    fn join_new_node(&self) -> Result<usize, String> {
+        let id = {
+            let mut c = self.cluster.lock();
+            let id = c.add_node().map_err(|e| e.to_string())?;
+            if let Err(e) = c.start(id) {
+                let _ = c.set_standing(id, Standing::Removed);
+                return Err(e.to_string());
+            }
+            id
+        };
+        // (The cluster is not locked while waiting for it to be active: the wait polls.)
+        let ready = self.cluster.lock().wait_ready(id, READY_TIMEOUT);
+        let joined = ready
+            .map_err(|e| e.to_string())
+            .and_then(|()| self.wait_active(id));
+        let mut c = self.cluster.lock();
+        match joined {
+            Ok(()) => {
+                let api = c.nodes[id - 1].api();
+                drop(c);
+                self.nodes.insert(id, api);
+                Ok(id)
+            }
+            Err(e) => {
+                let _ = c.kill(id);
+                let _ = c.set_standing(id, Standing::Removed);
+                let _ = c.remove_node(id, true);
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits (bounded by [`ACTIVE_TIMEOUT`]) until the members list node `id` active.
+    fn wait_active(&self, id: usize) -> Result<(), String> {
+        let deadline = Instant::now() + ACTIVE_TIMEOUT;
+        let mut last = String::from("not listed");
+        while Instant::now() < deadline {
+            let list = self.cluster.lock().node_list(0);
+            match list.map(|l| l.into_iter().find(|n| n.id == id)) {
+                Ok(Some(n)) if n.state == "active" => return Ok(()),
+                Ok(Some(n)) => last = n.state,
+                Ok(None) => last = "not listed".into(),
+                Err(e) => last = e.to_string(),
+            }
+            if !self.sleep(Duration::from_millis(200)) {
+                return Err("stopped".into());
+            }
+        }
+        Err(format!(
+            "n{id} not active within {} s (last: {last})",
+            ACTIVE_TIMEOUT.as_secs()
+        ))
+    }
+
+    /// Removes the live node `victim`: no new clients, the removal asked; it then drains
+    /// and exits by itself once tombstoned (followed by [`Self::poll_pending`]).
+    fn remove(&self, victim: usize) {
+        let name = format!("membership remove n{victim}");
+        self.record(Kind::Invoke, &name, None);
+        tracing_line(&format!("fault: {name}"));
+        self.nodes.remove(victim);
+        let asked = {
+            let mut c = self.cluster.lock();
+            let _ = c.set_standing(victim, Standing::Leaving);
+            c.remove_node(victim, false)
+        };
+        match asked {
+            Ok(()) => self.expect_removal(name, victim, true, None),
+            Err(e) => {
+                // Refused: it stays a member.
+                let mut c = self.cluster.lock();
+                let _ = c.set_standing(victim, Standing::Member);
+                let api = c.nodes[victim - 1].api();
+                drop(c);
+                self.nodes.insert(victim, api);
+                tracing_line(&format!("{name} failed: {e}"));
+                self.record(Kind::Ok, &name, Some(e.to_string()));
+            }
+        }
+    }
+
+    /// Replaces `victim` as after a lost machine: kill -9, wipe its disk, add a fresh node
+    /// (a new id), then remove the old one as dead.
+    fn replace(&self, victim: usize) {
+        let predicted = self.cluster.lock().nodes.len() + 1;
+        let name = format!("membership replace n{victim} by n{predicted}");
+        self.record(Kind::Invoke, &name, None);
+        tracing_line(&format!("fault: {name}"));
+        self.nodes.remove(victim);
+        let wiped = {
+            let mut c = self.cluster.lock();
+            let _ = c.set_standing(victim, Standing::Removed);
+            c.kill(victim).and_then(|()| c.wipe(victim))
+        };
+        if let Err(e) = wiped {
+            self.record(Kind::Ok, &name, Some(e.to_string()));
+            return;
+        }
+        tracing_line(&format!("n{victim} killed -9 and its disk wiped"));
+        let added = self.join_new_node();
+        if let Ok(id) = added {
+            tracing_line(&format!("n{id} joined in place of n{victim}"));
+        }
+        let asked = self.cluster.lock().remove_node(victim, true);
+        match (added, asked) {
+            (Ok(_), Ok(())) => self.expect_removal(name, victim, false, None),
+            (Err(e), Ok(())) => {
+                // The old node goes anyway (as asked): follow its removal, report the add.
+                let error = format!("no replacement joined: {e}");
+                self.expect_removal(name, victim, false, Some(error));
+            }
+            (added, Err(e)) => {
+                let mut error = format!("removing the dead n{victim}: {e}");
+                if let Err(a) = added {
+                    error = format!("no replacement joined: {a}; {error}");
+                }
+                tracing_line(&format!("{name} failed: {error}"));
+                self.record(Kind::Ok, &name, Some(error));
+            }
+        }
+    }
+
+    /// Follows the removal of `node` from now on, under the window `name`; `error`: what
+    /// already went wrong in the change (reported at its end).
+    fn expect_removal(&self, name: String, node: usize, live: bool, error: Option<String>) {
+        let now = Instant::now();
+        tracing_line(&format!(
+            "n{node}: removal accepted; its replicas move off (bounded by {} s)",
+            REMOVE_TIMEOUT.as_secs()
+        ));
+        *self.pending.lock() = Some(Pending {
+            name,
+            node,
+            live,
+            started: now,
+            deadline: now + REMOVE_TIMEOUT,
+            removed_at: None,
+            next_poll: now,
+            error,
+        });
+    }
+
+    /// Checks the removal in progress (at most every [`PENDING_POLL_EVERY`]); records its
+    /// end.
+    fn poll_pending(&self) {
+        let mut guard = self.pending.lock();
+        let Some(p) = guard.as_mut() else {
+            return;
+        };
+        let now = Instant::now();
+        if now < p.next_poll {
+            return;
+        }
+        p.next_poll = now + PENDING_POLL_EVERY;
+        let Some(error) = self.check_pending(p) else {
+            return;
+        };
+        let took = p.started.elapsed().as_secs_f64();
+        let name = p.name.clone();
+        let error = match (p.error.take(), error) {
+            (Some(a), Some(b)) => Some(format!("{a}; {b}")),
+            (a, b) => a.or(b),
+        };
+        *guard = None;
+        drop(guard);
+        match &error {
+            None => tracing_line(&format!("{name}: done in {took:.1} s")),
+            Some(e) => tracing_line(&format!("{name}: failed after {took:.1} s: {e}")),
+        }
+        self.record(Kind::Ok, &name, error);
+    }
+
+    /// `None` while the removal goes on; `Some(error)` once it ended.
+    fn check_pending(&self, p: &mut Pending) -> Option<Option<String>> {
+        let id = p.node;
+        if p.removed_at.is_none() {
+            let (apis, token) = {
+                let c = self.cluster.lock();
+                let apis: Vec<String> = up_nodes(&c)
+                    .into_iter()
+                    .filter(|n| *n != id)
+                    .filter_map(|n| c.nodes.get(n - 1).map(crate::cluster::Node::api))
+                    .collect();
+                (apis, c.admin_token.clone())
+            };
+            let removed = apis.iter().any(|api| {
+                crate::cluster::fetch_node_list(api, &token)
+                    .is_ok_and(|l| l.iter().any(|n| n.id == id && n.state == "removed"))
+            });
+            if removed {
+                p.removed_at = Some(Instant::now());
+                tracing_line(&format!(
+                    "n{id} tombstoned after {:.1} s",
+                    p.started.elapsed().as_secs_f64()
+                ));
+            } else if Instant::now() >= p.deadline {
+                return Some(Some(format!(
+                    "n{id} not removed within {} s",
+                    REMOVE_TIMEOUT.as_secs()
+                )));
+            } else {
+                return None;
+            }
+        }
+        if !p.live {
+            return Some(None);
+        }
+        let mut c = self.cluster.lock();
+        let removed_at = p.removed_at.unwrap_or(p.started);
+        let outcome = match c.reap(id) {
+            Ok(Some(true)) => Some(None),
+            Ok(Some(false)) => Some(Some(format!(
+                "n{id} exited with a failure status after its removal"
+            ))),
+            Ok(None) if removed_at.elapsed() >= REMOVED_EXIT_TIMEOUT => {
+                let _ = c.kill(id);
+                Some(Some(format!(
+                    "n{id} did not exit within {} s of its removal: killed",
+                    REMOVED_EXIT_TIMEOUT.as_secs()
+                )))
+            }
+            Ok(None) => None,
+            Err(e) => {
+                let _ = c.kill(id);
+                Some(Some(e.to_string()))
+            }
+        };
+        if outcome.is_some() {
+            let _ = c.set_standing(id, Standing::Removed);
+        }
+        outcome
     }
 }
 

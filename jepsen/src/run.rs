@@ -12,10 +12,10 @@ use chatd_proto::{ClientFrame, ServerFrame};
 use parking_lot::Mutex;
 
 use crate::checker::{self, Results};
-use crate::cluster::{self, Cluster, READY_TIMEOUT};
+use crate::cluster::{self, Cluster, Standing, READY_TIMEOUT};
 use crate::history::History;
 use crate::nemesis::{self, FaultKind, Nemesis, Schedule};
-use crate::workload::{self, ClientSpec, Setup};
+use crate::workload::{self, ClientSpec, NodeDirectory, Setup};
 
 /// Most operations a run records; the workload stops there.
 pub const OPS_MAX: usize = 2_000_000;
@@ -64,11 +64,13 @@ pub struct Outcome {
 /// Creates the users (one per client) and the groups; returns the setup and the Raft
 /// groups holding the chats.
 async fn prepare(
-    nodes: Vec<String>,
+    nodes: NodeDirectory,
     admin: String,
     spec: &TestSpec,
 ) -> anyhow::Result<(Setup, Vec<u64>)> {
-    let first = nodes[0].clone();
+    let Some((_, first)) = nodes.list().into_iter().next() else {
+        bail!("no node to set up the test through");
+    };
     let mut users = Vec::new();
     for k in 1..=spec.clients {
         let user = format!("u{k}");
@@ -185,10 +187,10 @@ async fn run_on(
     nemesis::tracing_line(&format!("{} nodes ready", spec.nodes));
     let (nodes, admin) = {
         let c = cluster.lock();
-        let nodes: Vec<String> = c.nodes.iter().map(cluster::Node::api).collect();
-        (nodes, c.admin_token.clone())
+        let nodes: Vec<(usize, String)> = c.nodes.iter().map(|n| (n.id, n.api())).collect();
+        (NodeDirectory::new(nodes), c.admin_token.clone())
     };
-    let (setup, partitions) = prepare(nodes, admin, spec).await?;
+    let (setup, partitions) = prepare(nodes.clone(), admin, spec).await?;
     let setup = Arc::new(setup);
     nemesis::tracing_line(&format!(
         "{} clients, chats {:?} on partitions {partitions:?}",
@@ -207,12 +209,13 @@ async fn run_on(
     let nemesis_thread = if spec.faults.is_empty() {
         None
     } else {
-        let n = Nemesis {
-            cluster: cluster.clone(),
-            history: history.clone(),
-            stop: stop.clone(),
-            partitions: partitions.clone(),
-        };
+        let n = Nemesis::new(
+            cluster.clone(),
+            history.clone(),
+            stop.clone(),
+            partitions.clone(),
+            nodes.clone(),
+        );
         let schedule = Schedule {
             kinds: spec.faults.clone(),
             seed: spec.seed,
@@ -251,12 +254,23 @@ async fn run_on(
     nemesis::tracing_line("workload done; faults healed; waiting for every node");
     {
         let c = cluster.clone();
+        let directory = nodes.clone();
         tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let mut c = c.lock();
             c.heal()?;
-            for id in 1..=c.nodes.len() {
+            // Every member (nodes that left or are leaving are not read from).
+            for id in c.ids(Standing::Member) {
                 c.start(id)?;
                 c.wait_ready(id, READY_TIMEOUT)?;
+            }
+            let members = c.ids(Standing::Member);
+            for (id, _) in directory.list() {
+                if !members.contains(&id) {
+                    directory.remove(id);
+                }
+            }
+            for n in c.nodes.iter().filter(|n| members.contains(&n.id)) {
+                directory.insert(n.id, n.api());
             }
             Ok(())
         })

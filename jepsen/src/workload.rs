@@ -2,7 +2,8 @@
 //! group chats every client belongs to with idempotency keys, retrying on timeouts and
 //! disconnects (with the same key, reconnecting to the next node), reading through live
 //! delivery, history and sync, and sending receipts. Every operation goes to the history.
-//! At the end, a final read of every chat from every node.
+//! The nodes clients use are a [`NodeDirectory`] the nemesis changes as nodes join and
+//! leave. At the end, a final read of every chat from every node.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +13,7 @@ use std::time::Duration;
 use chat_cli::ws::Connection;
 use chat_cli::CliError;
 use chatd_proto::{ClientFrame, MessageView, ServerFrame};
+use parking_lot::RwLock;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
@@ -30,11 +32,88 @@ pub const FINAL_READ_ATTEMPTS_MAX: u32 = 30;
 /// Entries per history page.
 const PAGE: u32 = chatd_proto::HISTORY_PAGE_MAX;
 
+/// The nodes clients may connect to, `(node id, API host:port)` by id: a node is listed
+/// once it is an active member and unlisted when its removal begins (clients already
+/// connected to it stay until their connection ends, as with a killed node, and then move
+/// to the next listed node). When a node is listed, clients spread again round-robin over
+/// the listed nodes, so new nodes serve clients too. Shared by the clients, the nemesis
+/// and the final reads.
+#[derive(Clone, Debug, Default)]
+pub struct NodeDirectory(Arc<RwLock<Listed>>);
+
+#[derive(Debug, Default)]
+struct Listed {
+    /// Bumped whenever a node is listed.
+    generation: u64,
+    nodes: Vec<(usize, String)>,
+}
+
+impl NodeDirectory {
+    /// A directory of `nodes`.
+    pub fn new(nodes: Vec<(usize, String)>) -> NodeDirectory {
+        let d = NodeDirectory::default();
+        for (id, api) in nodes {
+            d.insert(id, api);
+        }
+        d
+    }
+
+    /// Lists node `id` at `api` (replacing an entry of the same id).
+    pub fn insert(&self, id: usize, api: String) {
+        let mut l = self.0.write();
+        l.nodes.retain(|(i, _)| *i != id);
+        l.nodes.push((id, api));
+        l.nodes.sort();
+        l.generation += 1;
+    }
+
+    /// Unlists node `id`.
+    pub fn remove(&self, id: usize) {
+        self.0.write().nodes.retain(|(i, _)| *i != id);
+    }
+
+    /// The listed nodes, by id.
+    pub fn list(&self) -> Vec<(usize, String)> {
+        self.0.read().nodes.clone()
+    }
+
+    /// Changes whenever a node is listed.
+    pub fn generation(&self) -> u64 {
+        self.0.read().generation
+    }
+
+    /// The API address of node `id`, if listed.
+    pub fn get(&self, id: usize) -> Option<String> {
+        self.0
+            .read()
+            .nodes
+            .iter()
+            .find(|(i, _)| *i == id)
+            .map(|(_, a)| a.clone())
+    }
+
+    /// The listed node after `id` (wrapping around), whether or not `id` is listed.
+    pub fn next_after(&self, id: usize) -> Option<usize> {
+        let l = self.0.read();
+        l.nodes
+            .iter()
+            .map(|(i, _)| *i)
+            .find(|i| *i > id)
+            .or_else(|| l.nodes.first().map(|(i, _)| *i))
+    }
+
+    /// The `k`-th listed node (wrapping around).
+    pub fn nth(&self, k: usize) -> Option<usize> {
+        let l = self.0.read();
+        (!l.nodes.is_empty()).then(|| l.nodes[k % l.nodes.len()].0)
+    }
+}
+
 /// What the clients need to know.
 #[derive(Clone, Debug)]
 pub struct Setup {
-    /// API `host:port` of each node, index = node id - 1.
-    pub nodes: Vec<String>,
+    /// The nodes clients may use now.
+    pub nodes: NodeDirectory,
     /// (user, token) per client.
     pub users: Vec<(String, String)>,
     /// The chats (every user is a member of each).
@@ -89,6 +168,7 @@ struct Client {
     setup: Arc<Setup>,
     history: Arc<History>,
     conn: Option<Connection>,
+    /// The node id this client uses (or will connect to next).
     node: usize,
     session: u64,
     /// Highest seq delivered per chat on this session (for receipts).
@@ -98,14 +178,16 @@ struct Client {
 impl Client {
     fn op(&self, kind: Kind, f: F) -> Op {
         let mut op = Op::new(&self.name, kind, f);
-        op.node = Some(self.node as u64 + 1);
+        op.node = Some(self.node as u64);
         op.session = Some(self.session);
         op
     }
 
     fn drop_conn(&mut self) {
         self.conn = None;
-        self.node = (self.node + 1) % self.setup.nodes.len();
+        if let Some(next) = self.setup.nodes.next_after(self.node) {
+            self.node = next;
+        }
     }
 
     async fn ensure_connected(&mut self) -> bool {
@@ -113,7 +195,16 @@ impl Client {
             return true;
         }
         let token = self.setup.users[self.k - 1].1.clone();
-        let addr = self.setup.nodes[self.node].clone();
+        // A node that left the directory (being removed) is not connected to again.
+        let listed = self.setup.nodes.get(self.node).or_else(|| {
+            let next = self.setup.nodes.next_after(self.node)?;
+            self.node = next;
+            self.setup.nodes.get(next)
+        });
+        let Some(addr) = listed else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return false;
+        };
         match Connection::connect(&addr, Some(&token), CONNECT_TIMEOUT).await {
             Ok(c) => {
                 self.conn = Some(c);
@@ -396,11 +487,11 @@ pub async fn run_client(
     stop: Arc<AtomicBool>,
 ) {
     let mut rng = StdRng::seed_from_u64(spec.seed);
-    let nodes = setup.nodes.len();
+    let mut generation = setup.nodes.generation();
     let mut c = Client {
         name: format!("c{}", spec.k),
         k: spec.k,
-        node: (spec.k - 1) % nodes,
+        node: setup.nodes.nth(spec.k - 1).unwrap_or(1),
         setup: setup.clone(),
         history,
         conn: None,
@@ -416,6 +507,19 @@ pub async fn run_client(
     while Instant::now() < spec.until && !stop.load(Ordering::Relaxed) && !c.history.full() {
         c.idle(next_at).await;
         next_at = (next_at + period).max(Instant::now() - period * 4);
+        // A node joined: spread over the listed nodes again (a new connection, as after
+        // a lost one; a send being retried goes on there).
+        if setup.nodes.generation() != generation {
+            generation = setup.nodes.generation();
+            if let Some(target) = setup.nodes.nth(spec.k - 1) {
+                if target != c.node {
+                    if let Some(conn) = c.conn.take() {
+                        conn.close().await;
+                    }
+                    c.node = target;
+                }
+            }
+        }
         if !c.ensure_connected().await {
             continue;
         }
@@ -444,12 +548,13 @@ pub async fn run_client(
     }
 }
 
-/// Reads every chat from every node, whole, as user 1; each read recorded as a
-/// `final_read` of process `final-<node>`. Retries (bounded) while a node recovers.
+/// Reads every chat from every node of the directory, whole, as user 1; each read recorded
+/// as a `final_read` of process `final-<node id>`. Retries (bounded) while a node recovers.
 pub async fn final_reads(setup: &Setup, history: &History) {
     let (_, token) = &setup.users[0];
-    for (i, addr) in setup.nodes.iter().enumerate() {
-        let node = i as u64 + 1;
+    for (id, addr) in setup.nodes.list() {
+        let node = id as u64;
+        let addr = &addr;
         let process = format!("final-{node}");
         for chat in &setup.chats {
             let mut inv = Op::new(&process, Kind::Invoke, F::FinalRead);

@@ -117,28 +117,42 @@ pub async fn join(node: &Arc<Node>) -> Result<(), JoinError> {
         }
         tokio::time::sleep(Duration::from_millis(JOIN_POLL_MS)).await;
     }
-    if node.meta.membership().and_then(|m| m.state_of(id)) == Some(NodeState::Joining) {
-        match node
+    // `follow` makes it active (retrying until group 0 takes it).
+    Ok(())
+}
+
+/// Pause between attempts to make this node active.
+const ACTIVATE_RETRY_MS: u64 = 500;
+
+/// Proposes this node's `Active` state until group 0 shows it active (or no longer
+/// joining: an operator retired it meanwhile). Ends with the node.
+async fn activate(node: Weak<Node>) {
+    loop {
+        let Some(n) = node.upgrade() else { return };
+        let id = n.id;
+        if n.meta.membership().and_then(|m| m.state_of(id)) != Some(NodeState::Joining) {
+            return;
+        }
+        match n
             .propose_member(MemberCommand::SetNodeState {
                 id,
                 state: NodeState::Active,
             })
             .await
         {
-            Ok(MemberReply::Done { .. }) => tracing::info!("this node is an active member"),
+            Ok(MemberReply::Done { .. }) => {
+                tracing::info!("this node is an active member");
+                return;
+            }
             Ok(other) => {
-                return Err(JoinError::Refused {
-                    id,
-                    reason: other.to_string(),
-                })
+                tracing::warn!(reply = %other, "group 0 refused to make this node active");
+                return;
             }
-            Err(e) => {
-                // Admitted and caught up: the operator can activate it later; not fatal.
-                tracing::warn!(error = %e, "could not mark this node active yet");
-            }
+            Err(e) => tracing::warn!(error = %e, "could not mark this node active yet; retrying"),
         }
+        drop(n);
+        tokio::time::sleep(Duration::from_millis(ACTIVATE_RETRY_MS)).await;
     }
-    Ok(())
 }
 
 /// Serves a joining node's request on any member: records it (group 0 routes the proposal
@@ -167,6 +181,7 @@ pub async fn follow(
     mut rx: tokio::sync::watch::Receiver<Option<Arc<Membership>>>,
 ) {
     let mut purged = false;
+    let mut activating: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let current = rx.borrow_and_update().clone();
         {
@@ -175,6 +190,14 @@ pub async fn follow(
                 if !purged {
                     purged = true;
                     purge_leftovers(&n, &m).await;
+                }
+                // Admitted (now or before a restart) but not active yet: become active; a
+                // group 0 without a leader right now (an election, a partition just
+                // healed) must not leave this node joining for good.
+                if m.state_of(n.id) == Some(NodeState::Joining)
+                    && activating.as_ref().is_none_or(|t| t.is_finished())
+                {
+                    activating = Some(tokio::spawn(activate(node.clone())));
                 }
                 apply_membership(&n, &m).await;
             }
