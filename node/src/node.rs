@@ -1191,14 +1191,22 @@ impl Node {
         }
         // The other replicas do not campaign meanwhile: the old leader steps down when the
         // target asks for its vote, and its (or a third replica's) election timer must not
-        // start a newer term before the target's first heartbeats arrive. The holds lapse
-        // by themselves if this call is cut short.
+        // start a newer term before the target's first heartbeats arrive.
         let others: Vec<NodeId> = replicas.iter().copied().filter(|r| *r != to).collect();
         self.hold_elections_on(group, &others, TRANSFER_ELECTION_HOLD_MS)
             .await;
         // Leading here: stop taking proposals and let the target catch up first, so that
         // no replica refuses its campaign for a shorter log.
         let leading_here = to != self.id && self.local_leader(group) == Some(self.id);
+        // Cut short (a drain's attempt timed out, a client went away), this call still
+        // lifts what it set: the holds would keep the group leaderless until they lapse.
+        let mut guard = TransferGuard {
+            node: self.weak_self(),
+            group,
+            others: others.clone(),
+            leading_here,
+            armed: true,
+        };
         if leading_here && !self.registry.begin_handover(group, to).await {
             tracing::debug!(
                 group,
@@ -1207,6 +1215,7 @@ impl Node {
             );
         }
         let result = self.campaign_and_wait(group, to).await;
+        guard.armed = false;
         if leading_here {
             self.registry.end_handover(group);
         }
@@ -1364,6 +1373,34 @@ pub(crate) fn peers_of(m: &chatd_membership::Membership) -> BTreeMap<NodeId, Pee
             }
         })
         .collect()
+}
+
+/// Undoes a leadership transfer's handover and election holds if the transfer is dropped
+/// before it ends (its own end undoes them otherwise).
+struct TransferGuard {
+    node: Weak<Node>,
+    group: GroupId,
+    others: Vec<NodeId>,
+    leading_here: bool,
+    armed: bool,
+}
+
+impl Drop for TransferGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Some(node) = self.node.upgrade() else {
+            return;
+        };
+        if self.leading_here {
+            node.registry.end_handover(self.group);
+        }
+        let (group, others) = (self.group, std::mem::take(&mut self.others));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { node.hold_elections_on(group, &others, 0).await });
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
