@@ -216,15 +216,35 @@ async fn steady_load(
     seen
 }
 
+/// A steady writer through some nodes' APIs, running in the background.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<LoadSeen>,
+}
+
+impl Load {
+    /// Starts writing through `nodes` and lets it run for a second.
+    async fn start(c: &Cluster, nodes: std::ops::RangeInclusive<u64>) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let apis: Vec<String> = nodes.map(|id| c.url(id, "")).collect();
+        let task = tokio::spawn(steady_load(c.http.clone(), apis, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        Load { stop, task }
+    }
+
+    /// Stops the writer; what it saw.
+    async fn finish(self) -> LoadSeen {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.expect("the writer panicked")
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn membership_growing_three_to_five_under_load_spreads_replicas_and_loses_nothing() {
     let mut c = Cluster::init(3, &[]);
     c.start_all();
     c.wait_ready(READY).await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let apis: Vec<String> = (1..=3).map(|id| c.url(id, "")).collect();
-    let load = tokio::spawn(steady_load(c.http.clone(), apis, stop.clone()));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let load = Load::start(&c, 1..=3).await;
 
     let started = std::time::Instant::now();
     for id in [4, 5] {
@@ -269,8 +289,7 @@ async fn membership_growing_three_to_five_under_load_spreads_replicas_and_loses_
     };
     let settled = started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let seen = load.await.unwrap();
+    let seen = load.finish().await;
     let writes: usize = seen.acked.values().map(Vec::len).sum();
     assert!(writes > 100, "the load ran: {writes} writes");
 
@@ -427,10 +446,7 @@ async fn membership_shrinking_five_to_three_under_load_retires_nodes_for_good() 
     let mut c = Cluster::init(5, &[]);
     c.start_all();
     c.wait_ready(READY).await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let apis: Vec<String> = (1..=3).map(|id| c.url(id, "")).collect();
-    let load = tokio::spawn(steady_load(c.http.clone(), apis, stop.clone()));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let load = Load::start(&c, 1..=3).await;
 
     // Bad input changes nothing.
     assert_eq!(remove(&c, 9, false).await.0, 404);
@@ -468,8 +484,7 @@ async fn membership_shrinking_five_to_three_under_load_retires_nodes_for_good() 
     .await;
     assert_eq!(remove(&c, 4, false).await.0, 409, "removed already");
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let seen = load.await.unwrap();
+    let seen = load.finish().await;
     verify_partitions(&c, &seen, &[1, 2, 3]).await;
 
     // A removed node never serves again, and says why.
@@ -494,10 +509,7 @@ async fn membership_a_dead_node_with_a_wiped_disk_is_replaced_and_r_is_restored(
     let mut c = Cluster::init(3, &[]);
     c.start_all();
     c.wait_ready(READY).await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let apis: Vec<String> = (1..=2).map(|id| c.url(id, "")).collect();
-    let load = tokio::spawn(steady_load(c.http.clone(), apis, stop.clone()));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let load = Load::start(&c, 1..=2).await;
 
     // The machine of node 3 dies and its disk is lost.
     c.kill(3);
@@ -525,8 +537,7 @@ async fn membership_a_dead_node_with_a_wiped_disk_is_replaced_and_r_is_restored(
     .await;
     let replaced = started.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let seen = load.await.unwrap();
+    let seen = load.finish().await;
     verify_partitions(&c, &seen, &[1, 2, 4]).await;
     let writes: usize = seen.acked.values().map(Vec::len).sum();
     println!(
@@ -544,10 +555,7 @@ async fn membership_kill_9_during_moves_of_the_rebalancer_target_and_source_lose
     let mut c = Cluster::init(3, &[]);
     c.start_all();
     c.wait_ready(READY).await;
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let apis: Vec<String> = (1..=3).map(|id| c.url(id, "")).collect();
-    let load = tokio::spawn(steady_load(c.http.clone(), apis, stop.clone()));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let load = Load::start(&c, 1..=3).await;
     for id in [4, 5] {
         c.add_node(id, &[]).expect("add-node");
         c.start(id);
@@ -606,8 +614,7 @@ async fn membership_kill_9_during_moves_of_the_rebalancer_target_and_source_lose
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let seen = load.await.unwrap();
+    let seen = load.finish().await;
     verify_partitions(&c, &seen, &[1, 2, 3, 4, 5]).await;
     let writes: usize = seen.acked.values().map(Vec::len).sum();
     println!(
