@@ -22,7 +22,7 @@ const CHAT_GAP_MS_MAX: f64 = 2_500.0;
 /// their request deadline before moving on); this bound only catches regressions.
 const CHAT_GAP_ISOLATED_MS_MAX: f64 = 5_000.0;
 
-fn run_one(kind: FaultKind, seed: u64, base_port: u16) -> f64 {
+fn run_one(kind: FaultKind, seed: u64, base_port: u16) -> (f64, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!(
         "chatd-jepsen-failover-{}-{seed}",
         std::process::id()
@@ -65,8 +65,7 @@ fn run_one(kind: FaultKind, seed: u64, base_port: u16) -> f64 {
     assert!(!r.windows.is_empty(), "no fault was applied");
     assert!(r.fault_errors.is_empty(), "{:?}", r.fault_errors);
     assert!(r.messages_acked > 500, "{}", r.verdict());
-    std::fs::remove_dir_all(&dir).unwrap();
-    r.longest_chat_gap_ms
+    (r.longest_chat_gap_ms, dir)
 }
 
 #[test]
@@ -80,19 +79,25 @@ fn failover_of_a_killed_paused_or_isolated_leader_loses_nothing_and_is_quick() {
     .into_iter()
     .enumerate()
     {
-        let gap = run_one(kind, 40 + i as u64, 27_400 + 40 * i as u16);
-        gaps.push((kind, gap));
+        let (gap, dir) = run_one(kind, 40 + i as u64, 27_400 + 40 * i as u16);
+        gaps.push((kind, gap, dir));
     }
-    eprintln!("failover: longest write gap of one chat per fault: {gaps:?}");
-    for (kind, gap) in gaps {
+    eprintln!(
+        "failover: longest write gap of one chat per fault: {:?}",
+        gaps.iter().map(|(k, g, _)| (k, g)).collect::<Vec<_>>()
+    );
+    for (kind, gap, dir) in gaps {
         let bound = if kind == FaultKind::PartitionLeader {
             CHAT_GAP_ISOLATED_MS_MAX
         } else {
             CHAT_GAP_MS_MAX
         };
+        // A run over its bound keeps its logs and report for a look.
         assert!(
             gap <= bound,
-            "{kind:?}: a chat had no write for {gap:.0} ms (bound {bound} ms)"
+            "{kind:?}: a chat had no write for {gap:.0} ms (bound {bound} ms); logs in {}",
+            dir.display()
         );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

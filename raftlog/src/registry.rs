@@ -112,21 +112,31 @@ pub const ELECTION_HOLD_MS_MAX: u64 = 5_000;
 /// under one lock, so two changes never race each other's outcome.
 struct ElectionGate {
     startup_held: AtomicBool,
-    held_until: parking_lot::Mutex<Option<tokio::time::Instant>>,
+    held: parking_lot::Mutex<Option<TransferHold>>,
+}
+
+/// A leadership transfer's hold on one replica: until `until`, or until a leader of a
+/// term after `term` (the replica's term when the hold was placed) is heard — from then on
+/// the new leader's heartbeats, not the hold, keep the replica from campaigning, and a
+/// new leader that dies at once is replaced after one election timeout, not after the hold.
+#[derive(Clone, Copy)]
+struct TransferHold {
+    until: tokio::time::Instant,
+    term: u64,
 }
 
 impl ElectionGate {
     fn new() -> Self {
         Self {
             startup_held: AtomicBool::new(true),
-            held_until: parking_lot::Mutex::new(None),
+            held: parking_lot::Mutex::new(None),
         }
     }
 
     /// Sets the raft's election switch from the current holds.
     fn apply(&self, raft: &Raft, elections_off: &AtomicBool) {
-        let held_until = self.held_until.lock();
-        let transfer_held = held_until.is_some_and(|t| tokio::time::Instant::now() < t);
+        let held = self.held.lock();
+        let transfer_held = held.is_some_and(|h| tokio::time::Instant::now() < h.until);
         let on = !elections_off.load(Ordering::Acquire)
             && !self.startup_held.load(Ordering::Acquire)
             && !transfer_held;
@@ -397,27 +407,59 @@ impl Registry {
     /// (at most [`ELECTION_HOLD_MS_MAX`]; a zero `hold` lifts an earlier one at once), while
     /// leadership moves to another replica: without it, a replica whose timer fires during
     /// the target's campaign (the old leader steps down on the target's vote request) can
-    /// start a newer term and take the group instead. An explicit campaign
-    /// ([`openraft::Raft::trigger`]) is not held. Returns false if the group is not hosted.
+    /// start a newer term and take the group instead. The hold ends early once this replica
+    /// hears a leader of a term after the one it was in when the hold was placed (the
+    /// handover is over: a new leader that fails at once is replaced after one election
+    /// timeout, not after the hold). An explicit campaign ([`openraft::Raft::trigger`]) is
+    /// not held. Returns false if the group is not hosted.
     pub fn hold_elections(&self, group: GroupId, hold: std::time::Duration) -> bool {
         let Some(hosted) = self.hosted(group) else {
             return false;
         };
         let hold = hold.min(std::time::Duration::from_millis(ELECTION_HOLD_MS_MAX));
         if hold.is_zero() {
-            *hosted.gate.held_until.lock() = None;
+            *hosted.gate.held.lock() = None;
             hosted.gate.apply(&hosted.raft, &self.elections_off);
             return true;
         }
         let until = tokio::time::Instant::now() + hold;
+        let term = hosted.raft.metrics().borrow().current_term;
         {
-            let mut held_until = hosted.gate.held_until.lock();
-            *held_until = Some(held_until.map_or(until, |t| t.max(until)));
+            let mut held = hosted.gate.held.lock();
+            *held = Some(match *held {
+                Some(h) => TransferHold {
+                    until: h.until.max(until),
+                    term: h.term.max(term),
+                },
+                None => TransferHold { until, term },
+            });
             hosted.raft.runtime_config().elect(false);
         }
         let elections_off = self.elections_off.clone();
         tokio::spawn(async move {
-            tokio::time::sleep_until(until).await;
+            let mut metrics = hosted.raft.metrics();
+            let newer_leader_heard = async {
+                loop {
+                    {
+                        let m = metrics.borrow_and_update();
+                        if m.current_term > term && m.current_leader.is_some() {
+                            return m.current_term;
+                        }
+                    }
+                    if metrics.changed().await.is_err() {
+                        // The group stopped: only the deadline is left.
+                        std::future::pending::<()>().await;
+                    }
+                }
+            };
+            if let Ok(now_term) = tokio::time::timeout_at(until, newer_leader_heard).await {
+                // Lift the hold unless a later transfer (placed in this term or after)
+                // holds the replica again.
+                let mut held = hosted.gate.held.lock();
+                if held.is_some_and(|h| h.term < now_term) {
+                    *held = None;
+                }
+            }
             hosted.gate.apply(&hosted.raft, &elections_off);
         });
         true
@@ -426,11 +468,11 @@ impl Registry {
     /// True if `group` is hosted here and may campaign on its own timeouts now.
     pub fn elections_enabled(&self, group: GroupId) -> Option<bool> {
         let hosted = self.hosted(group)?;
-        let held_until = *hosted.gate.held_until.lock();
+        let held = *hosted.gate.held.lock();
         Some(
             !self.elections_off.load(Ordering::Acquire)
                 && !hosted.gate.startup_held.load(Ordering::Acquire)
-                && held_until.is_none_or(|t| tokio::time::Instant::now() >= t),
+                && held.is_none_or(|h| tokio::time::Instant::now() >= h.until),
         )
     }
 

@@ -67,12 +67,29 @@ struct Single {
 }
 
 async fn start_single(dir: &Path, ca: &ClusterCa, applier: Arc<Counter>) -> Single {
-    let identity = ca.identity(ca.issue_node(1, &["127.0.0.1".parse().unwrap()]).unwrap());
+    let s = start_node(dir, ca, 1).await;
+    let registry = &s.registry;
+    registry.open_group(1, applier).await.unwrap();
+    let addr = s.endpoint.local_addr().unwrap().to_string();
+    let members = BTreeMap::from([(1, addr)]);
+    registry.initialize(1, members).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while registry.get(1).unwrap().metrics().borrow().current_leader != Some(1) {
+        assert!(Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    s
+}
+
+/// Node `id`'s store, endpoint and registry, hosting no group yet.
+async fn start_node(dir: &Path, ca: &ClusterCa, id: u64) -> Single {
+    let dir = dir.join(format!("n{id}"));
+    let identity = ca.identity(ca.issue_node(id, &["127.0.0.1".parse().unwrap()]).unwrap());
     let store = Storage::open(
         &dir.join("db"),
         &NodeIdentity {
             cluster_id: "t".into(),
-            node_id: 1,
+            node_id: id,
         },
         &StorageOptions::default(),
     )
@@ -96,7 +113,7 @@ async fn start_single(dir: &Path, ca: &ClusterCa, applier: Arc<Counter>) -> Sing
     )
     .unwrap();
     let registry = Registry::new(
-        1,
+        id,
         store.clone(),
         endpoint.clone(),
         dir.join("snapshots"),
@@ -105,15 +122,6 @@ async fn start_single(dir: &Path, ca: &ClusterCa, applier: Arc<Counter>) -> Sing
     )
     .unwrap();
     let _ = slot.set(registry.clone());
-    registry.open_group(1, applier).await.unwrap();
-    let addr = endpoint.local_addr().unwrap().to_string();
-    let members = BTreeMap::from([(1, addr)]);
-    registry.initialize(1, members).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while registry.get(1).unwrap().metrics().borrow().current_leader != Some(1) {
-        assert!(Instant::now() < deadline, "no leader");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
     Single {
         registry,
         endpoint,
@@ -312,4 +320,84 @@ async fn an_election_hold_lapses_by_itself_is_lifted_early_and_never_outlives_a_
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(r.elections_enabled(1), Some(false));
     stop(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_transfer_hold_ends_when_a_leader_of_a_newer_term_is_heard() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = ClusterCa::generate("t").unwrap();
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start_node(dir.path(), &ca, id).await);
+    }
+    let members: BTreeMap<u64, String> = nodes
+        .iter()
+        .zip(1..)
+        .map(|(n, id)| (id, n.endpoint.local_addr().unwrap().to_string()))
+        .collect();
+    for n in &nodes {
+        n.registry
+            .open_group(1, Arc::new(Counter::default()))
+            .await
+            .unwrap();
+    }
+    nodes[0].registry.initialize(1, members).await.unwrap();
+    let leader_everywhere = |want: Option<u64>| {
+        nodes.iter().all(|n| {
+            let m = n.registry.get(1).unwrap().metrics().borrow().clone();
+            want.map_or(m.current_leader.is_some(), |w| m.current_leader == Some(w))
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !leader_everywhere(None) {
+        assert!(Instant::now() < deadline, "no leader heard everywhere");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let old = nodes[0]
+        .registry
+        .get(1)
+        .unwrap()
+        .metrics()
+        .borrow()
+        .current_leader
+        .unwrap();
+    let to = if old == 3 { 2 } else { 3 };
+    // What a transfer to `to` does: every other replica holds its elections (at the
+    // bound, 5 s), then `to` campaigns.
+    for (n, id) in nodes.iter().zip(1u64..) {
+        if id != to {
+            assert!(n.registry.hold_elections(1, Duration::from_secs(3_600)));
+            assert_eq!(n.registry.elections_enabled(1), Some(false));
+        }
+    }
+    let started = Instant::now();
+    nodes[to as usize - 1]
+        .registry
+        .get(1)
+        .unwrap()
+        .trigger()
+        .elect()
+        .await
+        .unwrap();
+    while !leader_everywhere(Some(to)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{to} did not take over"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Every held replica heard the new leader: its hold is over long before the bound, so
+    // if the new leader died now the group would elect another after one timeout.
+    for (n, id) in nodes.iter().zip(1u64..) {
+        while n.registry.elections_enabled(1) != Some(true) {
+            assert!(
+                started.elapsed() < Duration::from_millis(chatd_raftlog::ELECTION_HOLD_MS_MAX / 2),
+                "node {id} still holds its elections after the new leader was heard"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    for n in nodes {
+        stop(n).await;
+    }
 }
