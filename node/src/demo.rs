@@ -34,7 +34,8 @@ pub struct DemoFile {
 /// Initializes `dir` if needed, starts the nodes, writes `dir/demo.json`, and stops the
 /// nodes on SIGTERM or Ctrl-C.
 pub async fn demo(nodes: u32, dir: &Path, base_port: u16, partitions: u32) -> anyhow::Result<()> {
-    if !dir.join("ca.pem").exists() {
+    let created = !dir.join("ca.pem").exists();
+    if created {
         init_cluster(&InitSpec {
             nodes,
             out: dir.to_path_buf(),
@@ -111,6 +112,16 @@ pub async fn demo(nodes: u32, dir: &Path, base_port: u16, partitions: u32) -> an
         "details in {}; Ctrl-C stops the cluster",
         dir.join("demo.json").display()
     );
+    if created {
+        crate::first_steps::print(
+            &format!(
+                "chatd demo: created a {nodes}-node cluster in {}.",
+                dir.display()
+            ),
+            &dir.join("admin.token"),
+            &format!("127.0.0.1:{base_port}"),
+        );
+    }
     crate::run::wait_for_signal().await;
     stop_children(&mut children);
     Ok(())

@@ -823,6 +823,45 @@ fn done_or_error(id: String, chat: String, reply: Result<ChatReply, ProposeError
     }
 }
 
+/// Opens the direct chat of `user` and `other` (idempotent) and indexes it for both.
+/// `Err` for a request refused before anything was proposed (`other` unknown or `user`).
+async fn open_direct(
+    node: &Node,
+    user: &str,
+    other: &str,
+) -> Result<Result<ChatReply, ProposeError>, (String, String)> {
+    check_users(node, &[other.to_string()]).await?;
+    if other == user {
+        return Err((
+            code::INVALID_FIELD.into(),
+            "a direct chat needs another user".into(),
+        ));
+    }
+    let chat = direct_chat_id(user, other);
+    let cmd = ChatCommand::OpenDirect {
+        chat: chat.clone(),
+        a: user.to_string(),
+        b: other.to_string(),
+        ts: now_ms(),
+    };
+    let reply = propose_chat(node, chat_group(node, &chat), &cmd).await;
+    if matches!(reply, Ok(ChatReply::Done { .. })) {
+        index_chat(node, &chat, &[user.to_string(), other.to_string()]).await;
+    }
+    Ok(reply)
+}
+
+/// The other member named by `chat` if it is the id of a direct chat of `user` with
+/// someone else, written as the server writes it (`d:<a>:<b>`, `a` < `b`).
+fn direct_peer(chat: &str, user: &str) -> Option<String> {
+    let mut parts = chat.strip_prefix("d:")?.split(':');
+    let (a, b) = (parts.next()?, parts.next()?);
+    if parts.next().is_some() || a >= b || (user != a && user != b) {
+        return None;
+    }
+    Some(if user == a { b } else { a }.to_string())
+}
+
 async fn check_users(node: &Node, users: &[String]) -> Result<(), (String, String)> {
     for u in users {
         if !valid_id(u, chatd_proto::USER_ID_BYTES_MAX) || !node.user_enabled_caught_up(u).await {
@@ -904,7 +943,32 @@ async fn handle(
                 ts: now_ms(),
                 dedup_window_ms: node.gateway.config.dedup_window_ms,
             };
-            let reply = propose_chat(node, chat_group(node, &chat), &cmd).await;
+            let mut reply = propose_chat(node, chat_group(node, &chat), &cmd).await;
+            // A direct chat's id names its two members: the first send to one that does
+            // not exist yet opens it (the rules of `open_direct`), then is sent again.
+            if let (Ok(ChatReply::Rejected { code: c, .. }), Some(other)) =
+                (&reply, direct_peer(&chat, user))
+            {
+                if c == code::UNKNOWN_CHAT {
+                    match open_direct(node, user, &other).await {
+                        Ok(Ok(ChatReply::Done { .. })) => {
+                            reply = propose_chat(node, chat_group(node, &chat), &cmd).await;
+                        }
+                        Ok(Ok(ChatReply::Rejected { code, message })) => {
+                            return Some(err(Some(id), &code, message));
+                        }
+                        Ok(Ok(other)) => {
+                            return Some(err(
+                                Some(id),
+                                code::INTERNAL,
+                                format!("unexpected reply {other:?}"),
+                            ));
+                        }
+                        Ok(Err(e)) => return Some(propose_error(Some(id), e)),
+                        Err((c, m)) => return Some(err(Some(id), &c, m)),
+                    }
+                }
+            }
             match reply {
                 Ok(ChatReply::Acked { seq, ts, duplicate }) => {
                     node.gateway
@@ -971,28 +1035,11 @@ async fn handle(
             )
         }
         ClientFrame::OpenDirect { id, user: other } => {
-            if let Err((c, m)) = check_users(node, std::slice::from_ref(&other)).await {
-                return Some(err(Some(id), &c, m));
-            }
-            if other == user {
-                return Some(err(
-                    Some(id),
-                    code::INVALID_FIELD,
-                    "a direct chat needs another user",
-                ));
-            }
             let chat = direct_chat_id(user, &other);
-            let cmd = ChatCommand::OpenDirect {
-                chat: chat.clone(),
-                a: user.to_string(),
-                b: other.clone(),
-                ts: now_ms(),
-            };
-            let reply = propose_chat(node, chat_group(node, &chat), &cmd).await;
-            if matches!(reply, Ok(ChatReply::Done { .. })) {
-                index_chat(node, &chat, &[user.to_string(), other]).await;
+            match open_direct(node, user, &other).await {
+                Ok(reply) => done_or_error(id, chat, reply),
+                Err((c, m)) => err(Some(id), &c, m),
             }
-            done_or_error(id, chat, reply)
         }
         ClientFrame::CreateGroup { id, name, members } => {
             if name.len() > 128 {

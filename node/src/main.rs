@@ -417,7 +417,11 @@ fn default_single_node() -> anyhow::Result<PathBuf> {
             data_dir_root: None,
         })
         .context("cannot create the single-node cluster in ./chatd-data")?;
-        eprintln!("created a single-node cluster in ./chatd-data (API on 127.0.0.1:7000)");
+        chatd::first_steps::print(
+            "chatd: created a single-node cluster in ./chatd-data (API on http://127.0.0.1:7000).",
+            &dir.join("admin.token"),
+            chatd::first_steps::DEFAULT_SERVER,
+        );
     }
     Ok(config)
 }

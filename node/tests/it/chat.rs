@@ -899,6 +899,24 @@ async fn chat_bad_input_gets_typed_errors_and_changes_nothing() {
                 "unknown_chat",
             ),
             (json!({"type": "history", "chat": "g:0000000000000000"}), "unknown_chat"),
+            // Direct chats a first send does not open: someone else's, one with oneself,
+            // one written out of order, one with a user that does not exist.
+            (
+                json!({"type": "send", "chat": "d:bob:carol", "client_msg_id": "u2", "text": "x"}),
+                "unknown_chat",
+            ),
+            (
+                json!({"type": "send", "chat": "d:mallory:mallory", "client_msg_id": "u3", "text": "x"}),
+                "unknown_chat",
+            ),
+            (
+                json!({"type": "send", "chat": "d:mallory:bob", "client_msg_id": "u4", "text": "x"}),
+                "unknown_chat",
+            ),
+            (
+                json!({"type": "send", "chat": "d:mallory:nobody", "client_msg_id": "u5", "text": "x"}),
+                "unknown_user",
+            ),
             // A chat mallory is not in.
             (
                 json!({"type": "send", "chat": chat, "client_msg_id": "n1", "text": "intrusion"}),
@@ -1184,6 +1202,43 @@ async fn chat_client_that_never_reads_is_closed_and_others_are_unaffected() {
 /// once the leader applied the entry; gateway.rs `serve` checks `node.meta.user_by_token`
 /// on the local replica). Documented, so not asserted against; see the report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_first_send_to_a_direct_chat_opens_it() {
+    bounded(async {
+        let c = cluster3(&[]).await;
+        let mut t = HashMap::new();
+        for u in ["alice", "bob"] {
+            t.insert(u, create_user(&c, 1, u).await);
+        }
+        let mut alice = Ws::connect(c.node(1).api, "alice", &t["alice"]).await;
+        let mut bob = Ws::connect(c.node(2).api, "bob", &t["bob"]).await;
+        // No open_direct: the first send opens the chat and is its first message.
+        let a = alice.send_ok("d:alice:bob", "first", "hi bob").await;
+        assert_eq!(
+            (a["seq"].as_u64(), a["duplicate"].as_bool()),
+            (Some(1), Some(false)),
+            "{a}"
+        );
+        // A retry is the same message, not a second chat or a second copy.
+        let again = alice.send_ok("d:alice:bob", "first", "hi bob").await;
+        assert_eq!(
+            (again["seq"].as_u64(), again["duplicate"].as_bool()),
+            (Some(1), Some(true))
+        );
+        // Bob has the chat in his list and reads the message; he can answer at once.
+        let state = bob.chat_state("d:alice:bob").await;
+        assert_eq!(state["last_seq"], 1, "{state}");
+        let history = bob.full_history("d:alice:bob").await;
+        assert_eq!(history.len(), 1);
+        assert_eq!(history[0]["text"], "hi bob");
+        let b = bob.send_ok("d:alice:bob", "reply", "hi alice").await;
+        assert_eq!(b["seq"], 2, "{b}");
+        // open_direct afterwards finds the same chat.
+        assert_eq!(alice.open_direct("bob").await, "d:alice:bob");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn chat_fresh_token_is_accepted_at_once_on_any_node() {
     bounded(async {
         let c = cluster3(&[]).await;
