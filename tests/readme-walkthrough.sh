@@ -21,6 +21,18 @@ STOP_S_MAX=30
 started=$(date +%s)
 work=$(mktemp -d /tmp/chatd-readme.XXXXXX)
 pid=""
+# The clone's build replaces the binaries in $CARGO_TARGET_DIR/debug with its own (cargo
+# does not put this checkout's back while they are up to date): keep them (hard links) and
+# put them back at the end, so later runs from this checkout use what it built.
+bins="$CARGO_TARGET_DIR/debug"
+mkdir -p "$work/bins"
+find "$bins" -maxdepth 1 -type f -executable -exec ln {} "$work/bins/" \;
+restore_bins() {
+  for f in "$work/bins"/*; do
+    [ -e "$f" ] || continue
+    ln -f "$f" "$bins/.restore.$$" && mv -f "$bins/.restore.$$" "$bins/$(basename "$f")"
+  done
+}
 cleanup() {
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
     kill -TERM -- "-$pid" 2>/dev/null || true
@@ -30,6 +42,7 @@ cleanup() {
     done
     kill -KILL -- "-$pid" 2>/dev/null || true
   fi
+  restore_bins
   rm -rf "$work"
 }
 trap cleanup EXIT
