@@ -39,19 +39,21 @@ impl CliName {
 }
 
 /// The next steps after a cluster was created: where the admin token is, a user to create,
-/// a first message, an interactive chat. `server` is added to every command when the node
-/// is not at chat-cli's default address.
+/// a first message, an interactive chat. `CHATD_SERVER` is set first when the node is not
+/// at chat-cli's default address.
 pub fn text(what: &str, admin_token: &Path, server: &str, cli: &CliName) -> String {
     let token = std::path::absolute(admin_token).unwrap_or_else(|_| admin_token.to_path_buf());
-    let mut cli = cli.command();
-    if server != DEFAULT_SERVER {
-        cli = format!("{cli} --server {server}");
-    }
+    let cli = cli.command();
+    let server = if server == DEFAULT_SERVER {
+        String::new()
+    } else {
+        format!("export CHATD_SERVER={server}\n  ")
+    };
     format!(
         "\n{what}\n\
          The admin token is in {token}. Next, in another terminal:\n\
          \n  \
-         export CHATD_TOKEN=$(cat {token})\n  \
+         {server}export CHATD_TOKEN=$(cat {token})\n  \
          alice=$({cli} admin users add alice)    # alice's token, shown once\n  \
          bob=$({cli} admin users add bob)\n  \
          CHATD_TOKEN=$alice {cli} send d:alice:bob \"hi bob\"   # the first send opens the chat\n  \
@@ -78,7 +80,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_the_token_file_and_every_command_uses_the_server() {
+    fn names_the_token_file_and_the_server_when_not_the_default() {
         let t = text(
             "created",
             Path::new("/srv/chatd-data/admin.token"),
@@ -94,8 +96,10 @@ mod tests {
             "127.0.0.1:7100",
             &CliName::OnPath,
         );
-        for line in t.lines().filter(|l| l.contains("chat-cli")) {
-            assert!(line.contains("chat-cli --server 127.0.0.1:7100"), "{line}");
-        }
+        assert!(
+            t.contains("\n  export CHATD_SERVER=127.0.0.1:7100\n  export CHATD_TOKEN="),
+            "{t}"
+        );
+        assert!(t.contains("alice=$(chat-cli admin users add alice)"), "{t}");
     }
 }
