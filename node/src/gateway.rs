@@ -77,6 +77,8 @@ pub struct Gateway {
     receipts_rx: Mutex<Option<mpsc::Receiver<crate::receipts::Queued>>>,
     /// Current members of chats for typing frames (bounded, short TTL).
     typing_members: ChatMembers,
+    /// Receipt cursors pushed to this node's sessions (never pushed backwards).
+    receipts_pushed: crate::limits::ReceiptsPushed,
     pub presence: crate::presence::Presence,
     pub notifier: std::sync::OnceLock<crate::notify::Notifier>,
     pub metrics: crate::metrics::Metrics,
@@ -148,6 +150,7 @@ impl Gateway {
             receipts,
             receipts_rx: Mutex::new(Some(rx)),
             typing_members: ChatMembers::default(),
+            receipts_pushed: Default::default(),
             presence: crate::presence::Presence::new(Duration::from_millis(config.presence_ttl_ms)),
             notifier: std::sync::OnceLock::new(),
             metrics: crate::metrics::Metrics {
@@ -279,6 +282,12 @@ impl Gateway {
                     cursor,
                     recipients,
                 } => {
+                    if !self
+                        .receipts_pushed
+                        .advance(chat, user, cursor.delivered, cursor.read)
+                    {
+                        continue;
+                    }
                     let frame = ServerFrame::Receipt {
                         chat: chat.clone(),
                         user: user.clone(),

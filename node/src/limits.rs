@@ -25,6 +25,15 @@ pub const TYPING_MEMBERS_TTL_MS: u64 = 5_000;
 /// chat while all of them were typed in within `typing_interval_ms` is dropped.
 pub const TYPING_CHATS_PER_SESSION_MAX: usize = 64;
 
+/// (chat, user) receipt cursors a node remembers having pushed to its sessions (least
+/// recently used dropped).
+pub const RECEIPTS_PUSHED_MAX: u64 = 262_144;
+/// How long a pushed receipt cursor is remembered, in milliseconds. Receipt events of one
+/// cursor can reach a node by two paths when the partition's leader changes (each leader
+/// forwards what it applied); within this time a late, older one is not pushed after a
+/// newer one.
+pub const RECEIPTS_PUSHED_TTL_MS: u64 = 600_000;
+
 #[derive(Clone, Debug)]
 struct Bucket {
     tokens: f64,
@@ -199,6 +208,61 @@ impl ChatMembers {
     }
 }
 
+/// The receipt cursors this node pushed, so that sessions never see one go backwards (a
+/// cursor only moves forward in the partition; its events may arrive out of order). At
+/// most [`RECEIPTS_PUSHED_MAX`] (chat, user) pairs, each for [`RECEIPTS_PUSHED_TTL_MS`].
+pub struct ReceiptsPushed {
+    cache: Cache<(String, String), (u64, u64)>,
+}
+
+impl Default for ReceiptsPushed {
+    fn default() -> Self {
+        Self::with_bounds(
+            RECEIPTS_PUSHED_MAX,
+            Duration::from_millis(RECEIPTS_PUSHED_TTL_MS),
+        )
+    }
+}
+
+impl ReceiptsPushed {
+    fn with_bounds(pairs_max: u64, ttl: Duration) -> Self {
+        Self {
+            cache: Cache::builder()
+                .max_capacity(pairs_max)
+                .time_to_live(ttl)
+                .eviction_policy(EvictionPolicy::lru())
+                .build(),
+        }
+    }
+
+    /// True if (`delivered`, `read`) moves `user`'s cursor in `chat` forward from what was
+    /// pushed (and records it); false for a cursor already pushed or behind one.
+    pub fn advance(&self, chat: &str, user: &str, delivered: u64, read: u64) -> bool {
+        let key = (chat.to_string(), user.to_string());
+        let mut moved = false;
+        self.cache
+            .entry(key)
+            .and_compute_with(|current| match current.map(|e| e.into_value()) {
+                Some((d, r)) if delivered <= d && read <= r => moka::ops::compute::Op::Nop,
+                Some((d, r)) => {
+                    moved = true;
+                    moka::ops::compute::Op::Put((d.max(delivered), r.max(read)))
+                }
+                None => {
+                    moved = true;
+                    moka::ops::compute::Op::Put((delivered, read))
+                }
+            });
+        moved
+    }
+
+    /// Pairs remembered now (after pending evictions).
+    pub fn pairs(&self) -> u64 {
+        self.cache.run_pending_tasks();
+        self.cache.entry_count()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -272,6 +336,35 @@ mod tests {
         // Once the others are older than the interval they are evicted for new chats.
         assert!(l.allow("g:one-more", t0 + interval));
         assert_eq!(l.len(), 2, "g:0 and g:one-more");
+    }
+
+    #[test]
+    fn receipts_pushed_only_move_forward_and_are_bounded() {
+        let p = ReceiptsPushed::default();
+        assert!(p.advance("g:1", "u", 481, 481));
+        assert!(
+            !p.advance("g:1", "u", 476, 476),
+            "an older cursor after a newer one"
+        );
+        assert!(!p.advance("g:1", "u", 481, 481), "the same cursor twice");
+        assert!(p.advance("g:1", "u", 481, 482), "read moved");
+        assert!(p.advance("g:1", "v", 1, 0), "another user");
+        assert!(p.advance("g:2", "u", 1, 0), "another chat");
+
+        let p = ReceiptsPushed::with_bounds(100, Duration::from_secs(60));
+        for i in 0..101 {
+            assert!(p.advance(&format!("g:{i}"), "u", 5, 5));
+        }
+        assert_eq!(
+            p.pairs(),
+            100,
+            "bounded: the least recently used pair is dropped"
+        );
+
+        let p = ReceiptsPushed::with_bounds(10, Duration::from_millis(30));
+        assert!(p.advance("g:a", "u", 9, 9));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(p.advance("g:a", "u", 3, 3), "forgotten after the TTL");
     }
 
     #[test]

@@ -43,10 +43,16 @@ pub const BROADCAST_QUEUE_REQUESTS_MAX: usize = 4096;
 pub const BROADCAST_MERGE_REQUESTS_MAX: usize = 256;
 /// How often a leadership transfer looks at its target's role.
 const TRANSFER_POLL_MS: u64 = 20;
+/// Longest wait for a transfer's target to win its campaign. A campaign takes one round
+/// trip and a vote fsync; one that has not won by then will not (a replica the target
+/// needs has a longer log, or its lease from a leader that is gone), and the replicas held
+/// meanwhile must get their elections back rather than wait for their holds to lapse.
+const TRANSFER_CAMPAIGN_MS_MAX: u64 = 1_000;
 /// How long the replicas other than a transfer's target hold their elections: the
-/// handover's catch-up wait and a campaign with time to spare; lifted as soon as the
-/// transfer ends either way.
-const TRANSFER_ELECTION_HOLD_MS: u64 = chatd_raftlog::HANDOVER_CATCH_UP_MS_MAX + 1_500;
+/// handover's catch-up wait and the campaign, with time to spare; lifted as soon as the
+/// transfer ends either way, and on each held replica as soon as it hears a new leader.
+const TRANSFER_ELECTION_HOLD_MS: u64 =
+    chatd_raftlog::HANDOVER_CATCH_UP_MS_MAX + TRANSFER_CAMPAIGN_MS_MAX + 500;
 /// Timeout of a status call to a peer.
 const STATUS_CALL_TIMEOUT_MS: u64 = 1_000;
 /// Longest wait for a leader to confirm its leadership (and catch up its state machine)
@@ -886,8 +892,15 @@ impl Node {
         if let Some(l) = self.routing.leader(group).filter(|l| !avoid.contains(l)) {
             return Some(l);
         }
+        // No leader known: ask a replica, one that answers Raft RPCs first. A paused or
+        // cut-off one would hold the request until a connection attempt times out, long
+        // after the others elected a leader.
         let replicas = self.replicas_of(group)?;
-        replicas.into_iter().find(|r| !avoid.contains(r))
+        let down = self.registry.peer_health().down();
+        let candidates = replicas.into_iter().filter(|r| !avoid.contains(r));
+        let (up, down): (Vec<NodeId>, Vec<NodeId>) =
+            candidates.partition(|r| *r == self.id || !down.contains(r));
+        up.into_iter().chain(down).next()
     }
 
     /// Proposes `command` to `group` on its leader, wherever it is, and waits until it is
@@ -1069,7 +1082,7 @@ impl Node {
 
     /// Runs `call` (a request in flight to `target`, which led `group` when it was sent)
     /// until it answers or this node's replica of `group` sees a newer term without
-    /// `target` as leader. A leader that died or was cut off never answers, and the call
+    /// `target` as leader, or another leader elected meanwhile. A leader that died or was cut off never answers, and the call
     /// would wait for the connection's idle timeout; the survivors' election shows here as
     /// a new term, and the caller hears "outcome unknown" at once (the request may have
     /// been appended before the old leader failed) and can retry with the new leader.
@@ -1082,11 +1095,17 @@ impl Node {
         let Some(mut leadership) = self.registry.watch_leadership(group) else {
             return call.await;
         };
-        let (term_at_send, _) = leadership.current();
+        let at_send = leadership.current();
         let moved_on = async move {
             loop {
                 let (term, leader) = leadership.current();
-                if term > term_at_send && leader != Some(target) {
+                // A newer term without `target` as leader, or, in the term the request was
+                // sent in, a leader other than `target` that became known since (it went
+                // to `target` only because no leader was known yet: a candidate's term).
+                if (term, leader) != at_send
+                    && leader != Some(target)
+                    && (term > at_send.0 || leader.is_some())
+                {
                     return (term, leader);
                 }
                 if !leadership.changed().await {
@@ -1274,7 +1293,10 @@ impl Node {
         if let NodeReply::Failed(e) = reply {
             return Err(e);
         }
-        let deadline = Instant::now() + self.propose_timeout;
+        let deadline = Instant::now()
+            + self
+                .propose_timeout
+                .min(Duration::from_millis(TRANSFER_CAMPAIGN_MS_MAX));
         loop {
             // Someone other than the target leads in a newer term: the campaign was lost.
             let newer_leader = (self.registry.term(group) > term_before)
@@ -1301,7 +1323,8 @@ impl Node {
             }
             if Instant::now() >= deadline {
                 return Err(format!(
-                    "node {to} did not become leader of {group} in time"
+                    "node {to} did not win its campaign for {group} within \
+                     {TRANSFER_CAMPAIGN_MS_MAX} ms"
                 ));
             }
             tokio::time::sleep(Duration::from_millis(TRANSFER_POLL_MS)).await;
