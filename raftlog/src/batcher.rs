@@ -6,6 +6,7 @@
 //! number of entries in flight per group, and hands each proposer its own answer. Order is
 //! kept: proposals enter the log in the order they entered the queue.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use serde_bytes::ByteBuf;
@@ -48,17 +49,46 @@ pub(crate) struct Proposal {
     pub(crate) reply: oneshot::Sender<Result<Committed, ProposeError>>,
 }
 
+/// What a group's batcher takes, in order.
+pub(crate) enum Item {
+    Proposal(Proposal),
+    /// Answered once every item queued before it was handed to Raft (or refused): a
+    /// handover waits for it before reading the leader's last log index.
+    Barrier(oneshot::Sender<()>),
+}
+
 /// Starts the batcher of `group`; proposals go into the returned sender.
-pub(crate) fn start(group: GroupId, raft: Raft) -> mpsc::Sender<Proposal> {
+pub(crate) fn start(
+    group: GroupId,
+    raft: Raft,
+    handing_over: Arc<AtomicBool>,
+) -> mpsc::Sender<Item> {
     let (tx, rx) = mpsc::channel(PROPOSAL_QUEUE_MAX);
-    tokio::spawn(run(group, raft, rx));
+    tokio::spawn(run(group, raft, rx, handing_over));
     tx
 }
 
-async fn run(group: GroupId, raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
+async fn run(
+    group: GroupId,
+    raft: Raft,
+    mut rx: mpsc::Receiver<Item>,
+    handing_over: Arc<AtomicBool>,
+) {
     let in_flight = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_MAX));
-    while let Some(first) = rx.recv().await {
-        // Waiting for a slot lets the queue fill: under load, batches grow by themselves.
+    // A barrier met while filling a batch: answered right after that batch is handed on.
+    let mut barrier: Option<oneshot::Sender<()>> = None;
+    loop {
+        if let Some(done) = barrier.take() {
+            let _ = done.send(());
+        }
+        let first = match rx.recv().await {
+            Some(Item::Proposal(p)) => p,
+            Some(Item::Barrier(done)) => {
+                let _ = done.send(());
+                continue;
+            }
+            None => return,
+        };
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             return;
         };
@@ -66,12 +96,25 @@ async fn run(group: GroupId, raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
         let mut batch = vec![first];
         while batch.len() < BATCH_COMMANDS_MAX && bytes < BATCH_BYTES_MAX {
             match rx.try_recv() {
-                Ok(p) => {
+                Ok(Item::Proposal(p)) => {
                     bytes += p.command.len();
                     batch.push(p);
                 }
+                Ok(Item::Barrier(done)) => {
+                    barrier = Some(done);
+                    break;
+                }
                 Err(_) => break,
             }
+        }
+        // The leadership is being handed over: nothing more enters this leader's log, so
+        // the target can hold all of it (not appended: the callers retry on the new leader).
+        if handing_over.load(Ordering::Acquire) {
+            for p in batch {
+                let _ = p.reply.send(Err(ProposeError::NotLeader { leader: None }));
+            }
+            drop(permit);
+            continue;
         }
         let mut commands = Vec::with_capacity(batch.len());
         let mut replies = Vec::with_capacity(batch.len());

@@ -13,7 +13,7 @@ use openraft::BasicNode;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
-use crate::batcher::{Committed, Proposal, ProposeError, PROPOSAL_QUEUE_MAX};
+use crate::batcher::{Committed, Item, Proposal, ProposeError, PROPOSAL_QUEUE_MAX};
 use crate::network::{NetworkFactory, RaftEnvelope, RaftReply, RaftRequest};
 use crate::{Applier, GroupId, LogStore, NodeId, Raft, RaftOptions, RaftlogError, StateMachine};
 
@@ -88,7 +88,7 @@ pub struct Registry {
 #[derive(Clone)]
 struct Hosted {
     raft: Raft,
-    proposals: tokio::sync::mpsc::Sender<Proposal>,
+    proposals: tokio::sync::mpsc::Sender<Item>,
     /// Set once this replica accepted an AppendEntries (or heartbeat) since it was opened:
     /// a leader reaches it.
     heard_from_leader: Arc<AtomicBool>,
@@ -259,12 +259,15 @@ impl Registry {
             std::time::Duration::from_millis(self.config.election_timeout_max.saturating_mul(2)),
         ));
         let mut groups = self.groups.write();
-        let hosted = groups.entry(group).or_insert_with(|| Hosted {
-            proposals: crate::batcher::start(group, raft.clone()),
-            raft,
-            heard_from_leader,
-            handing_over: Arc::new(AtomicBool::new(false)),
-            gate,
+        let hosted = groups.entry(group).or_insert_with(|| {
+            let handing_over = Arc::new(AtomicBool::new(false));
+            Hosted {
+                proposals: crate::batcher::start(group, raft.clone(), handing_over.clone()),
+                raft,
+                heard_from_leader,
+                handing_over,
+                gate,
+            }
         });
         Ok(hosted.raft.clone())
     }
@@ -295,7 +298,7 @@ impl Registry {
         let (reply, answer) = tokio::sync::oneshot::channel();
         hosted
             .proposals
-            .try_send(Proposal { command, reply })
+            .try_send(Item::Proposal(Proposal { command, reply }))
             .map_err(|e| match e {
                 tokio::sync::mpsc::error::TrySendError::Full(_) => ProposeError::Overloaded {
                     group,
@@ -370,19 +373,35 @@ impl Registry {
         let caught_up = tokio::time::timeout(
             std::time::Duration::from_millis(HANDOVER_CATCH_UP_MS_MAX),
             async {
+                // Proposals queued before the refusal may still be on their way into the
+                // log: wait until the batcher handed on everything before this point, then
+                // until Raft processed those appends (two calls through its core, which
+                // publishes its metrics between loop rounds), and read the last index.
+                let (passed, barrier) = tokio::sync::oneshot::channel();
+                if hosted.proposals.send(Item::Barrier(passed)).await.is_err()
+                    || barrier.await.is_err()
+                {
+                    return false;
+                }
+                for _ in 0..2 {
+                    if hosted.raft.with_raft_state(|_| ()).await.is_err() {
+                        return false;
+                    }
+                }
+                let last = metrics.borrow_and_update().last_log_index;
                 loop {
                     {
                         let m = metrics.borrow_and_update();
                         if m.current_leader != Some(self.node_id) {
                             return false;
                         }
-                        let last = m.last_log_index;
                         let matched = m
                             .replication
                             .as_ref()
                             .and_then(|r| r.get(&target).cloned().flatten())
                             .map(|l| l.index);
-                        if last.is_some() && matched >= last {
+                        let need = last.max(m.last_log_index);
+                        if need.is_some() && matched >= need {
                             return true;
                         }
                     }
