@@ -32,6 +32,12 @@ const PROPOSE_BACKOFF_MS: u64 = 50;
 /// 1 s: a dead peer's in-flight calls fail within it even where no local replica sees the
 /// new term (see `Node::unless_leader_changes`).
 const CLUSTER_IDLE_TIMEOUT_MS: u64 = 1_000;
+/// Longest dial (QUIC + TLS handshake) to a peer: a few round trips inside a cluster. A
+/// dial to a node that is down or paused gives up within it, and the next one (Raft retries
+/// after `UNREACHABLE_BACKOFF_MS`) reaches the node soon after it is back: with the
+/// transport's 2 s default, a restarted follower waited that long for its leader's first
+/// heartbeat, its start-up election hold lapsed, and its campaign unseated the leader.
+const CLUSTER_CONNECT_TIMEOUT_MS: u64 = 500;
 /// How long an unknown user or token waits for this node's group 0 replica to catch up.
 const USER_CATCH_UP_MS: u64 = 1_000;
 const USER_CATCH_UP_POLL_MS: u64 = 20;
@@ -325,6 +331,7 @@ impl Node {
             TransportLimits {
                 // A dead peer is noticed within this bound, not after the default 10 s.
                 idle_timeout_ms: CLUSTER_IDLE_TIMEOUT_MS,
+                connect_timeout_ms: CLUSTER_CONNECT_TIMEOUT_MS,
                 ..TransportLimits::default()
             },
             Arc::new(move |peer: PeerInfo, req: Bytes| h.serve(peer, req)),
