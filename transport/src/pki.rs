@@ -172,10 +172,20 @@ fn oid_writable(oid: &[u64]) -> bool {
 /// `ClusterCa::from_pem`: a subject attribute type `3.29…` made re-signing the CA panic).
 fn writable_oids(params: &CertificateParams) -> Result<(), String> {
     fn names(dn: &DistinguishedName) -> Result<(), String> {
-        for (ty, _) in dn.iter() {
+        for (ty, value) in dn.iter() {
             if let DnType::CustomDnType(oid) = ty {
                 if !oid_writable(oid) {
                     return Err(format!("unsupported attribute type {oid:?} in a name"));
+                }
+            }
+            // rcgen accepts '?' in a PrintableString, yasna (which writes it) panics on it
+            // (found by fuzzing `ClusterCa::from_pem`).
+            if let rcgen::DnValue::PrintableString(p) = value {
+                if !p.as_str().bytes().all(printable_writable) {
+                    return Err(format!(
+                        "unsupported character in a PrintableString of a name: {:?}",
+                        p.as_str()
+                    ));
                 }
             }
         }
@@ -208,6 +218,11 @@ fn writable_oids(params: &CertificateParams) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// A byte yasna writes in a PrintableString (its writer asserts exactly this set).
+fn printable_writable(b: u8) -> bool {
+    b == b' ' || ((b'\''..=b':').contains(&b) && b != b'*') || b == b'=' || b.is_ascii_alphabetic()
 }
 
 /// For the fuzzers: what the CA loader reads of a CA certificate (DER).
