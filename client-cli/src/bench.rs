@@ -1143,7 +1143,7 @@ async fn request(
 // ---------------------------------------------------------------------------------------
 
 /// A user id prefix unique to this run: `b` + time in ms (hex) + process id (hex).
-fn unique_prefix() -> String {
+pub(crate) fn unique_prefix() -> String {
     let ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
@@ -1154,7 +1154,7 @@ fn unique_prefix() -> String {
     )
 }
 
-async fn create_user(
+pub(crate) async fn create_user(
     http: &reqwest::Client,
     base: &Url,
     admin: &str,

@@ -16,6 +16,7 @@ pub mod client;
 pub mod config;
 pub mod editor;
 pub mod format;
+pub mod idle;
 pub mod messaging;
 pub mod model;
 pub mod render;
@@ -140,6 +141,9 @@ pub enum Command {
     Chat(session::ChatArgs),
     /// Load-generate over real WebSockets and verify every delivery (admin token).
     Bench(bench::BenchArgs),
+    /// Open many idle sessions to one node and print what each costs it in memory
+    /// (admin token; reads the node's /metrics).
+    BenchIdle(idle::IdleArgs),
 }
 
 /// `admin` commands.
@@ -196,7 +200,10 @@ pub const CLUSTER_PATH: &str = "v1/admin/cluster";
 impl Cli {
     /// Whether the command uses the admin token.
     fn wants_admin_token(&self) -> bool {
-        matches!(self.command, Command::Admin { .. } | Command::Bench(_))
+        matches!(
+            self.command,
+            Command::Admin { .. } | Command::Bench(_) | Command::BenchIdle(_)
+        )
     }
 
     /// The server and token after the config file is taken into account: flag, then
@@ -242,6 +249,7 @@ pub async fn execute(cli: &Cli, color: bool) -> Result<String, CliError> {
         Command::CreateGroup { name, members } => messaging::create_group(cli, name, members).await,
         Command::Chat(args) => session::run(cli, args).await,
         Command::Bench(args) => bench::run(cli, args).await,
+        Command::BenchIdle(args) => idle::run(cli, args).await,
     }
 }
 

@@ -96,6 +96,14 @@ async fn require_admin(
     next.run(request).await
 }
 
+/// Bytes a WebSocket session reads from its socket at a time. tungstenite's default
+/// (128 KiB, zero-filled for every read) made an idle session cost ~143 KB; a frame larger
+/// than this is read in several steps into a buffer that grows for it.
+pub const WS_READ_BUFFER_BYTES: usize = 4096;
+/// Bytes of outgoing frames a session gathers before writing them to the socket (each
+/// push is flushed anyway); tungstenite's default is 128 KiB.
+pub const WS_WRITE_BUFFER_BYTES: usize = 4096;
+
 async fn websocket(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
@@ -110,6 +118,8 @@ async fn websocket(
     // bound and that get a typed error and a close from the session.
     ws.max_message_size(chatd_proto::FRAME_BYTES_MAX * 2)
         .max_frame_size(chatd_proto::FRAME_BYTES_MAX * 2)
+        .read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
         .on_upgrade(move |socket| crate::gateway::serve(node, socket, token))
 }
 

@@ -85,6 +85,15 @@ impl Metrics {
             "gauge",
             self.connections.load(Ordering::Relaxed).to_string(),
         );
+        if let Some(rss) = resident_bytes() {
+            gauge(
+                &mut out,
+                "chatd_process_resident_memory_bytes",
+                "Resident memory of this chatd process (RSS), in bytes.",
+                "gauge",
+                rss.to_string(),
+            );
+        }
         gauge(
             &mut out,
             "chatd_frames_in_total",
@@ -167,8 +176,18 @@ impl Metrics {
     }
 }
 
+/// This process's resident memory in bytes (`/proc/self/statm`, Linux); `None` elsewhere.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // The page size of every Linux target chatd is built for (x86-64, aarch64 default).
+    const PAGE_BYTES: u64 = 4096;
+    Some(pages * PAGE_BYTES)
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::expect_used)]
     use super::*;
 
     #[test]
@@ -181,5 +200,8 @@ mod tests {
         assert!(text.contains("chatd_send_to_ack_seconds_bucket{le=\"+Inf\"} 2"));
         assert!(text.contains("chatd_apply_lag_entries{partition=\"2\"} 5"));
         assert!(text.contains("# TYPE chatd_connections gauge"));
+        let rss = resident_bytes().expect("Linux: /proc/self/statm");
+        assert!(rss > 1 << 20, "a test process holds more than 1 MiB: {rss}");
+        assert!(text.contains("chatd_process_resident_memory_bytes "));
     }
 }

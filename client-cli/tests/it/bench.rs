@@ -379,3 +379,53 @@ fn progress_bar_fills_with_time_and_stays_in_bounds() {
     assert_eq!(progress_bar(7.0, 4), "[####] 100%", "past the end");
     assert_eq!(progress_bar(f64::NAN, 4), "[....]   0%");
 }
+
+#[test]
+fn bench_idle_opens_the_sessions_and_reports_the_nodes_memory() {
+    let cluster = Cluster::start(3);
+    let server = format!("127.0.0.1:{}", cluster.ports[0]);
+    let out = chat_cli_cmd(&[
+        "--server",
+        &server,
+        "--token",
+        &cluster.token,
+        "bench-idle",
+        "--sessions",
+        "20",
+        "--hold",
+        "0",
+        "--json",
+    ])
+    .output()
+    .expect("cannot run chat-cli");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"));
+    // 20 sessions over 3 users (8 each at most: the server's bound was respected, or a
+    // session would have been refused and the probe failed).
+    assert_eq!(f(&v, "sessions"), 20.0, "{v:#}");
+    let before = f(&v, "rss_before_bytes");
+    assert!(
+        before > 1_048_576.0,
+        "a node's RSS is more than 1 MiB: {v:#}"
+    );
+    assert!(f(&v, "rss_end_bytes") > 0.0, "{v:#}");
+
+    // Without the admin token it refuses before doing anything.
+    let out = chat_cli_cmd(&["--server", &server, "bench-idle", "--sessions", "1"])
+        .env_remove("CHATD_TOKEN")
+        .output()
+        .expect("cannot run chat-cli");
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
