@@ -297,7 +297,51 @@ impl Default for NotifySection {
     }
 }
 
+/// Longest run of one quote character (`'` or `"`) in a string [`Config::to_toml`] writes:
+/// the TOML writer (toml_write 0.1, toml_writer 1.2) counts such runs in a `u8`, which
+/// overflows at 256 (a panic where overflow checks are on; found by fuzzing the config).
+pub const TOML_QUOTE_RUN_MAX: usize = 255;
+
+/// The longest run of one quote character in any string of `v`.
+fn longest_quote_run(v: &toml::Value) -> usize {
+    match v {
+        toml::Value::String(s) => {
+            let (mut longest, mut run, mut last) = (0, 0, 0u8);
+            for b in s.bytes() {
+                run = if (b == b'\'' || b == b'"') && b == last {
+                    run + 1
+                } else {
+                    usize::from(b == b'\'' || b == b'"')
+                };
+                last = b;
+                longest = longest.max(run);
+            }
+            longest
+        }
+        toml::Value::Array(items) => items.iter().map(longest_quote_run).max().unwrap_or(0),
+        toml::Value::Table(t) => t.values().map(longest_quote_run).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 impl Config {
+    /// The config as TOML text (what `chatd cluster init` and `add-node` write for `path`).
+    /// Refuses, with a typed error, a value the TOML writer cannot write
+    /// ([`TOML_QUOTE_RUN_MAX`], integers above `i64::MAX`).
+    pub fn to_toml(&self, path: &Path) -> Result<String, ConfigError> {
+        let invalid = |cause: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            cause,
+        };
+        let value = toml::Value::try_from(self).map_err(|e| invalid(e.to_string()))?;
+        if longest_quote_run(&value) > TOML_QUOTE_RUN_MAX {
+            return Err(invalid(format!(
+                "a value has more than {TOML_QUOTE_RUN_MAX} quote characters in a row"
+            )));
+        }
+        toml::to_string_pretty(self).map_err(|e| invalid(e.to_string()))
+    }
+
     /// Reads, parses, resolves and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         if !path.exists() {
@@ -467,6 +511,25 @@ api_addr = "127.0.0.1:7000"
         let p = dir.path().join("chatd.toml");
         std::fs::write(&p, text).unwrap();
         (dir, p)
+    }
+
+    #[test]
+    fn to_toml_writes_what_parses_back_and_refuses_runs_of_quotes_at_the_bound() {
+        let path = Path::new("/etc/chatd/chatd.toml");
+        let with_ca = |ca: &str| {
+            let text = GOOD.replace("\"ca.pem\"", &format!("'''{ca}'''"));
+            Config::parse(&text, path).unwrap()
+        };
+        // At the bound: written, and parsed back to the same config.
+        let c = with_ca(&format!("ca{}x", "\"".repeat(TOML_QUOTE_RUN_MAX)));
+        let again = Config::parse(&c.to_toml(path).unwrap(), path).unwrap();
+        assert_eq!(format!("{again:?}"), format!("{c:?}"));
+        // One past it (the fuzzer's input had hundreds of '): a typed error, no panic.
+        let c = with_ca(&format!("ca{}x", "\"".repeat(TOML_QUOTE_RUN_MAX + 1)));
+        match c.to_toml(path) {
+            Err(ConfigError::Invalid { cause, .. }) => assert!(cause.contains("quote"), "{cause}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

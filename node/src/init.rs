@@ -143,8 +143,8 @@ pub fn init_cluster(spec: &InitSpec) -> anyhow::Result<Vec<NodeFiles>> {
         config
             .validate()
             .map_err(|e| anyhow::anyhow!("generated config is invalid: {e}"))?;
-        let text = toml::to_string_pretty(&config).context("cannot encode the config")?;
         let path = dir.join("chatd.toml");
+        let text = config.to_toml(&path).context("cannot encode the config")?;
         write_file(&path, &text, false)?;
         out.push(NodeFiles {
             id: peer.id,
@@ -255,8 +255,8 @@ pub fn add_node(spec: &AddNodeSpec) -> anyhow::Result<NodeFiles> {
     config
         .validate()
         .map_err(|e| anyhow::anyhow!("generated config is invalid: {e}"))?;
-    let text = toml::to_string_pretty(&config).context("cannot encode the config")?;
     let path = spec.out.join("chatd.toml");
+    let text = config.to_toml(&path).context("cannot encode the config")?;
     write_file(&path, &text, false)?;
     Ok(NodeFiles {
         id: spec.id,

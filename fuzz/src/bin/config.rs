@@ -15,8 +15,9 @@ fn main() {
         let Ok(config) = Config::parse(text, path) else {
             return;
         };
-        // Some values TOML cannot write back (integers above i64::MAX); those are fine.
-        let Ok(written) = toml::to_string(&config) else {
+        // Some values the TOML writer cannot write back (integers above i64::MAX, runs of
+        // 256 quotes): `to_toml` refuses those with a typed error, which is fine.
+        let Ok(written) = config.to_toml(path) else {
             return;
         };
         let again = Config::parse(&written, path)
