@@ -1278,20 +1278,23 @@ impl Progress {
 /// Runs `chat-cli bench` and returns the report to print. When the verification finds
 /// anomalies (or nothing was acknowledged), the report is printed on stdout here and the
 /// error returned (exit 1).
-pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<String, CliError> {
-    let timeout = Duration::from_millis(cli.timeout_ms);
-    let admin = cli
-        .token
+/// The admin token a command that creates its own users (`who`) needs.
+pub(crate) fn admin_token(cli: &Cli, who: &str) -> Result<String, CliError> {
+    cli.token
         .as_deref()
         .map(str::trim)
         .filter(|t| !t.is_empty())
+        .map(str::to_owned)
         .ok_or_else(|| {
-            CliError::NoToken(
-                "the bench creates its own users: give the admin token with --token (or CHATD_TOKEN)"
-                    .to_string(),
-            )
-        })?
-        .to_string();
+            CliError::NoToken(format!(
+                "{who} creates its own users: give the admin token with --token (or CHATD_TOKEN)"
+            ))
+        })
+}
+
+pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<String, CliError> {
+    let timeout = Duration::from_millis(cli.timeout_ms);
+    let admin = admin_token(cli, "the bench")?;
     let node_names: Vec<String> = if args.nodes.is_empty() {
         vec![cli.server.clone()]
     } else {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde_json::json;
 
-use crate::bench::{create_user, unique_prefix};
+use crate::bench::{admin_token, create_user, unique_prefix};
 use crate::client::{server_url, CliError};
 use crate::ws::Connection;
 use crate::Cli;
@@ -74,15 +74,7 @@ async fn node_rss(http: &reqwest::Client, base: &reqwest::Url) -> Result<u64, Cl
 
 /// Runs the probe; the report as text or JSON.
 pub async fn run(cli: &Cli, args: &IdleArgs) -> Result<String, CliError> {
-    let admin = cli
-        .token
-        .as_deref()
-        .map(str::trim)
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| {
-            CliError::NoToken("bench-idle creates its own users: give the admin token".into())
-        })?
-        .to_string();
+    let admin = admin_token(cli, "bench-idle")?;
     if !(args.hold.is_finite() && args.hold >= 0.0) {
         return Err(CliError::Usage(
             "--hold must be a number of seconds ≥ 0".into(),

@@ -241,6 +241,19 @@ pub fn chat_cli_cmd(args: &[&str]) -> Command {
     cmd
 }
 
+/// Runs chat-cli with `args`; its stdout, after asserting it exited 0.
+pub fn chat_cli_ok(args: &[&str]) -> String {
+    let out = chat_cli_cmd(args).output().expect("cannot run chat-cli");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {stdout}\nstderr: {stderr}"
+    );
+    stdout
+}
+
 pub fn f(v: &serde_json::Value, path: &str) -> f64 {
     let mut cur = v;
     for key in path.split('.') {
