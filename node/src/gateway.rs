@@ -56,7 +56,10 @@ pub enum Ephemeral {
 }
 
 enum Outbound {
-    Frame(ServerFrame),
+    /// Shared by every session a push goes to; a pointer keeps the session queue's slots
+    /// small (tokio allocates them 32 at a time per channel: ~8 KB per idle session when a
+    /// slot held a whole frame).
+    Frame(Arc<ServerFrame>),
 }
 
 struct SessionHandle {
@@ -209,7 +212,7 @@ impl Gateway {
 
     fn push_changes(&self, changes: impl IntoIterator<Item = crate::presence::Change>) {
         for c in changes {
-            let frame = ServerFrame::Presence { presence: c.view };
+            let frame = Arc::new(ServerFrame::Presence { presence: c.view });
             for s in &c.subscribers {
                 self.push(s, &frame);
             }
@@ -223,13 +226,13 @@ impl Gateway {
     }
 
     /// Pushes `frame` to every local session of `user`; closes those that cannot keep up.
-    fn push(&self, user: &str, frame: &ServerFrame) {
+    fn push(&self, user: &str, frame: &Arc<ServerFrame>) {
         let sessions = self.sessions_read();
         let Some(list) = sessions.get(user) else {
             return;
         };
         for s in list {
-            match s.tx.try_send(Outbound::Frame(frame.clone())) {
+            match s.tx.try_send(Outbound::Frame(Arc::clone(frame))) {
                 Ok(()) => self.metrics.frames_out.fetch_add(1, Ordering::Relaxed),
                 Err(_) => {
                     let _ = s.closer.send(Some((
@@ -255,9 +258,9 @@ impl Gateway {
                         // The typing path's cached members are stale now.
                         self.typing_members.invalidate(&message.chat);
                     }
-                    let frame = ServerFrame::Message {
+                    let frame = Arc::new(ServerFrame::Message {
                         message: view(message),
-                    };
+                    });
                     self.metrics
                         .deliver_latency
                         .record(now.saturating_sub(message.ts));
@@ -269,9 +272,9 @@ impl Gateway {
                     message,
                     recipients,
                 } => {
-                    let frame = ServerFrame::Updated {
+                    let frame = Arc::new(ServerFrame::Updated {
                         message: view(message),
-                    };
+                    });
                     for r in recipients {
                         self.push(r, &frame);
                     }
@@ -288,12 +291,12 @@ impl Gateway {
                     {
                         continue;
                     }
-                    let frame = ServerFrame::Receipt {
+                    let frame = Arc::new(ServerFrame::Receipt {
                         chat: chat.clone(),
                         user: user.clone(),
                         delivered: cursor.delivered,
                         read: cursor.read,
-                    };
+                    });
                     for r in recipients {
                         self.push(r, &frame);
                     }
@@ -311,10 +314,10 @@ impl Gateway {
                     user,
                     recipients,
                 } => {
-                    let frame = ServerFrame::Typing {
+                    let frame = Arc::new(ServerFrame::Typing {
                         chat: chat.clone(),
                         user: user.clone(),
-                    };
+                    });
                     for r in recipients.iter().filter(|r| *r != user) {
                         self.push(r, &frame);
                     }
@@ -490,10 +493,10 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
     let (closer, mut closed) = watch::channel::<Option<(u16, String)>>(None);
     let session_id = gw.next_session.fetch_add(1, Ordering::Relaxed);
     // `ready` is queued before the session can receive any push, so it is always first.
-    let _ = tx.try_send(Outbound::Frame(ServerFrame::Ready {
+    let _ = tx.try_send(Outbound::Frame(Arc::new(ServerFrame::Ready {
         user: user.clone(),
         session: format!("{}-{session_id}", node.id),
-    }));
+    })));
     let (registered, first_here) = {
         let mut sessions = gw.sessions_write();
         let list = sessions.entry(user.clone()).or_default();
@@ -571,7 +574,7 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
                     }
                     // Per connection, a chat's messages go out once each, in seq order.
                     batch.retain(|frame| {
-                        let ServerFrame::Message { message } = frame else {
+                        let ServerFrame::Message { message } = &**frame else {
                             return true;
                         };
                         let last = last_seq.entry(message.chat.clone()).or_insert(0);
@@ -640,7 +643,7 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
             // Refused, nothing read from it; the connection stays usable. (Frames over twice
             // the bound are refused by the WebSocket codec and close the connection: 4009.)
             if tx
-                .try_send(Outbound::Frame(err(
+                .try_send(Outbound::Frame(Arc::new(err(
                     None,
                     code::TOO_LARGE,
                     format!(
@@ -648,7 +651,7 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
                         text.len(),
                         chatd_proto::FRAME_BYTES_MAX
                     ),
-                )))
+                ))))
                 .is_err()
             {
                 let _ = closer.send(Some((close::SLOW_CONSUMER, "outbound queue full".into())));
@@ -660,11 +663,11 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
             Ok(f) => f,
             Err((c, m)) => {
                 if tx
-                    .try_send(Outbound::Frame(err(
+                    .try_send(Outbound::Frame(Arc::new(err(
                         chatd_proto::request_id_of(&text),
                         c,
                         m,
-                    )))
+                    ))))
                     .is_err()
                 {
                     let _ = closer.send(Some((close::SLOW_CONSUMER, "outbound queue full".into())));
@@ -692,7 +695,7 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
         );
         tokio::spawn(async move {
             if let Some(reply) = handle(&node, &user, frame, &receipts).await {
-                if tx2.try_send(Outbound::Frame(reply)).is_err() {
+                if tx2.try_send(Outbound::Frame(Arc::new(reply))).is_err() {
                     let _ = closer2.send(Some((
                         close::SLOW_CONSUMER,
                         "outbound queue full: reconnect and sync".into(),
@@ -746,7 +749,7 @@ async fn send_frame(
 /// Writes `frames` and flushes once.
 async fn send_frames(
     sink: &mut futures::stream::SplitSink<WebSocket, Message>,
-    frames: &[ServerFrame],
+    frames: &[Arc<ServerFrame>],
 ) -> Result<(), axum::Error> {
     for frame in frames {
         sink.feed(Message::Text(frame_text(frame).into())).await?;
