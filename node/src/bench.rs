@@ -43,32 +43,59 @@ pub struct BenchResult {
     pub fsyncs_per_node: Vec<u64>,
 }
 
-/// Runs the benchmark and returns its figures.
-pub async fn bench_log(spec: &BenchSpec) -> anyhow::Result<BenchResult> {
-    let dir = tempfile::tempdir().context("cannot create a temp dir")?;
+/// Creates a cluster of `nodes` on loopback in `dir` (`partitions` partitions, API ports
+/// from `base_port`), starts every node in this process, and waits until all are ready.
+pub(crate) async fn start_local_cluster(
+    dir: &std::path::Path,
+    nodes: u32,
+    partitions: u32,
+    base_port: u16,
+    ready_within: Duration,
+) -> anyhow::Result<Vec<Arc<Node>>> {
     let files = init_cluster(&InitSpec {
-        nodes: spec.nodes,
-        out: dir.path().to_path_buf(),
+        nodes,
+        out: dir.to_path_buf(),
         hosts: vec![std::net::IpAddr::from([127, 0, 0, 1])],
-        base_port: spec.base_port,
-        partitions: spec.partitions,
+        base_port,
+        partitions,
         raft: RaftSection::default(),
         gateway: Default::default(),
         notify: Default::default(),
         data_dir_root: None,
     })?;
-    let mut nodes = Vec::new();
+    let mut started = Vec::new();
     for f in &files {
-        nodes.push(Node::start(Config::load(&f.config)?).await?);
+        started.push(Node::start(Config::load(&f.config)?).await?);
     }
-    let ready_deadline = Instant::now() + Duration::from_secs(30);
+    wait_ready(&started, ready_within).await?;
+    Ok(started)
+}
+
+/// Waits until every node of `nodes` is ready, at most `within`.
+pub(crate) async fn wait_ready(nodes: &[Arc<Node>], within: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + within;
     while !nodes.iter().all(|n| n.ready()) {
         anyhow::ensure!(
-            Instant::now() < ready_deadline,
-            "cluster not ready within 30 s"
+            Instant::now() < deadline,
+            "cluster not ready within {} s",
+            within.as_secs()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
+}
+
+/// Runs the benchmark and returns its figures.
+pub async fn bench_log(spec: &BenchSpec) -> anyhow::Result<BenchResult> {
+    let dir = tempfile::tempdir().context("cannot create a temp dir")?;
+    let nodes = start_local_cluster(
+        dir.path(),
+        spec.nodes,
+        spec.partitions,
+        spec.base_port,
+        Duration::from_secs(30),
+    )
+    .await?;
     let syncs_before: Vec<u64> = nodes.iter().map(|n| n.store.sync_stats().0).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let errors = Arc::new(AtomicU64::new(0));

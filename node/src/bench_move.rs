@@ -11,13 +11,17 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use chatd_chat::ChatCommand;
-use chatd_membership::{MemberCommand, MemberReply};
+use chatd_membership::{MemberCommand, MemberReply, NodeState};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::config::{Config, RaftSection};
-use crate::init::{add_node, init_cluster, AddNodeSpec, InitSpec};
+use crate::bench::{start_local_cluster, wait_ready};
+use crate::config::Config;
+use crate::init::{add_node, AddNodeSpec};
 use crate::node::Node;
+
+/// Longest wait for the cluster (and the added node) to be ready.
+const READY_WITHIN: Duration = Duration::from_secs(60);
 
 /// The partition that is filled and moved.
 const GROUP: u64 = 1;
@@ -61,22 +65,7 @@ pub struct MoveResult {
 /// Runs the benchmark and returns its figures.
 pub async fn bench_move(spec: &MoveSpec) -> anyhow::Result<MoveResult> {
     let dir = tempfile::tempdir().context("cannot create a temp dir")?;
-    let files = init_cluster(&InitSpec {
-        nodes: 3,
-        out: dir.path().to_path_buf(),
-        hosts: vec![std::net::IpAddr::from([127, 0, 0, 1])],
-        base_port: spec.base_port,
-        partitions: 1,
-        raft: RaftSection::default(),
-        gateway: Default::default(),
-        notify: Default::default(),
-        data_dir_root: None,
-    })?;
-    let mut nodes = Vec::new();
-    for f in &files {
-        nodes.push(Node::start(Config::load(&f.config)?).await?);
-    }
-    wait_ready(&nodes).await?;
+    let mut nodes = start_local_cluster(dir.path(), 3, 1, spec.base_port, READY_WITHIN).await?;
 
     // Fill the partition.
     let fill_started = Instant::now();
@@ -116,12 +105,21 @@ pub async fn bench_move(spec: &MoveSpec) -> anyhow::Result<MoveResult> {
         data_dir_root: None,
     })?;
     nodes.push(Node::start(Config::load(&extra.config)?).await?);
-    wait_ready(&nodes).await?;
-
-    let m = nodes[0]
-        .meta
-        .membership()
-        .context("group 0 not known on node 1")?;
+    wait_ready(&nodes, READY_WITHIN).await?;
+    // Ready is not yet active: the new node asks group 0 to activate it (retried every
+    // 500 ms), and a move to a node that is not active is refused.
+    let deadline = Instant::now() + READY_WITHIN;
+    let m = loop {
+        let m = nodes[0]
+            .meta
+            .membership()
+            .context("group 0 not known on node 1")?;
+        if m.state_of(4) == Some(NodeState::Active) {
+            break m;
+        }
+        anyhow::ensure!(Instant::now() < deadline, "node 4 not active within 60 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     let part = m.part(GROUP).context("no partition 1")?;
     let leader = nodes[0].registry.leader(GROUP);
     let remove = *part
@@ -183,15 +181,6 @@ pub async fn bench_move(spec: &MoveSpec) -> anyhow::Result<MoveResult> {
         before_move,
         during_move,
     })
-}
-
-async fn wait_ready(nodes: &[Arc<Node>]) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !nodes.iter().all(|n| n.ready()) {
-        anyhow::ensure!(Instant::now() < deadline, "cluster not ready within 60 s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
 }
 
 /// Appends one record at a time through `node` until `stop` is set (or for `limit`).
