@@ -89,6 +89,12 @@ pub struct RaftSection {
     pub append_entries_max: u64,
     /// How long a proposal may take, forwarding and retries included.
     pub propose_timeout_ms: u64,
+    /// An idle group stops heartbeating after this long (0: never).
+    pub quiesce_idle_ms: u64,
+    /// How often the node pings each peer it shares a group with.
+    pub liveness_ping_ms: u64,
+    /// A peer silent this long is taken for dead (its groups elect new leaders).
+    pub liveness_timeout_ms: u64,
 }
 
 impl Default for RaftSection {
@@ -104,6 +110,9 @@ impl Default for RaftSection {
             snapshot_chunk_bytes_max: 1 << 20,
             append_entries_max: 512,
             propose_timeout_ms: 5_000,
+            quiesce_idle_ms: 2_000,
+            liveness_ping_ms: 50,
+            liveness_timeout_ms: 300,
         }
     }
 }
@@ -425,6 +434,15 @@ impl Config {
             return Err(
                 "raft timeouts must satisfy heartbeat < election_min < election_max".into(),
             );
+        }
+        if self.raft.liveness_ping_ms == 0
+            || self.raft.liveness_timeout_ms < 2 * self.raft.liveness_ping_ms
+        {
+            return Err(format!(
+                "raft.liveness_timeout_ms ({}) must be at least twice raft.liveness_ping_ms ({}), \
+                 which must not be 0",
+                self.raft.liveness_timeout_ms, self.raft.liveness_ping_ms
+            ));
         }
         let l = &self.lifecycle;
         if l.drain_timeout_ms == 0

@@ -26,6 +26,9 @@ impl SectionOptions for RaftSection {
             snapshot_logs_to_keep: self.snapshot_logs_to_keep,
             snapshot_chunk_bytes_max: self.snapshot_chunk_bytes_max,
             append_entries_max: self.append_entries_max,
+            quiesce_idle_ms: self.quiesce_idle_ms,
+            liveness_ping_ms: self.liveness_ping_ms,
+            liveness_timeout_ms: self.liveness_timeout_ms,
         }
     }
 }

@@ -12,7 +12,7 @@ use chatd_membership::{
 };
 use chatd_raftlog::{
     GroupId, GroupStatus, NodeId, ProposeError as RaftProposeError, RaftReply, Registry,
-    RAFT_SERVICE_TAG,
+    RAFT_BATCH_SERVICE_TAG, RAFT_SERVICE_TAG,
 };
 use chatd_storage::{NodeIdentity, Storage};
 use chatd_transport::{Endpoint, PeerInfo, TlsIdentity, TransportError, TransportLimits};
@@ -186,8 +186,8 @@ impl QuicHandler {
         let this = self.clone();
         Box::pin(async move {
             match request.first() {
-                Some(&RAFT_SERVICE_TAG) => match this.registry.get() {
-                    Some(r) => r.handle(&request[1..]).await,
+                Some(&RAFT_SERVICE_TAG | &RAFT_BATCH_SERVICE_TAG) => match this.registry.get() {
+                    Some(r) => r.handle_frame(&request).await.unwrap_or_default(),
                     None => encode_or_empty(&RaftReply::UnknownGroup(0)),
                 },
                 Some(&NODE_SERVICE_TAG) => {

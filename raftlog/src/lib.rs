@@ -19,6 +19,7 @@ mod golden;
 mod keys;
 mod log_store;
 mod network;
+mod peers;
 mod registry;
 mod state_machine;
 
@@ -32,10 +33,16 @@ pub use batcher::{
 };
 pub use log_store::LogStore;
 pub use network::{
-    NetworkFactory, PeerHealth, RaftReply, RaftRequest, RAFT_SERVICE_TAG, UNREACHABLE_BACKOFF_MS,
+    NetworkFactory, PeerHealth, QuiesceRequest, RaftReply, RaftRequest, RAFT_SERVICE_TAG,
+    UNREACHABLE_BACKOFF_MS,
+};
+pub use peers::{
+    LinkError, LinkStats, Liveness, PeerLife, BATCHES_IN_FLIGHT_PER_PEER_MAX, BATCH_RPCS_MAX,
+    LINK_QUEUE_RPCS_MAX, PEER_BATCH_BYTES_MAX, RAFT_BATCH_SERVICE_TAG,
 };
 pub use registry::{
     GroupStatus, LeadershipWatch, Registry, ELECTION_HOLD_MS_MAX, HANDOVER_CATCH_UP_MS_MAX,
+    QUIESCE_ROUND_GROUPS_MAX,
 };
 pub use state_machine::{read_record, scan_records, Applier, ApplyTxn, StateMachine};
 
@@ -112,6 +119,15 @@ pub struct RaftOptions {
     pub snapshot_chunk_bytes_max: u64,
     /// Entries sent in one AppendEntries.
     pub append_entries_max: u64,
+    /// A group with nothing proposed, read or changed for this long, and every replica
+    /// holding all of it, stops heartbeating (quiesces) until the next proposal, read or
+    /// vote; 0: never.
+    pub quiesce_idle_ms: u64,
+    /// How often a node pings each peer it shares a group with.
+    pub liveness_ping_ms: u64,
+    /// A peer not heard from for this long is taken for dead: the groups it led elect a
+    /// new leader at once (quiesced) or as soon as its lease allows (active).
+    pub liveness_timeout_ms: u64,
 }
 
 impl Default for RaftOptions {
@@ -126,6 +142,9 @@ impl Default for RaftOptions {
             snapshot_logs_to_keep: 5_000,
             snapshot_chunk_bytes_max: 1 << 20,
             append_entries_max: 512,
+            quiesce_idle_ms: 2_000,
+            liveness_ping_ms: 50,
+            liveness_timeout_ms: 300,
         }
     }
 }
@@ -147,8 +166,18 @@ impl RaftOptions {
             // Purge in steps of a quarter snapshot interval (bounded): a purge is one
             // synced range delete, cheap, but not worth doing per entry.
             purge_batch_size: (self.snapshot_logs_since_last / 4).clamp(1, 1024),
+            // The registry sends every group's heartbeats together, once per interval, so
+            // they leave for each peer in one batch (and not at all from quiesced groups).
+            enable_heartbeat: false,
             ..Default::default()
         };
+        if self.liveness_ping_ms == 0 || self.liveness_timeout_ms < 2 * self.liveness_ping_ms {
+            return Err(RaftlogError::Config(format!(
+                "liveness_timeout_ms ({}) must be at least twice liveness_ping_ms ({}), which \
+                 must not be 0",
+                self.liveness_timeout_ms, self.liveness_ping_ms
+            )));
+        }
         config
             .validate()
             .map_err(|e| RaftlogError::Config(e.to_string()))

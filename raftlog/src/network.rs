@@ -18,6 +18,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
+use crate::peers::{Link, Links, PEER_BATCH_BYTES_MAX};
 use crate::{GroupId, NodeId, TypeConfig};
 
 /// First byte of every QUIC request that carries a Raft RPC; the node routes on it.
@@ -32,6 +33,21 @@ pub enum RaftRequest {
     Vote(VoteRequest<NodeId>),
     /// One chunk of InstallSnapshot.
     Snapshot(InstallSnapshotRequest<TypeConfig>),
+    /// The leader asks a replica to stop expecting heartbeats (the group is idle and the
+    /// replica holds everything): see `quiet`.
+    Quiesce(QuiesceRequest),
+}
+
+/// A leader's request to quiesce one replica of its group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuiesceRequest {
+    /// The leader asking.
+    pub leader: NodeId,
+    /// Its term.
+    pub term: u64,
+    /// Its last log index, committed and applied: the replica must hold and have applied
+    /// exactly this much.
+    pub index: u64,
 }
 
 /// The request on the wire: the group it is for and the RPC.
@@ -56,12 +72,14 @@ pub enum RaftReply {
     UnknownGroup(GroupId),
     /// The request could not be decoded.
     Malformed(String),
+    /// Answer to `Quiesce`: whether the replica quiesced.
+    Quiesce(bool),
 }
 
-/// Encodes a request frame: `[RAFT_SERVICE_TAG][codec(envelope)]`.
-pub(crate) fn encode_request(envelope: &RaftEnvelope) -> Result<Bytes, chatd_codec::CodecError> {
+/// Encodes an envelope, as a batch carries it (the single-RPC path puts
+/// `RAFT_SERVICE_TAG` before it).
+pub(crate) fn encode_envelope(envelope: &RaftEnvelope) -> Result<Bytes, chatd_codec::CodecError> {
     let mut out = Vec::with_capacity(256);
-    out.push(RAFT_SERVICE_TAG);
     chatd_codec::encode_into(envelope, &mut out)?;
     Ok(Bytes::from(out))
 }
@@ -162,18 +180,13 @@ impl PeerHealth {
 #[derive(Clone)]
 pub struct NetworkFactory {
     group: GroupId,
-    endpoint: Endpoint,
-    health: std::sync::Arc<PeerHealth>,
+    links: std::sync::Arc<Links>,
 }
 
 impl NetworkFactory {
-    /// Clients of `group` that send through `endpoint` and report to `health`.
-    pub fn new(group: GroupId, endpoint: Endpoint, health: std::sync::Arc<PeerHealth>) -> Self {
-        Self {
-            group,
-            endpoint,
-            health,
-        }
+    /// Clients of `group` that send through the node's per-peer links.
+    pub(crate) fn new(group: GroupId, links: std::sync::Arc<Links>) -> Self {
+        Self { group, links }
     }
 }
 
@@ -181,13 +194,16 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = Network;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        let addr: Result<SocketAddr, _> = node.addr.parse();
+        let ctx = self.links.ctx();
         Network {
             group: self.group,
             target,
             node: node.clone(),
-            addr: node.addr.parse(),
-            endpoint: self.endpoint.clone(),
-            health: self.health.clone(),
+            link: addr.as_ref().ok().map(|a| self.links.link(target, *a)),
+            addr,
+            endpoint: ctx.endpoint.clone(),
+            health: ctx.health.clone(),
         }
     }
 }
@@ -198,6 +214,8 @@ pub struct Network {
     target: NodeId,
     node: BasicNode,
     addr: Result<SocketAddr, std::net::AddrParseError>,
+    /// The peer's link, which batches this group's RPCs with every other group's.
+    link: Option<std::sync::Arc<Link>>,
     endpoint: Endpoint,
     health: std::sync::Arc<PeerHealth>,
 }
@@ -206,7 +224,7 @@ type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftE
 
 impl Network {
     fn encode<E: std::error::Error>(&self, request: RaftRequest) -> Result<Bytes, RpcErr<E>> {
-        encode_request(&RaftEnvelope {
+        encode_envelope(&RaftEnvelope {
             group: self.group,
             request,
         })
@@ -222,16 +240,40 @@ impl Network {
         self.send_frame(frame, ttl).await
     }
 
+    /// Sends an encoded envelope: in the peer's next batch, or on its own (its own QUIC
+    /// stream) if it is too large for a batch.
     async fn send_frame<E: std::error::Error>(
         &self,
         frame: Bytes,
         ttl: Duration,
     ) -> Result<RaftReply, RpcErr<E>> {
+        let reply = match &self.link {
+            Some(link) if frame.len() <= PEER_BATCH_BYTES_MAX => link
+                .call(frame, ttl)
+                .await
+                .map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))?,
+            _ => self.send_alone(frame, ttl).await?,
+        };
+        self.decode_reply(&reply)
+    }
+
+    /// The single-RPC path: `[RAFT_SERVICE_TAG][envelope]` on a stream of its own.
+    async fn send_alone<E: std::error::Error>(
+        &self,
+        frame: Bytes,
+        ttl: Duration,
+    ) -> Result<Bytes, RpcErr<E>> {
         let addr = match &self.addr {
             Ok(a) => *a,
             Err(e) => return Err(RPCError::Unreachable(Unreachable::new(e))),
         };
-        let reply = self.endpoint.call_with_timeout(addr, frame, ttl).await;
+        let mut tagged = Vec::with_capacity(frame.len() + 1);
+        tagged.push(RAFT_SERVICE_TAG);
+        tagged.extend_from_slice(&frame);
+        let reply = self
+            .endpoint
+            .call_with_timeout(addr, Bytes::from(tagged), ttl)
+            .await;
         self.health.record(
             self.target,
             reply
@@ -242,12 +284,15 @@ impl Network {
         // Any failure to exchange bytes with the peer (refused, timed out, connection lost
         // or reset) is "unreachable": openraft backs off for `UNREACHABLE_BACKOFF_MS`
         // instead of retrying at once. Only our own oversized frames are a network error.
-        let reply = reply.map_err(|e| match e {
+        reply.map_err(|e| match e {
             TransportError::FrameTooLarge { .. } => RPCError::Network(NetworkError::new(&e)),
             other => RPCError::Unreachable(Unreachable::new(&other)),
-        })?;
+        })
+    }
+
+    fn decode_reply<E: std::error::Error>(&self, reply: &[u8]) -> Result<RaftReply, RpcErr<E>> {
         let reply: RaftReply =
-            chatd_codec::decode(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            chatd_codec::decode(reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         match reply {
             RaftReply::UnknownGroup(g) => Err(RPCError::Unreachable(Unreachable::new(
                 &std::io::Error::other(format!("node {} does not host group {g}", self.target)),
@@ -309,10 +354,11 @@ impl RaftNetwork<TypeConfig> for Network {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
-        match self
-            .send(RaftRequest::Snapshot(rpc), option.hard_ttl())
-            .await?
-        {
+        // Snapshot chunks (up to a MiB, installed with a sync) go on their own stream:
+        // in a batch they would hold back every other group's answers.
+        let frame = self.encode(RaftRequest::Snapshot(rpc))?;
+        let reply = self.send_alone(frame, option.hard_ttl()).await?;
+        match self.decode_reply(&reply)? {
             RaftReply::Snapshot(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.unexpected()),
         }

@@ -15,7 +15,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::batcher::{Committed, Item, Proposal, ProposeError, PROPOSAL_QUEUE_MAX};
 use crate::network::{NetworkFactory, RaftEnvelope, RaftReply, RaftRequest};
+use crate::peers::{LinkCtx, LinkStats, Links, Liveness, PeerBatch, PeerBatchReply};
+
+mod quiet;
 use crate::{Applier, GroupId, LogStore, NodeId, Raft, RaftOptions, RaftlogError, StateMachine};
+pub use quiet::QUIESCE_ROUND_GROUPS_MAX;
 
 /// A group's replication state as this node sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,13 +80,21 @@ impl LeadershipWatch {
 pub struct Registry {
     node_id: NodeId,
     store: Storage,
-    endpoint: Endpoint,
     snapshot_root: PathBuf,
     config: Arc<openraft::Config>,
     groups: RwLock<HashMap<GroupId, Hosted>>,
     health: Arc<crate::network::PeerHealth>,
     /// Set by [`Registry::stop_elections`] (a drain): no group campaigns again.
     elections_off: Arc<AtomicBool>,
+    /// The per-peer links every group's RPCs go through.
+    links: Arc<Links>,
+    /// This process's incarnation, sent with every batch.
+    incarnation: u64,
+    options: RaftOptions,
+    /// Groups quiesced here (as leader or follower).
+    quiesced_groups: std::sync::atomic::AtomicUsize,
+    /// Set at shutdown: the ticker stops.
+    stopped: AtomicBool,
 }
 
 #[derive(Clone)]
@@ -97,6 +109,8 @@ struct Hosted {
     handing_over: Arc<AtomicBool>,
     /// Whether this replica may campaign on its own timeouts.
     gate: Arc<ElectionGate>,
+    /// Quiescence: activity seen as leader, and whether the group is quiet.
+    quiet: Arc<quiet::QuietState>,
 }
 
 /// A new voter may lag the leader by at most this many entries when a move makes it one.
@@ -113,6 +127,9 @@ pub const ELECTION_HOLD_MS_MAX: u64 = 5_000;
 struct ElectionGate {
     startup_held: AtomicBool,
     held: parking_lot::Mutex<Option<TransferHold>>,
+    /// The group is quiesced here: no ticks, no elections on timeouts (a dead leader is
+    /// noticed by node liveness instead).
+    quiesced: AtomicBool,
 }
 
 /// A leadership transfer's hold on one replica: until `until`, or until a leader of a
@@ -130,17 +147,21 @@ impl ElectionGate {
         Self {
             startup_held: AtomicBool::new(true),
             held: parking_lot::Mutex::new(None),
+            quiesced: AtomicBool::new(false),
         }
     }
 
-    /// Sets the raft's election switch from the current holds.
+    /// Sets the raft's election and tick switches from the current holds.
     fn apply(&self, raft: &Raft, elections_off: &AtomicBool) {
         let held = self.held.lock();
         let transfer_held = held.is_some_and(|h| tokio::time::Instant::now() < h.until);
+        let quiesced = self.quiesced.load(Ordering::Acquire);
         let on = !elections_off.load(Ordering::Acquire)
             && !self.startup_held.load(Ordering::Acquire)
-            && !transfer_held;
+            && !transfer_held
+            && !quiesced;
         raft.runtime_config().elect(on);
+        raft.runtime_config().tick(!quiesced);
     }
 }
 
@@ -202,16 +223,55 @@ impl Registry {
             path: snapshot_root.display().to_string(),
             cause: e.to_string(),
         })?;
-        Ok(Arc::new(Self {
+        let health = Arc::new(crate::network::PeerHealth::default());
+        let incarnation = crate::peers::new_incarnation();
+        let links = Arc::new(Links::new(LinkCtx {
+            node_id,
+            incarnation,
+            endpoint: endpoint.clone(),
+            health: health.clone(),
+            liveness: Arc::new(Liveness::new(std::time::Duration::from_millis(
+                options.liveness_timeout_ms,
+            ))),
+            stats: Arc::new(LinkStats::default()),
+            ping_every: std::time::Duration::from_millis(options.liveness_ping_ms),
+        }));
+        let registry = Arc::new(Self {
             node_id,
             store,
-            endpoint,
             snapshot_root,
             config: Arc::new(options.to_config(cluster_name)?),
             groups: RwLock::new(HashMap::new()),
-            health: Arc::new(crate::network::PeerHealth::default()),
+            health,
             elections_off: Arc::new(AtomicBool::new(false)),
-        }))
+            links,
+            incarnation,
+            options: options.clone(),
+            quiesced_groups: std::sync::atomic::AtomicUsize::new(0),
+            stopped: AtomicBool::new(false),
+        });
+        quiet::start_ticker(&registry)?;
+        Ok(registry)
+    }
+
+    /// Which peers are alive, as this node's pings and batches tell.
+    pub fn liveness(&self) -> &Liveness {
+        &self.links.ctx().liveness
+    }
+
+    /// Counters of the per-peer links.
+    pub fn link_stats(&self) -> &LinkStats {
+        &self.links.ctx().stats
+    }
+
+    /// How many hosted groups are quiesced here.
+    pub fn quiesced_groups(&self) -> usize {
+        self.quiesced_groups.load(Ordering::Relaxed)
+    }
+
+    /// True if `group` is quiesced on this node.
+    pub fn is_quiesced(&self, group: GroupId) -> Option<bool> {
+        Some(self.hosted(group)?.gate.quiesced.load(Ordering::Acquire))
     }
 
     /// Which peers answer Raft RPCs, as every hosted group sees it.
@@ -243,7 +303,7 @@ impl Registry {
         let log = LogStore::new(group, self.store.clone());
         let sm = StateMachine::open(group, self.store.clone(), applier, &self.snapshot_root)
             .map_err(|e| start(e.to_string()))?;
-        let network = NetworkFactory::new(group, self.endpoint.clone(), self.health.clone());
+        let network = NetworkFactory::new(group, self.links.clone());
         let raft = Raft::new(self.node_id, self.config.clone(), network, log, sm)
             .await
             .map_err(|e| start(e.to_string()))?;
@@ -267,6 +327,7 @@ impl Registry {
                 heard_from_leader,
                 handing_over,
                 gate,
+                quiet: Arc::new(quiet::QuietState::default()),
             }
         });
         Ok(hosted.raft.clone())
@@ -295,6 +356,7 @@ impl Registry {
             // The leadership is moving: the caller retries with the next leader.
             return Err(ProposeError::NotLeader { leader: None });
         }
+        self.wake(&hosted, "proposal");
         let (reply, answer) = tokio::sync::oneshot::channel();
         hosted
             .proposals
@@ -369,6 +431,7 @@ impl Registry {
             return false;
         };
         hosted.handing_over.store(true, Ordering::Release);
+        self.wake(&hosted, "handover");
         let mut metrics = hosted.raft.metrics();
         let caught_up = tokio::time::timeout(
             std::time::Duration::from_millis(HANDOVER_CATCH_UP_MS_MAX),
@@ -512,6 +575,7 @@ impl Registry {
         if leader != Some(self.node_id) {
             return Err(ProposeError::NotLeader { leader });
         }
+        self.wake(&hosted, "membership change");
         match hosted
             .raft
             .add_learner(node, BasicNode::new(addr), false)
@@ -540,6 +604,7 @@ impl Registry {
         let Some(hosted) = self.hosted(group) else {
             return Err(ProposeError::NotHosted(group));
         };
+        self.wake(&hosted, "membership change");
         let mut metrics = hosted.raft.metrics();
         let deadline = tokio::time::Instant::now() + catch_up;
         loop {
@@ -758,6 +823,7 @@ impl Registry {
             group,
             cause: "not hosted on this node".into(),
         })?;
+        self.wake(&hosted, "campaign");
         hosted
             .raft
             .trigger()
@@ -785,6 +851,7 @@ impl Registry {
         let hosted = self
             .hosted(group)
             .ok_or_else(|| format!("group {group} not hosted"))?;
+        self.wake(&hosted, "read");
         match tokio::time::timeout(within, hosted.raft.ensure_linearizable()).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
@@ -828,30 +895,60 @@ impl Registry {
         })
     }
 
+    /// Handles an incoming QUIC request of raftlog's services (`RAFT_SERVICE_TAG`: one RPC;
+    /// `RAFT_BATCH_SERVICE_TAG`: a batch or a ping), tag included, and encodes the reply.
+    /// `None` if the tag is not raftlog's.
+    pub async fn handle_frame(&self, frame: &[u8]) -> Option<Bytes> {
+        match frame.split_first() {
+            Some((&crate::RAFT_SERVICE_TAG, body)) => Some(self.handle(body).await),
+            Some((&crate::RAFT_BATCH_SERVICE_TAG, body)) => Some(self.handle_batch(body).await),
+            _ => None,
+        }
+    }
+
+    /// Handles a batch of RPCs from one peer (all at once, each bounded by its sender's
+    /// timeout) and encodes the replies in order.
+    pub async fn handle_batch(&self, body: &[u8]) -> Bytes {
+        let replies = match chatd_codec::decode::<PeerBatch>(body) {
+            Err(e) => {
+                tracing::warn!(error = %e, "malformed raft batch; answered with no replies");
+                Vec::new()
+            }
+            Ok(batch) => {
+                self.liveness()
+                    .heard_if_known(batch.from, batch.incarnation);
+                futures::future::join_all(batch.rpcs.iter().map(|rpc| async move {
+                    let ttl = std::time::Duration::from_millis(u64::from(rpc.ttl_ms));
+                    match tokio::time::timeout(ttl, self.handle(&rpc.frame)).await {
+                        Ok(reply) => serde_bytes::ByteBuf::from(reply.to_vec()),
+                        // Past the sender's timeout: it no longer waits (the RPC itself
+                        // goes on in the group).
+                        Err(_) => serde_bytes::ByteBuf::new(),
+                    }
+                }))
+                .await
+            }
+        };
+        let reply = PeerBatchReply {
+            incarnation: self.incarnation,
+            replies,
+        };
+        match chatd_codec::encode(&reply) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot encode a raft batch reply");
+                Bytes::new()
+            }
+        }
+    }
+
     /// Handles an incoming Raft RPC frame (without its service tag) and encodes the reply.
     pub async fn handle(&self, frame: &[u8]) -> Bytes {
         let reply = match chatd_codec::decode::<RaftEnvelope>(frame) {
             Err(e) => RaftReply::Malformed(e.to_string()),
             Ok(env) => match self.hosted(env.group) {
                 None => RaftReply::UnknownGroup(env.group),
-                Some(Hosted {
-                    raft,
-                    heard_from_leader,
-                    ..
-                }) => match env.request {
-                    RaftRequest::Append(r) => {
-                        let reply = raft.append_entries(r).await;
-                        // Any answer but "your vote is stale" means a current leader's
-                        // message was taken here (a conflict is resolved in later rounds).
-                        if matches!(&reply, Ok(resp) if !matches!(resp, AppendEntriesResponse::HigherVote(_)))
-                        {
-                            heard_from_leader.store(true, Ordering::Release);
-                        }
-                        RaftReply::Append(reply)
-                    }
-                    RaftRequest::Vote(r) => RaftReply::Vote(raft.vote(r).await),
-                    RaftRequest::Snapshot(r) => RaftReply::Snapshot(raft.install_snapshot(r).await),
-                },
+                Some(hosted) => self.serve(&hosted, env.request).await,
             },
         };
         match chatd_codec::encode(&reply) {
@@ -863,8 +960,46 @@ impl Registry {
         }
     }
 
+    async fn serve(&self, hosted: &Hosted, request: RaftRequest) -> RaftReply {
+        let raft = &hosted.raft;
+        match request {
+            RaftRequest::Append(r) => {
+                // A quiesced replica wakes at any message of its group but the heartbeats
+                // of the leader it quiesced under (they may cross the quiesce request).
+                let leader = r.vote.leader_id().voted_for();
+                if !(r.entries.is_empty()
+                    && hosted
+                        .quiet
+                        .quiet_under(leader, r.vote.leader_id().get_term()))
+                {
+                    self.wake(hosted, "append");
+                }
+                let reply = raft.append_entries(r).await;
+                // Any answer but "your vote is stale" means a current leader's
+                // message was taken here (a conflict is resolved in later rounds).
+                if matches!(&reply, Ok(resp) if !matches!(resp, AppendEntriesResponse::HigherVote(_)))
+                {
+                    hosted.heard_from_leader.store(true, Ordering::Release);
+                    hosted.quiet.appended();
+                }
+                RaftReply::Append(reply)
+            }
+            RaftRequest::Vote(r) => {
+                self.wake(hosted, "vote");
+                RaftReply::Vote(raft.vote(r).await)
+            }
+            RaftRequest::Snapshot(r) => {
+                self.wake(hosted, "snapshot");
+                RaftReply::Snapshot(raft.install_snapshot(r).await)
+            }
+            RaftRequest::Quiesce(q) => RaftReply::Quiesce(self.quiesce_follower(hosted, q)),
+        }
+    }
+
     /// Stops every group (their logs stay on disk).
     pub async fn shutdown(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.links.close();
         let all: Vec<Raft> = {
             let groups = self.groups.read();
             groups.values().map(|h| h.raft.clone()).collect()

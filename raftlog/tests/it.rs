@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use chatd_raftlog::{
     Applier, ApplyTxn, GroupId, ProposeError, RaftOptions, Registry, BATCH_COMMANDS_MAX,
-    PROPOSAL_QUEUE_MAX, RAFT_SERVICE_TAG,
+    PROPOSAL_QUEUE_MAX, RAFT_BATCH_SERVICE_TAG, RAFT_SERVICE_TAG,
 };
 use chatd_storage::{NodeIdentity, Storage, StorageOptions};
 use chatd_transport::{ClusterCa, Endpoint, PeerInfo, TransportLimits};
@@ -83,6 +83,11 @@ async fn start_single(dir: &Path, ca: &ClusterCa, applier: Arc<Counter>) -> Sing
 
 /// Node `id`'s store, endpoint and registry, hosting no group yet.
 async fn start_node(dir: &Path, ca: &ClusterCa, id: u64) -> Single {
+    start_node_with(dir, ca, id, &RaftOptions::default()).await
+}
+
+/// [`start_node`] with these Raft options.
+async fn start_node_with(dir: &Path, ca: &ClusterCa, id: u64, options: &RaftOptions) -> Single {
     let dir = dir.join(format!("n{id}"));
     let identity = ca.identity(ca.issue_node(id, &["127.0.0.1".parse().unwrap()]).unwrap());
     let store = Storage::open(
@@ -100,7 +105,9 @@ async fn start_node(dir: &Path, ca: &ClusterCa, id: u64) -> Single {
         let s = s.clone();
         Box::pin(async move {
             match (s.get(), req.first()) {
-                (Some(r), Some(&RAFT_SERVICE_TAG)) => r.handle(&req[1..]).await,
+                (Some(r), Some(&RAFT_SERVICE_TAG | &RAFT_BATCH_SERVICE_TAG)) => {
+                    r.handle_frame(&req).await.unwrap_or_default()
+                }
                 _ => Bytes::new(),
             }
         })
@@ -117,7 +124,7 @@ async fn start_node(dir: &Path, ca: &ClusterCa, id: u64) -> Single {
         store.clone(),
         endpoint.clone(),
         dir.join("snapshots"),
-        &RaftOptions::default(),
+        options,
         "t",
     )
     .unwrap();
@@ -396,6 +403,246 @@ async fn a_transfer_hold_ends_when_a_leader_of_a_newer_term_is_heard() {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+    for n in nodes {
+        stop(n).await;
+    }
+}
+
+/// Three nodes with `groups` groups (1..=groups), each on all three, with these options;
+/// returns once every group has a leader every replica knows.
+async fn three_nodes_with_groups(dir: &Path, groups: u64, options: &RaftOptions) -> Vec<Single> {
+    let ca = ClusterCa::generate("t").unwrap();
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(start_node_with(dir, &ca, id, options).await);
+    }
+    let members: BTreeMap<u64, String> = nodes
+        .iter()
+        .zip(1..)
+        .map(|(n, id)| (id, n.endpoint.local_addr().unwrap().to_string()))
+        .collect();
+    for g in 1..=groups {
+        for n in &nodes {
+            n.registry
+                .open_group(g, Arc::new(Counter::default()))
+                .await
+                .unwrap();
+        }
+        // Spread the first leaders: each group is initialized from a different node.
+        let by = &nodes[(g % 3) as usize];
+        by.registry.initialize(g, members.clone()).await.unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let all_led = (1..=groups).all(|g| {
+            let leaders: HashSet<Option<u64>> =
+                nodes.iter().map(|n| n.registry.leader(g)).collect();
+            leaders.len() == 1 && !leaders.contains(&None)
+        });
+        if all_led {
+            return nodes;
+        }
+        assert!(Instant::now() < deadline, "not every group has a leader");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn link_counts(nodes: &[Single]) -> (u64, u64, u64) {
+    nodes.iter().fold((0, 0, 0), |(b, r, p), n| {
+        let s = n.registry.link_stats();
+        (
+            b + s.batches_total.load(Ordering::Relaxed),
+            r + s.rpcs_total.load(Ordering::Relaxed),
+            p + s.pings_total.load(Ordering::Relaxed),
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_groups_heartbeats_to_a_peer_leave_together_in_a_few_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = RaftOptions {
+        quiesce_idle_ms: 0,
+        ..RaftOptions::default()
+    };
+    let groups = 48;
+    let nodes = three_nodes_with_groups(dir.path(), groups, &options).await;
+    let (b0, r0, p0) = link_counts(&nodes);
+    let window = Duration::from_secs(2);
+    tokio::time::sleep(window).await;
+    let (b1, r1, p1) = link_counts(&nodes);
+    let (batches, rpcs) = ((b1 - b0) - (p1 - p0), r1 - r0);
+    // Each group's leader heartbeats its 2 followers every 100 ms: ~960 RPCs a second
+    // across the cluster, one per group and peer pair if nothing coalesced them.
+    let ticks = window.as_millis() as u64 / options.heartbeat_interval_ms;
+    println!(
+        "{groups} groups, {} ms: {rpcs} RPCs in {batches} batches ({:.1} per batch), {} pings",
+        window.as_millis(),
+        rpcs as f64 / batches.max(1) as f64,
+        p1 - p0
+    );
+    assert!(
+        rpcs >= groups * 2 * ticks / 2,
+        "heartbeats are not being sent: {rpcs} RPCs in {} ms",
+        window.as_millis()
+    );
+    assert!(
+        rpcs >= 4 * batches,
+        "heartbeats were not coalesced: {rpcs} RPCs in {batches} batches"
+    );
+    for n in nodes {
+        stop(n).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idle_groups_quiesce_everywhere_and_wake_for_a_proposal_or_a_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = RaftOptions {
+        quiesce_idle_ms: 300,
+        ..RaftOptions::default()
+    };
+    let groups = 16;
+    let nodes = three_nodes_with_groups(dir.path(), groups, &options).await;
+    let all_quiet = |nodes: &[Single]| {
+        nodes
+            .iter()
+            .all(|n| n.registry.quiesced_groups() == groups as usize)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !all_quiet(&nodes) {
+        assert!(
+            Instant::now() < deadline,
+            "groups did not quiesce: {:?}",
+            nodes
+                .iter()
+                .map(|n| (1..=groups)
+                    .filter(|g| n.registry.is_quiesced(*g) != Some(true))
+                    .map(|g| (g, n.registry.leader(g)))
+                    .collect::<Vec<_>>())
+                .collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Quiet: no RPC at all, only the nodes' pings.
+    let (_, r0, _) = link_counts(&nodes);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, r1, _) = link_counts(&nodes);
+    assert_eq!(r1 - r0, 0, "quiesced groups still sent RPCs");
+
+    // A proposal wakes its group (everywhere) and commits.
+    let g = 5;
+    let leader = nodes[0].registry.leader(g).unwrap();
+    let ln = &nodes[leader as usize - 1];
+    ln.registry
+        .propose(g, b"wake".to_vec())
+        .await
+        .expect("a proposal to a quiesced group commits");
+    for n in &nodes {
+        assert_eq!(
+            n.registry.is_quiesced(g),
+            Some(false),
+            "a replica still quiet"
+        );
+    }
+    // A read confirms leadership with a quorum, quiesced or not.
+    let g2 = 6;
+    let leader2 = nodes[0].registry.leader(g2).unwrap();
+    nodes[leader2 as usize - 1]
+        .registry
+        .read_index(g2, Duration::from_secs(2))
+        .await
+        .expect("a linearizable read on a quiesced group");
+    // Both quiesce again once idle, and no leader changed meanwhile.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !all_quiet(&nodes) {
+        assert!(
+            Instant::now() < deadline,
+            "the woken groups did not quiesce again"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(nodes[0].registry.leader(g), Some(leader));
+    assert_eq!(nodes[0].registry.leader(g2), Some(leader2));
+    for n in nodes {
+        stop(n).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_groups_of_a_stopped_leader_elect_new_leaders_quiesced_or_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = RaftOptions {
+        quiesce_idle_ms: 300,
+        ..RaftOptions::default()
+    };
+    let groups = 24;
+    let mut nodes = three_nodes_with_groups(dir.path(), groups, &options).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while nodes
+        .iter()
+        .any(|n| n.registry.quiesced_groups() < groups as usize)
+    {
+        assert!(Instant::now() < deadline, "groups did not quiesce");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Wake a few groups so both kinds are led by the node that goes.
+    let victim = 1
+        + (0..3)
+            .max_by_key(|i| {
+                (1..=groups)
+                    .filter(|g| nodes[0].registry.leader(*g) == Some(*i as u64 + 1))
+                    .count()
+            })
+            .unwrap() as u64;
+    let led: Vec<GroupId> = (1..=groups)
+        .filter(|g| nodes[0].registry.leader(*g) == Some(victim))
+        .collect();
+    assert!(!led.is_empty());
+    let woken = led.len().div_ceil(2);
+    for g in &led[..woken] {
+        nodes[victim as usize - 1]
+            .registry
+            .propose(*g, b"x".to_vec())
+            .await
+            .unwrap();
+    }
+    let gone = nodes.remove(victim as usize - 1);
+    let started = Instant::now();
+    stop(gone).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pending: Vec<GroupId> = led
+            .iter()
+            .copied()
+            .filter(|g| {
+                nodes.iter().any(|n| {
+                    let l = n.registry.leader(*g);
+                    l.is_none() || l == Some(victim)
+                })
+            })
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "groups {pending:?} have no new leader 10 s after their leader stopped"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    println!(
+        "{} groups ({woken} active, {} quiesced) re-led {} ms after their leader stopped",
+        led.len(),
+        led.len() - woken,
+        started.elapsed().as_millis()
+    );
+    // Every one of them takes writes again.
+    for g in &led {
+        let l = nodes[0].registry.leader(*g).unwrap();
+        let n = nodes.iter().find(|n| n.registry.node_id() == l).unwrap();
+        n.registry.propose(*g, b"after".to_vec()).await.unwrap();
     }
     for n in nodes {
         stop(n).await;

@@ -1,0 +1,536 @@
+//! Raft traffic per node pair, not per group: every group's RPCs to one peer queue on that
+//! peer's [`Link`] and leave together, one batch (one QUIC stream) per round; and a
+//! node-level liveness signal ([`Liveness`]) tells when a peer is gone or has restarted, so
+//! groups need no heartbeats of their own to notice a dead leader (see `quiet`).
+//!
+//! A batch is `[RAFT_BATCH_SERVICE_TAG][codec(PeerBatch)]`; its answer a `PeerBatchReply`
+//! with one reply per RPC, in order. Each RPC inside is an encoded `RaftEnvelope`, as on
+//! the single-RPC path (`RAFT_SERVICE_TAG`), which snapshots and frames too large for a
+//! batch still take. An empty batch is a ping.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use chatd_transport::Endpoint;
+use serde::{Deserialize, Serialize};
+use serde_bytes::ByteBuf;
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use crate::network::PeerHealth;
+use crate::NodeId;
+
+/// First byte of a QUIC request that carries a batch of Raft RPCs (or a ping).
+pub const RAFT_BATCH_SERVICE_TAG: u8 = 0x03;
+
+/// RPCs waiting for their batch on one peer's link; a full queue refuses more (the group
+/// backs off as from an unreachable peer).
+pub const LINK_QUEUE_RPCS_MAX: usize = 4_096;
+
+/// RPCs in one batch.
+pub const BATCH_RPCS_MAX: usize = 512;
+
+/// Bytes of RPC frames in one batch. An RPC frame above it goes on its own (single-RPC path).
+pub const PEER_BATCH_BYTES_MAX: usize = 4 << 20;
+
+/// Batches to one peer waiting for their answer at once; RPCs queued meanwhile are
+/// coalesced into the next batch.
+pub const BATCHES_IN_FLIGHT_PER_PEER_MAX: usize = 8;
+
+/// How many times the link's sender yields to let other groups' RPCs of the same round
+/// (a heartbeat tick, one fsync's worth of appends) join a batch before it leaves.
+const COALESCE_YIELDS_MAX: usize = 2;
+
+/// One RPC in a batch: its encoded `RaftEnvelope` and how long its sender waits for it.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct BatchedRpc {
+    /// The sender's timeout; the receiver answers "no reply" (empty) past it.
+    pub ttl_ms: u32,
+    /// Encoded `RaftEnvelope`.
+    pub frame: ByteBuf,
+}
+
+/// A batch of RPCs from one node to another; empty, a ping.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct PeerBatch {
+    /// The sending node.
+    pub from: NodeId,
+    /// The sending process's incarnation (changes at each start).
+    pub incarnation: u64,
+    /// The RPCs, answered in order.
+    pub rpcs: Vec<BatchedRpc>,
+}
+
+/// The answer to a [`PeerBatch`].
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct PeerBatchReply {
+    /// The answering process's incarnation.
+    pub incarnation: u64,
+    /// One encoded `RaftReply` per RPC, in order; empty: no answer in time.
+    pub replies: Vec<ByteBuf>,
+}
+
+/// Why an RPC sent through a link got no answer.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The batch could not be exchanged (peer unreachable, connection lost, timeout).
+    #[error("node {peer}: {cause}")]
+    Transport { peer: NodeId, cause: String },
+    /// The link's queue holds [`LINK_QUEUE_RPCS_MAX`] RPCs already.
+    #[error("node {peer}: {max} RPCs already queued")]
+    QueueFull { peer: NodeId, max: usize },
+    /// No answer within the RPC's timeout.
+    #[error("node {peer}: no answer within {ms} ms")]
+    Timeout { peer: NodeId, ms: u64 },
+    /// The peer answered a batch with a malformed reply.
+    #[error("node {peer}: malformed batch reply: {cause}")]
+    Malformed { peer: NodeId, cause: String },
+    /// The link was closed (the peer left every group here, or the node stops).
+    #[error("node {peer}: link closed")]
+    Closed { peer: NodeId },
+}
+
+/// What one node knows of its peers' liveness, from pings and batches both ways.
+pub struct Liveness {
+    timeout: Duration,
+    peers: parking_lot::Mutex<HashMap<NodeId, PeerLife>>,
+    /// Woken at every change (a peer found dead, back, or restarted).
+    changed: tokio::sync::Notify,
+}
+
+/// One peer's liveness.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerLife {
+    /// Heard from within the liveness timeout (false until first heard).
+    pub alive: bool,
+    /// The peer process's incarnation last heard.
+    pub incarnation: Option<u64>,
+    last_heard: Option<Instant>,
+}
+
+impl Liveness {
+    pub(crate) fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            peers: parking_lot::Mutex::new(HashMap::new()),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Records that `peer` (process `incarnation`) was heard from now.
+    pub(crate) fn heard(&self, peer: NodeId, incarnation: u64) {
+        let mut peers = self.peers.lock();
+        let life = peers.entry(peer).or_insert(PeerLife {
+            alive: false,
+            incarnation: None,
+            last_heard: None,
+        });
+        let changed = !life.alive || life.incarnation != Some(incarnation);
+        life.alive = true;
+        life.incarnation = Some(incarnation);
+        life.last_heard = Some(Instant::now());
+        drop(peers);
+        if changed {
+            self.changed.notify_one();
+        }
+    }
+
+    /// Records that `peer` was heard from, if it is one this node follows (has a link to).
+    pub(crate) fn heard_if_known(&self, peer: NodeId, incarnation: u64) {
+        if self.peers.lock().contains_key(&peer) {
+            self.heard(peer, incarnation);
+        }
+    }
+
+    /// Starts following `peer` (not alive until heard from).
+    fn register(&self, peer: NodeId) {
+        self.peers.lock().entry(peer).or_insert(PeerLife {
+            alive: false,
+            incarnation: None,
+            last_heard: None,
+        });
+    }
+
+    /// Marks `peer` dead if it was not heard from within the timeout; returns whether it
+    /// is alive.
+    pub(crate) fn check(&self, peer: NodeId) -> bool {
+        let mut peers = self.peers.lock();
+        let Some(life) = peers.get_mut(&peer) else {
+            return false;
+        };
+        if life.alive && life.last_heard.is_none_or(|t| t.elapsed() > self.timeout) {
+            life.alive = false;
+            drop(peers);
+            tracing::warn!(
+                peer,
+                timeout_ms = self.timeout.as_millis() as u64,
+                "peer silent past the liveness timeout"
+            );
+            self.changed.notify_one();
+            return false;
+        }
+        life.alive
+    }
+
+    /// Every peer's liveness.
+    pub fn snapshot(&self) -> HashMap<NodeId, PeerLife> {
+        self.peers.lock().clone()
+    }
+
+    /// True if `peer` was heard from and then fell silent past the timeout.
+    pub fn is_dead(&self, peer: NodeId) -> bool {
+        self.peers
+            .lock()
+            .get(&peer)
+            .is_some_and(|l| !l.alive && l.incarnation.is_some())
+    }
+
+    /// Waits for the next change.
+    pub(crate) async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    fn forget(&self, peer: NodeId) {
+        self.peers.lock().remove(&peer);
+    }
+}
+
+/// Counters of the links, for `/metrics` and tests.
+#[derive(Default)]
+pub struct LinkStats {
+    /// Batches sent (pings included).
+    pub batches_total: AtomicU64,
+    /// RPCs sent in batches.
+    pub rpcs_total: AtomicU64,
+    /// Pings sent.
+    pub pings_total: AtomicU64,
+}
+
+struct Pending {
+    frame: Bytes,
+    ttl: Duration,
+    reply: oneshot::Sender<Result<Bytes, LinkError>>,
+}
+
+/// What every link of a node shares.
+pub(crate) struct LinkCtx {
+    pub node_id: NodeId,
+    pub incarnation: u64,
+    pub endpoint: Endpoint,
+    pub health: Arc<PeerHealth>,
+    pub liveness: Arc<Liveness>,
+    pub stats: Arc<LinkStats>,
+    pub ping_every: Duration,
+}
+
+/// The node's links, one per peer it shares a group with.
+pub(crate) struct Links {
+    ctx: Arc<LinkCtx>,
+    links: parking_lot::Mutex<HashMap<NodeId, Arc<Link>>>,
+}
+
+impl Links {
+    pub fn new(ctx: LinkCtx) -> Self {
+        Self {
+            ctx: Arc::new(ctx),
+            links: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn ctx(&self) -> &LinkCtx {
+        &self.ctx
+    }
+
+    /// The link to `peer` at `addr`, opened if needed (replaced if the address changed).
+    pub fn link(&self, peer: NodeId, addr: SocketAddr) -> Arc<Link> {
+        let mut links = self.links.lock();
+        if let Some(l) = links.get(&peer) {
+            if l.addr == addr {
+                return l.clone();
+            }
+        }
+        let link = Arc::new(Link::open(self.ctx.clone(), peer, addr));
+        links.insert(peer, link.clone());
+        link
+    }
+
+    /// Closes the links to peers not in `keep` (they left every group hosted here).
+    pub fn retain(&self, keep: &std::collections::HashSet<NodeId>) {
+        let mut links = self.links.lock();
+        let gone: Vec<NodeId> = links
+            .keys()
+            .filter(|p| !keep.contains(p))
+            .copied()
+            .collect();
+        for peer in gone {
+            links.remove(&peer);
+            self.ctx.liveness.forget(peer);
+        }
+    }
+
+    /// Closes every link.
+    pub fn close(&self) {
+        self.links.lock().clear();
+    }
+}
+
+/// One peer's link: a bounded queue of RPCs, a sender task that batches them, and a pinger.
+pub(crate) struct Link {
+    peer: NodeId,
+    addr: SocketAddr,
+    queue: mpsc::Sender<Pending>,
+    tasks: [tokio::task::AbortHandle; 2],
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Link {
+    fn open(ctx: Arc<LinkCtx>, peer: NodeId, addr: SocketAddr) -> Self {
+        ctx.liveness.register(peer);
+        let (queue, rx) = mpsc::channel(LINK_QUEUE_RPCS_MAX);
+        let sender = tokio::spawn(run_sender(ctx.clone(), peer, addr, rx)).abort_handle();
+        let pinger = tokio::spawn(run_pinger(ctx, peer, addr)).abort_handle();
+        Self {
+            peer,
+            addr,
+            queue,
+            tasks: [sender, pinger],
+        }
+    }
+
+    /// Sends one encoded `RaftEnvelope` in the next batch to the peer and waits (at most
+    /// `ttl`) for its encoded reply.
+    pub async fn call(&self, frame: Bytes, ttl: Duration) -> Result<Bytes, LinkError> {
+        let peer = self.peer;
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .try_send(Pending { frame, ttl, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => LinkError::QueueFull {
+                    peer,
+                    max: LINK_QUEUE_RPCS_MAX,
+                },
+                mpsc::error::TrySendError::Closed(_) => LinkError::Closed { peer },
+            })?;
+        match tokio::time::timeout(ttl, answer).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(LinkError::Closed { peer }),
+            Err(_) => Err(LinkError::Timeout {
+                peer,
+                ms: ttl.as_millis() as u64,
+            }),
+        }
+    }
+}
+
+/// Takes the RPCs queued for `peer` and sends them in batches: a batch leaves as soon as a
+/// slot of [`BATCHES_IN_FLIGHT_PER_PEER_MAX`] is free, with everything queued by then (up
+/// to [`BATCH_RPCS_MAX`] and [`PEER_BATCH_BYTES_MAX`]).
+async fn run_sender(
+    ctx: Arc<LinkCtx>,
+    peer: NodeId,
+    addr: SocketAddr,
+    mut rx: mpsc::Receiver<Pending>,
+) {
+    let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT_PER_PEER_MAX));
+    let mut carry: Option<Pending> = None;
+    loop {
+        let first = match carry.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = first.frame.len();
+        let mut batch = vec![first];
+        'fill: for round in 0..=COALESCE_YIELDS_MAX {
+            while batch.len() < BATCH_RPCS_MAX {
+                match rx.try_recv() {
+                    Ok(p) if bytes + p.frame.len() > PEER_BATCH_BYTES_MAX => {
+                        carry = Some(p);
+                        break 'fill;
+                    }
+                    Ok(p) => {
+                        bytes += p.frame.len();
+                        batch.push(p);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if batch.len() >= BATCH_RPCS_MAX || round == COALESCE_YIELDS_MAX {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        // Senders that gave up meanwhile need no answer.
+        batch.retain(|p| !p.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            exchange(&ctx, peer, addr, batch).await;
+        });
+    }
+}
+
+/// Sends one batch and hands each RPC its reply.
+async fn exchange(ctx: &LinkCtx, peer: NodeId, addr: SocketAddr, batch: Vec<Pending>) {
+    let ttl = batch
+        .iter()
+        .map(|p| p.ttl)
+        .max()
+        .unwrap_or(Duration::from_millis(100));
+    let rpcs = batch
+        .iter()
+        .map(|p| BatchedRpc {
+            ttl_ms: u32::try_from(p.ttl.as_millis()).unwrap_or(u32::MAX),
+            frame: ByteBuf::from(p.frame.to_vec()),
+        })
+        .collect();
+    ctx.stats
+        .rpcs_total
+        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+    let result = call_batch(ctx, peer, addr, rpcs, ttl).await;
+    match result {
+        Ok(replies) => {
+            for (p, r) in batch.into_iter().zip(replies) {
+                let r = if r.is_empty() {
+                    Err(LinkError::Timeout {
+                        peer,
+                        ms: p.ttl.as_millis() as u64,
+                    })
+                } else {
+                    Ok(Bytes::from(r.into_vec()))
+                };
+                let _ = p.reply.send(r);
+            }
+        }
+        Err(e) => {
+            for p in batch {
+                let _ = p.reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// One batch exchange: the replies, one per RPC, or why there are none. Records the peer's
+/// liveness and health.
+async fn call_batch(
+    ctx: &LinkCtx,
+    peer: NodeId,
+    addr: SocketAddr,
+    rpcs: Vec<BatchedRpc>,
+    ttl: Duration,
+) -> Result<Vec<ByteBuf>, LinkError> {
+    let sent = rpcs.len();
+    let batch = PeerBatch {
+        from: ctx.node_id,
+        incarnation: ctx.incarnation,
+        rpcs,
+    };
+    let mut frame = Vec::with_capacity(64);
+    frame.push(RAFT_BATCH_SERVICE_TAG);
+    chatd_codec::encode_into(&batch, &mut frame).map_err(|e| LinkError::Malformed {
+        peer,
+        cause: e.to_string(),
+    })?;
+    ctx.stats.batches_total.fetch_add(1, Ordering::Relaxed);
+    let reply = ctx
+        .endpoint
+        .call_with_timeout(addr, Bytes::from(frame), ttl)
+        .await;
+    ctx.health.record(
+        peer,
+        reply
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| e as &dyn std::fmt::Display),
+    );
+    let reply = reply.map_err(|e| LinkError::Transport {
+        peer,
+        cause: e.to_string(),
+    })?;
+    let reply: PeerBatchReply = chatd_codec::decode(&reply).map_err(|e| LinkError::Malformed {
+        peer,
+        cause: e.to_string(),
+    })?;
+    ctx.liveness.heard(peer, reply.incarnation);
+    if reply.replies.len() != sent {
+        return Err(LinkError::Malformed {
+            peer,
+            cause: format!("{} replies to {sent} RPCs", reply.replies.len()),
+        });
+    }
+    Ok(reply.replies)
+}
+
+/// Pings `peer` every `ping_every` (each ping waits at most the liveness timeout, several
+/// may be under way) and marks it dead once it was silent past the timeout.
+async fn run_pinger(ctx: Arc<LinkCtx>, peer: NodeId, addr: SocketAddr) {
+    let mut every = tokio::time::interval(ctx.ping_every);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = ctx.liveness.timeout;
+    // Pings under way: at most one per interval of the timeout (a bound, not a queue).
+    let pings = Arc::new(Semaphore::new(
+        (timeout.as_millis() / ctx.ping_every.as_millis().max(1)).clamp(1, 64) as usize,
+    ));
+    loop {
+        every.tick().await;
+        ctx.liveness.check(peer);
+        let Ok(slot) = pings.clone().try_acquire_owned() else {
+            continue;
+        };
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            ctx.stats.pings_total.fetch_add(1, Ordering::Relaxed);
+            let _ = call_batch(&ctx, peer, addr, Vec::new(), timeout).await;
+        });
+    }
+}
+
+/// A new incarnation number for this process: differs from the last start's.
+pub(crate) fn new_incarnation() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id()).rotate_left(40)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn liveness_reports_first_contact_silence_and_restart() {
+        let l = Liveness::new(Duration::from_millis(50));
+        assert!(!l.check(7), "never heard: not alive");
+        assert!(!l.is_dead(7), "never heard: not dead either");
+        l.heard(7, 1);
+        assert!(l.check(7));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(!l.check(7), "silent past the timeout");
+        assert!(l.is_dead(7));
+        l.heard(7, 2);
+        let s = l.snapshot();
+        assert_eq!(s[&7].incarnation, Some(2));
+        assert!(s[&7].alive);
+        l.forget(7);
+        assert!(l.snapshot().is_empty());
+    }
+}
