@@ -69,8 +69,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// The metrics in Prometheus text format; `lag` is (group, committed − applied).
-    pub fn render(&self, lag: &[(u64, u64)]) -> String {
+    /// The metrics in Prometheus text format; `lag` summarises the hosted groups' entries
+    /// not yet applied.
+    pub fn render(&self, lag: &chatd_raftlog::ApplyBacklog) -> String {
         let mut out = String::new();
         let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: String| {
             let _ = writeln!(
@@ -165,13 +166,20 @@ impl Metrics {
             "From a message's timestamp to its push by this node.",
             &mut out,
         );
+        gauge(
+            &mut out,
+            "chatd_apply_lag_entries_total",
+            "Log entries not yet applied, summed over the hosted groups.",
+            "gauge",
+            lag.entries_total.to_string(),
+        );
         let _ = writeln!(
             out,
-            "# HELP chatd_apply_lag_entries Committed but not yet applied entries.\n# TYPE chatd_apply_lag_entries gauge"
+            "# HELP chatd_apply_lag_entries_max Log entries not yet applied in the group with the \
+             most (labelled with it).\n# TYPE chatd_apply_lag_entries_max gauge\n\
+             chatd_apply_lag_entries_max{{partition=\"{}\"}} {}",
+            lag.worst_group, lag.worst_entries
         );
-        for (g, l) in lag {
-            let _ = writeln!(out, "chatd_apply_lag_entries{{partition=\"{g}\"}} {l}");
-        }
         out
     }
 }
@@ -195,7 +203,13 @@ mod tests {
         let m = Metrics::default();
         m.ack_latency.record(3);
         m.ack_latency.record(7000);
-        let text = m.render(&[(1, 0), (2, 5)]);
+        let text = m.render(&chatd_raftlog::ApplyBacklog {
+            entries_total: 5,
+            worst_group: 2,
+            worst_entries: 5,
+        });
+        assert!(text.contains("chatd_apply_lag_entries_max{partition=\"2\"} 5"));
+        assert!(text.contains("chatd_apply_lag_entries_total 5"));
         assert!(text.contains("chatd_send_to_ack_seconds_bucket{le=\"0.005\"} 1"));
         assert!(text.contains("chatd_send_to_ack_seconds_bucket{le=\"+Inf\"} 2"));
         assert!(text.contains("chatd_apply_lag_entries{partition=\"2\"} 5"));

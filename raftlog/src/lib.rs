@@ -41,8 +41,8 @@ pub use peers::{
     LINK_QUEUE_RPCS_MAX, PEER_BATCH_BYTES_MAX, RAFT_BATCH_SERVICE_TAG,
 };
 pub use registry::{
-    GroupStatus, LeadershipWatch, Registry, ELECTION_HOLD_MS_MAX, HANDOVER_CATCH_UP_MS_MAX,
-    QUIESCE_ROUND_GROUPS_MAX,
+    ApplyBacklog, GroupStatus, LeadershipWatch, Registry, ELECTION_HOLD_MS_MAX,
+    HANDOVER_CATCH_UP_MS_MAX, QUIESCE_ROUND_GROUPS_MAX,
 };
 pub use state_machine::{read_record, scan_records, Applier, ApplyTxn, StateMachine};
 
@@ -143,8 +143,8 @@ impl Default for RaftOptions {
             snapshot_chunk_bytes_max: 1 << 20,
             append_entries_max: 512,
             quiesce_idle_ms: 2_000,
-            liveness_ping_ms: 50,
-            liveness_timeout_ms: 300,
+            liveness_ping_ms: 100,
+            liveness_timeout_ms: 400,
         }
     }
 }
@@ -154,7 +154,12 @@ impl RaftOptions {
     pub fn to_config(&self, cluster_name: &str) -> Result<openraft::Config, RaftlogError> {
         let config = openraft::Config {
             cluster_name: cluster_name.to_string(),
-            heartbeat_interval: self.heartbeat_interval_ms,
+            // openraft ticks every 1.5 of this (even a quiesced group's timer task wakes)
+            // and gives each AppendEntries this long. The registry sends heartbeats itself
+            // at `heartbeat_interval_ms`; openraft's own clock only needs to be fine enough
+            // for election timeouts: two thirds of the minimum.
+            heartbeat_interval: (self.election_timeout_min_ms * 2 / 3)
+                .max(self.heartbeat_interval_ms),
             election_timeout_min: self.election_timeout_min_ms,
             election_timeout_max: self.election_timeout_max_ms,
             install_snapshot_timeout: 5_000,

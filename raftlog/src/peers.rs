@@ -175,6 +175,15 @@ impl Liveness {
         life.alive
     }
 
+    /// True if `peer` was heard from within `within`.
+    fn heard_within(&self, peer: NodeId, within: Duration) -> bool {
+        self.peers
+            .lock()
+            .get(&peer)
+            .and_then(|l| l.last_heard)
+            .is_some_and(|t| t.elapsed() < within)
+    }
+
     /// Every peer's liveness.
     pub fn snapshot(&self) -> HashMap<NodeId, PeerLife> {
         self.peers.lock().clone()
@@ -480,7 +489,10 @@ async fn call_batch(
 }
 
 /// Pings `peer` every `ping_every` (each ping waits at most the liveness timeout, several
-/// may be under way) and marks it dead once it was silent past the timeout.
+/// may be under way) and marks it dead once it was silent past the timeout. Of two nodes,
+/// the one with the lower id pings; the other hears the pings and pings only when it has
+/// heard nothing for two intervals (so one ping per interval serves both, and either side
+/// still notices the other's death).
 async fn run_pinger(ctx: Arc<LinkCtx>, peer: NodeId, addr: SocketAddr) {
     let mut every = tokio::time::interval(ctx.ping_every);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -492,6 +504,9 @@ async fn run_pinger(ctx: Arc<LinkCtx>, peer: NodeId, addr: SocketAddr) {
     loop {
         every.tick().await;
         ctx.liveness.check(peer);
+        if ctx.node_id > peer && ctx.liveness.heard_within(peer, 2 * ctx.ping_every) {
+            continue;
+        }
         let Ok(slot) = pings.clone().try_acquire_owned() else {
             continue;
         };

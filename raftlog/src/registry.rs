@@ -21,6 +21,17 @@ mod quiet;
 use crate::{Applier, GroupId, LogStore, NodeId, Raft, RaftOptions, RaftlogError, StateMachine};
 pub use quiet::QUIESCE_ROUND_GROUPS_MAX;
 
+/// Entries appended to the hosted groups' logs and not yet applied.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ApplyBacklog {
+    /// Summed over the groups.
+    pub entries_total: u64,
+    /// The group with the most (the lowest id among equals).
+    pub worst_group: GroupId,
+    /// How many it has.
+    pub worst_entries: u64,
+}
+
 /// A group's replication state as this node sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupStatus {
@@ -863,6 +874,31 @@ impl Registry {
     pub fn get(&self, group: GroupId) -> Option<Raft> {
         let groups = self.groups.read();
         groups.get(&group).map(|h| h.raft.clone())
+    }
+
+    /// How many groups this node hosts.
+    pub fn group_count(&self) -> usize {
+        self.groups.read().len()
+    }
+
+    /// Entries appended but not yet applied, over every hosted group (from the groups'
+    /// published metrics: no call into a Raft core).
+    pub fn apply_backlog(&self) -> ApplyBacklog {
+        let mut b = ApplyBacklog::default();
+        for (g, h) in self.groups.read().iter() {
+            let m = h.raft.metrics();
+            let m = m.borrow();
+            let lag = m
+                .last_log_index
+                .unwrap_or(0)
+                .saturating_sub(m.last_applied.map_or(0, |l| l.index));
+            b.entries_total += lag;
+            if lag > b.worst_entries || (lag == b.worst_entries && *g < b.worst_group) {
+                b.worst_group = *g;
+                b.worst_entries = lag;
+            }
+        }
+        b
     }
 
     /// Ids of the hosted groups, sorted.
