@@ -34,7 +34,15 @@ pub struct IdleArgs {
     /// and at the end of it).
     #[arg(long, default_value_t = 5.0, value_name = "SECS")]
     pub hold: f64,
+    /// Local addresses to open the sessions from, round-robin (e.g.
+    /// 127.0.0.2,127.0.0.3): one address has ~28,000 ephemeral ports towards one server.
+    #[arg(long, value_delimiter = ',', value_name = "IP,...")]
+    pub source_addrs: Vec<std::net::IpAddr>,
 }
+
+/// Each held session pings this often (the server's presence TTL is 60 s by default), so
+/// the sessions are what an idle but connected client keeps: authenticated, heartbeating.
+pub const IDLE_PING_EVERY_MS: u64 = 20_000;
 
 /// The probe's result.
 #[derive(serde::Serialize, Debug)]
@@ -45,9 +53,20 @@ pub struct IdleReport {
     pub rss_open_bytes: u64,
     pub rss_end_bytes: u64,
     pub bytes_per_session: f64,
+    /// The node's CPU while the sessions were held, in percent of one core.
+    pub node_cpu_percent: f64,
 }
 
 async fn node_rss(http: &reqwest::Client, base: &reqwest::Url) -> Result<u64, CliError> {
+    let v = node_metric(http, base, "chatd_process_resident_memory_bytes").await?;
+    Ok(v as u64)
+}
+
+async fn node_metric(
+    http: &reqwest::Client,
+    base: &reqwest::Url,
+    name: &str,
+) -> Result<f64, CliError> {
     let url = base
         .join("metrics")
         .map_err(|e| CliError::Failed(e.to_string()))?;
@@ -63,13 +82,9 @@ async fn node_rss(http: &reqwest::Client, base: &reqwest::Url) -> Result<u64, Cl
         .await
         .map_err(|e| CliError::Failed(e.to_string()))?;
     text.lines()
-        .find_map(|l| l.strip_prefix("chatd_process_resident_memory_bytes "))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| {
-            CliError::Failed(format!(
-                "{url} has no chatd_process_resident_memory_bytes (an older node?)"
-            ))
-        })
+        .ok_or_else(|| CliError::Failed(format!("{url} has no {name} (an older node?)")))
 }
 
 /// Runs the probe; the report as text or JSON.
@@ -101,11 +116,13 @@ pub async fn run(cli: &Cli, args: &IdleArgs) -> Result<String, CliError> {
     let rss_before = node_rss(&http, &base).await?;
     let started = Instant::now();
     let server = cli.server.clone();
+    let sources = args.source_addrs.clone();
     let sessions: Vec<Connection> = futures::stream::iter(0..args.sessions)
         .map(|i| {
             let token = tokens[(i / SESSIONS_PER_USER) as usize].clone();
             let server = server.clone();
-            async move { Connection::connect(&server, Some(&token), timeout).await }
+            let source = (!sources.is_empty()).then(|| sources[i as usize % sources.len()]);
+            async move { Connection::connect_from(&server, Some(&token), timeout, source).await }
         })
         .buffer_unordered(OPENING_AT_ONCE)
         .collect::<Vec<_>>()
@@ -115,7 +132,22 @@ pub async fn run(cli: &Cli, args: &IdleArgs) -> Result<String, CliError> {
     let open_seconds = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(SETTLE_MS)).await;
     let rss_open = node_rss(&http, &base).await?;
-    tokio::time::sleep(Duration::from_secs_f64(args.hold)).await;
+    let cpu_before = node_metric(&http, &base, "chatd_process_cpu_seconds_total").await?;
+    let held = Instant::now();
+    let mut sessions = sessions;
+    let hold = Duration::from_secs_f64(args.hold);
+    while held.elapsed() < hold {
+        let left = hold.saturating_sub(held.elapsed());
+        tokio::time::sleep(left.min(Duration::from_millis(IDLE_PING_EVERY_MS))).await;
+        if held.elapsed() < hold {
+            // Heartbeats, as a connected client sends them (answers are not awaited).
+            for s in sessions.iter_mut() {
+                s.send(&chatd_proto::ClientFrame::Ping { id: None }).await?;
+            }
+        }
+    }
+    let cpu_after = node_metric(&http, &base, "chatd_process_cpu_seconds_total").await?;
+    let held_seconds = held.elapsed().as_secs_f64();
     let rss_end = node_rss(&http, &base).await?;
     drop(sessions);
     let report = IdleReport {
@@ -125,19 +157,21 @@ pub async fn run(cli: &Cli, args: &IdleArgs) -> Result<String, CliError> {
         rss_open_bytes: rss_open,
         rss_end_bytes: rss_end,
         bytes_per_session: rss_end.saturating_sub(rss_before) as f64 / f64::from(args.sessions),
+        node_cpu_percent: 100.0 * (cpu_after - cpu_before) / held_seconds.max(0.001),
     };
     if cli.json {
         return serde_json::to_string_pretty(&json!(report))
             .map_err(|e| CliError::Failed(e.to_string()));
     }
     Ok(format!(
-        "{} idle sessions opened in {:.1} s; node RSS {:.1} MiB before, {:.1} MiB open, {:.1} MiB after {:.0} s idle: {:.0} bytes per session\n",
+        "{} idle sessions opened in {:.1} s; node RSS {:.1} MiB before, {:.1} MiB open, {:.1} MiB after {:.0} s idle: {:.0} bytes per session; node CPU while idle {:.1} % of a core\n",
         report.sessions,
         report.open_seconds,
         rss_before as f64 / 1048576.0,
         rss_open as f64 / 1048576.0,
         rss_end as f64 / 1048576.0,
         args.hold,
-        report.bytes_per_session
+        report.bytes_per_session,
+        report.node_cpu_percent
     ))
 }

@@ -123,6 +123,7 @@ pub fn close_reason_name(code: u16) -> &'static str {
         close::IDLE => "idle",
         close::GOING_AWAY => "node going away",
         close::REVOKED => "token revoked",
+        close::SERVER_FULL => "server full",
         1000 => "normal closure",
         _ => "closed",
     }
@@ -163,6 +164,18 @@ impl Connection {
         token: Option<&str>,
         timeout: Duration,
     ) -> Result<Connection, CliError> {
+        Self::connect_from(server, token, timeout, None).await
+    }
+
+    /// [`Self::connect`] from the local address `source` (port chosen by the system): a
+    /// probe holding more sessions than one source address has ports spreads them over
+    /// several (127.0.0.2, 127.0.0.3, ... on loopback). `ws://` only.
+    pub async fn connect_from(
+        server: &str,
+        token: Option<&str>,
+        timeout: Duration,
+        source: Option<std::net::IpAddr>,
+    ) -> Result<Connection, CliError> {
         let url = ws_url(server)?;
         let shown = url.to_string();
         let Some(token) = token.map(str::trim).filter(|t| !t.is_empty()) else {
@@ -184,13 +197,49 @@ impl Connection {
             url: shown.clone(),
             cause,
         };
-        let (stream, _) = tokio::time::timeout(
-            timeout,
-            tokio_tungstenite::connect_async_with_config(req, None, true),
-        )
-        .await
-        .map_err(|_| unreachable(format!("no answer within {} ms", timeout.as_millis())))?
-        .map_err(|e| handshake_error(&shown, e))?;
+        let handshake = async {
+            match source {
+                None => tokio_tungstenite::connect_async_with_config(req, None, true).await,
+                Some(source) => {
+                    let (host, port) = match (
+                        url.scheme(),
+                        url.host_str(),
+                        url.port_or_known_default(),
+                    ) {
+                        ("ws", Some(h), Some(p)) => (h.to_string(), p),
+                        _ => return Err(tokio_tungstenite::tungstenite::Error::Url(
+                            tokio_tungstenite::tungstenite::error::UrlError::UnsupportedUrlScheme,
+                        )),
+                    };
+                    let addr = tokio::net::lookup_host((host.as_str(), port))
+                        .await?
+                        .find(|a| a.is_ipv4() == source.is_ipv4())
+                        .ok_or_else(|| {
+                            std::io::Error::other(format!(
+                                "{host} has no address of the source's family"
+                            ))
+                        })?;
+                    let socket = if source.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()?
+                    } else {
+                        tokio::net::TcpSocket::new_v6()?
+                    };
+                    socket.bind(std::net::SocketAddr::new(source, 0))?;
+                    let tcp = socket.connect(addr).await?;
+                    tcp.set_nodelay(true)?;
+                    tokio_tungstenite::client_async_with_config(
+                        req,
+                        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+                        None,
+                    )
+                    .await
+                }
+            }
+        };
+        let (stream, _) = tokio::time::timeout(timeout, handshake)
+            .await
+            .map_err(|_| unreachable(format!("no answer within {} ms", timeout.as_millis())))?
+            .map_err(|e| handshake_error(&shown, e))?;
         let (sink, stream) = stream.split();
         let mut conn = Connection {
             sink,

@@ -199,6 +199,10 @@ pub struct GatewayConfig {
     pub outbound_queue_frames_max: usize,
     /// Concurrent sessions of one user.
     pub sessions_per_user_max: usize,
+    /// WebSocket sessions this node holds at once (authenticated or not); a new one past
+    /// it is refused (docs/protocol.md §11: close 4013, or HTTP 503 `server_full`). Each
+    /// takes a file descriptor: keep it below the process's `LimitNOFILE`.
+    pub sessions_max: usize,
     /// Largest message text in bytes.
     pub text_bytes_max: usize,
     /// Largest group.
@@ -228,6 +232,7 @@ impl Default for GatewayConfig {
         Self {
             outbound_queue_frames_max: 1024,
             sessions_per_user_max: 8,
+            sessions_max: 100_000,
             text_bytes_max: chatd_proto::TEXT_BYTES_MAX,
             group_members_max: GROUP_MEMBERS_MAX_DEFAULT,
             send_rate_per_sec: 50.0,
@@ -434,6 +439,9 @@ impl Config {
             return Err(
                 "raft timeouts must satisfy heartbeat < election_min < election_max".into(),
             );
+        }
+        if self.gateway.sessions_max == 0 {
+            return Err("gateway.sessions_max must be at least 1".into());
         }
         if self.raft.liveness_ping_ms == 0
             || self.raft.liveness_timeout_ms < 2 * self.raft.liveness_ping_ms

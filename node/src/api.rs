@@ -104,6 +104,8 @@ pub const WS_READ_BUFFER_BYTES: usize = 4096;
 /// push is flushed anyway); tungstenite's default is 128 KiB.
 pub const WS_WRITE_BUFFER_BYTES: usize = 4096;
 
+use crate::sessions::Admission;
+
 async fn websocket(
     State(node): State<Arc<Node>>,
     headers: HeaderMap,
@@ -116,11 +118,29 @@ async fn websocket(
     let token = bearer(&headers);
     // The codec refuses frames over twice the protocol bound outright; frames between the
     // bound and that get a typed error and a close from the session.
-    ws.max_message_size(chatd_proto::FRAME_BYTES_MAX * 2)
+    let ws = ws
+        .max_message_size(chatd_proto::FRAME_BYTES_MAX * 2)
         .max_frame_size(chatd_proto::FRAME_BYTES_MAX * 2)
         .read_buffer_size(WS_READ_BUFFER_BYTES)
-        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
-        .on_upgrade(move |socket| crate::gateway::serve(node, socket, token))
+        .write_buffer_size(WS_WRITE_BUFFER_BYTES);
+    // The slot is held for the session's life (dropped with it, or with the upgrade if
+    // the handshake fails).
+    let max = node.gateway.slots.max();
+    match node.gateway.slots.admit() {
+        Admission::Session(slot) => ws.on_upgrade(move |socket| async move {
+            crate::gateway::serve(node, socket, token).await;
+            drop(slot);
+        }),
+        Admission::Notice(slot) => ws.on_upgrade(move |socket| async move {
+            crate::gateway::refuse_full(socket, max).await;
+            drop(slot);
+        }),
+        Admission::Refuse => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            chatd_proto::code::SERVER_FULL,
+            format!("this node holds its maximum of {max} sessions: connect to another node"),
+        ),
+    }
 }
 
 async fn metrics(State(node): State<Arc<Node>>) -> Response {
@@ -133,6 +153,14 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
             "text/plain; version=0.0.4",
         )],
         node.gateway.metrics.render(&lag)
+            + &format!(
+                "# HELP chatd_sessions_open WebSocket sessions open (authenticated or not).\n\
+                 # TYPE chatd_sessions_open gauge\nchatd_sessions_open {}\n\
+                 # HELP chatd_sessions_max The bound on open sessions (gateway.sessions_max).\n\
+                 # TYPE chatd_sessions_max gauge\nchatd_sessions_max {}\n",
+                node.gateway.slots.open(),
+                node.gateway.slots.max()
+            )
             + &peer_health_metrics(&node)
             + &raft_metrics(&node)
             + &rebalance_metrics(&node),

@@ -85,6 +85,8 @@ pub struct Gateway {
     pub presence: crate::presence::Presence,
     pub notifier: std::sync::OnceLock<crate::notify::Notifier>,
     pub metrics: crate::metrics::Metrics,
+    /// WebSocket sessions open on this node, at most `sessions_max`.
+    pub slots: crate::sessions::SessionSlots,
 }
 
 /// Milliseconds since the epoch.
@@ -160,6 +162,7 @@ impl Gateway {
                 delivery_dropped,
                 ..Default::default()
             },
+            slots: crate::sessions::SessionSlots::new(config.sessions_max),
         }
     }
 
@@ -446,6 +449,24 @@ pub async fn run_receipts(node: Weak<Node>) {
         },
     )
     .await;
+}
+
+/// Tells a connection refused because the node is full why (an `error` frame and close
+/// 4013), then drops it.
+pub async fn refuse_full(socket: WebSocket, max: usize) {
+    let (mut sink, _stream) = socket.split();
+    let frame = err(
+        None,
+        code::SERVER_FULL,
+        format!("this node holds its maximum of {max} sessions: connect to another node"),
+    );
+    if let Ok(text) = serde_json::to_string(&frame) {
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            let _ = sink.send(Message::Text(text.into())).await;
+            let _ = close_with(&mut sink, close::SERVER_FULL, "server full").await;
+        })
+        .await;
+    }
 }
 
 /// Serves one WebSocket connection; `header_token` came in the Authorization header.

@@ -23,4 +23,5 @@ pub mod queries;
 pub mod rebalance;
 pub mod receipts;
 pub mod run;
+pub mod sessions;
 pub mod systemd;

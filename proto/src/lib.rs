@@ -48,6 +48,8 @@ pub mod close {
     pub const GOING_AWAY: u16 = 1001;
     /// Heartbeats stopped: no frame within the presence TTL.
     pub const IDLE: u16 = 4010;
+    /// The node holds `sessions_max` sessions: connect to another node, or later.
+    pub const SERVER_FULL: u16 = 4013;
 }
 
 /// Error codes in `error` frames (stable strings).
@@ -65,6 +67,8 @@ pub mod code {
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const GROUP_FULL: &str = "group_full";
     pub const UNAVAILABLE: &str = "unavailable";
+    /// The node holds as many sessions as it may (`sessions_max`).
+    pub const SERVER_FULL: &str = "server_full";
     pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
     pub const INTERNAL: &str = "internal";
 }

@@ -248,6 +248,44 @@ fn golden_raft_replies() {
 }
 
 #[test]
+fn golden_quiesce_and_peer_batches() {
+    use crate::network::QuiesceRequest;
+    use crate::peers::{BatchedRpc, PeerBatch, PeerBatchReply, RAFT_BATCH_SERVICE_TAG};
+    assert_eq!(RAFT_BATCH_SERVICE_TAG, 0x03);
+    let quiesce = RaftEnvelope {
+        group: 1,
+        request: RaftRequest::Quiesce(QuiesceRequest {
+            leader: 1,
+            term: 2,
+            index: 300,
+        }),
+    };
+    pin(&quiesce, "01 01 03 01 02 fb2c01");
+    pin(&RaftReply::Quiesce(true), "01 05 01");
+    pin(&RaftReply::Quiesce(false), "01 05 00");
+    let batch = PeerBatch {
+        from: 2,
+        incarnation: 7,
+        rpcs: vec![BatchedRpc {
+            ttl_ms: 100,
+            frame: ByteBuf::from(vec![1, 2]),
+        }],
+    };
+    pin(&batch, "01 02 07 01 64 02 0102");
+    let ping = PeerBatch {
+        from: 2,
+        incarnation: 7,
+        rpcs: Vec::new(),
+    };
+    pin(&ping, "01 02 07 00");
+    let reply = PeerBatchReply {
+        incarnation: 7,
+        replies: vec![ByteBuf::new(), ByteBuf::from(vec![5])],
+    };
+    pin(&reply, "01 07 02 00 01 05");
+}
+
+#[test]
 fn golden_metadata_tags() {
     let tags = [
         META_VOTE,

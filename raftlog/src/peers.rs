@@ -363,27 +363,7 @@ async fn run_sender(
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut bytes = first.frame.len();
-        let mut batch = vec![first];
-        'fill: for round in 0..=COALESCE_YIELDS_MAX {
-            while batch.len() < BATCH_RPCS_MAX {
-                match rx.try_recv() {
-                    Ok(p) if bytes + p.frame.len() > PEER_BATCH_BYTES_MAX => {
-                        carry = Some(p);
-                        break 'fill;
-                    }
-                    Ok(p) => {
-                        bytes += p.frame.len();
-                        batch.push(p);
-                    }
-                    Err(_) => break,
-                }
-            }
-            if batch.len() >= BATCH_RPCS_MAX || round == COALESCE_YIELDS_MAX {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
+        let mut batch = next_batch(&mut rx, first, &mut carry).await;
         // Senders that gave up meanwhile need no answer.
         batch.retain(|p| !p.reply.is_closed());
         if batch.is_empty() {
@@ -395,6 +375,38 @@ async fn run_sender(
             exchange(&ctx, peer, addr, batch).await;
         });
     }
+}
+
+/// Gathers a batch: `first`, then whatever is queued (yielding a few times so the rest of
+/// a round can join), up to [`BATCH_RPCS_MAX`] RPCs and [`PEER_BATCH_BYTES_MAX`] bytes; an
+/// RPC that does not fit is left in `carry` for the next batch.
+async fn next_batch(
+    rx: &mut mpsc::Receiver<Pending>,
+    first: Pending,
+    carry: &mut Option<Pending>,
+) -> Vec<Pending> {
+    let mut bytes = first.frame.len();
+    let mut batch = vec![first];
+    for round in 0..=COALESCE_YIELDS_MAX {
+        while batch.len() < BATCH_RPCS_MAX {
+            match rx.try_recv() {
+                Ok(p) if bytes + p.frame.len() > PEER_BATCH_BYTES_MAX => {
+                    *carry = Some(p);
+                    return batch;
+                }
+                Ok(p) => {
+                    bytes += p.frame.len();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        if batch.len() >= BATCH_RPCS_MAX || round == COALESCE_YIELDS_MAX {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    batch
 }
 
 /// Sends one batch and hands each RPC its reply.
@@ -529,7 +541,102 @@ pub(crate) fn new_incarnation() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    fn pending(bytes: usize) -> (Pending, oneshot::Receiver<Result<Bytes, LinkError>>) {
+        let (reply, rx) = oneshot::channel();
+        (
+            Pending {
+                frame: Bytes::from(vec![0u8; bytes]),
+                ttl: Duration::from_secs(1),
+                reply,
+            },
+            rx,
+        )
+    }
+
+    #[tokio::test]
+    async fn a_batch_stops_at_its_rpc_and_byte_bounds_and_carries_the_rest() {
+        let (tx, mut rx) = mpsc::channel(LINK_QUEUE_RPCS_MAX);
+        let mut answers = Vec::new();
+        for _ in 0..BATCH_RPCS_MAX + 88 {
+            let (p, a) = pending(10);
+            tx.try_send(p).map_err(|_| ()).unwrap();
+            answers.push(a);
+        }
+        let mut carry = None;
+        let first = rx.recv().await.unwrap();
+        let batch = next_batch(&mut rx, first, &mut carry).await;
+        assert_eq!(batch.len(), BATCH_RPCS_MAX, "at the RPC bound");
+        assert!(carry.is_none());
+        let first = rx.recv().await.unwrap();
+        assert_eq!(next_batch(&mut rx, first, &mut carry).await.len(), 88);
+
+        // Byte bound: four frames of a MiB fill a batch; the fifth waits for the next.
+        let mib = PEER_BATCH_BYTES_MAX / 4;
+        for _ in 0..6 {
+            let (p, a) = pending(mib);
+            tx.try_send(p).map_err(|_| ()).unwrap();
+            answers.push(a);
+        }
+        let first = rx.recv().await.unwrap();
+        let batch = next_batch(&mut rx, first, &mut carry).await;
+        assert_eq!(batch.len(), 4, "at the byte bound");
+        assert_eq!(
+            batch.iter().map(|p| p.frame.len()).sum::<usize>(),
+            PEER_BATCH_BYTES_MAX
+        );
+        let carried = carry.take().expect("the fifth is carried");
+        let batch = next_batch(&mut rx, carried, &mut carry).await;
+        assert_eq!(batch.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_full_link_queue_refuses_at_once_and_keeps_what_it_holds() {
+        // A link whose sender is not running: the queue alone holds RPCs.
+        let (queue, mut rx) = mpsc::channel(LINK_QUEUE_RPCS_MAX);
+        let link = Link {
+            peer: 9,
+            addr: "127.0.0.1:9".parse().unwrap(),
+            queue,
+            tasks: [
+                tokio::spawn(async {}).abort_handle(),
+                tokio::spawn(async {}).abort_handle(),
+            ],
+        };
+        let link = Arc::new(link);
+        let mut waiting = Vec::new();
+        for _ in 0..LINK_QUEUE_RPCS_MAX {
+            let l = link.clone();
+            waiting.push(tokio::spawn(async move {
+                l.call(Bytes::from_static(b"x"), Duration::from_secs(30))
+                    .await
+            }));
+        }
+        while rx.len() < LINK_QUEUE_RPCS_MAX {
+            tokio::task::yield_now().await;
+        }
+        let refused = link
+            .call(Bytes::from_static(b"y"), Duration::from_secs(30))
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(LinkError::QueueFull {
+                    peer: 9,
+                    max: LINK_QUEUE_RPCS_MAX
+                })
+            ),
+            "{refused:?}"
+        );
+        // Everything queued is still there, in order, and each gets its own answer.
+        let first = rx.recv().await.unwrap();
+        assert_eq!(&first.frame[..], b"x");
+        let _ = first.reply.send(Ok(Bytes::from_static(b"answer")));
+        let answered = futures::future::select_all(waiting).await.0.unwrap();
+        assert_eq!(answered.unwrap(), Bytes::from_static(b"answer"));
+    }
 
     #[test]
     fn liveness_reports_first_contact_silence_and_restart() {

@@ -407,6 +407,53 @@ fn bench_idle_opens_the_sessions_and_reports_the_nodes_memory() {
         "a node's RSS is more than 1 MiB: {v:#}"
     );
     assert!(f(&v, "rss_end_bytes") > 0.0, "{v:#}");
+    assert!(f(&v, "node_cpu_percent") >= 0.0, "{v:#}");
+
+    // From several loopback source addresses (past one address's ephemeral ports), held
+    // for a second: the node's CPU over that second is reported.
+    let stdout = chat_cli_ok(&[
+        "--server",
+        &server,
+        "--token",
+        &cluster.token,
+        "bench-idle",
+        "--sessions",
+        "12",
+        "--hold",
+        "1",
+        "--source-addrs",
+        "127.0.0.2,127.0.0.3",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {stdout}"));
+    assert_eq!(f(&v, "sessions"), 12.0, "{v:#}");
+    let cpu = f(&v, "node_cpu_percent");
+    assert!((0.0..=400.0).contains(&cpu), "{v:#}");
+    // A source address this host does not have: the sessions cannot be opened.
+    let out = chat_cli_cmd(&[
+        "--server",
+        &server,
+        "--token",
+        &cluster.token,
+        "bench-idle",
+        "--sessions",
+        "1",
+        "--source-addrs",
+        "192.0.2.1",
+    ])
+    .output()
+    .expect("cannot run chat-cli");
+    assert!(
+        !out.status.success(),
+        "binding 192.0.2.1 cannot succeed here"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("192.0.2.1")
+            || String::from_utf8_lossy(&out.stderr).contains("address"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Without the admin token it refuses before doing anything.
     let out = chat_cli_cmd(&["--server", &server, "bench-idle", "--sessions", "1"])

@@ -1502,6 +1502,63 @@ async fn chat_typing_reaches_other_members_rate_limited_and_is_never_stored() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_a_full_node_refuses_new_sessions_with_4013_and_admits_again_when_one_closes() {
+    bounded(async {
+        let c = cluster3(&[]).await;
+        c.set_everywhere("gateway", "sessions_max", toml::Value::Integer(3));
+        // The bound counts sockets, authenticated or not: restart node 2 with it.
+        let mut c = c;
+        c.kill(2);
+        c.start(2);
+        c.wait_ready(Duration::from_secs(60)).await;
+        let token = create_user(&c, 1, "dora").await;
+        create_user(&c, 1, "erin").await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            held.push(Ws::connect(c.node(2).api, "dora", &token).await);
+        }
+        // An unauthenticated socket takes the third slot.
+        let idle = ws::open(c.node(2).api, None).await.expect("third socket");
+        let stream = ws::open(c.node(2).api, Some(&token)).await.unwrap();
+        let mut fourth = Ws::from_stream("dora", stream);
+        let e = fourth.recv_frame(Duration::from_secs(10)).await;
+        assert_error(&e, "server_full", None);
+        let (_, code) = fourth.expect_close(Duration::from_secs(10)).await;
+        assert_eq!(code, Some(4013));
+        let metrics = reqwest::get(c.url(2, "/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(metrics.contains("chatd_sessions_max 3"), "{metrics}");
+        assert!(metrics.contains("chatd_sessions_open 3"), "{metrics}");
+        // Other nodes are not affected; on node 2 a closed socket frees its slot.
+        let _other = Ws::connect(c.node(1).api, "dora", &token).await;
+        drop(idle);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut again = loop {
+            let stream = ws::open(c.node(2).api, Some(&token)).await.unwrap();
+            let mut w = Ws::from_stream("dora", stream);
+            match w.wait_for(Duration::from_secs(2), |_| true).await {
+                Some(f) if f["type"] == "error" => {
+                    assert_eq!(f["code"], "server_full", "{f}");
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "the slot was not freed"
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                _ => break w,
+            }
+        };
+        let chat = again.open_direct("erin").await;
+        again.send_ok(&chat, "full-1", "admitted again").await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_sessions_per_user_are_bounded_and_every_device_gets_each_message() {
     bounded(async {
         let c = cluster3(&[]).await;

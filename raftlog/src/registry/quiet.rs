@@ -129,7 +129,7 @@ pub(super) fn start_ticker(registry: &Arc<Registry>) -> Result<(), RaftlogError>
             registry.on_liveness(&lives, &now_lives);
             lives = now_lives;
             if tick {
-                if round % LINK_REFRESH_TICKS == 0 {
+                if round.is_multiple_of(LINK_REFRESH_TICKS) {
                     registry.refresh_links();
                 }
                 round += 1;
