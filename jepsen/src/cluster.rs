@@ -254,12 +254,14 @@ fn http_ready(addr: SocketAddr) -> bool {
 }
 
 impl Cluster {
-    /// `chatd cluster init` for `n` nodes on 127.0.0.11… with `base_port`, into `dir`.
+    /// `chatd cluster init` for `n` nodes on 127.0.0.11… with `base_port` and `partitions`,
+    /// into `dir`.
     pub fn init(
         chatd: &Path,
         dir: &Path,
         n: usize,
         base_port: u16,
+        partitions: u32,
     ) -> Result<Cluster, ClusterError> {
         if !(1..=NODES_MAX).contains(&n) {
             return Err(ClusterError::Invalid(format!(
@@ -276,6 +278,8 @@ impl Cluster {
             base_port.to_string(),
             "--send-rate-per-sec".into(),
             "100000".into(),
+            "--partitions".into(),
+            partitions.to_string(),
             "--out".into(),
             out.display().to_string(),
         ];

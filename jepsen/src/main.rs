@@ -72,6 +72,9 @@ struct TestArgs {
     /// Keep the nodes' RocksDB directories (by default only logs and the report stay).
     #[arg(long)]
     keep_data: bool,
+    /// Partitions of the cluster (`cluster init --partitions`).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    partitions: u32,
 }
 
 fn faults(names: &[String]) -> anyhow::Result<Vec<FaultKind>> {
@@ -206,6 +209,7 @@ async fn test(args: TestArgs) -> anyhow::Result<bool> {
         dir: run::run_dir(&args.out, seed),
         base_port: args.base_port,
         keep_data: args.keep_data,
+        partitions: args.partitions,
     };
     eprintln!(
         "chatd-jepsen: {} nodes, {} s, faults {:?}, seed {seed}, run dir {}",

@@ -51,6 +51,8 @@ pub struct TestSpec {
     pub base_port: u16,
     /// Keep the nodes' data directories.
     pub keep_data: bool,
+    /// Partitions of the cluster.
+    pub partitions: u32,
 }
 
 /// What a run produced.
@@ -149,7 +151,13 @@ pub async fn test(spec: &TestSpec, stop: Arc<AtomicBool>) -> anyhow::Result<Outc
         }
         cluster::remove_stale_chains();
     }
-    let cluster = Cluster::init(&spec.chatd, &spec.dir, spec.nodes, spec.base_port)?;
+    let cluster = Cluster::init(
+        &spec.chatd,
+        &spec.dir,
+        spec.nodes,
+        spec.base_port,
+        spec.partitions,
+    )?;
     let cluster = Arc::new(Mutex::new(cluster));
     let outcome = run_on(spec, &cluster, stop).await;
     {

@@ -43,6 +43,7 @@ fn run_one(kind: FaultKind, seed: u64, base_port: u16) -> (f64, std::path::PathB
         dir: dir.join("run"),
         base_port,
         keep_data: false,
+        partitions: 64,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let outcome = runtime

@@ -35,6 +35,7 @@ fn membership_changes_under_load_lose_nothing() {
         dir: dir.join("run"),
         base_port: 27_500,
         keep_data: false,
+        partitions: 64,
     };
     let started = std::time::Instant::now();
     let runtime = tokio::runtime::Runtime::new().unwrap();

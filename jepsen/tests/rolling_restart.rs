@@ -32,6 +32,7 @@ fn rolling_restart_under_load_loses_nothing() {
         dir: out.join("run"),
         base_port: 27_300,
         keep_data: false,
+        partitions: 64,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let outcome = runtime

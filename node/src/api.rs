@@ -48,6 +48,7 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .route("/v1/admin/partitions/{group}/digest", get(digest))
         .route("/v1/admin/partitions/{group}/local", get(local_group))
+        .route("/v1/admin/leaders", get(local_leaders))
         .layer(middleware::from_fn_with_state(node.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -920,6 +921,62 @@ struct RecordsOut {
     group: GroupId,
     count: u64,
     records: Vec<RecordOut>,
+}
+
+/// Groups one `GET /v1/admin/leaders` page lists at most.
+pub const LEADERS_PAGE_GROUPS_MAX: usize = 4096;
+
+#[derive(Deserialize)]
+struct LeadersQuery {
+    /// List groups after this one.
+    #[serde(default)]
+    after: Option<GroupId>,
+    /// At most this many (capped at [`LEADERS_PAGE_GROUPS_MAX`]).
+    #[serde(default = "leaders_page_default")]
+    limit: usize,
+}
+
+fn leaders_page_default() -> usize {
+    LEADERS_PAGE_GROUPS_MAX
+}
+
+#[derive(Serialize)]
+struct LeadersOut {
+    node: NodeId,
+    /// `[group, leader or null, term, quiesced]`, by group.
+    groups: Vec<(GroupId, Option<NodeId>, u64, bool)>,
+    /// Pass as `after` for the next page (`null`: this was the last).
+    next_after: Option<GroupId>,
+}
+
+/// This node's view of who leads each group it hosts, paged, from the groups' published
+/// state (no call into any group's Raft core: cheap with thousands of groups).
+async fn local_leaders(State(node): State<Arc<Node>>, Query(q): Query<LeadersQuery>) -> Response {
+    let limit = q.limit.clamp(1, LEADERS_PAGE_GROUPS_MAX);
+    let ids: Vec<GroupId> = node
+        .registry
+        .groups()
+        .into_iter()
+        .filter(|g| q.after.is_none_or(|a| *g > a))
+        .collect();
+    let page = &ids[..ids.len().min(limit)];
+    let groups = page
+        .iter()
+        .map(|g| {
+            (
+                *g,
+                node.registry.leader(*g),
+                node.registry.term(*g),
+                node.registry.is_quiesced(*g).unwrap_or(false),
+            )
+        })
+        .collect();
+    Json(LeadersOut {
+        node: node.id,
+        groups,
+        next_after: (ids.len() > limit).then(|| page[page.len() - 1]),
+    })
+    .into_response()
 }
 
 /// This node's committed records of a partition (a local read, for checking replicas).
