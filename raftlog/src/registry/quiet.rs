@@ -144,15 +144,8 @@ impl Registry {
     /// Activity on `hosted`: a quiesce under way is void, and a quiesced group wakes (a
     /// leader heartbeats at once).
     pub(super) fn wake(&self, hosted: &Hosted, why: &'static str) {
-        let was_quiesced = {
-            let mut a = hosted.quiet.inner.lock();
-            a.epoch += 1;
-            a.quiesced_under = None;
-            hosted.gate.quiesced.swap(false, Ordering::AcqRel)
-        };
-        if was_quiesced {
+        if self.unquiesce(hosted) {
             tracing::debug!(why, "quiesced group woke");
-            self.quiesced_groups.fetch_sub(1, Ordering::Relaxed);
             hosted.gate.apply(&hosted.raft, &self.elections_off);
             if hosted.raft.metrics().borrow().current_leader == Some(self.node_id) {
                 let raft = hosted.raft.clone();
@@ -161,6 +154,21 @@ impl Registry {
                 });
             }
         }
+    }
+
+    /// Marks activity on `hosted` (a quiesce under way is void) and ends its quiescence;
+    /// returns whether it was quiesced. The caller re-applies the election gate.
+    fn unquiesce(&self, hosted: &Hosted) -> bool {
+        let was_quiesced = {
+            let mut a = hosted.quiet.inner.lock();
+            a.epoch += 1;
+            a.quiesced_under = None;
+            hosted.gate.quiesced.swap(false, Ordering::AcqRel)
+        };
+        if was_quiesced {
+            self.quiesced_groups.fetch_sub(1, Ordering::Relaxed);
+        }
+        was_quiesced
     }
 
     /// A leader asks this replica to quiesce: yes only if it follows that leader in that
@@ -362,15 +370,7 @@ impl Registry {
                 }
                 m.membership_config.membership().voter_ids().collect()
             };
-            let was_quiesced = {
-                let mut a = h.quiet.inner.lock();
-                a.epoch += 1;
-                a.quiesced_under = None;
-                h.gate.quiesced.swap(false, Ordering::AcqRel)
-            };
-            if was_quiesced {
-                self.quiesced_groups.fetch_sub(1, Ordering::Relaxed);
-            }
+            let was_quiesced = self.unquiesce(&h);
             let designated = voters
                 .iter()
                 .filter(|v| **v != peer && !self.liveness().is_dead(**v))
