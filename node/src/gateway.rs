@@ -8,7 +8,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
@@ -71,7 +71,7 @@ struct SessionHandle {
 /// Sessions on this node, and the gateway's shared state.
 pub struct Gateway {
     pub config: GatewayConfig,
-    sessions: RwLock<HashMap<String, Vec<SessionHandle>>>,
+    sessions: crate::sessions::SessionMap<SessionHandle>,
     /// Per-user send token buckets (bounded, idle ones dropped).
     buckets: SendBuckets,
     next_session: AtomicU64,
@@ -149,7 +149,7 @@ impl Gateway {
         let (receipts, rx) = ReceiptQueue::new(RECEIPT_QUEUE_MAX);
         Self {
             config: config.clone(),
-            sessions: RwLock::new(HashMap::new()),
+            sessions: Default::default(),
             buckets: SendBuckets::new(config.send_burst, config.send_rate_per_sec),
             next_session: AtomicU64::new(1),
             receipts,
@@ -166,46 +166,33 @@ impl Gateway {
         }
     }
 
-    fn sessions_read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Vec<SessionHandle>>> {
-        self.sessions.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn sessions_write(
-        &self,
-    ) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Vec<SessionHandle>>> {
-        self.sessions.write().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Users with at least one session here.
     pub fn online_users(&self) -> Vec<String> {
-        self.sessions_read().keys().cloned().collect()
+        self.sessions.users()
     }
 
     /// Asks every session to close with `code` (shutdown: reconnect elsewhere).
     pub fn close_all(&self, code: u16, reason: &str) {
-        for list in self.sessions_read().values() {
-            for s in list {
-                let _ = s.closer.send(Some((code, reason.to_string())));
-            }
-        }
+        self.sessions.for_each(|s| {
+            let _ = s.closer.send(Some((code, reason.to_string())));
+        });
     }
 
     /// Asks every session of `user` on this node to close with `code`. Never blocks (the
     /// metadata apply path calls it when a token stops working).
     pub fn close_user(&self, user: &str, code: u16, reason: &str) -> usize {
-        let sessions = self.sessions_read();
-        let Some(list) = sessions.get(user) else {
-            return 0;
-        };
-        for s in list {
-            let _ = s.closer.send(Some((code, reason.to_string())));
-        }
-        list.len()
+        self.sessions.with_user(user, |list| {
+            let list = list.unwrap_or_default();
+            for s in list {
+                let _ = s.closer.send(Some((code, reason.to_string())));
+            }
+            list.len()
+        })
     }
 
     /// True if this node has a session of `user`.
     pub fn has_session(&self, user: &str) -> bool {
-        self.sessions_read().contains_key(user)
+        self.sessions.contains(user)
     }
 
     /// Presence of `users` cluster-wide, as this node knows it.
@@ -230,10 +217,11 @@ impl Gateway {
 
     /// Pushes `frame` to every local session of `user`; closes those that cannot keep up.
     fn push(&self, user: &str, frame: &Arc<ServerFrame>) {
-        let sessions = self.sessions_read();
-        let Some(list) = sessions.get(user) else {
-            return;
-        };
+        self.sessions
+            .with_user(user, |list| self.push_to(list.unwrap_or_default(), frame));
+    }
+
+    fn push_to(&self, list: &[SessionHandle], frame: &Arc<ServerFrame>) {
         for s in list {
             match s.tx.try_send(Outbound::Frame(Arc::clone(frame))) {
                 Ok(()) => self.metrics.frames_out.fetch_add(1, Ordering::Relaxed),
@@ -518,19 +506,17 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
         user: user.clone(),
         session: format!("{}-{session_id}", node.id),
     })));
-    let (registered, first_here) = {
-        let mut sessions = gw.sessions_write();
-        let list = sessions.entry(user.clone()).or_default();
-        if list.len() >= cfg.sessions_per_user_max {
-            (false, false)
-        } else {
-            list.push(SessionHandle {
-                id: session_id,
-                tx: tx.clone(),
-                closer: closer.clone(),
-            });
-            (true, list.len() == 1)
-        }
+    let (registered, first_here) = match gw.sessions.insert_bounded(
+        &user,
+        cfg.sessions_per_user_max,
+        SessionHandle {
+            id: session_id,
+            tx: tx.clone(),
+            closer: closer.clone(),
+        },
+    ) {
+        Ok(first) => (true, first),
+        Err(_) => (false, false),
     };
     {
         if !registered {
@@ -727,16 +713,7 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
         });
     }
     // Unregister.
-    {
-        let mut sessions = gw.sessions_write();
-        if let Some(list) = sessions.get_mut(&user) {
-            list.retain(|s| s.id != session_id);
-            if list.is_empty() {
-                sessions.remove(&user);
-            }
-        }
-    }
-    let still_here = gw.has_session(&user);
+    let still_here = gw.sessions.remove(&user, |s| s.id == session_id);
     if !still_here {
         let now = now_ms();
         gw.presence.unsubscribe_all(&user);

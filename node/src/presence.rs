@@ -6,7 +6,8 @@
 //! offline everywhere within the TTL, and nobody else changes. Queries are answered from
 //! this table without asking other nodes.
 
-use std::collections::{HashMap, HashSet};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -23,20 +24,36 @@ pub const LAST_SEEN_USERS_MAX: u64 = 200_000;
 /// A `last_seen` neither set nor read for this long is forgotten, in milliseconds (7 days).
 pub const LAST_SEEN_IDLE_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 
+/// Shards of the presence table, by user: a change to one user locks only its shard.
+pub const PRESENCE_SHARDS: usize = 64;
+
+/// One remote node's announcement that a user is online.
+#[derive(Clone, Copy)]
+struct Announcement {
+    until: Instant,
+    /// Matches the announcement's entry in the expiry queue (older entries are stale).
+    generation: u64,
+}
+
 #[derive(Default)]
-struct Inner {
-    /// user → node → announcement valid until.
-    remote: HashMap<String, HashMap<NodeId, Instant>>,
-    /// watched user → subscribers.
+struct Shard {
+    /// user → node → announcement.
+    remote: HashMap<String, HashMap<NodeId, Announcement>>,
+    /// When announcements lapse: at most one live entry per (user, node) (a renewal moves
+    /// the time in `remote`; the entry is re-queued when it comes due), plus stale ones of
+    /// withdrawn announcements until their time. So expiring costs what lapses, not a scan.
+    expiries: BinaryHeap<Reverse<(Instant, String, NodeId, u64)>>,
+    next_generation: u64,
+    /// watched user (of this shard) → subscribers.
     watchers: HashMap<String, HashSet<String>>,
-    /// subscriber → watched users.
+    /// subscriber (of this shard) → watched users.
     watching: HashMap<String, HashSet<String>>,
 }
 
 /// The cluster-wide presence table of one node.
 pub struct Presence {
     ttl: Duration,
-    inner: Mutex<Inner>,
+    shards: Box<[Mutex<Shard>]>,
     /// user → last time it was seen going offline (ms since epoch); bounded, idle entries
     /// dropped.
     last_seen: Cache<String, u64>,
@@ -61,7 +78,9 @@ impl Presence {
     fn with_last_seen_bounds(ttl: Duration, users_max: u64, idle: Duration) -> Self {
         Self {
             ttl,
-            inner: Mutex::new(Inner::default()),
+            shards: (0..PRESENCE_SHARDS)
+                .map(|_| Mutex::new(Shard::default()))
+                .collect(),
             last_seen: Cache::builder()
                 .max_capacity(users_max)
                 .time_to_idle(idle)
@@ -83,27 +102,30 @@ impl Presence {
         self.last_seen.entry_count()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self, user: &str) -> std::sync::MutexGuard<'_, Shard> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        user.hash(&mut h);
+        let shard = &self.shards[(h.finish() % PRESENCE_SHARDS as u64) as usize];
+        shard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn online_in(inner: &Inner, user: &str, local: bool, now: Instant) -> bool {
+    fn online_in(shard: &Shard, user: &str, local: bool, now: Instant) -> bool {
         local
-            || inner
+            || shard
                 .remote
                 .get(user)
-                .is_some_and(|nodes| nodes.values().any(|until| *until > now))
+                .is_some_and(|nodes| nodes.values().any(|a| a.until > now))
     }
 
     /// The presence of `users`; `local` says whether this node has a session of a user.
     pub fn query(&self, users: &[String], local: impl Fn(&str) -> bool) -> Vec<PresenceView> {
-        let inner = self.lock();
         let now = Instant::now();
         users
             .iter()
             .map(|u| PresenceView {
                 user: u.clone(),
-                online: Self::online_in(&inner, u, local(u), now),
+                online: local(u) || Self::online_in(&self.lock(u), u, false, now),
                 last_seen: self.last_seen.get(u),
             })
             .collect()
@@ -120,21 +142,40 @@ impl Presence {
         at_ms: u64,
         local: bool,
     ) -> Option<Change> {
-        let mut inner = self.lock();
+        let mut shard = self.lock(user);
         let now = Instant::now();
-        let before = Self::online_in(&inner, user, local, now);
-        let entry = inner.remote.entry(user.to_string()).or_default();
+        let before = Self::online_in(&shard, user, local, now);
         if online {
-            entry.insert(node, now + self.ttl);
+            let until = now + self.ttl;
+            let queued = shard
+                .remote
+                .get_mut(user)
+                .and_then(|nodes| nodes.get_mut(&node))
+                .map(|a| a.until = until)
+                .is_some();
+            if !queued {
+                shard.next_generation += 1;
+                let generation = shard.next_generation;
+                shard
+                    .remote
+                    .entry(user.to_string())
+                    .or_default()
+                    .insert(node, Announcement { until, generation });
+                shard
+                    .expiries
+                    .push(Reverse((until, user.to_string(), node, generation)));
+            }
         } else {
-            entry.remove(&node);
-            if entry.is_empty() {
-                inner.remote.remove(user);
+            if let Some(nodes) = shard.remote.get_mut(user) {
+                nodes.remove(&node);
+                if nodes.is_empty() {
+                    shard.remote.remove(user);
+                }
             }
             self.seen_offline(user, at_ms);
         }
-        let after = Self::online_in(&inner, user, local, now);
-        self.change(&inner, user, before, after)
+        let after = Self::online_in(&shard, user, local, now);
+        self.change(&shard, user, before, after)
     }
 
     /// A local session change: `before`/`after` are whether this node has sessions of it.
@@ -145,21 +186,21 @@ impl Presence {
         after: bool,
         at_ms: u64,
     ) -> Option<Change> {
-        let inner = self.lock();
+        let shard = self.lock(user);
         let now = Instant::now();
-        let was = Self::online_in(&inner, user, before, now);
+        let was = Self::online_in(&shard, user, before, now);
         if !after {
             self.seen_offline(user, at_ms);
         }
-        let is = Self::online_in(&inner, user, after, now);
-        self.change(&inner, user, was, is)
+        let is = Self::online_in(&shard, user, after, now);
+        self.change(&shard, user, was, is)
     }
 
-    fn change(&self, inner: &Inner, user: &str, before: bool, after: bool) -> Option<Change> {
+    fn change(&self, shard: &Shard, user: &str, before: bool, after: bool) -> Option<Change> {
         if before == after {
             return None;
         }
-        let subscribers: Vec<String> = inner
+        let subscribers: Vec<String> = shard
             .watchers
             .get(user)
             .map(|s| s.iter().cloned().collect())
@@ -177,72 +218,103 @@ impl Presence {
         })
     }
 
-    /// Drops expired announcements (dead or silent nodes); returns the resulting changes.
+    /// Drops lapsed announcements (dead or silent nodes); returns the resulting changes.
+    /// Its cost is the announcements that came due (each renewed one is re-queued once per
+    /// TTL), not the number of users online.
     pub fn expire(&self, local: impl Fn(&str) -> bool, now_ms: u64) -> Vec<Change> {
-        let mut inner = self.lock();
         let now = Instant::now();
-        let mut flipped = Vec::new();
-        for (user, nodes) in inner.remote.iter_mut() {
-            // Entries leave the table only here or by an explicit offline announcement, so
-            // a non-empty set means the user was online through some node until now.
-            let had = !nodes.is_empty();
-            nodes.retain(|_, until| *until > now);
-            if had && nodes.is_empty() && !local(user) {
-                flipped.push(user.clone());
-            }
-        }
-        inner.remote.retain(|_, nodes| !nodes.is_empty());
         let mut changes = Vec::new();
-        for user in flipped {
-            self.seen_offline(&user, now_ms);
-            if let Some(c) = self.change(&inner, &user, true, false) {
-                changes.push(c);
+        for lock in self.shards.iter() {
+            let mut flipped = Vec::new();
+            {
+                let mut shard = lock.lock().unwrap_or_else(|p| p.into_inner());
+                let shard = &mut *shard;
+                while shard
+                    .expiries
+                    .peek()
+                    .is_some_and(|Reverse((at, ..))| *at <= now)
+                {
+                    let Some(Reverse((_, user, node, generation))) = shard.expiries.pop() else {
+                        break;
+                    };
+                    let Some(nodes) = shard.remote.get_mut(&user) else {
+                        continue;
+                    };
+                    let Some(a) = nodes.get(&node).copied() else {
+                        continue;
+                    };
+                    if a.generation != generation {
+                        continue;
+                    }
+                    if a.until > now {
+                        // Renewed since it was queued: due again at its new time.
+                        shard
+                            .expiries
+                            .push(Reverse((a.until, user, node, generation)));
+                        continue;
+                    }
+                    nodes.remove(&node);
+                    if nodes.is_empty() {
+                        shard.remote.remove(&user);
+                        flipped.push(user);
+                    }
+                }
+            }
+            for user in flipped {
+                if local(&user) {
+                    continue;
+                }
+                self.seen_offline(&user, now_ms);
+                let shard = lock.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(c) = self.change(&shard, &user, true, false) {
+                    changes.push(c);
+                }
             }
         }
         changes
     }
 
+    /// Announcements waiting in the expiry queues (live and stale), for tests and bounds.
+    pub fn queued_expiries(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).expiries.len())
+            .sum()
+    }
+
     /// `subscriber` watches `users`; false if that would exceed the bound.
     pub fn subscribe(&self, subscriber: &str, users: &[String]) -> bool {
-        let mut inner = self.lock();
-        let current = inner.watching.get(subscriber).map_or(0, HashSet::len);
-        let new: Vec<&String> = users
-            .iter()
-            .filter(|u| {
-                !inner
-                    .watching
-                    .get(subscriber)
-                    .is_some_and(|s| s.contains(*u))
-            })
-            .collect();
-        if current + new.len() > SUBSCRIPTIONS_PER_USER_MAX {
-            return false;
+        {
+            let mut shard = self.lock(subscriber);
+            let watching = shard.watching.entry(subscriber.to_string()).or_default();
+            let new = users.iter().filter(|u| !watching.contains(*u)).count();
+            if watching.len() + new > SUBSCRIPTIONS_PER_USER_MAX {
+                if watching.is_empty() {
+                    shard.watching.remove(subscriber);
+                }
+                return false;
+            }
+            watching.extend(users.iter().cloned());
         }
         for u in users {
-            inner
+            self.lock(u)
                 .watchers
                 .entry(u.clone())
                 .or_default()
                 .insert(subscriber.to_string());
-            inner
-                .watching
-                .entry(subscriber.to_string())
-                .or_default()
-                .insert(u.clone());
         }
         true
     }
 
     /// Forgets every subscription of `subscriber` (its last session closed).
     pub fn unsubscribe_all(&self, subscriber: &str) {
-        let mut inner = self.lock();
-        if let Some(watched) = inner.watching.remove(subscriber) {
-            for u in watched {
-                if let Some(s) = inner.watchers.get_mut(&u) {
-                    s.remove(subscriber);
-                    if s.is_empty() {
-                        inner.watchers.remove(&u);
-                    }
+        let watched = self.lock(subscriber).watching.remove(subscriber);
+        for u in watched.into_iter().flatten() {
+            let mut shard = self.lock(&u);
+            if let Some(s) = shard.watchers.get_mut(&u) {
+                s.remove(subscriber);
+                if s.is_empty() {
+                    shard.watchers.remove(&u);
                 }
             }
         }
@@ -312,5 +384,53 @@ mod tests {
         assert!(!p.subscribe("s", &["one-more".to_string()]));
         p.unsubscribe_all("s");
         assert!(p.subscribe("s", &["one-more".to_string()]));
+    }
+
+    #[test]
+    fn renewals_keep_one_queued_expiry_per_announcement_and_expiry_scans_only_what_is_due() {
+        let p = Presence::new(Duration::from_millis(60));
+        assert!(p.subscribe("w", &["u0".to_string()]));
+        for round in 0..5 {
+            for i in 0..1000 {
+                p.announce(2, &format!("u{i}"), true, round, false);
+            }
+        }
+        assert_eq!(p.queued_expiries(), 1000, "a renewal does not queue again");
+        // Nothing is due yet: nothing flips, nothing is dropped.
+        assert!(p.expire(|_| false, 1).is_empty());
+        assert_eq!(p.queued_expiries(), 1000);
+        // Half renew; after the first TTL only the other half lapse.
+        std::thread::sleep(Duration::from_millis(40));
+        for i in 0..500 {
+            p.announce(2, &format!("u{i}"), true, 9, false);
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        let changes = p.expire(|_| false, 10);
+        assert!(changes.is_empty(), "u0 renewed: no change for its watcher");
+        let online = |p: &Presence| {
+            let users: Vec<String> = (0..1000).map(|i| format!("u{i}")).collect();
+            p.query(&users, |_| false)
+                .iter()
+                .filter(|v| v.online)
+                .count()
+        };
+        assert_eq!(online(&p), 500);
+        assert_eq!(
+            p.queued_expiries(),
+            500,
+            "the renewed half is queued again, once"
+        );
+        std::thread::sleep(Duration::from_millis(70));
+        let changes = p.expire(|_| false, 11);
+        assert_eq!(changes.len(), 1, "u0 lapsed: its watcher is told");
+        assert!(!changes[0].view.online && changes[0].view.user == "u0");
+        assert_eq!(online(&p), 0);
+        assert_eq!(p.queued_expiries(), 0);
+        // A withdrawn then renewed announcement: the stale entry is skipped.
+        p.announce(3, "v", true, 1, false);
+        p.announce(3, "v", false, 2, false);
+        p.announce(3, "v", true, 3, false);
+        assert_eq!(p.queued_expiries(), 2);
+        assert!(p.query(&["v".into()], |_| false)[0].online);
     }
 }
