@@ -51,8 +51,11 @@ pub const SHUTDOWN_TIMEOUT_MS: u64 = 5_000;
 /// `openraft::replication`: openraft logs each failed replication RPC at ERROR, per group
 /// and retry (~1,700 lines in 30 s while one peer was down); chatd reports a peer's loss
 /// and return once each instead (`chatd_raftlog::PeerHealth`, `chatd_peer_*` metrics).
-/// Name `openraft::replication` in the filter to see openraft's own lines.
-pub const REPLICATION_LOG_DIRECTIVE: &str = "openraft::replication=off";
+/// Its engine's replication handler also warns per group and failed heartbeat (~750 lines
+/// in 30 s of faults): off too. Name `openraft::replication` in the filter to see openraft's
+/// own lines.
+pub const REPLICATION_LOG_DIRECTIVE: &str =
+    "openraft::replication=off,openraft::engine::handler::replication_handler=off";
 
 /// The filter text in effect: `configured` plus [`REPLICATION_LOG_DIRECTIVE`] unless it
 /// says something about `openraft::replication` itself.
@@ -490,9 +493,10 @@ mod log_filter_tests {
     fn openraft_replication_lines_are_off_unless_the_filter_names_them() {
         assert_eq!(
             effective_log_filter("info,openraft=warn"),
-            "info,openraft=warn,openraft::replication=off"
+            "info,openraft=warn,openraft::replication=off,\
+             openraft::engine::handler::replication_handler=off"
         );
-        assert_eq!(effective_log_filter(""), "openraft::replication=off");
+        assert_eq!(effective_log_filter(""), REPLICATION_LOG_DIRECTIVE);
         assert_eq!(
             effective_log_filter("info,openraft::replication=debug"),
             "info,openraft::replication=debug"

@@ -141,6 +141,10 @@ struct ElectionGate {
     /// The group is quiesced here: no ticks, no elections on timeouts (a dead leader is
     /// noticed by node liveness instead).
     quiesced: AtomicBool,
+    /// Node liveness says most of the group's other voters are dead: a campaign from here
+    /// cannot win and would only raise the term, unseating the majority's leader when the
+    /// partition heals (openraft 0.9 has no pre-vote).
+    in_minority: AtomicBool,
 }
 
 /// A leadership transfer's hold on one replica: until `until`, or until a leader of a
@@ -159,6 +163,7 @@ impl ElectionGate {
             startup_held: AtomicBool::new(true),
             held: parking_lot::Mutex::new(None),
             quiesced: AtomicBool::new(false),
+            in_minority: AtomicBool::new(false),
         }
     }
 
@@ -170,7 +175,8 @@ impl ElectionGate {
         let on = !elections_off.load(Ordering::Acquire)
             && !self.startup_held.load(Ordering::Acquire)
             && !transfer_held
-            && !quiesced;
+            && !quiesced
+            && !self.in_minority.load(Ordering::Acquire);
         raft.runtime_config().elect(on);
         raft.runtime_config().tick(!quiesced);
     }

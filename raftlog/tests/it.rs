@@ -648,3 +648,27 @@ async fn the_groups_of_a_stopped_leader_elect_new_leaders_quiesced_or_not() {
         stop(n).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_cut_off_from_most_voters_does_not_campaign_and_inflate_its_term() {
+    let dir = tempfile::tempdir().unwrap();
+    let groups = 4;
+    let mut nodes = three_nodes_with_groups(dir.path(), groups, &RaftOptions::default()).await;
+    let survivor = nodes.remove(0);
+    let terms: Vec<u64> = (1..=groups).map(|g| survivor.registry.term(g)).collect();
+    for n in nodes {
+        stop(n).await;
+    }
+    // Several election timeouts (300-450 ms, plus the lease) pass with no one to vote:
+    // without node liveness, every group here would campaign again and again.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after: Vec<u64> = (1..=groups).map(|g| survivor.registry.term(g)).collect();
+    for (g, (before, now)) in terms.iter().zip(&after).enumerate() {
+        assert!(
+            *now <= before + 1,
+            "group {}: term went from {before} to {now} with most voters dead",
+            g + 1
+        );
+    }
+    stop(survivor).await;
+}

@@ -23,13 +23,21 @@ impl Node {
     }
 
     pub(super) fn leader_hint(&self, group: GroupId, avoid: &HashSet<NodeId>) -> Option<NodeId> {
+        // A peer that node liveness reports dead (silent past the liveness timeout) is never
+        // a good guess: a forwarded call would wait for its connection to time out, long
+        // after the survivors elected a leader.
+        let dead = |n: &NodeId| *n != self.id && self.registry.liveness().is_dead(*n);
         // A replica's own Raft view is fresher than any hint: it changes with each election.
         if let Some(l) = self.registry.leader(group) {
-            if !avoid.contains(&l) {
+            if !avoid.contains(&l) && !dead(&l) {
                 return Some(l);
             }
         }
-        if let Some(l) = self.routing.leader(group).filter(|l| !avoid.contains(l)) {
+        if let Some(l) = self
+            .routing
+            .leader(group)
+            .filter(|l| !avoid.contains(l) && !dead(l))
+        {
             return Some(l);
         }
         // No leader known: ask a replica, one that answers Raft RPCs first. A paused or
@@ -39,7 +47,7 @@ impl Node {
         let down = self.registry.peer_health().down();
         let candidates = replicas.into_iter().filter(|r| !avoid.contains(r));
         let (up, down): (Vec<NodeId>, Vec<NodeId>) =
-            candidates.partition(|r| *r == self.id || !down.contains(r));
+            candidates.partition(|r| *r == self.id || (!down.contains(r) && !dead(r)));
         up.into_iter().chain(down).next()
     }
 

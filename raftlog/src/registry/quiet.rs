@@ -131,6 +131,7 @@ pub(super) fn start_ticker(registry: &Arc<Registry>) -> Result<(), RaftlogError>
             if tick {
                 if round.is_multiple_of(LINK_REFRESH_TICKS) {
                     registry.refresh_links();
+                    registry.hold_minorities();
                 }
                 round += 1;
                 registry.tick_groups().await;
@@ -333,8 +334,43 @@ impl Registry {
         tracing::debug!(group = c.group, term = c.term, index = c.index, "quiesced");
     }
 
+    /// Holds the elections of every group in which node liveness says this replica is in a
+    /// minority (most other voters dead), and releases the others. Runs at every liveness
+    /// change and every link refresh; costs one pass over the groups.
+    fn hold_minorities(&self) {
+        let liveness = self.liveness();
+        let hosted: Vec<Hosted> = self.groups.read().values().cloned().collect();
+        for h in hosted {
+            let minority = {
+                let m = h.raft.metrics();
+                let m = m.borrow();
+                let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+                let reachable = voters
+                    .iter()
+                    .filter(|v| **v == self.node_id || !liveness.is_dead(**v))
+                    .count();
+                voters.len() > 1 && reachable * 2 <= voters.len()
+            };
+            if h.gate.in_minority.swap(minority, Ordering::AcqRel) != minority {
+                if minority {
+                    tracing::debug!("most voters of a group unreachable: its elections held");
+                }
+                h.gate.apply(&h.raft, &self.elections_off);
+            }
+        }
+    }
+
     /// Reacts to liveness changes between two snapshots.
     fn on_liveness(&self, before: &HashMap<NodeId, PeerLife>, now: &HashMap<NodeId, PeerLife>) {
+        let changed = before.len() != now.len()
+            || now.iter().any(|(p, l)| {
+                before
+                    .get(p)
+                    .is_none_or(|b| (b.alive, b.incarnation) != (l.alive, l.incarnation))
+            });
+        if changed {
+            self.hold_minorities();
+        }
         for (peer, life) in now {
             let was = before.get(peer);
             let was_alive = was.is_some_and(|b| b.alive);
@@ -376,7 +412,8 @@ impl Registry {
                 .filter(|v| **v != peer && !self.liveness().is_dead(**v))
                 .min()
                 .copied();
-            if designated == Some(self.node_id) {
+            let minority = h.gate.in_minority.load(Ordering::Acquire);
+            if designated == Some(self.node_id) && !minority {
                 campaigns += 1;
                 let now = tokio::time::Instant::now();
                 // An active group's replicas refuse votes while the dead leader's lease
@@ -405,7 +442,7 @@ impl Registry {
                         let _ = raft.trigger().elect().await;
                     }
                 });
-            } else if was_quiesced && voters.contains(&self.node_id) {
+            } else if was_quiesced && voters.contains(&self.node_id) && !minority {
                 // Let the designated replica's vote request come first.
                 let _ = self.hold_elections(group, lease);
             }
