@@ -33,12 +33,12 @@ pub use batcher::{
 };
 pub use log_store::LogStore;
 pub use network::{
-    NetworkFactory, PeerHealth, QuiesceRequest, RaftReply, RaftRequest, RAFT_SERVICE_TAG,
+    NetworkFactory, QuiesceRequest, RaftReply, RaftRequest, RAFT_SERVICE_TAG,
     UNREACHABLE_BACKOFF_MS,
 };
 pub use peers::{
-    LinkError, LinkStats, Liveness, PeerLife, BATCHES_IN_FLIGHT_PER_PEER_MAX, BATCH_RPCS_MAX,
-    LINK_QUEUE_RPCS_MAX, PEER_BATCH_BYTES_MAX, RAFT_BATCH_SERVICE_TAG,
+    LinkError, LinkStats, Liveness, PeerHealth, PeerLife, BATCHES_IN_FLIGHT_PER_PEER_MAX,
+    BATCH_RPCS_MAX, LINK_QUEUE_RPCS_MAX, PEER_BATCH_BYTES_MAX, RAFT_BATCH_SERVICE_TAG,
 };
 pub use registry::{
     ApplyBacklog, GroupStatus, LeadershipWatch, Registry, ELECTION_HOLD_MS_MAX,

@@ -20,7 +20,6 @@ use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
-use crate::network::PeerHealth;
 use crate::NodeId;
 
 /// First byte of a QUIC request that carries a batch of Raft RPCs (or a ping).
@@ -204,6 +203,79 @@ impl Liveness {
 
     fn forget(&self, peer: NodeId) {
         self.peers.lock().remove(&peer);
+    }
+}
+
+/// Whether each peer answers Raft RPCs, as all groups together see it. Every group's RPC
+/// outcome is recorded here, and only a change is logged: a peer's loss once (WARN) and its
+/// return once (INFO), with counters, instead of one error per group and retry.
+#[derive(Default)]
+pub struct PeerHealth {
+    peers: parking_lot::Mutex<std::collections::HashMap<NodeId, PeerState>>,
+    lost_total: std::sync::atomic::AtomicU64,
+    recovered_total: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Clone, Copy)]
+enum PeerState {
+    Up,
+    Down { since: std::time::Instant },
+}
+
+impl PeerHealth {
+    /// Records the outcome of one RPC to `peer`.
+    pub fn record(&self, peer: NodeId, outcome: Result<(), &dyn std::fmt::Display>) {
+        let mut peers = self.peers.lock();
+        let before = peers.get(&peer).copied();
+        match (before, outcome) {
+            (None | Some(PeerState::Up), Ok(())) => {
+                peers.insert(peer, PeerState::Up);
+            }
+            (Some(PeerState::Down { since }), Ok(())) => {
+                peers.insert(peer, PeerState::Up);
+                self.recovered_total
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(
+                    peer,
+                    down_ms = since.elapsed().as_millis() as u64,
+                    "peer reachable again"
+                );
+            }
+            (None | Some(PeerState::Up), Err(cause)) => {
+                peers.insert(
+                    peer,
+                    PeerState::Down {
+                        since: std::time::Instant::now(),
+                    },
+                );
+                self.lost_total
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(peer, %cause, "peer unreachable for Raft RPCs");
+            }
+            (Some(PeerState::Down { .. }), Err(_)) => {}
+        }
+    }
+
+    /// Peers whose last RPC failed.
+    pub fn down(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = self
+            .peers
+            .lock()
+            .iter()
+            .filter(|(_, s)| matches!(s, PeerState::Down { .. }))
+            .map(|(p, _)| *p)
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Times a peer became unreachable, and times one came back.
+    pub fn transitions(&self) -> (u64, u64) {
+        (
+            self.lost_total.load(std::sync::atomic::Ordering::Relaxed),
+            self.recovered_total
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 }
 

@@ -94,7 +94,7 @@ pub struct Registry {
     snapshot_root: PathBuf,
     config: Arc<openraft::Config>,
     groups: RwLock<HashMap<GroupId, Hosted>>,
-    health: Arc<crate::network::PeerHealth>,
+    health: Arc<crate::peers::PeerHealth>,
     /// Set by [`Registry::stop_elections`] (a drain): no group campaigns again.
     elections_off: Arc<AtomicBool>,
     /// The per-peer links every group's RPCs go through.
@@ -240,7 +240,7 @@ impl Registry {
             path: snapshot_root.display().to_string(),
             cause: e.to_string(),
         })?;
-        let health = Arc::new(crate::network::PeerHealth::default());
+        let health = Arc::new(crate::peers::PeerHealth::default());
         let incarnation = crate::peers::new_incarnation();
         let links = Arc::new(Links::new(LinkCtx {
             node_id,
@@ -292,7 +292,7 @@ impl Registry {
     }
 
     /// Which peers answer Raft RPCs, as every hosted group sees it.
-    pub fn peer_health(&self) -> &crate::network::PeerHealth {
+    pub fn peer_health(&self) -> &crate::peers::PeerHealth {
         &self.health
     }
 

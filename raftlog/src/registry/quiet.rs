@@ -157,6 +157,15 @@ impl Registry {
         }
     }
 
+    /// Every hosted group with its handle (a snapshot: no lock held while it is used).
+    fn hosted_all(&self) -> Vec<(GroupId, Hosted)> {
+        self.groups
+            .read()
+            .iter()
+            .map(|(g, h)| (*g, h.clone()))
+            .collect()
+    }
+
     /// Marks activity on `hosted` (a quiesce under way is void) and ends its quiescence;
     /// returns whether it was quiesced. The caller re-applies the election gate.
     fn unquiesce(&self, hosted: &Hosted) -> bool {
@@ -202,12 +211,7 @@ impl Registry {
     async fn tick_groups(&self) {
         let now = Instant::now();
         let idle_for = Duration::from_millis(self.options.quiesce_idle_ms);
-        let hosted: Vec<(GroupId, Hosted)> = self
-            .groups
-            .read()
-            .iter()
-            .map(|(g, h)| (*g, h.clone()))
-            .collect();
+        let hosted = self.hosted_all();
         let mut beats = Vec::new();
         let mut ready = Vec::new();
         for (group, h) in hosted {
@@ -390,12 +394,7 @@ impl Registry {
     fn leader_lost(&self, peer: NodeId, incarnation: Option<u64>) {
         let lease = Duration::from_millis(self.config.election_timeout_max);
         let beat = Duration::from_millis(self.options.heartbeat_interval_ms);
-        let hosted: Vec<(GroupId, Hosted)> = self
-            .groups
-            .read()
-            .iter()
-            .map(|(g, h)| (*g, h.clone()))
-            .collect();
+        let hosted = self.hosted_all();
         let mut campaigns = 0usize;
         for (group, h) in hosted {
             let voters: Vec<NodeId> = {
