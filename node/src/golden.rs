@@ -143,6 +143,10 @@ fn golden_node_requests() {
         },
         "01 0a 03 02 01 04 01 05 64",
     );
+    pin(
+        &NodeRequest::TransferLeadership { group: 3, to: 2 },
+        "01 0b 03 02",
+    );
 }
 
 #[test]

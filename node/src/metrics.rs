@@ -60,8 +60,9 @@ pub struct Metrics {
     /// Requests to other nodes (deliveries, typing) dropped: queue full or call failed.
     pub broadcast_dropped: AtomicU64,
     /// Forwarded requests answered "outcome unknown" because the target lost the
-    /// leadership (a newer term seen here) while they were in flight.
-    pub forwards_cut_by_new_term: AtomicU64,
+    /// leadership (a newer term seen here) or fell silent (node liveness) while they were
+    /// in flight.
+    pub forwards_cut: AtomicU64,
     /// Offline notifications the webhook accepted.
     pub notifications_sent: AtomicU64,
     /// Offline notifications dropped: the webhook refused TLS, or every attempt failed.
@@ -157,13 +158,11 @@ impl Metrics {
         );
         gauge(
             &mut out,
-            "chatd_forwards_cut_by_new_term_total",
+            "chatd_forwards_cut_total",
             "Forwarded requests ended early (outcome unknown) because their leader lost the \
-             leadership while they were in flight.",
+             leadership or fell silent (node liveness) while they were in flight.",
             "counter",
-            self.forwards_cut_by_new_term
-                .load(Ordering::Relaxed)
-                .to_string(),
+            self.forwards_cut.load(Ordering::Relaxed).to_string(),
         );
         self.ack_latency.render(
             "chatd_send_to_ack_seconds",

@@ -97,6 +97,12 @@ pub enum NodeRequest {
         drop: Vec<NodeId>,
         catch_up_ms: u64,
     },
+    /// On `group`'s leader: hands the leadership to `to` (a transfer coordinated elsewhere,
+    /// e.g. by the rebalancer on group 0's leader): only the leader can stop taking
+    /// proposals until `to` holds its whole log, so `to` wins its campaign. Answers
+    /// `Proposed` (index 0, response: the new leader's id, 8 bytes little-endian),
+    /// `NotLeader`, or `Failed`.
+    TransferLeadership { group: GroupId, to: NodeId },
 }
 
 /// Answers to [`NodeRequest`].
@@ -745,6 +751,21 @@ impl Node {
                 Ok(()) => NodeReply::Delivered,
                 Err(e) => NodeReply::Failed(format!("node {}: {e}", self.id)),
             },
+            NodeRequest::TransferLeadership { group, to } => {
+                if self.local_leader(group) != Some(self.id) {
+                    return NodeReply::NotLeader {
+                        leader: self.registry.leader(group),
+                    };
+                }
+                // Boxed: a transfer may serve requests of its own (a campaign here).
+                match Box::pin(self.transfer_leadership(group, to)).await {
+                    Ok(leader) => NodeReply::Proposed {
+                        index: 0,
+                        response: leader.to_le_bytes().to_vec(),
+                    },
+                    Err(e) => NodeReply::Failed(e),
+                }
+            }
             NodeRequest::HoldElections { group, ms } => {
                 if self
                     .registry

@@ -98,6 +98,9 @@ pub struct Liveness {
     peers: parking_lot::Mutex<HashMap<NodeId, PeerLife>>,
     /// Woken at every change (a peer found dead, back, or restarted).
     changed: tokio::sync::Notify,
+    /// Counts the changes, for any number of watchers (a forwarded call that must end when
+    /// its target dies); [`Self::changed`] is the ticker's alone.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 /// One peer's liveness.
@@ -116,7 +119,19 @@ impl Liveness {
             timeout,
             peers: parking_lot::Mutex::new(HashMap::new()),
             changed: tokio::sync::Notify::new(),
+            generation: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Wakes the ticker and every watcher: a peer's liveness changed.
+    fn announce(&self) {
+        self.changed.notify_one();
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Follows liveness changes: the receiver sees a new value at each one.
+    pub fn watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// Records that `peer` (process `incarnation`) was heard from now.
@@ -133,7 +148,7 @@ impl Liveness {
         life.last_heard = Some(Instant::now());
         drop(peers);
         if changed {
-            self.changed.notify_one();
+            self.announce();
         }
     }
 
@@ -168,10 +183,19 @@ impl Liveness {
                 timeout_ms = self.timeout.as_millis() as u64,
                 "peer silent past the liveness timeout"
             );
-            self.changed.notify_one();
+            self.announce();
             return false;
         }
         life.alive
+    }
+
+    /// [`Self::check`] for every followed peer: a process that resumes after being stopped
+    /// finds its silent peers dead before it acts on anything else.
+    pub(crate) fn check_all(&self) {
+        let peers: Vec<NodeId> = self.peers.lock().keys().copied().collect();
+        for peer in peers {
+            self.check(peer);
+        }
     }
 
     /// True if `peer` was heard from within `within`.

@@ -145,6 +145,12 @@ struct ElectionGate {
     /// cannot win and would only raise the term, unseating the majority's leader when the
     /// partition heals (openraft 0.9 has no pre-vote).
     in_minority: AtomicBool,
+    /// This replica follows a leader that node liveness reports alive and whose
+    /// AppendEntries arrived recently: its own election timer must not unseat it (leader
+    /// stickiness; openraft 0.9 has no pre-vote). Kept by the registry's ticker, cleared at
+    /// once when liveness finds the leader dead. Set before a pause, it keeps a process that
+    /// resumes (SIGCONT) from campaigning on timers that all ran out while it was stopped.
+    follows_live_leader: AtomicBool,
 }
 
 /// A leadership transfer's hold on one replica: until `until`, or until a leader of a
@@ -164,21 +170,34 @@ impl ElectionGate {
             held: parking_lot::Mutex::new(None),
             quiesced: AtomicBool::new(false),
             in_minority: AtomicBool::new(false),
+            follows_live_leader: AtomicBool::new(false),
         }
     }
 
-    /// Sets the raft's election and tick switches from the current holds.
+    /// Sets the raft's election and tick switches from the current holds (the transfer
+    /// hold's lock is kept meanwhile, so a hold placed concurrently is not undone).
     fn apply(&self, raft: &Raft, elections_off: &AtomicBool) {
         let held = self.held.lock();
-        let transfer_held = held.is_some_and(|h| tokio::time::Instant::now() < h.until);
         let quiesced = self.quiesced.load(Ordering::Acquire);
-        let on = !elections_off.load(Ordering::Acquire)
+        raft.runtime_config()
+            .elect(!quiesced && self.open(&held, elections_off));
+        raft.runtime_config().tick(!quiesced);
+    }
+
+    /// True if nothing but quiescence holds this replica's elections: not draining, past
+    /// its start-up hold, not held by a transfer, not cut off from most voters, not
+    /// following a live leader.
+    fn may_campaign(&self, elections_off: &AtomicBool) -> bool {
+        self.open(&self.held.lock(), elections_off)
+    }
+
+    fn open(&self, held: &Option<TransferHold>, elections_off: &AtomicBool) -> bool {
+        let transfer_held = held.is_some_and(|h| tokio::time::Instant::now() < h.until);
+        !elections_off.load(Ordering::Acquire)
             && !self.startup_held.load(Ordering::Acquire)
             && !transfer_held
-            && !quiesced
-            && !self.in_minority.load(Ordering::Acquire);
-        raft.runtime_config().elect(on);
-        raft.runtime_config().tick(!quiesced);
+            && !self.in_minority.load(Ordering::Acquire)
+            && !self.follows_live_leader.load(Ordering::Acquire)
     }
 }
 
@@ -990,7 +1009,7 @@ impl Registry {
             Err(e) => RaftReply::Malformed(e.to_string()),
             Ok(env) => match self.hosted(env.group) {
                 None => RaftReply::UnknownGroup(env.group),
-                Some(hosted) => self.serve(&hosted, env.request).await,
+                Some(hosted) => self.serve(env.group, &hosted, env.request).await,
             },
         };
         match chatd_codec::encode(&reply) {
@@ -1002,7 +1021,7 @@ impl Registry {
         }
     }
 
-    async fn serve(&self, hosted: &Hosted, request: RaftRequest) -> RaftReply {
+    async fn serve(&self, group: GroupId, hosted: &Hosted, request: RaftRequest) -> RaftReply {
         let raft = &hosted.raft;
         match request {
             RaftRequest::Append(r) => {
@@ -1028,7 +1047,14 @@ impl Registry {
             }
             RaftRequest::Vote(r) => {
                 self.wake(hosted, "vote");
-                RaftReply::Vote(raft.vote(r).await)
+                let candidate_log = r.last_log_id;
+                let reply = raft.vote(r).await;
+                if let Ok(resp) = &reply {
+                    if !resp.vote_granted && resp.last_log_id > candidate_log {
+                        self.campaign_with_newer_log(group, hosted);
+                    }
+                }
+                RaftReply::Vote(reply)
             }
             RaftRequest::Snapshot(r) => {
                 self.wake(hosted, "snapshot");
@@ -1036,6 +1062,24 @@ impl Registry {
             }
             RaftRequest::Quiesce(q) => RaftReply::Quiesce(self.quiesce_follower(hosted, q)),
         }
+    }
+
+    /// This replica refused a candidate whose log is behind its own. If the leader it
+    /// followed is dead (node liveness) and nothing holds its elections, it campaigns at
+    /// once instead of after its election timeout: the candidate (the lowest-id live voter,
+    /// which campaigns first when a leader dies) cannot win, and this replica can. Its id is
+    /// above the candidate's, so its vote in the same term outranks the candidate's own.
+    fn campaign_with_newer_log(&self, group: GroupId, hosted: &Hosted) {
+        let leader = hosted.raft.metrics().borrow().current_leader;
+        let leader_dead = leader.is_some_and(|l| l != self.node_id && self.liveness().is_dead(l));
+        if !leader_dead || !hosted.gate.may_campaign(&self.elections_off) {
+            return;
+        }
+        tracing::info!(group, dead_leader = ?leader, "campaigning: a candidate's log is behind this replica's");
+        let raft = hosted.raft.clone();
+        tokio::spawn(async move {
+            let _ = raft.trigger().elect().await;
+        });
     }
 
     /// Stops every group (their logs stay on disk).

@@ -40,15 +40,18 @@ impl Node {
         {
             return Some(l);
         }
-        // No leader known: ask a replica, one that answers Raft RPCs first. A paused or
-        // cut-off one would hold the request until a connection attempt times out, long
-        // after the others elected a leader.
+        // No leader known: ask a replica that answers, one whose Raft RPCs succeed first.
+        // A dead one (liveness) is never asked: a paused or cut-off node would hold the
+        // request until its connection times out, long after the others elected a leader;
+        // with no other replica left the caller waits and asks again.
         let replicas = self.replicas_of(group)?;
         let down = self.registry.peer_health().down();
-        let candidates = replicas.into_iter().filter(|r| !avoid.contains(r));
-        let (up, down): (Vec<NodeId>, Vec<NodeId>) =
-            candidates.partition(|r| *r == self.id || (!down.contains(r) && !dead(r)));
-        up.into_iter().chain(down).next()
+        let candidates = replicas
+            .into_iter()
+            .filter(|r| !avoid.contains(r) && !dead(r));
+        let (up, failing): (Vec<NodeId>, Vec<NodeId>) =
+            candidates.partition(|r| *r == self.id || !down.contains(r));
+        up.into_iter().chain(failing).next()
     }
 
     /// Proposes `command` to `group` on its leader, wherever it is, and waits until it is
@@ -219,29 +222,46 @@ impl Node {
         }
         let replicas = self.replicas_of(group)?;
         let down = self.registry.peer_health().down();
+        let liveness = self.registry.liveness();
         let unreachable: Vec<NodeId> = replicas
             .iter()
             .copied()
-            .filter(|r| *r != self.id && down.contains(r))
+            .filter(|r| *r != self.id && (down.contains(r) || liveness.is_dead(*r)))
             .collect();
         let reachable = replicas.len() - unreachable.len();
         (reachable * 2 <= replicas.len()).then_some(unreachable)
     }
 
     /// Runs `call` (a request in flight to `target`, which led `group` when it was sent)
-    /// until it answers or this node's replica of `group` sees a newer term without
-    /// `target` as leader, or another leader elected meanwhile. A leader that died or was cut off never answers, and the call
-    /// would wait for the connection's idle timeout; the survivors' election shows here as
-    /// a new term, and the caller hears "outcome unknown" at once (the request may have
-    /// been appended before the old leader failed) and can retry with the new leader.
+    /// until it answers, node liveness reports `target` dead, or this node's replica of
+    /// `group` sees a newer term without `target` as leader, or another leader elected
+    /// meanwhile. A leader that died or was cut off never answers, and the call would wait
+    /// for the connection's idle timeout; its silence (liveness) or the survivors' election
+    /// (a new term) shows here first, and the caller hears "outcome unknown" at once (the
+    /// request may have been appended before the old leader failed) and can retry with the
+    /// new leader.
     pub(super) async fn unless_leader_changes(
         &self,
         group: GroupId,
         target: NodeId,
         call: impl std::future::Future<Output = Result<NodeReply, CallError>>,
     ) -> Result<NodeReply, CallError> {
+        let mut lives = self.registry.liveness().watch();
+        let target_died = async move {
+            loop {
+                if self.registry.liveness().is_dead(target) {
+                    return;
+                }
+                if lives.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
         let Some(mut leadership) = self.registry.watch_leadership(group) else {
-            return call.await;
+            return tokio::select! {
+                reply = call => reply,
+                () = target_died => Err(self.forward_cut(group, target, "fell silent")),
+            };
         };
         let at_send = leadership.current();
         let moved_on = async move {
@@ -264,16 +284,23 @@ impl Node {
         };
         tokio::select! {
             reply = call => reply,
-            (term, leader) = moved_on => {
-                self.gateway
-                    .metrics
-                    .forwards_cut_by_new_term
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                Err(CallError::Failed(format!(
-                    "node {target} lost the leadership of group {group} while the request was \
-                     in flight (term {term}, leader {leader:?})"
-                )))
-            }
+            (term, leader) = moved_on => Err(self.forward_cut(
+                group,
+                target,
+                &format!("lost the leadership (term {term}, leader {leader:?})"),
+            )),
+            () = target_died => Err(self.forward_cut(group, target, "fell silent")),
         }
+    }
+
+    /// A forwarded call given up because its target can no longer answer for `group`.
+    fn forward_cut(&self, group: GroupId, target: NodeId, why: &str) -> CallError {
+        self.gateway
+            .metrics
+            .forwards_cut
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        CallError::Failed(format!(
+            "node {target} {why} while the request to group {group} was in flight"
+        ))
     }
 }

@@ -27,6 +27,18 @@ impl Node {
         if !replicas.contains(&to) {
             return Err(format!("node {to} is not a replica of partition {group}"));
         }
+        // Led elsewhere: the leader runs the transfer, because only it can hold proposals
+        // back until the target has its whole log. A target one entry short loses its
+        // campaign, and the leader it asked steps down anyway: the group would stay
+        // leaderless until an election timer fires.
+        if let Some(leader) = self
+            .local_leader(group)
+            .filter(|l| *l != self.id && *l != to)
+        {
+            if let Some(result) = self.transfer_on_leader(group, leader, to).await {
+                return result;
+            }
+        }
         // The other replicas do not campaign meanwhile: the old leader steps down when the
         // target asks for its vote, and its (or a third replica's) election timer must not
         // start a newer term before the target's first heartbeats arrive.
@@ -59,6 +71,49 @@ impl Node {
         }
         self.hold_elections_on(group, &others, 0).await;
         result
+    }
+
+    /// Asks `leader` to run the transfer of `group` to `to`. `None` if it could not be
+    /// asked or no longer leads (the caller then coordinates the transfer itself).
+    async fn transfer_on_leader(
+        &self,
+        group: GroupId,
+        leader: NodeId,
+        to: NodeId,
+    ) -> Option<Result<NodeId, String>> {
+        let peer = self.peer(leader)?;
+        let within = Duration::from_millis(
+            chatd_raftlog::HANDOVER_CATCH_UP_MS_MAX
+                + TRANSFER_CAMPAIGN_MS_MAX
+                + STATUS_CALL_TIMEOUT_MS,
+        );
+        match self
+            .call(
+                peer.cluster_addr,
+                &NodeRequest::TransferLeadership { group, to },
+                within,
+            )
+            .await
+        {
+            Ok(NodeReply::Proposed { response, .. }) => {
+                let new_leader = <[u8; 8]>::try_from(response.as_slice())
+                    .map(u64::from_le_bytes)
+                    .map_err(|_| format!("node {leader} answered a malformed transfer"));
+                if let Ok(l) = new_leader {
+                    self.routing.update(group, Some(l));
+                }
+                Some(new_leader)
+            }
+            Ok(NodeReply::Failed(e)) => Some(Err(e)),
+            Ok(other) => {
+                tracing::debug!(group, leader, reply = ?other, "transfer not run by the leader");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(group, leader, error = %e, "transfer not run by the leader");
+                None
+            }
+        }
     }
 
     /// Asks each of `nodes` (this one included) to hold its elections in `group` for `ms`

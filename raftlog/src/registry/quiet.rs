@@ -125,6 +125,9 @@ pub(super) fn start_ticker(registry: &Arc<Registry>) -> Result<(), RaftlogError>
             if registry.stopped.load(Ordering::Acquire) {
                 return;
             }
+            // After a stop (SIGSTOP, a VM pause) every peer has been silent for as long:
+            // find them dead before judging any group's leader alive.
+            liveness.check_all();
             let now_lives = liveness.snapshot();
             registry.on_liveness(&lives, &now_lives);
             lives = now_lives;
@@ -212,6 +215,9 @@ impl Registry {
         let now = Instant::now();
         let idle_for = Duration::from_millis(self.options.quiesce_idle_ms);
         let hosted = self.hosted_all();
+        let stale_after = Duration::from_millis(
+            2 * (self.config.election_timeout_max + self.options.heartbeat_interval_ms),
+        );
         let mut beats = Vec::new();
         let mut ready = Vec::new();
         for (group, h) in hosted {
@@ -222,6 +228,17 @@ impl Registry {
                 let m = h.raft.metrics();
                 let m = m.borrow();
                 if m.current_leader != Some(self.node_id) || m.state != ServerState::Leader {
+                    let follows = m.current_leader.is_some_and(|l| {
+                        l != self.node_id
+                            && !self.liveness().is_dead(l)
+                            && h.quiet
+                                .last_append()
+                                .is_some_and(|t| t.elapsed() < stale_after)
+                    });
+                    drop(m);
+                    if h.gate.follows_live_leader.swap(follows, Ordering::AcqRel) != follows {
+                        h.gate.apply(&h.raft, &self.elections_off);
+                    }
                     continue;
                 }
                 let last = m.last_log_index.unwrap_or(0);
@@ -341,10 +358,19 @@ impl Registry {
     /// Holds the elections of every group in which node liveness says this replica is in a
     /// minority (most other voters dead), and releases the others. Runs at every liveness
     /// change and every link refresh; costs one pass over the groups.
+    ///
+    /// A replica that gets its majority back (a partition healed) has heard no leader for
+    /// as long as it was cut off, so its election timer has long run out, and the leaders
+    /// of quiesced groups sent it nothing: campaigning at once would unseat a leader that a
+    /// quorum follows (openraft 0.9 has no pre-vote, and a quiesced leader's lease is long
+    /// gone). Its elections stay held for one lease and heartbeat instead, while the
+    /// leaders, told by liveness that it is back, wake their groups and reach it.
     fn hold_minorities(&self) {
         let liveness = self.liveness();
-        let hosted: Vec<Hosted> = self.groups.read().values().cloned().collect();
-        for h in hosted {
+        let rejoin_hold = Duration::from_millis(
+            self.config.election_timeout_max + self.options.heartbeat_interval_ms,
+        );
+        for (group, h) in self.hosted_all() {
             let minority = {
                 let m = h.raft.metrics();
                 let m = m.borrow();
@@ -357,7 +383,13 @@ impl Registry {
             };
             if h.gate.in_minority.swap(minority, Ordering::AcqRel) != minority {
                 if minority {
-                    tracing::debug!("most voters of a group unreachable: its elections held");
+                    tracing::debug!(
+                        group,
+                        "most voters of a group unreachable: its elections held"
+                    );
+                } else {
+                    tracing::debug!(group, "majority reachable again: elections held one lease");
+                    self.hold_elections(group, rejoin_hold);
                 }
                 h.gate.apply(&h.raft, &self.elections_off);
             }
@@ -406,6 +438,7 @@ impl Registry {
                 m.membership_config.membership().voter_ids().collect()
             };
             let was_quiesced = self.unquiesce(&h);
+            h.gate.follows_live_leader.store(false, Ordering::Release);
             let designated = voters
                 .iter()
                 .filter(|v| **v != peer && !self.liveness().is_dead(**v))
