@@ -148,159 +148,32 @@ async fn metrics(State(node): State<Arc<Node>>) -> Response {
     // O(1) in the number of groups: a summary, read from each group's published metrics
     // (no call into any group's Raft core, so a scrape wakes nothing).
     let lag = node.registry.apply_backlog();
+    let mut out = node.gateway.metrics.render(&lag);
+    crate::metrics::metric(
+        &mut out,
+        "chatd_sessions_open",
+        "WebSocket sessions open (authenticated or not).",
+        "gauge",
+        node.gateway.slots.open(),
+    );
+    crate::metrics::metric(
+        &mut out,
+        "chatd_sessions_max",
+        "The bound on open sessions (gateway.sessions_max).",
+        "gauge",
+        node.gateway.slots.max(),
+    );
+    crate::metrics::render_raft(&node.registry, &mut out);
+    let in_progress = node.meta.membership().map_or(0, |m| m.moves().count());
+    node.rebalancer.render_metrics(in_progress as u64, &mut out);
     (
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
-        node.gateway.metrics.render(&lag)
-            + &format!(
-                "# HELP chatd_sessions_open WebSocket sessions open (authenticated or not).\n\
-                 # TYPE chatd_sessions_open gauge\nchatd_sessions_open {}\n\
-                 # HELP chatd_sessions_max The bound on open sessions (gateway.sessions_max).\n\
-                 # TYPE chatd_sessions_max gauge\nchatd_sessions_max {}\n",
-                node.gateway.slots.open(),
-                node.gateway.slots.max()
-            )
-            + &peer_health_metrics(&node)
-            + &raft_metrics(&node)
-            + &rebalance_metrics(&node),
+        out,
     )
         .into_response()
-}
-
-/// The Raft groups hosted here and their traffic to peers (Prometheus text, O(1) in the
-/// number of groups).
-fn raft_metrics(node: &Node) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
-    let r = &node.registry;
-    let links = r.link_stats();
-    let lives = r.liveness().snapshot();
-    let mut out = String::new();
-    for (name, help, kind, v) in [
-        (
-            "chatd_raft_groups",
-            "Raft groups (partitions and group 0) hosted on this node.",
-            "gauge",
-            r.group_count() as u64,
-        ),
-        (
-            "chatd_raft_groups_quiesced",
-            "Hosted groups quiesced here: idle, no heartbeats, no ticks.",
-            "gauge",
-            r.quiesced_groups() as u64,
-        ),
-        (
-            "chatd_raft_peer_batches_total",
-            "Batches of Raft RPCs sent to peers (one QUIC stream each; pings included).",
-            "counter",
-            links.batches_total.load(Relaxed),
-        ),
-        (
-            "chatd_raft_peer_rpcs_total",
-            "Raft RPCs sent to peers inside batches.",
-            "counter",
-            links.rpcs_total.load(Relaxed),
-        ),
-        (
-            "chatd_raft_peer_pings_total",
-            "Liveness pings sent to peers.",
-            "counter",
-            links.pings_total.load(Relaxed),
-        ),
-        (
-            "chatd_raft_peers_alive",
-            "Peers heard from within the liveness timeout.",
-            "gauge",
-            lives.values().filter(|l| l.alive).count() as u64,
-        ),
-        (
-            "chatd_raft_peers_dead",
-            "Peers silent past the liveness timeout.",
-            "gauge",
-            lives
-                .values()
-                .filter(|l| !l.alive && l.incarnation.is_some())
-                .count() as u64,
-        ),
-    ] {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"
-        ));
-    }
-    out
-}
-
-/// The rebalancer's counters on this node (it acts only while leading group 0) and the
-/// moves group 0 records as in progress (Prometheus text).
-fn rebalance_metrics(node: &Node) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
-    let r = &node.rebalancer;
-    let in_progress = node.meta.membership().map_or(0, |m| m.moves().count());
-    let mut out = String::new();
-    for (name, help, kind, v) in [
-        (
-            "chatd_replica_moves_in_progress",
-            "Replica moves group 0 records as in progress.",
-            "gauge",
-            in_progress as u64,
-        ),
-        (
-            "chatd_replica_moves_started_total",
-            "Replica moves this node began as group 0's leader.",
-            "counter",
-            r.moves_started.load(Relaxed),
-        ),
-        (
-            "chatd_replica_moves_done_total",
-            "Replica moves this node drove to their end.",
-            "counter",
-            r.moves_done.load(Relaxed),
-        ),
-        (
-            "chatd_replica_moves_rolled_back_total",
-            "Replica moves this node rolled back.",
-            "counter",
-            r.moves_rolled_back.load(Relaxed),
-        ),
-        (
-            "chatd_replica_move_seconds_total",
-            "Time spent in replica moves that ended here (divide by moves done: time per move).",
-            "counter",
-            r.move_ms_total.load(Relaxed),
-        ),
-        (
-            "chatd_preferred_leader_changes_total",
-            "Preferred-leader changes this node made to even out leadership.",
-            "counter",
-            r.leaders_preferred.load(Relaxed),
-        ),
-    ] {
-        let value = if name == "chatd_replica_move_seconds_total" {
-            format!("{:.3}", v as f64 / 1000.0)
-        } else {
-            v.to_string()
-        };
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
-        ));
-    }
-    out
-}
-
-/// Peer liveness as the Raft RPCs of every hosted group see it (Prometheus text).
-fn peer_health_metrics(node: &Node) -> String {
-    let health = node.registry.peer_health();
-    let (lost, recovered) = health.transitions();
-    format!(
-        "# HELP chatd_peers_unreachable Peers whose last Raft RPC failed.\n\
-         # TYPE chatd_peers_unreachable gauge\nchatd_peers_unreachable {}\n\
-         # HELP chatd_peer_lost_total Times a peer stopped answering Raft RPCs.\n\
-         # TYPE chatd_peer_lost_total counter\nchatd_peer_lost_total {lost}\n\
-         # HELP chatd_peer_recovered_total Times an unreachable peer answered again.\n\
-         # TYPE chatd_peer_recovered_total counter\nchatd_peer_recovered_total {recovered}\n",
-        health.down().len()
-    )
 }
 
 #[derive(Deserialize)]

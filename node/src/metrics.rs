@@ -69,18 +69,21 @@ pub struct Metrics {
     pub notifications_failed: AtomicU64,
 }
 
+/// Appends one metric in Prometheus text format: its help, its type (`gauge` or
+/// `counter`) and its value. Every metric of /metrics is written through this.
+pub fn metric(out: &mut String, name: &str, help: &str, kind: &str, value: impl std::fmt::Display) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+    );
+}
+
 impl Metrics {
     /// The metrics in Prometheus text format; `lag` summarises the hosted groups' entries
     /// not yet applied.
     pub fn render(&self, lag: &chatd_raftlog::ApplyBacklog) -> String {
         let mut out = String::new();
-        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, v: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        };
-        gauge(
+        metric(
             &mut out,
             "chatd_connections",
             "Open client WebSocket sessions.",
@@ -88,7 +91,7 @@ impl Metrics {
             self.connections.load(Ordering::Relaxed).to_string(),
         );
         if let Some(rss) = resident_bytes() {
-            gauge(
+            metric(
                 &mut out,
                 "chatd_process_resident_memory_bytes",
                 "Resident memory of this chatd process (RSS), in bytes.",
@@ -97,7 +100,7 @@ impl Metrics {
             );
         }
         if let Some(cpu) = cpu_seconds() {
-            gauge(
+            metric(
                 &mut out,
                 "chatd_process_cpu_seconds_total",
                 "CPU time of this chatd process, user and system, in seconds.",
@@ -105,49 +108,49 @@ impl Metrics {
                 format!("{cpu:.2}"),
             );
         }
-        gauge(
+        metric(
             &mut out,
             "chatd_frames_in_total",
             "Client frames received.",
             "counter",
             self.frames_in.load(Ordering::Relaxed).to_string(),
         );
-        gauge(
+        metric(
             &mut out,
             "chatd_frames_out_total",
             "Frames pushed to clients.",
             "counter",
             self.frames_out.load(Ordering::Relaxed).to_string(),
         );
-        gauge(
+        metric(
             &mut out,
             "chatd_messages_in_total",
             "Send requests received.",
             "counter",
             self.messages_in.load(Ordering::Relaxed).to_string(),
         );
-        gauge(
+        metric(
             &mut out,
             "chatd_delivery_batches_dropped_total",
             "Applied event batches dropped because the delivery queue was full.",
             "counter",
             self.delivery_dropped.load(Ordering::Relaxed).to_string(),
         );
-        gauge(
+        metric(
             &mut out,
             "chatd_peer_broadcasts_dropped_total",
             "Deliveries or typing events for other nodes dropped (queue full or call failed).",
             "counter",
             self.broadcast_dropped.load(Ordering::Relaxed).to_string(),
         );
-        gauge(
+        metric(
             &mut out,
             "chatd_notifications_sent_total",
             "Offline notifications the webhook accepted (2xx).",
             "counter",
             self.notifications_sent.load(Ordering::Relaxed).to_string(),
         );
-        gauge(
+        metric(
             &mut out,
             "chatd_notifications_failed_total",
             "Offline notifications dropped: TLS refused by this node, or every attempt failed.",
@@ -156,7 +159,7 @@ impl Metrics {
                 .load(Ordering::Relaxed)
                 .to_string(),
         );
-        gauge(
+        metric(
             &mut out,
             "chatd_forwards_cut_total",
             "Forwarded requests ended early (outcome unknown) because their leader lost the \
@@ -174,7 +177,7 @@ impl Metrics {
             "From a message's timestamp to its push by this node.",
             &mut out,
         );
-        gauge(
+        metric(
             &mut out,
             "chatd_apply_lag_entries_total",
             "Log entries not yet applied, summed over the hosted groups.",
@@ -189,6 +192,97 @@ impl Metrics {
             lag.worst_group, lag.worst_entries
         );
         out
+    }
+}
+
+/// The Raft groups hosted here, their traffic to peers and the peers' liveness (O(1) in
+/// the number of groups: counters and a snapshot of the peers, no call into any group).
+pub fn render_raft(registry: &chatd_raftlog::Registry, out: &mut String) {
+    let links = registry.link_stats();
+    let lives = registry.liveness().snapshot();
+    let health = registry.peer_health();
+    let (lost, recovered) = health.transitions();
+    let counter = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    for (name, help, kind, v) in [
+        (
+            "chatd_raft_groups",
+            "Raft groups (partitions and group 0) hosted on this node.",
+            "gauge",
+            registry.group_count() as u64,
+        ),
+        (
+            "chatd_raft_groups_quiesced",
+            "Hosted groups quiesced here: idle, no heartbeats, no ticks.",
+            "gauge",
+            registry.quiesced_groups() as u64,
+        ),
+        (
+            "chatd_raft_peer_batches_total",
+            "Batches of Raft RPCs sent to peers (one QUIC stream each; pings included).",
+            "counter",
+            counter(&links.batches_total),
+        ),
+        (
+            "chatd_raft_peer_rpcs_total",
+            "Raft RPCs sent to peers inside batches.",
+            "counter",
+            counter(&links.rpcs_total),
+        ),
+        (
+            "chatd_raft_peer_pings_total",
+            "Liveness pings sent to peers.",
+            "counter",
+            counter(&links.pings_total),
+        ),
+        (
+            "chatd_raft_entry_bytes_sent_total",
+            "Bytes of AppendEntries carrying entries sent to peers (replication, and the \
+             catch-up of a lagging or new replica from the log).",
+            "counter",
+            counter(&links.entry_bytes_total),
+        ),
+        (
+            "chatd_raft_snapshot_bytes_sent_total",
+            "Bytes of snapshot chunks sent to peers (the catch-up of a new or far-behind \
+             replica from a snapshot).",
+            "counter",
+            counter(&links.snapshot_bytes_total),
+        ),
+        (
+            "chatd_raft_peers_alive",
+            "Peers heard from within the liveness timeout.",
+            "gauge",
+            lives.values().filter(|l| l.alive).count() as u64,
+        ),
+        (
+            "chatd_raft_peers_dead",
+            "Peers silent past the liveness timeout.",
+            "gauge",
+            lives
+                .values()
+                .filter(|l| !l.alive && l.incarnation.is_some())
+                .count() as u64,
+        ),
+        (
+            "chatd_peers_unreachable",
+            "Peers whose last Raft RPC failed.",
+            "gauge",
+            health.down().len() as u64,
+        ),
+        (
+            "chatd_peer_lost_total",
+            "Times a peer stopped answering Raft RPCs.",
+            "counter",
+            lost,
+        ),
+        (
+            "chatd_peer_recovered_total",
+            "Times an unreachable peer answered again.",
+            "counter",
+            recovered,
+        ),
+    ] {
+        metric(out, name, help, kind, v);
     }
 }
 

@@ -61,6 +61,50 @@ pub struct Rebalancer {
 }
 
 impl Rebalancer {
+    /// The rebalancer's counters on this node (it acts only while leading group 0) and the
+    /// `in_progress` moves group 0 records (Prometheus text).
+    pub fn render_metrics(&self, in_progress: u64, out: &mut String) {
+        use std::sync::atomic::Ordering::Relaxed;
+        crate::metrics::metric(
+            out,
+            "chatd_replica_moves_in_progress",
+            "Replica moves group 0 records as in progress.",
+            "gauge",
+            in_progress,
+        );
+        for (name, help, counter) in [
+            (
+                "chatd_replica_moves_started_total",
+                "Replica moves this node began as group 0's leader.",
+                &self.moves_started,
+            ),
+            (
+                "chatd_replica_moves_done_total",
+                "Replica moves this node drove to their end.",
+                &self.moves_done,
+            ),
+            (
+                "chatd_replica_moves_rolled_back_total",
+                "Replica moves this node rolled back.",
+                &self.moves_rolled_back,
+            ),
+            (
+                "chatd_preferred_leader_changes_total",
+                "Preferred-leader changes this node made to even out leadership.",
+                &self.leaders_preferred,
+            ),
+        ] {
+            crate::metrics::metric(out, name, help, "counter", counter.load(Relaxed));
+        }
+        crate::metrics::metric(
+            out,
+            "chatd_replica_move_seconds_total",
+            "Time spent in replica moves that ended here (divide by moves done: time per move).",
+            "counter",
+            format!("{:.3}", self.move_ms_total.load(Relaxed) as f64 / 1000.0),
+        );
+    }
+
     /// Partitions whose move this node drives now.
     pub fn driving(&self) -> Vec<GroupId> {
         let mut v: Vec<GroupId> = self.driving.lock().iter().copied().collect();

@@ -18,7 +18,7 @@ use openraft::raft::{
 use openraft::BasicNode;
 use serde::{Deserialize, Serialize};
 
-use crate::peers::{Link, Links, PeerHealth, PEER_BATCH_BYTES_MAX};
+use crate::peers::{Link, LinkStats, Links, PeerHealth, PEER_BATCH_BYTES_MAX};
 use crate::{GroupId, NodeId, TypeConfig};
 
 /// First byte of every QUIC request that carries a Raft RPC; the node routes on it.
@@ -131,6 +131,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             addr,
             endpoint: ctx.endpoint.clone(),
             health: ctx.health.clone(),
+            stats: ctx.stats.clone(),
         }
     }
 }
@@ -145,6 +146,7 @@ pub struct Network {
     link: Option<std::sync::Arc<Link>>,
     endpoint: Endpoint,
     health: std::sync::Arc<PeerHealth>,
+    stats: std::sync::Arc<LinkStats>,
 }
 
 type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, BasicNode, RaftError<NodeId, E>>;
@@ -270,6 +272,11 @@ impl RaftNetwork<TypeConfig> for Network {
                 PayloadTooLarge::new_entries_hint(hint),
             ));
         }
+        if entries > 0 {
+            self.stats
+                .entry_bytes_total
+                .fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
         match self.send_frame(frame, option.hard_ttl()).await? {
             RaftReply::Append(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.unexpected()),
@@ -284,6 +291,9 @@ impl RaftNetwork<TypeConfig> for Network {
         // Snapshot chunks (up to a MiB, installed with a sync) go on their own stream:
         // in a batch they would hold back every other group's answers.
         let frame = self.encode(RaftRequest::Snapshot(rpc))?;
+        self.stats
+            .snapshot_bytes_total
+            .fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let reply = self.send_alone(frame, option.hard_ttl()).await?;
         match self.decode_reply(&reply)? {
             RaftReply::Snapshot(r) => r.map_err(|e| self.remote(e)),

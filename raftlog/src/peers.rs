@@ -312,6 +312,10 @@ pub struct LinkStats {
     pub rpcs_total: AtomicU64,
     /// Pings sent.
     pub pings_total: AtomicU64,
+    /// Bytes of AppendEntries frames that carried entries (not heartbeats).
+    pub entry_bytes_total: AtomicU64,
+    /// Bytes of InstallSnapshot frames (snapshot chunks).
+    pub snapshot_bytes_total: AtomicU64,
 }
 
 struct Pending {

@@ -102,6 +102,42 @@ async fn failover_a_restarted_follower_rejoins_without_unseating_leaders() {
     .await;
 }
 
+/// A node stopped (SIGSTOP) long enough for its groups to move, then resumed, finds every
+/// election timer run out: it must not campaign on them and unseat the leaders the others
+/// elected or kept (quiesced groups, whose leases expired long ago, were the easy prey).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_a_resumed_node_unseats_no_leader() {
+    bounded(async {
+        let c = cluster3(&[]).await;
+        c.signal(3, "STOP");
+        for g in 0..=PARTITIONS {
+            leader_of(&c, g, &[1, 2]).await;
+        }
+        // Quiet long enough for idle groups to quiesce under their new leaders (2 s), and
+        // short of the rebalancer's 10 s grace before it moves preferred leaders back.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let before = terms(&c, 1).await;
+        c.signal(3, "CONT");
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        let after = terms(&c, 1).await;
+        let unseated: Vec<_> = before
+            .iter()
+            .filter(|(g, v)| after.get(g) != Some(v))
+            .map(|(g, v)| (*g, *v, after.get(g).copied()))
+            .collect();
+        assert!(
+            unseated.is_empty(),
+            "leaders changed after the resume (group, before, after): {unseated:?}"
+        );
+        // Node 3 follows them again.
+        let on3 = terms(&c, 3).await;
+        for (g, (term, leader)) in &after {
+            assert_eq!(on3.get(g), Some(&(*term, *leader)), "group {g}");
+        }
+    })
+    .await;
+}
+
 /// The value of an unlabelled metric on node `id`.
 async fn metric(c: &crate::harness::Cluster, id: u64, name: &str) -> u64 {
     let text = c

@@ -240,6 +240,17 @@ impl Cluster {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to node `id`'s process.
+    pub fn signal(&self, id: u64, signal: &str) {
+        let pid = self.node(id).child.as_ref().expect("node running").id();
+        let status = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} {pid}");
+    }
+
     pub fn log_text(&self, id: u64) -> String {
         std::fs::read_to_string(&self.node(id).log).unwrap_or_default()
     }
