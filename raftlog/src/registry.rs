@@ -1042,6 +1042,15 @@ impl Registry {
                 {
                     hosted.heard_from_leader.store(true, Ordering::Release);
                     hosted.quiet.appended();
+                    // Following a live leader from this message on, not from the ticker's
+                    // next pass: a process stopped in between would otherwise resume with
+                    // its election timer on and run out.
+                    let live_leader =
+                        leader.is_some_and(|l| l != self.node_id && !self.liveness().is_dead(l));
+                    if live_leader && !hosted.gate.follows_live_leader.swap(true, Ordering::AcqRel)
+                    {
+                        hosted.gate.apply(raft, &self.elections_off);
+                    }
                 }
                 RaftReply::Append(reply)
             }

@@ -125,6 +125,17 @@ async fn failover_a_resumed_node_unseats_no_leader() {
             .filter(|(g, v)| after.get(g) != Some(v))
             .map(|(g, v)| (*g, *v, after.get(g).copied()))
             .collect();
+        if !unseated.is_empty() {
+            for id in 1..=3 {
+                for line in c.log_text(id).lines().filter(|l| {
+                    !l.contains("openraft")
+                        || l.contains("new candidate")
+                        || l.contains("quit leader")
+                }) {
+                    println!("node {id}: {line}");
+                }
+            }
+        }
         assert!(
             unseated.is_empty(),
             "leaders changed after the resume (group, before, after): {unseated:?}"
