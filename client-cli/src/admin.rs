@@ -135,17 +135,51 @@ fn pretty(raw: &str) -> String {
     out
 }
 
-/// `admin cluster status`.
+/// Pages of `GET /v1/admin/cluster` one `admin cluster status` reads at most (each holds
+/// up to 4,097 groups, every group of the largest cluster allowed).
+pub const CLUSTER_PAGES_MAX: usize = 64;
+
+/// `admin cluster status`: every page of the cluster view, merged.
 pub async fn cluster_status(cli: &Cli, client: &Client, color: bool) -> Result<String, CliError> {
-    let raw = client.get_json(CLUSTER_PATH).await?;
-    let view = parse_cluster_view(&raw).map_err(|cause| CliError::Malformed {
+    let malformed = |cause: String| CliError::Malformed {
         url: client
             .url(CLUSTER_PATH)
             .map_or_else(|_| cli.server.clone(), |u| u.to_string()),
         cause,
-    })?;
+    };
+    let raw = client.get_json(CLUSTER_PATH).await?;
+    let mut view = parse_cluster_view(&raw).map_err(malformed)?;
+    if view.next_after.is_none() {
+        return Ok(if cli.json {
+            pretty(&raw)
+        } else {
+            render_cluster_status(&view, color)
+        });
+    }
+    let mut pages = 1;
+    while let Some(after) = view.next_after {
+        if pages >= CLUSTER_PAGES_MAX {
+            return Err(malformed(format!(
+                "more than {CLUSTER_PAGES_MAX} pages of partitions"
+            )));
+        }
+        let page = parse_cluster_view(
+            &client
+                .get_json(&format!("{CLUSTER_PATH}?after={after}"))
+                .await?,
+        )
+        .map_err(malformed)?;
+        if page.next_after.is_some_and(|n| n <= after) {
+            return Err(malformed(format!(
+                "page after group {after} does not move forward"
+            )));
+        }
+        view.partitions.extend(page.partitions);
+        view.next_after = page.next_after;
+        pages += 1;
+    }
     if cli.json {
-        Ok(pretty(&raw))
+        serde_json::to_string_pretty(&view).map_err(|e| malformed(e.to_string()))
     } else {
         Ok(render_cluster_status(&view, color))
     }

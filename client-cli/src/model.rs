@@ -30,6 +30,10 @@ pub struct ClusterView {
     /// Whether the rebalancer is paused.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub rebalance_paused: bool,
+    /// The next page starts after this group (`None`: last page, or a server that does not
+    /// page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_after: Option<GroupId>,
 }
 
 /// A replica move in progress.

@@ -1032,12 +1032,49 @@ pub struct ClusterView {
     pub moves: Vec<MoveView>,
     /// Whether the rebalancer is paused.
     pub rebalance_paused: bool,
+    /// Pass as `after` for the next page of groups (`null`: this was the last).
+    pub next_after: Option<GroupId>,
 }
 
-async fn cluster_status(State(node): State<Arc<Node>>) -> Json<ClusterView> {
+/// Groups one `GET /v1/admin/cluster` page lists at most (and by default): every group of
+/// the largest cluster allowed, so one page holds them all today.
+pub const CLUSTER_PAGE_GROUPS_MAX: usize = crate::node::STATUS_PAGE_GROUPS_MAX;
+
+#[derive(Deserialize)]
+struct ClusterQuery {
+    /// List the groups after this id (group 0 is first).
+    after: Option<GroupId>,
+    #[serde(default = "cluster_page_default")]
+    limit: usize,
+}
+
+fn cluster_page_default() -> usize {
+    CLUSTER_PAGE_GROUPS_MAX
+}
+
+/// The cluster: its nodes, and a page of its groups (`after`, `limit`) with each
+/// replica's view, from a status call to every node for that page alone.
+async fn cluster_status(
+    State(node): State<Arc<Node>>,
+    Query(q): Query<ClusterQuery>,
+) -> Json<ClusterView> {
+    let limit = q.limit.clamp(1, CLUSTER_PAGE_GROUPS_MAX);
     let membership = node.meta.membership();
     let ids: Vec<NodeId> = node.peers().keys().copied().collect();
-    let statuses = futures::future::join_all(ids.iter().map(|id| node.peer_status(*id))).await;
+    let mut groups: Vec<(GroupId, Vec<NodeId>)> = vec![(0, ids.clone())];
+    groups.extend(
+        (1..=node.partitions() as GroupId).filter_map(|g| node.replicas_of(g).map(|r| (g, r))),
+    );
+    groups.retain(|(g, _)| q.after.is_none_or(|a| *g > a));
+    let next_after = (groups.len() > limit).then(|| groups[limit - 1].0);
+    groups.truncate(limit);
+    let last = groups.last().map(|(g, _)| *g);
+    // A node hosts a subset of these groups: its first `limit` after `after` hold them all.
+    let statuses = futures::future::join_all(
+        ids.iter()
+            .map(|id| node.peer_status_page(*id, q.after, limit)),
+    )
+    .await;
     let mut nodes = Vec::new();
     let mut per_group: BTreeMap<GroupId, Vec<ReplicaView>> = BTreeMap::new();
     let mut leaders: BTreeMap<GroupId, (u64, NodeId)> = BTreeMap::new();
@@ -1057,7 +1094,11 @@ async fn cluster_status(State(node): State<Arc<Node>>) -> Json<ClusterView> {
             error: status.as_ref().err().cloned(),
         });
         let Ok(status) = status else { continue };
-        for g in status.groups {
+        for g in status
+            .groups
+            .into_iter()
+            .filter(|g| last.is_some_and(|l| g.group <= l))
+        {
             if g.is_leader() {
                 let e = leaders.entry(g.group).or_insert((g.term, *id));
                 if g.term >= e.0 {
@@ -1076,10 +1117,6 @@ async fn cluster_status(State(node): State<Arc<Node>>) -> Json<ClusterView> {
             });
         }
     }
-    let mut groups: Vec<(GroupId, Vec<NodeId>)> = vec![(0, ids.clone())];
-    groups.extend(
-        (1..=node.partitions() as GroupId).filter_map(|g| node.replicas_of(g).map(|r| (g, r))),
-    );
     let partitions = groups
         .into_iter()
         .map(|(group, replicas)| {
@@ -1125,5 +1162,6 @@ async fn cluster_status(State(node): State<Arc<Node>>) -> Json<ClusterView> {
             })
             .unwrap_or_default(),
         rebalance_paused: membership.as_ref().is_some_and(|m| m.rebalance_paused),
+        next_after,
     })
 }

@@ -147,6 +147,13 @@ fn golden_node_requests() {
         &NodeRequest::TransferLeadership { group: 3, to: 2 },
         "01 0b 03 02",
     );
+    pin(
+        &NodeRequest::StatusPage {
+            after: Some(9),
+            limit: 100,
+        },
+        "01 0c 01 09 64",
+    );
 }
 
 #[test]

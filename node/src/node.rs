@@ -103,7 +103,15 @@ pub enum NodeRequest {
     /// `Proposed` (index 0, response: the new leader's id, 8 bytes little-endian),
     /// `NotLeader`, or `Failed`.
     TransferLeadership { group: GroupId, to: NodeId },
+    /// The receiver's view of the groups it hosts after `after` (all when `None`), at most
+    /// `limit` of them (bounded by [`STATUS_PAGE_GROUPS_MAX`]), by group id. Answers
+    /// `Status`.
+    StatusPage { after: Option<GroupId>, limit: u32 },
 }
+
+/// Groups one status page lists at most: every group of the largest cluster allowed
+/// (`cluster.partitions` ≤ 4,096, plus group 0).
+pub const STATUS_PAGE_GROUPS_MAX: usize = 4_097;
 
 /// Answers to [`NodeRequest`].
 #[derive(Debug, Serialize, Deserialize)]
@@ -665,15 +673,12 @@ impl Node {
             return Some(l);
         }
         for r in self.replicas_of(group)? {
-            if let Ok(s) = self.peer_status(r).await {
-                if let Some(l) = s
-                    .groups
-                    .iter()
-                    .find(|g| g.group == group)
-                    .and_then(|g| g.leader)
-                {
-                    return Some(l);
-                }
+            if let Ok(Some(l)) = self
+                .peer_group_status(r, group)
+                .await
+                .map(|g| g.and_then(|g| g.leader))
+            {
+                return Some(l);
             }
         }
         None
@@ -711,6 +716,9 @@ impl Node {
         match req {
             NodeRequest::Propose { group, command } => self.propose_here(group, command).await,
             NodeRequest::Status => NodeReply::Status(self.local_status().await),
+            NodeRequest::StatusPage { after, limit } => {
+                NodeReply::Status(self.local_status_page(after, limit as usize).await)
+            }
             NodeRequest::Query { group, query } => {
                 let leads = self
                     .registry
@@ -829,8 +837,20 @@ impl Node {
 
     /// This node's view of the groups it hosts.
     pub async fn local_status(&self) -> NodeStatus {
+        self.local_status_page(None, STATUS_PAGE_GROUPS_MAX).await
+    }
+
+    /// This node's view of the groups it hosts after `after`, at most `limit` (bounded by
+    /// [`STATUS_PAGE_GROUPS_MAX`]), by group id.
+    pub async fn local_status_page(&self, after: Option<GroupId>, limit: usize) -> NodeStatus {
+        let mut ids = self.registry.groups();
+        ids.sort_unstable();
         let mut groups = Vec::new();
-        for g in self.registry.groups() {
+        for g in ids
+            .into_iter()
+            .filter(|g| after.is_none_or(|a| *g > a))
+            .take(limit.min(STATUS_PAGE_GROUPS_MAX))
+        {
             if let Some(s) = self.registry.status(g).await {
                 groups.push(s);
             }
@@ -839,6 +859,46 @@ impl Node {
             node_id: self.id,
             groups,
         }
+    }
+
+    /// Asks `peer` for its view of the groups it hosts after `after`, at most `limit` (or
+    /// answers locally for this node).
+    pub async fn peer_status_page(
+        &self,
+        peer: NodeId,
+        after: Option<GroupId>,
+        limit: usize,
+    ) -> Result<NodeStatus, String> {
+        if peer == self.id {
+            return Ok(self.local_status_page(after, limit).await);
+        }
+        let addr = self
+            .peer(peer)
+            .ok_or_else(|| format!("unknown node {peer}"))?
+            .cluster_addr;
+        let limit = limit.min(STATUS_PAGE_GROUPS_MAX) as u32;
+        match self
+            .call(
+                addr,
+                &NodeRequest::StatusPage { after, limit },
+                Duration::from_millis(STATUS_CALL_TIMEOUT_MS),
+            )
+            .await
+        {
+            Ok(NodeReply::Status(s)) => Ok(s),
+            Ok(other) => Err(format!("unexpected reply {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// `peer`'s view of `group` alone (`None` if it does not host it).
+    pub async fn peer_group_status(
+        &self,
+        peer: NodeId,
+        group: GroupId,
+    ) -> Result<Option<GroupStatus>, String> {
+        let s = self.peer_status_page(peer, group.checked_sub(1), 1).await?;
+        Ok(s.groups.into_iter().find(|g| g.group == group))
     }
 
     /// Asks `peer` for its status over QUIC (or answers locally for this node).

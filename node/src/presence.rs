@@ -328,13 +328,13 @@ mod tests {
 
     #[test]
     fn announcements_expire_and_flip_watched_users_offline() {
-        let p = Presence::new(Duration::from_millis(50));
+        let p = Presence::new(Duration::from_millis(300));
         assert!(p.subscribe("bob", &["carol".to_string()]));
         let c = p.announce(2, "carol", true, 1, false).expect("a change");
         assert!(c.view.online && c.subscribers == vec!["bob".to_string()]);
         let q = p.query(&["carol".into(), "dave".into()], |_| false);
         assert!(q[0].online && !q[1].online);
-        std::thread::sleep(Duration::from_millis(80));
+        std::thread::sleep(Duration::from_millis(400));
         let changes = p.expire(|_| false, 99);
         assert_eq!(changes.len(), 1);
         assert!(!changes[0].view.online);
@@ -342,7 +342,7 @@ mod tests {
         assert!(!p.query(&["carol".into()], |_| false)[0].online);
         // A user also connected here stays online when a remote announcement expires.
         p.announce(3, "erin", true, 1, true);
-        std::thread::sleep(Duration::from_millis(80));
+        std::thread::sleep(Duration::from_millis(400));
         assert!(p.expire(|u| u == "erin", 5).is_empty());
     }
 
@@ -388,7 +388,9 @@ mod tests {
 
     #[test]
     fn renewals_keep_one_queued_expiry_per_announcement_and_expiry_scans_only_what_is_due() {
-        let p = Presence::new(Duration::from_millis(60));
+        // A TTL of 2 s, every check 0.5 s from the deadlines around it: the test stays right
+        // on a loaded machine (with a 60 ms TTL it failed under CI's load once).
+        let p = Presence::new(Duration::from_millis(2_000));
         assert!(p.subscribe("w", &["u0".to_string()]));
         for round in 0..5 {
             for i in 0..1000 {
@@ -400,11 +402,12 @@ mod tests {
         assert!(p.expire(|_| false, 1).is_empty());
         assert_eq!(p.queued_expiries(), 1000);
         // Half renew; after the first TTL only the other half lapse.
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(Duration::from_millis(1_000));
         for i in 0..500 {
             p.announce(2, &format!("u{i}"), true, 9, false);
         }
-        std::thread::sleep(Duration::from_millis(30));
+        // The first half lapsed at ~2 s; the renewed half lapses at ~3 s.
+        std::thread::sleep(Duration::from_millis(1_500));
         let changes = p.expire(|_| false, 10);
         assert!(changes.is_empty(), "u0 renewed: no change for its watcher");
         let online = |p: &Presence| {
@@ -420,7 +423,7 @@ mod tests {
             500,
             "the renewed half is queued again, once"
         );
-        std::thread::sleep(Duration::from_millis(70));
+        std::thread::sleep(Duration::from_millis(1_000));
         let changes = p.expire(|_| false, 11);
         assert_eq!(changes.len(), 1, "u0 lapsed: its watcher is told");
         assert!(!changes[0].view.online && changes[0].view.user == "u0");

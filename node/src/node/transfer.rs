@@ -185,18 +185,16 @@ impl Node {
                     "node {other} took over {group} instead of node {to}"
                 ));
             }
-            if let Ok(s) = self.peer_status(to).await {
-                if let Some(g) = s.groups.iter().find(|g| g.group == group) {
-                    if g.is_leader() {
-                        self.routing.update(group, Some(to));
-                        return Ok(to);
-                    }
-                    if g.is_follower() && g.term > term_before && g.leader != Some(to) {
-                        return Err(format!(
-                            "node {to} lost its campaign for {group} (term {})",
-                            g.term
-                        ));
-                    }
+            if let Ok(Some(g)) = self.peer_group_status(to, group).await {
+                if g.is_leader() {
+                    self.routing.update(group, Some(to));
+                    return Ok(to);
+                }
+                if g.is_follower() && g.term > term_before && g.leader != Some(to) {
+                    return Err(format!(
+                        "node {to} lost its campaign for {group} (term {})",
+                        g.term
+                    ));
                 }
             }
             if Instant::now() >= deadline {

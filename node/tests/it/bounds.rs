@@ -229,3 +229,63 @@ async fn bounds_typing_members_come_from_the_cache_and_a_leave_refreshes_them() 
     })
     .await;
 }
+
+/// `CLUSTER_PAGE_GROUPS_MAX` (node/src/api.rs): one page of `GET /v1/admin/cluster`.
+const CLUSTER_PAGE_GROUPS_MAX: u64 = 4_097;
+
+/// `GET /v1/admin/cluster` pages its groups: `limit` of them after `after`, each with
+/// every replica's view, and `next_after` until the last; a limit past the bound is the
+/// bound. Paging through lists every group once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_cluster_view_pages_its_groups() {
+    bounded(async {
+        let c = cluster3(&[]).await;
+        let page = |after: Option<u64>, limit: u64| {
+            let mut url = c.url(2, &format!("/v1/admin/cluster?limit={limit}"));
+            if let Some(a) = after {
+                url.push_str(&format!("&after={a}"));
+            }
+            let http = c.http.clone();
+            async move {
+                let v: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+                v
+            }
+        };
+        let whole = page(None, CLUSTER_PAGE_GROUPS_MAX + 1_000).await;
+        let all: Vec<u64> = whole["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["group"].as_u64().unwrap())
+            .collect();
+        // Group 0 and every partition, in order, more than one page of 5.
+        assert_eq!(all, (0..all.len() as u64).collect::<Vec<_>>(), "{whole}");
+        assert!(all.len() > 5, "{whole}");
+        assert!(whole["next_after"].is_null(), "{whole}");
+        let mut seen = Vec::new();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let p = page(after, 5).await;
+            let groups = p["partitions"].as_array().unwrap();
+            assert!(!groups.is_empty() && groups.len() <= 5, "{p}");
+            for g in groups {
+                // Each listed replica of a page's group answered for that group.
+                let views = g["replica_views"].as_array().unwrap();
+                assert_eq!(views.len(), 3, "{g}");
+                seen.push(g["group"].as_u64().unwrap());
+            }
+            pages += 1;
+            match p["next_after"].as_u64() {
+                Some(n) => {
+                    assert_eq!(Some(n), seen.last().copied());
+                    after = Some(n);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen, all);
+        assert_eq!(pages as u64, all.len().div_ceil(5) as u64);
+    })
+    .await;
+}

@@ -12,7 +12,7 @@ use crate::ws::Ws;
 const PARTITIONS: u64 = 16;
 
 /// (term, leader) of every partition and group 0, as node `via` sees them.
-async fn terms(c: &crate::harness::Cluster, via: u64) -> BTreeMap<u64, (u64, Option<u64>)> {
+async fn terms(c: &crate::harness::Cluster, via: u64) -> Terms {
     let mut out = BTreeMap::new();
     for g in 0..=PARTITIONS {
         if let Some(v) = c.local(via, g).await {
@@ -20,6 +20,27 @@ async fn terms(c: &crate::harness::Cluster, via: u64) -> BTreeMap<u64, (u64, Opt
         }
     }
     out
+}
+
+/// (term, leader) of a group.
+type TermLeader = (u64, Option<u64>);
+type Terms = BTreeMap<u64, TermLeader>;
+
+/// The groups whose (term, leader) differ between two views: (group, before, after).
+fn changed(before: &Terms, after: &Terms) -> Vec<(u64, TermLeader, Option<TermLeader>)> {
+    before
+        .iter()
+        .filter(|(g, v)| after.get(g) != Some(v))
+        .map(|(g, v)| (*g, *v, after.get(g).copied()))
+        .collect()
+}
+
+/// Asserts node `id` sees every group of `view` under the same term and leader.
+async fn follows(c: &crate::harness::Cluster, id: u64, view: &Terms) {
+    let on = terms(c, id).await;
+    for (g, (term, leader)) in view {
+        assert_eq!(on.get(g), Some(&(*term, *leader)), "group {g} on node {id}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -84,20 +105,13 @@ async fn failover_a_restarted_follower_rejoins_without_unseating_leaders() {
         // Well past the point (1–2.3 s) where it used to campaign.
         tokio::time::sleep(Duration::from_millis(3_000)).await;
         let after = terms(&c, 1).await;
-        let unseated: Vec<_> = before
-            .iter()
-            .filter(|(g, v)| after.get(g) != Some(v))
-            .map(|(g, v)| (*g, *v, after.get(g).copied()))
-            .collect();
+        let unseated = changed(&before, &after);
         assert!(
             unseated.is_empty(),
             "leaders changed after the restart (group, before, after): {unseated:?}"
         );
         // Ready means rejoined: every group on node 3 sees the same leader as node 1.
-        let on3 = terms(&c, 3).await;
-        for (g, (term, leader)) in &after {
-            assert_eq!(on3.get(g), Some(&(*term, *leader)), "group {g}");
-        }
+        follows(&c, 3, &after).await;
     })
     .await;
 }
@@ -120,11 +134,7 @@ async fn failover_a_resumed_node_unseats_no_leader() {
         c.signal(3, "CONT");
         tokio::time::sleep(Duration::from_millis(2_500)).await;
         let after = terms(&c, 1).await;
-        let unseated: Vec<_> = before
-            .iter()
-            .filter(|(g, v)| after.get(g) != Some(v))
-            .map(|(g, v)| (*g, *v, after.get(g).copied()))
-            .collect();
+        let unseated = changed(&before, &after);
         if !unseated.is_empty() {
             for id in 1..=3 {
                 for line in c.log_text(id).lines().filter(|l| {
@@ -141,10 +151,7 @@ async fn failover_a_resumed_node_unseats_no_leader() {
             "leaders changed after the resume (group, before, after): {unseated:?}"
         );
         // Node 3 follows them again.
-        let on3 = terms(&c, 3).await;
-        for (g, (term, leader)) in &after {
-            assert_eq!(on3.get(g), Some(&(*term, *leader)), "group {g}");
-        }
+        follows(&c, 3, &after).await;
     })
     .await;
 }
