@@ -1045,9 +1045,10 @@ impl Registry {
                     // Following a live leader from this message on, not from the ticker's
                     // next pass: a process stopped in between would otherwise resume with
                     // its election timer on and run out.
-                    let live_leader =
-                        leader.is_some_and(|l| l != self.node_id && !self.liveness().is_dead(l));
-                    if live_leader && !hosted.gate.follows_live_leader.swap(true, Ordering::AcqRel)
+                    // The liveness lock only while the flag is not set: not on every append.
+                    if !hosted.gate.follows_live_leader.load(Ordering::Acquire)
+                        && leader.is_some_and(|l| l != self.node_id && !self.liveness().is_dead(l))
+                        && !hosted.gate.follows_live_leader.swap(true, Ordering::AcqRel)
                     {
                         hosted.gate.apply(raft, &self.elections_off);
                     }
