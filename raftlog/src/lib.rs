@@ -14,6 +14,7 @@
 #![allow(clippy::result_large_err)]
 
 mod batcher;
+pub mod clock;
 #[cfg(test)]
 mod golden;
 mod keys;
@@ -75,7 +76,7 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = tokio::fs::File,
-        AsyncRuntime = openraft::TokioRuntime,
+        AsyncRuntime = crate::clock::CoalescedTokio,
 );
 
 /// A group's Raft handle.

@@ -101,6 +101,9 @@ pub struct Liveness {
     /// Counts the changes, for any number of watchers (a forwarded call that must end when
     /// its target dies); [`Self::changed`] is the ticker's alone.
     generation: tokio::sync::watch::Sender<u64>,
+    /// When a check last ran: a gap past the timeout means this process was not running
+    /// (SIGSTOP, a VM pause, starvation), and its peers' silence says nothing about them.
+    checked: parking_lot::Mutex<Option<Instant>>,
 }
 
 /// One peer's liveness.
@@ -120,6 +123,7 @@ impl Liveness {
             peers: parking_lot::Mutex::new(HashMap::new()),
             changed: tokio::sync::Notify::new(),
             generation: tokio::sync::watch::Sender::new(0),
+            checked: parking_lot::Mutex::new(None),
         }
     }
 
@@ -170,8 +174,33 @@ impl Liveness {
 
     /// Marks `peer` dead if it was not heard from within the timeout; returns whether it
     /// is alive.
+    ///
+    /// The first check after this process stalled for longer than the timeout (no check
+    /// ran meanwhile) declares nobody dead: every live peer gets a whole timeout from now
+    /// to be heard again (the pings and batches it sent meanwhile may still be queued).
+    /// Judging them on a silence that was ours would make a resumed node campaign against
+    /// leaders that are alive.
     pub(crate) fn check(&self, peer: NodeId) -> bool {
+        let now = Instant::now();
         let mut peers = self.peers.lock();
+        let stalled = {
+            let mut checked = self.checked.lock();
+            let stalled = checked
+                .map(|t| now.saturating_duration_since(t))
+                .filter(|gap| *gap > self.timeout);
+            *checked = Some(now);
+            stalled
+        };
+        if let Some(gap) = stalled {
+            for life in peers.values_mut().filter(|l| l.alive) {
+                life.last_heard = Some(now);
+            }
+            tracing::info!(
+                stalled_ms = gap.as_millis() as u64,
+                "liveness checks resumed after a stall of this process: live peers get a \
+                 whole timeout to be heard again"
+            );
+        }
         let Some(life) = peers.get_mut(&peer) else {
             return false;
         };
@@ -189,8 +218,7 @@ impl Liveness {
         life.alive
     }
 
-    /// [`Self::check`] for every followed peer: a process that resumes after being stopped
-    /// finds its silent peers dead before it acts on anything else.
+    /// [`Self::check`] for every followed peer (the ticker's first step each round).
     pub(crate) fn check_all(&self) {
         let peers: Vec<NodeId> = self.peers.lock().keys().copied().collect();
         for peer in peers {
@@ -606,8 +634,9 @@ async fn call_batch(
 /// heard nothing for two intervals (so one ping per interval serves both, and either side
 /// still notices the other's death).
 async fn run_pinger(ctx: Arc<LinkCtx>, peer: NodeId, addr: SocketAddr) {
-    let mut every = tokio::time::interval(ctx.ping_every);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // On the node's grid: every peer's pinger (and the registry's ticker, when its period
+    // is the same) wakes at once.
+    let mut every = crate::clock::grid_interval(ctx.ping_every);
     let timeout = ctx.liveness.timeout;
     // Pings under way: at most one per interval of the timeout (a bound, not a queue).
     let pings = Arc::new(Semaphore::new(
@@ -654,6 +683,27 @@ mod tests {
             },
             rx,
         )
+    }
+
+    #[test]
+    fn a_stall_of_this_process_declares_no_peer_dead_but_real_silence_does() {
+        let timeout = Duration::from_millis(60);
+        let live = Liveness::new(timeout);
+        live.register(2);
+        live.heard(2, 7);
+        assert!(live.check(2));
+        // Nothing ran here for twice the timeout (a SIGSTOP): the first check forgives.
+        std::thread::sleep(2 * timeout);
+        assert!(live.check(2), "our own stall is not the peer's death");
+        assert!(!live.is_dead(2));
+        // Checked all along, the peer stays silent: dead after one timeout.
+        let start = Instant::now();
+        while live.check(2) {
+            assert!(start.elapsed() < 10 * timeout, "never found dead");
+            std::thread::sleep(timeout / 6);
+        }
+        assert!(live.is_dead(2));
+        assert!(start.elapsed() >= timeout - timeout / 6);
     }
 
     #[tokio::test]
@@ -745,7 +795,12 @@ mod tests {
         assert!(!l.is_dead(7), "never heard: not dead either");
         l.heard(7, 1);
         assert!(l.check(7));
-        std::thread::sleep(Duration::from_millis(60));
+        // Checked every 10 ms (as the pinger does), silent for 60 ms.
+        for _ in 0..6 {
+            std::thread::sleep(Duration::from_millis(10));
+            l.check(7);
+        }
+        std::thread::sleep(Duration::from_millis(10));
         assert!(!l.check(7), "silent past the timeout");
         assert!(l.is_dead(7));
         l.heard(7, 2);

@@ -151,6 +151,8 @@ struct ElectionGate {
     /// once when liveness finds the leader dead. Set before a pause, it keeps a process that
     /// resumes (SIGCONT) from campaigning on timers that all ran out while it was stopped.
     follows_live_leader: AtomicBool,
+    /// The group's tick timer: paused while it is quiesced here ([`crate::clock`]).
+    clock: Arc<crate::clock::GroupClock>,
 }
 
 /// A leadership transfer's hold on one replica: until `until`, or until a leader of a
@@ -164,8 +166,9 @@ struct TransferHold {
 }
 
 impl ElectionGate {
-    fn new() -> Self {
+    fn new(clock: Arc<crate::clock::GroupClock>) -> Self {
         Self {
+            clock,
             startup_held: AtomicBool::new(true),
             held: parking_lot::Mutex::new(None),
             quiesced: AtomicBool::new(false),
@@ -182,6 +185,7 @@ impl ElectionGate {
         raft.runtime_config()
             .elect(!quiesced && self.open(&held, elections_off));
         raft.runtime_config().tick(!quiesced);
+        self.clock.set_paused(quiesced);
     }
 
     /// True if nothing but quiescence holds this replica's elections: not draining, past
@@ -340,11 +344,15 @@ impl Registry {
         let sm = StateMachine::open(group, self.store.clone(), applier, &self.snapshot_root)
             .map_err(|e| start(e.to_string()))?;
         let network = NetworkFactory::new(group, self.links.clone());
-        let raft = Raft::new(self.node_id, self.config.clone(), network, log, sm)
-            .await
-            .map_err(|e| start(e.to_string()))?;
+        let clock = Arc::new(crate::clock::GroupClock::default());
+        let raft = crate::clock::with_group_clock(
+            clock.clone(),
+            Raft::new(self.node_id, self.config.clone(), network, log, sm),
+        )
+        .await
+        .map_err(|e| start(e.to_string()))?;
         let heard_from_leader = Arc::new(AtomicBool::new(false));
-        let gate = Arc::new(ElectionGate::new());
+        let gate = Arc::new(ElectionGate::new(clock));
         raft.runtime_config().elect(false);
         tokio::spawn(hold_elections_until_heard(
             raft.clone(),

@@ -34,6 +34,9 @@ pub const QUIESCE_ROUND_GROUPS_MAX: usize = 256;
 
 /// The links follow the groups' memberships, refreshed every this many ticks.
 const LINK_REFRESH_TICKS: u64 = 10;
+/// The registry ticker finding this many periods since its last pass takes it for a stall
+/// of the process (SIGSTOP, a VM pause), not of the leaders.
+const STALL_TICKS: u32 = 5;
 
 /// A group's activity as its leader sees it, and when its leader's AppendEntries last
 /// arrived here.
@@ -110,10 +113,12 @@ pub(super) fn start_ticker(registry: &Arc<Registry>) -> Result<(), RaftlogError>
     let every = Duration::from_millis(registry.options.heartbeat_interval_ms.max(1));
     let liveness = registry.links.ctx().liveness.clone();
     handle.spawn(async move {
-        let mut interval = tokio::time::interval(every);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // On the node's grid: the pingers of the same period wake with it.
+        let mut interval = crate::clock::grid_interval(every);
         let mut lives: HashMap<NodeId, PeerLife> = HashMap::new();
         let mut round: u64 = 0;
+        let mut last_pass = Instant::now();
+        let mut resumed_at: Option<Instant> = None;
         loop {
             let tick = tokio::select! {
                 _ = interval.tick() => true,
@@ -125,8 +130,20 @@ pub(super) fn start_ticker(registry: &Arc<Registry>) -> Result<(), RaftlogError>
             if registry.stopped.load(Ordering::Acquire) {
                 return;
             }
-            // After a stop (SIGSTOP, a VM pause) every peer has been silent for as long:
-            // find them dead before judging any group's leader alive.
+            // After a stop (SIGSTOP, a VM pause) every peer has been silent for as long;
+            // liveness gives them a fresh timeout rather than finding them dead.
+            let now = Instant::now();
+            if now.duration_since(last_pass) > every.saturating_mul(STALL_TICKS) {
+                // So were the leaders' AppendEntries: a leader that is still alive is given
+                // as long as after any AppendEntries to be heard again (it wakes the groups
+                // it quiesced without us when it hears from us) before we may campaign.
+                resumed_at = Some(now);
+                tracing::info!(
+                    stalled_ms = now.duration_since(last_pass).as_millis() as u64,
+                    "registry ticker resumed after a stall"
+                );
+            }
+            last_pass = now;
             liveness.check_all();
             let now_lives = liveness.snapshot();
             registry.on_liveness(&lives, &now_lives);
@@ -137,7 +154,7 @@ pub(super) fn start_ticker(registry: &Arc<Registry>) -> Result<(), RaftlogError>
                     registry.hold_minorities();
                 }
                 round += 1;
-                registry.tick_groups().await;
+                registry.tick_groups(resumed_at).await;
             }
         }
     });
@@ -210,8 +227,10 @@ impl Registry {
         ok
     }
 
-    /// One tick: heartbeats of every active group led here, and quiesce rounds.
-    async fn tick_groups(&self) {
+    /// One tick: heartbeats of every active group led here, and quiesce rounds. A follower's
+    /// leader stays "live" (no campaign on timers) while liveness reports it alive and its
+    /// last AppendEntries, or this process's resume from a stall (`resumed_at`), is recent.
+    async fn tick_groups(&self, resumed_at: Option<Instant>) {
         let now = Instant::now();
         let idle_for = Duration::from_millis(self.options.quiesce_idle_ms);
         let hosted = self.hosted_all();
@@ -231,9 +250,9 @@ impl Registry {
                     let follows = m.current_leader.is_some_and(|l| {
                         l != self.node_id
                             && !self.liveness().is_dead(l)
-                            && h.quiet
-                                .last_append()
-                                .is_some_and(|t| t.elapsed() < stale_after)
+                            && h.quiet.last_append().is_some_and(|t| {
+                                resumed_at.map_or(t, |r| r.max(t)).elapsed() < stale_after
+                            })
                     });
                     drop(m);
                     if h.gate.follows_live_leader.swap(follows, Ordering::AcqRel) != follows {
