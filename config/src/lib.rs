@@ -427,9 +427,9 @@ impl Config {
                 "cluster.replication {r} must be between 1 and the number of peers {n}"
             ));
         }
-        if self.cluster.partitions == 0 || self.cluster.partitions > 4096 {
+        if self.cluster.partitions == 0 || self.cluster.partitions > PARTITIONS_MAX {
             return Err(format!(
-                "cluster.partitions {} must be between 1 and 4096",
+                "cluster.partitions {} must be between 1 and {PARTITIONS_MAX}",
                 self.cluster.partitions
             ));
         }
@@ -506,6 +506,9 @@ pub const DEDUP_WINDOW_MS_MIN: u64 = 1_000;
 pub const GROUP_MEMBERS_MAX_DEFAULT: usize = 256;
 /// Default dedup window: `chatd_chat::DEDUP_WINDOW_MS_DEFAULT` (checked by chatd's tests).
 pub const DEDUP_WINDOW_MS_DEFAULT: u64 = 24 * 60 * 60 * 1000;
+/// Upper bound on `cluster.partitions` (the placement table of group 0 bounds it too:
+/// `chatd_membership::PARTITIONS_MAX`, the same value).
+pub const PARTITIONS_MAX: u32 = 16_384;
 
 /// The replication factor of a cluster of `nodes` nodes when the config sets none:
 /// `chatd_membership::default_replication` (checked by chatd's tests).

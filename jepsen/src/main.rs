@@ -73,7 +73,7 @@ struct TestArgs {
     #[arg(long)]
     keep_data: bool,
     /// Partitions of the cluster (`cluster init --partitions`).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=16_384))]
     partitions: u32,
 }
 

@@ -24,7 +24,7 @@ pub use members::{
     ReplicaMove, Step,
 };
 pub use placement::{
-    default_replication, place, PartitionAssignment, PartitionTable, PlacementError,
+    default_replication, place, PartitionAssignment, PartitionTable, PlacementError, PARTITIONS_MAX,
 };
 pub use routing::RoutingTable;
 

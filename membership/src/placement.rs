@@ -3,8 +3,9 @@
 use chatd_raftlog::{GroupId, NodeId};
 use serde::{Deserialize, Serialize};
 
-/// Upper bound on partitions in a cluster.
-pub const PARTITIONS_MAX: u32 = 4096;
+/// Upper bound on partitions in a cluster (idle partitions cost ~46 KiB and no timer per
+/// replica; BENCHMARKS.md measures 10,000). Equal to `chatd_config::PARTITIONS_MAX`.
+pub const PARTITIONS_MAX: u32 = 16_384;
 
 /// One partition's replicas.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -61,6 +61,10 @@ mod tests {
         assert_eq!(format!("{storage:?}"), format!("{want:?}"));
         assert_eq!(GROUP_MEMBERS_MAX_DEFAULT, chatd_chat::GROUP_MEMBERS_MAX);
         assert_eq!(DEDUP_WINDOW_MS_DEFAULT, chatd_chat::DEDUP_WINDOW_MS_DEFAULT);
+        assert_eq!(
+            chatd_config::PARTITIONS_MAX,
+            chatd_membership::PARTITIONS_MAX
+        );
         let gateway = GatewayConfig::default();
         assert_eq!(gateway.text_bytes_max, chatd_proto::TEXT_BYTES_MAX);
         for nodes in 0..10 {

@@ -233,16 +233,22 @@ impl Registry {
     async fn tick_groups(&self, resumed_at: Option<Instant>) {
         let now = Instant::now();
         let idle_for = Duration::from_millis(self.options.quiesce_idle_ms);
-        let hosted = self.hosted_all();
+        // Quiesced groups have nothing to do here: only the active ones are copied out (a
+        // node idles with thousands of quiesced groups; copying them all every tick was
+        // most of its CPU).
+        let hosted: Vec<(GroupId, Hosted)> = self
+            .groups
+            .read()
+            .iter()
+            .filter(|(_, h)| !h.gate.quiesced.load(Ordering::Acquire))
+            .map(|(g, h)| (*g, h.clone()))
+            .collect();
         let stale_after = Duration::from_millis(
             2 * (self.config.election_timeout_max + self.options.heartbeat_interval_ms),
         );
         let mut beats = Vec::new();
         let mut ready = Vec::new();
         for (group, h) in hosted {
-            if h.gate.quiesced.load(Ordering::Acquire) {
-                continue;
-            }
             let candidate = {
                 let m = h.raft.metrics();
                 let m = m.borrow();
@@ -389,17 +395,36 @@ impl Registry {
         let rejoin_hold = Duration::from_millis(
             self.config.election_timeout_max + self.options.heartbeat_interval_ms,
         );
-        for (group, h) in self.hosted_all() {
-            let minority = {
-                let m = h.raft.metrics();
-                let m = m.borrow();
-                let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
-                let reachable = voters
-                    .iter()
-                    .filter(|v| **v == self.node_id || !liveness.is_dead(**v))
-                    .count();
-                voters.len() > 1 && reachable * 2 <= voters.len()
-            };
+        // One pass under the read lock with one liveness snapshot (this runs every second
+        // over every group); only the groups whose verdict flips are acted on.
+        let lives = liveness.snapshot();
+        let dead = |v: &NodeId| {
+            lives
+                .get(v)
+                .is_some_and(|l| !l.alive && l.incarnation.is_some())
+        };
+        let flipped: Vec<(GroupId, Hosted, bool)> = self
+            .groups
+            .read()
+            .iter()
+            .filter_map(|(group, h)| {
+                let minority = {
+                    let m = h.raft.metrics();
+                    let m = m.borrow();
+                    let (mut voters, mut reachable) = (0usize, 0usize);
+                    for v in m.membership_config.membership().voter_ids() {
+                        voters += 1;
+                        if v == self.node_id || !dead(&v) {
+                            reachable += 1;
+                        }
+                    }
+                    voters > 1 && reachable * 2 <= voters
+                };
+                (h.gate.in_minority.load(Ordering::Acquire) != minority)
+                    .then(|| (*group, h.clone(), minority))
+            })
+            .collect();
+        for (group, h, minority) in flipped {
             if h.gate.in_minority.swap(minority, Ordering::AcqRel) != minority {
                 if minority {
                     tracing::debug!(
