@@ -6,7 +6,7 @@
 //! per destination node); each node fans it out to its local sessions. Live push is best
 //! effort: a session that cannot keep up is closed (`SLOW_CONSUMER`) and catches up by sync.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -22,6 +22,7 @@ use crate::limits::{ChatMembers, SendBuckets, TypingLimiter};
 use crate::node::{Node, ProposeError};
 use crate::queries::{ChatQuery, ChatQueryReply};
 use crate::receipts::{ReceiptQueue, RECEIPT_QUEUE_MAX};
+use chatd_raftlog::NodeId;
 
 mod handlers;
 use handlers::handle;
@@ -54,9 +55,25 @@ pub enum Ephemeral {
         online: bool,
         at_ms: u64,
     },
-    /// Every user with a session on `node`, re-announced each heartbeat.
+    /// Users with a session on `node` (sent by earlier versions; rosters replaced it).
     Online { node: u64, users: Vec<String> },
+    /// Part `part` (of `parts`) of round `round` of `node`'s roster: every user with a
+    /// session there, re-sent each heartbeat and whenever a peer comes back. A node that
+    /// holds a whole recent round sends `node` only the deliveries with a recipient there.
+    Roster {
+        node: u64,
+        round: u64,
+        part: u32,
+        parts: u32,
+        users: Vec<String>,
+    },
 }
+
+/// How long a new session waits for every peer to take the announcement that its user is
+/// online here before it serves anything (so a leader that skips this node for deliveries
+/// without a recipient here already knows). Past it the session goes on, and a roster is
+/// sent at once.
+pub const SESSION_ANNOUNCE_TIMEOUT_MS: u64 = 1_000;
 
 enum Outbound {
     /// Shared by every session a push goes to; a pointer keeps the session queue's slots
@@ -85,6 +102,8 @@ pub struct Gateway {
     typing_members: ChatMembers,
     /// Receipt cursors pushed to this node's sessions (never pushed backwards).
     receipts_pushed: crate::limits::ReceiptsPushed,
+    /// Asks the presence task to send this node's roster now (an announcement failed).
+    roster_now: Arc<tokio::sync::Notify>,
     pub presence: crate::presence::Presence,
     pub notifier: std::sync::OnceLock<crate::notify::Notifier>,
     pub metrics: crate::metrics::Metrics,
@@ -159,6 +178,7 @@ impl Gateway {
             receipts_rx: Mutex::new(Some(rx)),
             typing_members: ChatMembers::default(),
             receipts_pushed: Default::default(),
+            roster_now: Arc::new(tokio::sync::Notify::new()),
             presence: crate::presence::Presence::new(Duration::from_millis(config.presence_ttl_ms)),
             notifier: std::sync::OnceLock::new(),
             metrics: crate::metrics::Metrics {
@@ -333,6 +353,20 @@ impl Gateway {
                         self.push_changes(change);
                     }
                 }
+                Ephemeral::Roster {
+                    node,
+                    round,
+                    part,
+                    parts,
+                    users,
+                } => {
+                    for u in users {
+                        let local = self.has_session(u);
+                        let change = self.presence.announce(*node, u, true, 0, local);
+                        self.push_changes(change);
+                    }
+                    self.presence.roster_part(*node, *round, *part, *parts);
+                }
             }
         }
     }
@@ -378,30 +412,145 @@ pub async fn run_delivery(node: Weak<Node>, mut rx: mpsc::Receiver<(u64, Vec<Cha
                 }
             }
         }
-        n.broadcast(crate::node::NodeRequest::Deliver { events });
+        let skip = n.gateway.skippable_peers(&events, &n.peers_except_self());
+        if skip.is_empty() {
+            n.broadcast(crate::node::NodeRequest::Deliver { events });
+        } else {
+            n.gateway
+                .metrics
+                .deliveries_skipped
+                .fetch_add(skip.len() as u64, Ordering::Relaxed);
+            let to = n
+                .peers_except_self()
+                .into_iter()
+                .filter(|p| !skip.contains(p))
+                .collect();
+            n.broadcast_to(crate::node::NodeRequest::Deliver { events }, &to);
+        }
     }
 }
 
-/// Re-announces this node's online users every heartbeat and expires silent nodes' users.
-pub async fn run_presence(node: Weak<Node>) {
-    let interval = {
-        let Some(n) = node.upgrade() else { return };
-        Duration::from_millis(n.gateway.config.heartbeat_interval_ms.max(10))
-    };
-    let mut tick = tokio::time::interval(interval);
-    loop {
-        tick.tick().await;
-        let Some(n) = node.upgrade() else { return };
-        let users = n.gateway.online_users();
-        for chunk in users.chunks(PRESENCE_ANNOUNCE_USERS_MAX) {
-            n.broadcast_ephemeral(vec![Ephemeral::Online {
-                node: n.id,
-                users: chunk.to_vec(),
-            }]);
+impl Gateway {
+    /// The peers a delivery batch need not go to: this node knows their whole roster and
+    /// none of the batch's recipients has a session there. A join or leave goes everywhere
+    /// (every node's cached chat members for typing must see it).
+    fn skippable_peers(&self, events: &[ChatEvent], peers: &HashSet<NodeId>) -> HashSet<NodeId> {
+        let membership_change = events.iter().any(|e| {
+            matches!(e, ChatEvent::Message { message, .. }
+                if message.kind == "join" || message.kind == "leave")
+        });
+        if membership_change {
+            return HashSet::new();
         }
-        n.gateway.expire_presence();
+        let known: HashSet<NodeId> = peers
+            .iter()
+            .copied()
+            .filter(|p| self.presence.knows_roster_of(*p))
+            .collect();
+        if known.is_empty() {
+            return known;
+        }
+        let recipients: HashSet<&str> = events
+            .iter()
+            .flat_map(|e| match e {
+                ChatEvent::Message { recipients, .. }
+                | ChatEvent::Updated { recipients, .. }
+                | ChatEvent::Receipt { recipients, .. } => recipients.iter(),
+            })
+            .map(String::as_str)
+            .collect();
+        let holders = self.presence.holders(recipients);
+        known.into_iter().filter(|p| !holders.contains(p)).collect()
     }
 }
+
+/// Sends this node's roster (every user with a session here, in parts) every heartbeat,
+/// when a peer comes back or restarts, and when an announcement failed; forgets the roster
+/// of a peer found dead or restarted (deliveries go to it until its next whole round);
+/// expires silent nodes' users.
+pub async fn run_presence(node: Weak<Node>) {
+    let (interval, mut lives, roster_now) = {
+        let Some(n) = node.upgrade() else { return };
+        (
+            Duration::from_millis(n.gateway.config.heartbeat_interval_ms.max(10)),
+            n.registry.liveness().watch(),
+            n.gateway.roster_now.clone(),
+        )
+    };
+    let mut tick = tokio::time::interval(interval);
+    let mut round: u64 = 0;
+    let mut last: HashMap<NodeId, chatd_raftlog::PeerLife> = HashMap::new();
+    // A round some live peer did not take is sent again after this.
+    let mut retry: Option<tokio::time::Instant> = None;
+    loop {
+        // (heartbeat, asked for a roster now)
+        let (heartbeat, asked) = tokio::select! {
+            _ = tick.tick() => (true, false),
+            () = async {
+                match retry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => (false, true),
+            changed = lives.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                (false, false)
+            }
+            () = roster_now.notified() => (false, true),
+        };
+        let Some(n) = node.upgrade() else { return };
+        let now = n.registry.liveness().snapshot();
+        let mut send = heartbeat || asked;
+        for (peer, life) in &now {
+            let before = last.get(peer);
+            let restarted = before
+                .and_then(|b| b.incarnation)
+                .is_some_and(|i| life.incarnation.is_some_and(|n| n != i));
+            if (before.is_some_and(|b| b.alive) && !life.alive) || restarted {
+                n.gateway.presence.forget_roster_of(*peer);
+            }
+            if life.alive && (!before.is_some_and(|b| b.alive) || restarted) {
+                send = true;
+            }
+        }
+        last = now;
+        if send {
+            round += 1;
+            let users = n.gateway.online_users();
+            let parts: Vec<&[String]> = if users.is_empty() {
+                vec![&[]]
+            } else {
+                users.chunks(PRESENCE_ANNOUNCE_USERS_MAX).collect()
+            };
+            let count = parts.len() as u32;
+            let mut taken = true;
+            for (i, chunk) in parts.into_iter().enumerate() {
+                let part = crate::node::NodeRequest::Ephemeral {
+                    items: vec![Ephemeral::Roster {
+                        node: n.id,
+                        round,
+                        part: i as u32,
+                        parts: count,
+                        users: chunk.to_vec(),
+                    }],
+                };
+                taken &= n
+                    .broadcast_confirmed(part, Duration::from_millis(SESSION_ANNOUNCE_TIMEOUT_MS))
+                    .await;
+            }
+            retry = (!taken)
+                .then(|| tokio::time::Instant::now() + Duration::from_millis(ROSTER_RETRY_MS));
+        }
+        if heartbeat {
+            n.gateway.expire_presence();
+        }
+    }
+}
+
+/// A roster round that some live peer did not take is sent again this much later.
+pub const ROSTER_RETRY_MS: u64 = 1_000;
 
 /// Users in one presence announcement.
 pub const PRESENCE_ANNOUNCE_USERS_MAX: usize = 4096;
@@ -549,12 +698,25 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
     if first_here {
         let change = gw.presence.local_change(&user, false, true, now_ms());
         gw.push_changes(change);
-        node.broadcast_ephemeral(vec![Ephemeral::Presence {
-            node: node.id,
-            user: user.clone(),
-            online: true,
-            at_ms: now_ms(),
-        }]);
+        // Every peer takes it (in order after anything queued before, such as this user's
+        // going offline a moment ago) before the session serves its first sync: a leader
+        // that sends deliveries only where recipients have sessions then includes this node.
+        let announced = node
+            .broadcast_confirmed(
+                crate::node::NodeRequest::Ephemeral {
+                    items: vec![Ephemeral::Presence {
+                        node: node.id,
+                        user: user.clone(),
+                        online: true,
+                        at_ms: now_ms(),
+                    }],
+                },
+                Duration::from_millis(SESSION_ANNOUNCE_TIMEOUT_MS),
+            )
+            .await;
+        if !announced {
+            gw.roster_now.notify_one();
+        }
     }
     // Writer: frames in queue order; closes on request. A write never outlives a close
     // request: a client that stopped reading cannot hold the writer.

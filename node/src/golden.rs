@@ -106,6 +106,18 @@ fn golden_node_requests() {
         "01 04 03 00 0163 0161 01 0162 01 02 0161 01 09 02 02 02 0161 0162",
     );
     pin(
+        &NodeRequest::Ephemeral {
+            items: vec![Ephemeral::Roster {
+                node: 2,
+                round: 7,
+                part: 0,
+                parts: 1,
+                users: vec!["a".into()],
+            }],
+        },
+        "01 04 01 03 02 07 00 01 01 0161",
+    );
+    pin(
         &NodeRequest::Presence {
             users: vec!["a".into()],
         },

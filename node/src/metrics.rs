@@ -59,6 +59,11 @@ pub struct Metrics {
     pub delivery_dropped: std::sync::Arc<AtomicU64>,
     /// Requests to other nodes (deliveries, typing) dropped: queue full or call failed.
     pub broadcast_dropped: AtomicU64,
+    /// Delivery batches this node's leaders did not send to a peer: no recipient has a
+    /// session there (the peer's roster is known here).
+    pub deliveries_skipped: AtomicU64,
+    /// Delivery batches other nodes' leaders sent here.
+    pub deliveries_received: AtomicU64,
     /// Forwarded requests answered "outcome unknown" because the target lost the
     /// leadership (a newer term seen here) or fell silent (node liveness) while they were
     /// in flight.
@@ -142,6 +147,20 @@ impl Metrics {
             "Deliveries or typing events for other nodes dropped (queue full or call failed).",
             "counter",
             self.broadcast_dropped.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            &mut out,
+            "chatd_peer_deliveries_skipped_total",
+            "Delivery batches not sent to a peer: none of their recipients has a session there.",
+            "counter",
+            self.deliveries_skipped.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            &mut out,
+            "chatd_peer_deliveries_received_total",
+            "Delivery batches other nodes' leaders sent to this node.",
+            "counter",
+            self.deliveries_received.load(Ordering::Relaxed).to_string(),
         );
         metric(
             &mut out,

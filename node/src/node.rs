@@ -264,7 +264,7 @@ pub struct Node {
     /// Set once a graceful drain starts: no new sessions, `/readyz` answers 503.
     draining: std::sync::atomic::AtomicBool,
     /// Per peer: the queue of [`Node::broadcast`] requests its sender task drains.
-    outboxes: std::sync::Mutex<HashMap<NodeId, tokio::sync::mpsc::Sender<NodeRequest>>>,
+    outboxes: std::sync::Mutex<HashMap<NodeId, tokio::sync::mpsc::Sender<Outgoing>>>,
     /// This node, for tasks it spawns.
     me: std::sync::OnceLock<Weak<Node>>,
     /// Moves replicas while this node leads group 0.
@@ -745,6 +745,10 @@ impl Node {
                 }
             }
             NodeRequest::Deliver { events } => {
+                self.gateway
+                    .metrics
+                    .deliveries_received
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.gateway.deliver_local(&events);
                 NodeReply::Delivered
             }
@@ -863,11 +867,69 @@ impl Node {
     /// call drops requests (counted in `chatd_peer_broadcasts_dropped_total`); clients
     /// notice the gap in seqs and fill it with `history`.
     pub fn broadcast(&self, req: NodeRequest) {
+        self.broadcast_where(req, |_| true, |_| None);
+    }
+
+    /// The ids of the membership's other nodes.
+    pub fn peers_except_self(&self) -> std::collections::HashSet<NodeId> {
+        self.peers()
+            .keys()
+            .copied()
+            .filter(|id| *id != self.id)
+            .collect()
+    }
+
+    /// [`Self::broadcast`] to the peers in `to` only.
+    pub fn broadcast_to(&self, req: NodeRequest, to: &std::collections::HashSet<NodeId>) {
+        self.broadcast_where(req, |id| to.contains(&id), |_| None);
+    }
+
+    /// [`Self::broadcast`], then waits (at most `timeout`) until every live peer has taken
+    /// `req` — and, the queue being in order, everything queued for it before. True if every
+    /// live peer did; one that is slow, fails the call or whose queue is full makes it
+    /// false. A peer that liveness reports dead gets `req` queued but is not waited for (it
+    /// forgets this node's roster meanwhile and takes the next one).
+    pub async fn broadcast_confirmed(&self, req: NodeRequest, timeout: Duration) -> bool {
+        let mut waits = Vec::new();
+        let liveness = self.registry.liveness();
+        let queued = self.broadcast_where(
+            req,
+            |_| true,
+            |id| {
+                if liveness.is_dead(id) {
+                    return None;
+                }
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                waits.push(rx);
+                Some(tx)
+            },
+        );
+        let all = futures::future::join_all(waits);
+        queued
+            && matches!(
+                tokio::time::timeout(timeout, all).await,
+                Ok(answers) if answers.iter().all(|a| matches!(a, Ok(true)))
+            )
+    }
+
+    /// Queues `req` for every peer `to` accepts, each with the confirmation `confirm`
+    /// makes for it; false if a queue was full.
+    fn broadcast_where(
+        &self,
+        req: NodeRequest,
+        to: impl Fn(NodeId) -> bool,
+        mut confirm: impl FnMut(NodeId) -> Option<tokio::sync::oneshot::Sender<bool>>,
+    ) -> bool {
+        let mut all_queued = true;
         let mut outboxes = self
             .outboxes
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for p in self.peers().values().filter(|p| p.id != self.id) {
+        for p in self
+            .peers()
+            .values()
+            .filter(|p| p.id != self.id && to(p.id))
+        {
             let tx = outboxes.entry(p.id).or_insert_with(|| {
                 let (tx, rx) = tokio::sync::mpsc::channel(BROADCAST_QUEUE_REQUESTS_MAX);
                 tokio::spawn(run_outbox(
@@ -878,13 +940,19 @@ impl Node {
                 ));
                 tx
             });
-            if tx.try_send(req.clone()).is_err() {
+            let item = Outgoing {
+                req: req.clone(),
+                taken: confirm(p.id),
+            };
+            if tx.try_send(item).is_err() {
+                all_queued = false;
                 self.gateway
                     .metrics
                     .broadcast_dropped
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        all_queued
     }
 
     /// A weak reference to this node (empty before construction finished).
@@ -1040,10 +1108,16 @@ async fn bootstrap_meta(node: Weak<Node>) {
 /// queued: consecutive deliveries into one `Deliver`, typing events into one `Ephemeral`
 /// (at most [`BROADCAST_MERGE_REQUESTS_MAX`] requests per call). Ends when the node is
 /// dropped.
+/// A request queued for one peer, and who waits to learn that the peer took it.
+struct Outgoing {
+    req: NodeRequest,
+    taken: Option<tokio::sync::oneshot::Sender<bool>>,
+}
+
 async fn run_outbox(
     endpoint: Endpoint,
     addr: std::net::SocketAddr,
-    mut rx: tokio::sync::mpsc::Receiver<NodeRequest>,
+    mut rx: tokio::sync::mpsc::Receiver<Outgoing>,
     node: Weak<Node>,
 ) {
     let dropped = |n: u64| {
@@ -1062,11 +1136,21 @@ async fn run_outbox(
                 Err(_) => break,
             }
         }
-        for req in merge_broadcasts(batch) {
+        let mut waiting = Vec::new();
+        let requests: Vec<NodeRequest> = batch
+            .into_iter()
+            .map(|o| {
+                waiting.extend(o.taken);
+                o.req
+            })
+            .collect();
+        let mut all_taken = true;
+        for req in merge_broadcasts(requests) {
             let mut frame = vec![NODE_SERVICE_TAG];
             if let Err(e) = chatd_codec::encode_into(&req, &mut frame) {
                 tracing::error!(error = %e, "cannot encode a broadcast");
                 dropped(1);
+                all_taken = false;
                 continue;
             }
             let sent = endpoint
@@ -1076,10 +1160,23 @@ async fn run_outbox(
                     Duration::from_millis(BROADCAST_TIMEOUT_MS),
                 )
                 .await;
-            if let Err(e) = sent {
+            // Taken means served: a node still starting answers `Failed` and drops it.
+            let served = match sent {
+                Ok(reply) => match chatd_codec::decode::<NodeReply>(&reply) {
+                    Ok(NodeReply::Delivered) => Ok(()),
+                    Ok(other) => Err(format!("{other:?}")),
+                    Err(e) => Err(e.to_string()),
+                },
+                Err(e) => Err(e.to_string()),
+            };
+            if let Err(e) = served {
                 tracing::debug!(%addr, error = %e, "broadcast to a peer failed");
                 dropped(1);
+                all_taken = false;
             }
+        }
+        for w in waiting {
+            let _ = w.send(all_taken);
         }
     }
 }

@@ -50,10 +50,26 @@ struct Shard {
     watching: HashMap<String, HashSet<String>>,
 }
 
+/// Where a remote node's roster (every user with a session there, re-sent each heartbeat
+/// in numbered parts) stands here.
+#[derive(Default)]
+struct Roster {
+    round: u64,
+    /// The next part expected of `round` (parts come in order; a gap voids the round).
+    next_part: Option<u32>,
+    /// Until when this node knows every user with a session there: a whole round arrived
+    /// within the presence TTL. Sessions opened since were announced before they served
+    /// anything (`Node::broadcast_confirmed`).
+    complete_until: Option<Instant>,
+}
+
 /// The cluster-wide presence table of one node.
 pub struct Presence {
     ttl: Duration,
     shards: Box<[Mutex<Shard>]>,
+    /// node → its roster's state here: whether deliveries to it may skip it when none of
+    /// their recipients has a session there.
+    rosters: Mutex<HashMap<NodeId, Roster>>,
     /// user → last time it was seen going offline (ms since epoch); bounded, idle entries
     /// dropped.
     last_seen: Cache<String, u64>,
@@ -81,6 +97,7 @@ impl Presence {
             shards: (0..PRESENCE_SHARDS)
                 .map(|_| Mutex::new(Shard::default()))
                 .collect(),
+            rosters: Mutex::new(HashMap::new()),
             last_seen: Cache::builder()
                 .max_capacity(users_max)
                 .time_to_idle(idle)
@@ -116,6 +133,61 @@ impl Presence {
                 .remote
                 .get(user)
                 .is_some_and(|nodes| nodes.values().any(|a| a.until > now))
+    }
+
+    /// Part `part` of `parts` of `node`'s roster round `round` arrived (its users were
+    /// announced online through [`Self::announce`]). Parts come in order on one channel; a
+    /// missing part voids the round, and the previous complete one stands until it lapses.
+    pub fn roster_part(&self, node: NodeId, round: u64, part: u32, parts: u32) {
+        let mut rosters = self.rosters.lock().unwrap_or_else(|p| p.into_inner());
+        let r = rosters.entry(node).or_default();
+        if r.round != round || r.next_part.is_none() && part == 0 {
+            r.round = round;
+            r.next_part = Some(0);
+        }
+        if r.next_part == Some(part) {
+            let next = part.saturating_add(1);
+            if next >= parts {
+                r.complete_until = Some(Instant::now() + self.ttl);
+                r.next_part = None;
+            } else {
+                r.next_part = Some(next);
+            }
+        } else {
+            r.next_part = None;
+        }
+    }
+
+    /// Whether this node knows every user with a session on `node` (a whole roster within
+    /// the TTL): if not, deliveries must go there whoever their recipients are.
+    pub fn knows_roster_of(&self, node: NodeId) -> bool {
+        let now = Instant::now();
+        self.rosters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&node)
+            .and_then(|r| r.complete_until)
+            .is_some_and(|t| t > now)
+    }
+
+    /// Forgets what this node knew of `node`'s roster (it restarted, or was unreachable).
+    pub fn forget_roster_of(&self, node: NodeId) {
+        self.rosters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&node);
+    }
+
+    /// The remote nodes that announced a session of any of `users` (within the TTL).
+    pub fn holders<'a>(&self, users: impl IntoIterator<Item = &'a str>) -> HashSet<NodeId> {
+        let now = Instant::now();
+        let mut out = HashSet::new();
+        for u in users {
+            if let Some(nodes) = self.lock(u).remote.get(u) {
+                out.extend(nodes.iter().filter(|(_, a)| a.until > now).map(|(n, _)| *n));
+            }
+        }
+        out
     }
 
     /// The presence of `users`; `local` says whether this node has a session of a user.
@@ -325,6 +397,40 @@ impl Presence {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn a_roster_is_known_only_whole_in_order_and_within_the_ttl() {
+        let p = Presence::new(Duration::from_secs(2));
+        assert!(!p.knows_roster_of(2), "nothing heard");
+        p.roster_part(2, 1, 0, 2);
+        assert!(!p.knows_roster_of(2), "half a round");
+        p.roster_part(2, 1, 1, 2);
+        assert!(p.knows_roster_of(2));
+        // A round with a missing part does not count; the last whole one stands.
+        p.roster_part(2, 2, 1, 2);
+        assert!(p.knows_roster_of(2));
+        p.roster_part(3, 7, 0, 3);
+        p.roster_part(3, 7, 2, 3);
+        assert!(!p.knows_roster_of(3), "part 1 of 3 missing");
+        // An empty node's roster is one empty part.
+        p.roster_part(4, 1, 0, 1);
+        assert!(p.knows_roster_of(4));
+        p.forget_roster_of(4);
+        assert!(!p.knows_roster_of(4), "forgotten (restart, unreachable)");
+        // Who holds whom: announced online, within the TTL.
+        p.announce(2, "carol", true, 1, false);
+        p.announce(3, "carol", true, 1, false);
+        p.announce(3, "dave", true, 1, false);
+        p.announce(3, "dave", false, 2, false);
+        assert_eq!(p.holders(["carol"]), HashSet::from([2, 3]));
+        assert_eq!(p.holders(["dave", "erin"]), HashSet::new());
+        let short = Presence::new(Duration::from_millis(100));
+        short.roster_part(2, 1, 0, 1);
+        short.announce(2, "carol", true, 1, false);
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(!short.knows_roster_of(2), "lapsed with the TTL");
+        assert!(short.holders(["carol"]).is_empty());
+    }
 
     #[test]
     fn announcements_expire_and_flip_watched_users_offline() {

@@ -1603,3 +1603,85 @@ async fn chat_sessions_per_user_are_bounded_and_every_device_gets_each_message()
     })
     .await;
 }
+
+/// A leader sends a delivery only to the nodes holding a recipient's session (once it knows
+/// every node's roster), and a session that has just opened gets the very next message
+/// live: its node announced it to every leader before serving it anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_deliveries_go_only_to_nodes_holding_a_recipients_session() {
+    use crate::failover::metric;
+    const RECEIVED: &str = "chatd_peer_deliveries_received_total";
+    async fn elsewhere(c: &Cluster) -> u64 {
+        metric(c, 2, RECEIVED).await + metric(c, 3, RECEIVED).await
+    }
+    bounded(async {
+        let c = cluster3(&[]).await;
+        let ta = create_user(&c, 1, "alice").await;
+        let tb = create_user(&c, 1, "bob").await;
+        let tc = create_user(&c, 1, "carol").await;
+        // Both of the first chat's members on node 1: nodes 2 and 3 hold no recipient, and
+        // whichever node leads the chat's partition, one of them is not it.
+        let mut alice = Ws::connect(c.node(1).api, "alice", &ta).await;
+        let mut bob = Ws::connect(c.node(1).api, "bob", &tb).await;
+        let chat = alice.open_direct("bob").await;
+        let with_carol = alice.open_direct("carol").await;
+        // Rosters are exchanged at start and whenever a peer comes up; until every node
+        // knows every other's, deliveries still go everywhere (a liveness bound).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for n in 0.. {
+            let before = elsewhere(&c).await;
+            alice.send_ok(&chat, &format!("w{n}"), "warm-up").await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            if elsewhere(&c).await == before {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "deliveries still go to every node"
+            );
+        }
+        let before = elsewhere(&c).await;
+        for i in 0..20 {
+            alice
+                .send_ok(&chat, &format!("m{i}"), &format!("hello {i}"))
+                .await;
+        }
+        let mut got = Vec::new();
+        while got.len() < 20 {
+            let f = bob
+                .wait_for(DELIVERY, |f| {
+                    f["type"] == "message"
+                        && f["message"]["chat"] == chat.as_str()
+                        && f["message"]["text"]
+                            .as_str()
+                            .is_some_and(|t| t.starts_with("hello"))
+                })
+                .await
+                .unwrap_or_else(|| panic!("bob got {} of 20 messages live", got.len()));
+            got.push(
+                f["message"]["text"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+        let want: Vec<String> = (0..20).map(|i| format!("hello {i}")).collect();
+        assert_eq!(got, want, "every message, once, in order");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            elsewhere(&c).await,
+            before,
+            "nodes 2 and 3 hold no recipient's session: no delivery went there"
+        );
+        // Carol's first session, on node 3: the next message reaches her live.
+        let mut carol = Ws::connect(c.node(3).api, "carol", &tc).await;
+        alice.send_ok(&with_carol, "c1", "for carol").await;
+        let live = carol
+            .wait_for(DELIVERY, |f| {
+                f["type"] == "message" && f["message"]["text"] == "for carol"
+            })
+            .await;
+        assert!(live.is_some(), "a session that just opened missed a push");
+    })
+    .await;
+}

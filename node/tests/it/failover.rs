@@ -157,7 +157,7 @@ async fn failover_a_resumed_node_unseats_no_leader() {
 }
 
 /// The value of an unlabelled metric on node `id`.
-async fn metric(c: &crate::harness::Cluster, id: u64, name: &str) -> u64 {
+pub(crate) async fn metric(c: &crate::harness::Cluster, id: u64, name: &str) -> u64 {
     let text = c
         .http
         .get(c.url(id, "/metrics"))
