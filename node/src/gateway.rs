@@ -346,13 +346,7 @@ impl Gateway {
                     let change = self.presence.announce(*node, user, *online, *at_ms, local);
                     self.push_changes(change);
                 }
-                Ephemeral::Online { node, users } => {
-                    for u in users {
-                        let local = self.has_session(u);
-                        let change = self.presence.announce(*node, u, true, 0, local);
-                        self.push_changes(change);
-                    }
-                }
+                Ephemeral::Online { node, users } => self.announce_online(*node, users),
                 Ephemeral::Roster {
                     node,
                     round,
@@ -360,14 +354,19 @@ impl Gateway {
                     parts,
                     users,
                 } => {
-                    for u in users {
-                        let local = self.has_session(u);
-                        let change = self.presence.announce(*node, u, true, 0, local);
-                        self.push_changes(change);
-                    }
+                    self.announce_online(*node, users);
                     self.presence.roster_part(*node, *round, *part, *parts);
                 }
             }
+        }
+    }
+
+    /// `users` have a session on `node` (an announcement or a roster part).
+    fn announce_online(&self, node: NodeId, users: &[String]) {
+        for u in users {
+            let local = self.has_session(u);
+            let change = self.presence.announce(node, u, true, 0, local);
+            self.push_changes(change);
         }
     }
 
@@ -412,7 +411,8 @@ pub async fn run_delivery(node: Weak<Node>, mut rx: mpsc::Receiver<(u64, Vec<Cha
                 }
             }
         }
-        let skip = n.gateway.skippable_peers(&events, &n.peers_except_self());
+        let peers = n.peers_except_self();
+        let skip = n.gateway.skippable_peers(&events, &peers);
         if skip.is_empty() {
             n.broadcast(crate::node::NodeRequest::Deliver { events });
         } else {
@@ -420,11 +420,7 @@ pub async fn run_delivery(node: Weak<Node>, mut rx: mpsc::Receiver<(u64, Vec<Cha
                 .metrics
                 .deliveries_skipped
                 .fetch_add(skip.len() as u64, Ordering::Relaxed);
-            let to = n
-                .peers_except_self()
-                .into_iter()
-                .filter(|p| !skip.contains(p))
-                .collect();
+            let to = peers.difference(&skip).copied().collect();
             n.broadcast_to(crate::node::NodeRequest::Deliver { events }, &to);
         }
     }

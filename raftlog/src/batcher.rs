@@ -130,6 +130,7 @@ async fn run(
                 }
             }
             Ok(answer) => {
+                let raft = raft.clone();
                 tokio::spawn(async move {
                     let result = answer.await;
                     drop(permit);
@@ -160,6 +161,14 @@ async fn run(
                             }
                         }
                         Err(_) => {
+                            // openraft dropped the answer: its core stopped (a fatal
+                            // error or a shutdown). Say which, for the operator.
+                            let state = raft.metrics().borrow().running_state.clone();
+                            tracing::warn!(
+                                group,
+                                ?state,
+                                "raft dropped the answer to a proposal batch: outcome unknown"
+                            );
                             let e = ProposeError::Raft(format!("group {group} stopped"));
                             for r in replies {
                                 let _ = r.send(Err(e.clone()));

@@ -199,12 +199,14 @@ impl Network {
         let mut tagged = Vec::with_capacity(frame.len() + 1);
         tagged.push(RAFT_SERVICE_TAG);
         tagged.extend_from_slice(&frame);
+        let started = std::time::Instant::now();
         let reply = self
             .endpoint
             .call_with_timeout(addr, Bytes::from(tagged), ttl)
             .await;
         self.health.record(
             self.target,
+            started,
             reply
                 .as_ref()
                 .map(|_| ())

@@ -261,6 +261,12 @@ impl Liveness {
 /// Whether each peer answers Raft RPCs, as all groups together see it. Every group's RPC
 /// outcome is recorded here, and only a change is logged: a peer's loss once (WARN) and its
 /// return once (INFO), with counters, instead of one error per group and retry.
+///
+/// Calls to one peer overlap (several batches in flight, single RPCs beside them) and end
+/// out of order: a call started while the peer was down may time out after a later one
+/// was answered. The state follows the outcome of the latest *started* call seen so far;
+/// an outcome of a call started before the one that set the state is stale and ignored,
+/// so a peer's return is not followed by a false loss and a second return.
 #[derive(Default)]
 pub struct PeerHealth {
     peers: parking_lot::Mutex<std::collections::HashMap<NodeId, PeerState>>,
@@ -269,22 +275,45 @@ pub struct PeerHealth {
 }
 
 #[derive(Clone, Copy)]
-enum PeerState {
-    Up,
-    Down { since: std::time::Instant },
+struct PeerState {
+    /// Down since then; `None`: up.
+    down_since: Option<Instant>,
+    /// When the call whose outcome set this state was started.
+    decided_by: Instant,
 }
 
 impl PeerHealth {
-    /// Records the outcome of one RPC to `peer`.
-    pub fn record(&self, peer: NodeId, outcome: Result<(), &dyn std::fmt::Display>) {
+    /// Records the outcome of one call to `peer`, started at `started`.
+    pub fn record(
+        &self,
+        peer: NodeId,
+        started: Instant,
+        outcome: Result<(), &dyn std::fmt::Display>,
+    ) {
         let mut peers = self.peers.lock();
         let before = peers.get(&peer).copied();
-        match (before, outcome) {
-            (None | Some(PeerState::Up), Ok(())) => {
-                peers.insert(peer, PeerState::Up);
+        if before.is_some_and(|b| started < b.decided_by) {
+            return;
+        }
+        let was_down = before.and_then(|b| b.down_since);
+        match (was_down, outcome) {
+            (None, Ok(())) => {
+                peers.insert(
+                    peer,
+                    PeerState {
+                        down_since: None,
+                        decided_by: started,
+                    },
+                );
             }
-            (Some(PeerState::Down { since }), Ok(())) => {
-                peers.insert(peer, PeerState::Up);
+            (Some(since), Ok(())) => {
+                peers.insert(
+                    peer,
+                    PeerState {
+                        down_since: None,
+                        decided_by: started,
+                    },
+                );
                 self.recovered_total
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(
@@ -293,18 +322,27 @@ impl PeerHealth {
                     "peer reachable again"
                 );
             }
-            (None | Some(PeerState::Up), Err(cause)) => {
+            (None, Err(cause)) => {
                 peers.insert(
                     peer,
-                    PeerState::Down {
-                        since: std::time::Instant::now(),
+                    PeerState {
+                        down_since: Some(Instant::now()),
+                        decided_by: started,
                     },
                 );
                 self.lost_total
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(peer, %cause, "peer unreachable for Raft RPCs");
             }
-            (Some(PeerState::Down { .. }), Err(_)) => {}
+            (Some(since), Err(_)) => {
+                peers.insert(
+                    peer,
+                    PeerState {
+                        down_since: Some(since),
+                        decided_by: started,
+                    },
+                );
+            }
         }
     }
 
@@ -314,7 +352,7 @@ impl PeerHealth {
             .peers
             .lock()
             .iter()
-            .filter(|(_, s)| matches!(s, PeerState::Down { .. }))
+            .filter(|(_, s)| s.down_since.is_some())
             .map(|(p, _)| *p)
             .collect();
         v.sort_unstable();
@@ -599,12 +637,14 @@ async fn call_batch(
         cause: e.to_string(),
     })?;
     ctx.stats.batches_total.fetch_add(1, Ordering::Relaxed);
+    let started = Instant::now();
     let reply = ctx
         .endpoint
         .call_with_timeout(addr, Bytes::from(frame), ttl)
         .await;
     ctx.health.record(
         peer,
+        started,
         reply
             .as_ref()
             .map(|_| ())
@@ -683,6 +723,32 @@ mod tests {
             },
             rx,
         )
+    }
+
+    #[test]
+    fn a_stale_outcome_of_an_overlapping_call_changes_no_peer_health() {
+        let h = PeerHealth::default();
+        let err: &dyn std::fmt::Display = &"timed out";
+        let t0 = Instant::now();
+        let t = |ms| t0 + Duration::from_millis(ms);
+        h.record(2, t(0), Ok(()));
+        h.record(2, t(10), Err(err));
+        assert_eq!(h.down(), vec![2]);
+        // A call started while the peer was down is answered after it came back...
+        h.record(2, t(30), Ok(()));
+        assert_eq!(h.transitions(), (1, 1));
+        // ...and one started earlier times out only now: stale, no second loss.
+        h.record(2, t(20), Err(err));
+        assert!(h.down().is_empty());
+        // An old success after a fresh failure does not bring it back either.
+        h.record(2, t(40), Err(err));
+        h.record(2, t(35), Ok(()));
+        assert_eq!(h.down(), vec![2]);
+        assert_eq!(h.transitions(), (2, 1));
+        // A failure while down only moves the mark; the next fresh success is one return.
+        h.record(2, t(50), Err(err));
+        h.record(2, t(60), Ok(()));
+        assert_eq!(h.transitions(), (2, 2));
     }
 
     #[test]

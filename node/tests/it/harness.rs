@@ -458,12 +458,27 @@ impl Cluster {
     }
 }
 
+/// Lines of each node's log shown when a test fails (its temp dir goes with it).
+const FAILED_TEST_LOG_LINES_MAX: usize = 60;
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         for n in &mut self.nodes {
             if let Some(mut c) = n.child.take() {
                 let _ = c.kill();
                 let _ = c.wait();
+            }
+        }
+        // A failing test's nodes explain it: show the end of each log before it is deleted.
+        if std::thread::panicking() {
+            for n in &self.nodes {
+                let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = &lines[lines.len().saturating_sub(FAILED_TEST_LOG_LINES_MAX)..];
+                eprintln!("---- node {} log (last {} lines) ----", n.id, tail.len());
+                for l in tail {
+                    eprintln!("{l}");
+                }
             }
         }
     }
