@@ -249,9 +249,16 @@ pub fn render_raft(registry: &chatd_raftlog::Registry, out: &mut String) {
         ),
         (
             "chatd_raft_peer_pings_total",
-            "Liveness pings sent to peers.",
+            "Liveness pings sent to peers as empty batches (a QUIC stream each: when a peer \
+             was not heard lately).",
             "counter",
             counter(&links.pings_total),
+        ),
+        (
+            "chatd_raft_peer_datagram_pings_total",
+            "Liveness pings sent to peers as QUIC datagrams (the usual way).",
+            "counter",
+            counter(&links.datagram_pings_total),
         ),
         (
             "chatd_raft_entry_bytes_sent_total",

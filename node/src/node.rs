@@ -223,6 +223,20 @@ impl QuicHandler {
     }
 }
 
+/// [`QuicHandler`] as the transport's handler: calls, and liveness datagrams (answered
+/// on the connection's reader, without a task).
+struct QuicService(Arc<QuicHandler>);
+
+impl chatd_transport::Handler for QuicService {
+    fn handle(&self, peer: PeerInfo, request: Bytes) -> BoxFuture<'static, Bytes> {
+        self.0.serve(peer, request)
+    }
+
+    fn datagram(&self, _peer: &PeerInfo, datagram: Bytes) -> Option<Bytes> {
+        self.0.registry.get()?.handle_datagram(&datagram)
+    }
+}
+
 fn encode_or_empty<T: Serialize>(v: &T) -> Bytes {
     match chatd_codec::encode(v) {
         Ok(b) => Bytes::from(b),
@@ -335,7 +349,7 @@ impl Node {
                 connect_timeout_ms: CLUSTER_CONNECT_TIMEOUT_MS,
                 ..TransportLimits::default()
             },
-            Arc::new(move |peer: PeerInfo, req: Bytes| h.serve(peer, req)),
+            Arc::new(QuicService(h)),
         )?;
         let registry = Registry::new(
             id,

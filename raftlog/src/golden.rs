@@ -283,6 +283,24 @@ fn golden_quiesce_and_peer_batches() {
         replies: vec![ByteBuf::new(), ByteBuf::from(vec![5])],
     };
     pin(&reply, "01 07 02 00 01 05");
+    use crate::peers::{LivenessPing, LIVENESS_DATAGRAM_TAG};
+    assert_eq!(LIVENESS_DATAGRAM_TAG, 0x04);
+    let ping = LivenessPing {
+        from: 2,
+        incarnation: 7,
+        answer: false,
+    };
+    pin(&ping, "01 02 07 00");
+    let datagram = ping.datagram().unwrap();
+    assert_eq!(&datagram[..], [0x04, 0x01, 0x02, 0x07, 0x00]);
+    pin(
+        &LivenessPing {
+            from: 3,
+            incarnation: 1 << 40,
+            answer: true,
+        },
+        "01 03 fd0000000000010000 01",
+    );
 }
 
 #[test]

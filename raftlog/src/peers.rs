@@ -7,6 +7,11 @@
 //! with one reply per RPC, in order. Each RPC inside is an encoded `RaftEnvelope`, as on
 //! the single-RPC path (`RAFT_SERVICE_TAG`), which snapshots and frames too large for a
 //! batch still take. An empty batch is a ping.
+//!
+//! Liveness pings go as QUIC datagrams (`[LIVENESS_DATAGRAM_TAG][codec(LivenessPing)]`,
+//! answered by one datagram on the same connection): no stream, no task, three packets per
+//! exchange. A peer not heard for two intervals (no connection yet, datagrams lost, a peer
+//! that does not answer them) gets an empty batch as well, which dials and always works.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -24,6 +29,30 @@ use crate::NodeId;
 
 /// First byte of a QUIC request that carries a batch of Raft RPCs (or a ping).
 pub const RAFT_BATCH_SERVICE_TAG: u8 = 0x03;
+
+/// First byte of a liveness datagram (a ping or its answer).
+pub const LIVENESS_DATAGRAM_TAG: u8 = 0x04;
+
+/// A liveness datagram: a ping, or the answer to one. Either tells its receiver that the
+/// sender (process `incarnation`) is alive.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub(crate) struct LivenessPing {
+    /// The sending node.
+    pub from: NodeId,
+    /// The sending process's incarnation.
+    pub incarnation: u64,
+    /// True for an answer (never answered itself).
+    pub answer: bool,
+}
+
+impl LivenessPing {
+    /// The datagram: tag, then the encoded ping.
+    pub(crate) fn datagram(&self) -> Option<Bytes> {
+        let mut d = vec![LIVENESS_DATAGRAM_TAG];
+        chatd_codec::encode_into(self, &mut d).ok()?;
+        Some(Bytes::from(d))
+    }
+}
 
 /// RPCs waiting for their batch on one peer's link; a full queue refuses more (the group
 /// backs off as from an unreachable peer).
@@ -374,6 +403,8 @@ impl PeerHealth {
 pub struct LinkStats {
     /// Batches sent (pings included).
     pub batches_total: AtomicU64,
+    /// Liveness pings sent as datagrams (not counted in `pings_total`).
+    pub datagram_pings_total: AtomicU64,
     /// RPCs sent in batches.
     pub rpcs_total: AtomicU64,
     /// Pings sent.
@@ -682,11 +713,29 @@ async fn run_pinger(ctx: Arc<LinkCtx>, peer: NodeId, addr: SocketAddr) {
     let pings = Arc::new(Semaphore::new(
         (timeout.as_millis() / ctx.ping_every.as_millis().max(1)).clamp(1, 64) as usize,
     ));
+    let datagram = LivenessPing {
+        from: ctx.node_id,
+        incarnation: ctx.incarnation,
+        answer: false,
+    }
+    .datagram();
     loop {
         every.tick().await;
         ctx.liveness.check(peer);
-        if ctx.node_id > peer && ctx.liveness.heard_within(peer, 2 * ctx.ping_every) {
+        let heard_lately = ctx.liveness.heard_within(peer, 2 * ctx.ping_every);
+        if ctx.node_id > peer && heard_lately {
             continue;
+        }
+        // Heard lately: a datagram (answered by one) is enough.
+        if heard_lately {
+            if let Some(d) = datagram.clone() {
+                if ctx.endpoint.send_datagram(addr, d).is_ok() {
+                    ctx.stats
+                        .datagram_pings_total
+                        .fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+            }
         }
         let Ok(slot) = pings.clone().try_acquire_owned() else {
             continue;

@@ -975,6 +975,32 @@ impl Registry {
         }
     }
 
+    /// Handles a datagram of raftlog's (a liveness ping or its answer), tag included: the
+    /// sender is heard from, and a ping is answered. `None`: nothing to send back (an answer,
+    /// a malformed datagram, a stranger's or another service's).
+    pub fn handle_datagram(&self, datagram: &[u8]) -> Option<Bytes> {
+        let (&crate::peers::LIVENESS_DATAGRAM_TAG, body) = datagram.split_first()? else {
+            return None;
+        };
+        let ping: crate::peers::LivenessPing = match chatd_codec::decode(body) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!(error = %e, "malformed liveness datagram; dropped");
+                return None;
+            }
+        };
+        self.liveness().heard_if_known(ping.from, ping.incarnation);
+        if ping.answer {
+            return None;
+        }
+        crate::peers::LivenessPing {
+            from: self.node_id,
+            incarnation: self.incarnation,
+            answer: true,
+        }
+        .datagram()
+    }
+
     /// Handles a batch of RPCs from one peer (all at once, each bounded by its sender's
     /// timeout) and encodes the replies in order.
     pub async fn handle_batch(&self, body: &[u8]) -> Bytes {

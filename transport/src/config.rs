@@ -75,9 +75,12 @@ fn tls_error(context: &str, e: impl std::fmt::Display) -> TransportError {
     }
 }
 
-/// Checks the limits and turns them into a quinn transport configuration.
+/// Checks the limits and turns them into a quinn transport configuration. Only the dialling
+/// side sends keep-alives (`keep_alive`): the accepting side's idle timer is reset by them
+/// all the same, and an idle connection costs half the packets and wake-ups.
 pub(crate) fn transport_config(
     limits: &TransportLimits,
+    keep_alive: bool,
 ) -> Result<TransportConfig, TransportError> {
     fn invalid<T>(reason: &str) -> Result<T, TransportError> {
         Err(TransportError::InvalidLimits {
@@ -104,10 +107,12 @@ pub(crate) fn transport_config(
         .max_concurrent_bidi_streams(VarInt::from_u32(limits.concurrent_streams_max))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .max_idle_timeout(Some(idle))
-        .keep_alive_interval(Some(Duration::from_millis(limits.idle_timeout_ms / 3)))
+        .keep_alive_interval(keep_alive.then(|| Duration::from_millis(limits.idle_timeout_ms / 3)))
         .stream_receive_window(VarInt::from_u32(STREAM_RECEIVE_WINDOW))
         .receive_window(VarInt::from_u32(CONNECTION_RECEIVE_WINDOW))
-        .send_window(u64::from(CONNECTION_RECEIVE_WINDOW));
+        .send_window(u64::from(CONNECTION_RECEIVE_WINDOW))
+        .datagram_receive_buffer_size(Some(crate::DATAGRAM_BUFFER_BYTES_MAX))
+        .datagram_send_buffer_size(crate::DATAGRAM_BUFFER_BYTES_MAX);
     Ok(transport)
 }
 
@@ -117,7 +122,8 @@ pub(crate) fn quic_configs(
     identity: &TlsIdentity,
     limits: &TransportLimits,
 ) -> Result<QuicConfigs, TransportError> {
-    let transport = Arc::new(transport_config(limits)?);
+    let client_transport = Arc::new(transport_config(limits, true)?);
+    let server_transport = Arc::new(transport_config(limits, false)?);
     let ParsedIdentity { roots, chain, key } = identity.parse()?;
     let endpoint = endpoint_config(key.secret_der());
     let provider: Arc<CryptoProvider> = Arc::new(rustls::crypto::ring::default_provider());
@@ -144,7 +150,7 @@ pub(crate) fn quic_configs(
     let server_crypto = QuicServerConfig::try_from(server_tls)
         .map_err(|e| tls_error("TLS configuration unusable for QUIC", e))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-    server.transport_config(transport.clone());
+    server.transport_config(server_transport);
 
     let mut client_tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -156,7 +162,7 @@ pub(crate) fn quic_configs(
     let client_crypto = QuicClientConfig::try_from(client_tls)
         .map_err(|e| tls_error("TLS configuration unusable for QUIC", e))?;
     let mut client = quinn::ClientConfig::new(Arc::new(client_crypto));
-    client.transport_config(transport);
+    client.transport_config(client_transport);
 
     Ok(QuicConfigs {
         server,

@@ -183,6 +183,9 @@ struct Inner {
     peers: Mutex<HashMap<SocketAddr, Arc<PeerSlot>>>,
     closed: AtomicBool,
     accept_task: Mutex<Option<JoinHandle<()>>>,
+    /// Answers datagrams on dialled connections too (accepted ones get it from the accept
+    /// loop); `None` for a client-only endpoint, which ignores datagrams.
+    handler: Option<Arc<dyn Handler>>,
 }
 
 impl Inner {
@@ -234,12 +237,13 @@ impl Endpoint {
         let configs = quic_configs(identity, &limits)?;
         let mut endpoint = quic_endpoint(configs.endpoint, Some(configs.server), listen)?;
         endpoint.set_default_client_config(configs.client.clone());
-        let accept_task = runtime.spawn(accept_loop(endpoint.clone(), handler, limits));
+        let accept_task = runtime.spawn(accept_loop(endpoint.clone(), handler.clone(), limits));
         Ok(Self::new(
             endpoint,
             configs.client,
             limits,
             Some(accept_task),
+            Some(handler),
         ))
     }
 
@@ -256,7 +260,7 @@ impl Endpoint {
         let addr = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
         let mut endpoint = quic_endpoint(configs.endpoint, None, addr)?;
         endpoint.set_default_client_config(configs.client.clone());
-        Ok(Self::new(endpoint, configs.client, limits, None))
+        Ok(Self::new(endpoint, configs.client, limits, None, None))
     }
 
     fn new(
@@ -264,6 +268,7 @@ impl Endpoint {
         client_config: quinn::ClientConfig,
         limits: TransportLimits,
         accept_task: Option<JoinHandle<()>>,
+        handler: Option<Arc<dyn Handler>>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -274,6 +279,7 @@ impl Endpoint {
                 peers: Mutex::new(HashMap::new()),
                 closed: AtomicBool::new(false),
                 accept_task: Mutex::new(accept_task),
+                handler,
             }),
         }
     }
@@ -327,6 +333,31 @@ impl Endpoint {
                 ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
             }),
         }
+    }
+
+    /// Sends `datagram` to `peer` on the open connection to it: unreliable (it may be lost,
+    /// and nothing says whether it arrived), at most [`crate::DATAGRAM_BYTES_MAX`] bytes. It
+    /// never dials: with no open connection (none yet, or it failed) it is not sent, and a
+    /// [`Self::call`] opens one.
+    pub fn send_datagram(&self, peer: SocketAddr, datagram: Bytes) -> Result<(), TransportError> {
+        let not_sent = |reason: String| TransportError::DatagramNotSent { peer, reason };
+        if self.is_closed() {
+            return Err(TransportError::EndpointClosed);
+        }
+        if datagram.len() > crate::DATAGRAM_BYTES_MAX {
+            return Err(not_sent(format!(
+                "{} bytes, more than {}",
+                datagram.len(),
+                crate::DATAGRAM_BYTES_MAX
+            )));
+        }
+        let slot = self.inner.peers.lock().get(&peer).cloned();
+        let Some(connection) = slot.as_deref().and_then(PeerSlot::live) else {
+            return Err(not_sent("no open connection".to_owned()));
+        };
+        connection
+            .send_datagram(datagram)
+            .map_err(|e| not_sent(e.to_string()))
     }
 
     /// Closes all connections and the endpoint (in-flight calls fail), then waits a bounded
@@ -475,6 +506,13 @@ impl Endpoint {
         match tokio::time::timeout(Duration::from_millis(ms), connecting).await {
             Ok(Ok(connection)) => {
                 debug!(%peer, "connected");
+                if let Some(handler) = &self.inner.handler {
+                    tokio::spawn(read_datagrams(
+                        connection.clone(),
+                        handler.clone(),
+                        PeerInfo { remote: peer },
+                    ));
+                }
                 Ok(connection)
             }
             Ok(Err(e)) => Err(TransportError::Connect {
@@ -599,6 +637,11 @@ async fn serve_connection(
     };
     let peer = PeerInfo { remote };
     debug!(%remote, "accepted connection");
+    tokio::spawn(read_datagrams(
+        connection.clone(),
+        handler.clone(),
+        peer.clone(),
+    ));
     loop {
         match connection.accept_bi().await {
             Ok((send, recv)) => {
@@ -623,6 +666,31 @@ async fn serve_connection(
                 warn!(%remote, error = %describe_connection_error(&e), "connection failed");
                 return;
             }
+        }
+    }
+}
+
+/// Hands each datagram received on `connection` to the handler, and sends its answer back
+/// on the same connection; ends with the connection. Oversized datagrams are dropped; a
+/// handler that panics loses that datagram only.
+async fn read_datagrams(connection: Connection, handler: Arc<dyn Handler>, peer: PeerInfo) {
+    while let Ok(datagram) = connection.read_datagram().await {
+        if datagram.len() > crate::DATAGRAM_BYTES_MAX {
+            debug!(remote = %peer.remote, bytes = datagram.len(), "oversized datagram dropped");
+            continue;
+        }
+        let answer =
+            std::panic::catch_unwind(AssertUnwindSafe(|| handler.datagram(&peer, datagram)));
+        match answer {
+            Ok(Some(answer)) if answer.len() <= crate::DATAGRAM_BYTES_MAX => {
+                // Unreliable by contract: a full send buffer or a closing connection drops it.
+                let _ = connection.send_datagram(answer);
+            }
+            Ok(Some(answer)) => {
+                warn!(remote = %peer.remote, bytes = answer.len(), "datagram answer too large; not sent");
+            }
+            Ok(None) => {}
+            Err(_) => warn!(remote = %peer.remote, "datagram handler panicked; datagram dropped"),
         }
     }
 }

@@ -165,4 +165,15 @@ pub enum TransportError {
     /// The endpoint has been closed; no further calls are possible.
     #[error("the transport endpoint is closed")]
     EndpointClosed,
+
+    /// A datagram could not be sent to `peer`: no connection is open to it (datagrams never
+    /// dial), it is larger than [`crate::DATAGRAM_BYTES_MAX`] or the connection allows, or
+    /// the peer does not take datagrams.
+    #[error("datagram to {peer} not sent: {reason}")]
+    DatagramNotSent {
+        /// The peer.
+        peer: SocketAddr,
+        /// Why.
+        reason: String,
+    },
 }

@@ -9,6 +9,10 @@
 //! * All calls to one peer address share one cached QUIC connection; each call is one
 //!   bidirectional stream carrying the request one way and the response back.
 //! * Requests and responses are limited to [`TransportLimits::frame_bytes_max`] bytes.
+//! * Datagrams ([`Endpoint::send_datagram`], [`Handler::datagram`]): unreliable, at most
+//!   [`DATAGRAM_BYTES_MAX`] bytes, sent only on an open connection; a handler may answer one
+//!   with one datagram on the same connection. For signals that are cheap to lose and must
+//!   be cheap to send (liveness pings): no stream, no task per message.
 
 use std::net::SocketAddr;
 
@@ -24,6 +28,13 @@ pub use endpoint::Endpoint;
 pub use error::{Frame, TransportError};
 pub use pki::{ClusterCa, NodeCert, TlsIdentity};
 
+/// Largest datagram sent or handled, in bytes; larger incoming ones are dropped unread.
+pub const DATAGRAM_BYTES_MAX: usize = 1_024;
+
+/// Bytes of datagrams a connection buffers, each way (received but not yet handled, or
+/// queued to send); past it the oldest are dropped (they are unreliable by contract).
+pub const DATAGRAM_BUFFER_BYTES_MAX: usize = 64 * 1024;
+
 /// Sizes, timeouts and concurrency limits of an [`Endpoint`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TransportLimits {
@@ -37,7 +48,7 @@ pub struct TransportLimits {
     /// further calls wait for a free stream.
     pub concurrent_streams_max: u32,
     /// A connection with no traffic for this long is closed, in ms (default 10000);
-    /// keep-alives are sent at a third of it.
+    /// the dialling side sends keep-alives at a third of it.
     pub idle_timeout_ms: u64,
 }
 
@@ -67,6 +78,14 @@ pub struct PeerInfo {
 pub trait Handler: Send + Sync + 'static {
     /// Handles one request from `peer`.
     fn handle(&self, peer: PeerInfo, request: Bytes) -> BoxFuture<'static, Bytes>;
+
+    /// Handles one datagram from `peer` (at most [`DATAGRAM_BYTES_MAX`] bytes) on the
+    /// connection's reader, so it must be quick and must not block; what it returns is sent
+    /// back on the same connection as one datagram. By default datagrams are ignored.
+    fn datagram(&self, peer: &PeerInfo, datagram: Bytes) -> Option<Bytes> {
+        let _ = (peer, datagram);
+        None
+    }
 }
 
 impl<F> Handler for F

@@ -580,3 +580,102 @@ async fn invalid_limits_are_rejected() {
     let err = Endpoint::client_only(&node_identity(&ca, 1), limits).unwrap_err();
     assert!(matches!(err, TransportError::InvalidLimits { .. }), "{err}");
 }
+
+/// Answers datagram `n` with `n + 1` (one byte), counts what it got, panics on 0xFF.
+struct DatagramCounter {
+    got: std::sync::Mutex<Vec<u8>>,
+}
+
+impl Handler for DatagramCounter {
+    fn handle(&self, _peer: PeerInfo, request: Bytes) -> BoxFuture<'static, Bytes> {
+        async move { request }.boxed()
+    }
+
+    fn datagram(&self, _peer: &PeerInfo, datagram: Bytes) -> Option<Bytes> {
+        let first = *datagram.first()?;
+        self.got.lock().unwrap().push(first);
+        if first == 0xFF {
+            panic!("asked to panic");
+        }
+        // An even byte is a request; the odd answer is only counted.
+        (first % 2 == 0).then(|| Bytes::from(vec![first + 1]))
+    }
+}
+
+/// Datagrams go only on an open connection, are answered on the same connection (the
+/// dialling side's handler gets the answer), survive a panicking handler, and are bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn datagrams_are_answered_on_their_connection_and_bounded() {
+    let ca = ClusterCa::generate("test").unwrap();
+    let limits = TransportLimits::default();
+    let handler = |_: u64| {
+        Arc::new(DatagramCounter {
+            got: std::sync::Mutex::new(Vec::new()),
+        })
+    };
+    let (a_handler, b_handler) = (handler(1), handler(2));
+    let a = Endpoint::bind(
+        loopback_any_port(),
+        &node_identity(&ca, 1),
+        limits,
+        a_handler.clone(),
+    )
+    .unwrap();
+    let b = Endpoint::bind(
+        loopback_any_port(),
+        &node_identity(&ca, 2),
+        limits,
+        b_handler.clone(),
+    )
+    .unwrap();
+    let b_addr = b.local_addr().unwrap();
+    // No connection yet: not sent, and no dial happens.
+    let e = a
+        .send_datagram(b_addr, Bytes::from_static(&[2]))
+        .unwrap_err();
+    assert!(matches!(e, TransportError::DatagramNotSent { .. }), "{e}");
+    assert_eq!(a.connection_count(), 0);
+    // A call opens the connection; then datagrams flow both ways on it.
+    a.call(b_addr, Bytes::from_static(b"hi")).await.unwrap();
+    let e = a
+        .send_datagram(
+            b_addr,
+            Bytes::from(vec![4u8; chatd_transport::DATAGRAM_BYTES_MAX + 1]),
+        )
+        .unwrap_err();
+    assert!(e.to_string().contains("more than 1024"), "{e}");
+    a.send_datagram(b_addr, Bytes::from_static(&[0xFF]))
+        .unwrap();
+    a.send_datagram(b_addr, Bytes::from_static(&[2])).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        // (Loopback may drop a datagram: send again until the answer came.)
+        if a_handler.got.lock().unwrap().contains(&3) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no answer to a datagram");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        a.send_datagram(b_addr, Bytes::from_static(&[2])).unwrap();
+    }
+    let got_b = b_handler.got.lock().unwrap().clone();
+    assert!(got_b.contains(&0xFF), "{got_b:?}");
+    assert!(
+        got_b.contains(&2),
+        "the reader outlived the panic: {got_b:?}"
+    );
+    assert!(
+        a_handler.got.lock().unwrap().iter().all(|d| *d == 3),
+        "only answers came back"
+    );
+    // A client-only endpoint ignores datagrams (none answered, nothing breaks).
+    let c = client(&ca, limits);
+    c.call(b_addr, Bytes::from_static(b"hi")).await.unwrap();
+    c.send_datagram(b_addr, Bytes::from_static(&[6])).unwrap();
+    let back = c.call(b_addr, Bytes::from_static(b"still")).await.unwrap();
+    assert_eq!(&back[..], b"still");
+    a.close().await;
+    assert!(matches!(
+        a.send_datagram(b_addr, Bytes::from_static(&[2])),
+        Err(TransportError::EndpointClosed)
+    ));
+}
