@@ -184,8 +184,10 @@ struct Inner {
     closed: AtomicBool,
     accept_task: Mutex<Option<JoinHandle<()>>>,
     /// Answers datagrams on dialled connections too (accepted ones get it from the accept
-    /// loop); `None` for a client-only endpoint, which ignores datagrams.
-    handler: Option<Arc<dyn Handler>>,
+    /// loop); `None` for a client-only endpoint, which ignores datagrams, and after
+    /// [`Endpoint::close`] (a handler often holds what holds this endpoint: the cycle ends
+    /// there).
+    handler: Mutex<Option<Arc<dyn Handler>>>,
 }
 
 impl Inner {
@@ -279,7 +281,7 @@ impl Endpoint {
                 peers: Mutex::new(HashMap::new()),
                 closed: AtomicBool::new(false),
                 accept_task: Mutex::new(accept_task),
-                handler,
+                handler: Mutex::new(handler),
             }),
         }
     }
@@ -364,6 +366,7 @@ impl Endpoint {
     /// time for connections to drain. The socket is released once every clone is dropped.
     pub async fn close(&self) {
         self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.handler.lock().take();
         let slots: Vec<Arc<PeerSlot>> = self
             .inner
             .peers
@@ -506,10 +509,11 @@ impl Endpoint {
         match tokio::time::timeout(Duration::from_millis(ms), connecting).await {
             Ok(Ok(connection)) => {
                 debug!(%peer, "connected");
-                if let Some(handler) = &self.inner.handler {
+                let handler = self.inner.handler.lock().clone();
+                if let Some(handler) = handler {
                     tokio::spawn(read_datagrams(
                         connection.clone(),
-                        handler.clone(),
+                        handler,
                         PeerInfo { remote: peer },
                     ));
                 }
