@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{Config, Peer, SectionOptions};
 use crate::queries::{ChatQuery, ChatQueryReply};
 
+mod outbox;
 mod routing;
 mod status;
 mod transfer;
@@ -43,12 +44,6 @@ const CLUSTER_CONNECT_TIMEOUT_MS: u64 = 500;
 /// How long an unknown user or token waits for this node's group 0 replica to catch up.
 const USER_CATCH_UP_MS: u64 = 1_000;
 const USER_CATCH_UP_POLL_MS: u64 = 20;
-/// Timeout of a broadcast call to a peer.
-const BROADCAST_TIMEOUT_MS: u64 = 2_000;
-/// Requests queued for one peer by [`Node::broadcast`]; beyond it they are dropped.
-pub const BROADCAST_QUEUE_REQUESTS_MAX: usize = 4096;
-/// Most queued requests merged into one call to a peer.
-pub const BROADCAST_MERGE_REQUESTS_MAX: usize = 256;
 /// Timeout of a status call to a peer.
 const STATUS_CALL_TIMEOUT_MS: u64 = 1_000;
 
@@ -278,7 +273,7 @@ pub struct Node {
     /// Set once a graceful drain starts: no new sessions, `/readyz` answers 503.
     draining: std::sync::atomic::AtomicBool,
     /// Per peer: the queue of [`Node::broadcast`] requests its sender task drains.
-    outboxes: std::sync::Mutex<HashMap<NodeId, tokio::sync::mpsc::Sender<Outgoing>>>,
+    outboxes: std::sync::Mutex<HashMap<NodeId, tokio::sync::mpsc::Sender<outbox::Outgoing>>>,
     /// This node, for tasks it spawns.
     me: std::sync::OnceLock<Weak<Node>>,
     /// Moves replicas while this node leads group 0.
@@ -875,108 +870,9 @@ impl Node {
         chatd_codec::decode(&reply).map_err(|e| CallError::Failed(e.to_string()))
     }
 
-    /// Sends `req` to every other node, in the background, best effort but **in order**:
-    /// one task per peer drains a bounded queue and makes one call at a time, merging
-    /// queued deliveries (and typing events) into one request. A full queue or a failed
-    /// call drops requests (counted in `chatd_peer_broadcasts_dropped_total`); clients
-    /// notice the gap in seqs and fill it with `history`.
-    pub fn broadcast(&self, req: NodeRequest) {
-        self.broadcast_where(req, |_| true, |_| None);
-    }
-
-    /// The ids of the membership's other nodes.
-    pub fn peers_except_self(&self) -> std::collections::HashSet<NodeId> {
-        self.peers()
-            .keys()
-            .copied()
-            .filter(|id| *id != self.id)
-            .collect()
-    }
-
-    /// [`Self::broadcast`] to the peers in `to` only.
-    pub fn broadcast_to(&self, req: NodeRequest, to: &std::collections::HashSet<NodeId>) {
-        self.broadcast_where(req, |id| to.contains(&id), |_| None);
-    }
-
-    /// [`Self::broadcast`], then waits (at most `timeout`) until every live peer has taken
-    /// `req` — and, the queue being in order, everything queued for it before. True if every
-    /// live peer did; one that is slow, fails the call or whose queue is full makes it
-    /// false. A peer that liveness reports dead gets `req` queued but is not waited for (it
-    /// forgets this node's roster meanwhile and takes the next one).
-    pub async fn broadcast_confirmed(&self, req: NodeRequest, timeout: Duration) -> bool {
-        let mut waits = Vec::new();
-        let liveness = self.registry.liveness();
-        let queued = self.broadcast_where(
-            req,
-            |_| true,
-            |id| {
-                if liveness.is_dead(id) {
-                    return None;
-                }
-                let (tx, rx) = tokio::sync::oneshot::channel();
-                waits.push(rx);
-                Some(tx)
-            },
-        );
-        let all = futures::future::join_all(waits);
-        queued
-            && matches!(
-                tokio::time::timeout(timeout, all).await,
-                Ok(answers) if answers.iter().all(|a| matches!(a, Ok(true)))
-            )
-    }
-
-    /// Queues `req` for every peer `to` accepts, each with the confirmation `confirm`
-    /// makes for it; false if a queue was full.
-    fn broadcast_where(
-        &self,
-        req: NodeRequest,
-        to: impl Fn(NodeId) -> bool,
-        mut confirm: impl FnMut(NodeId) -> Option<tokio::sync::oneshot::Sender<bool>>,
-    ) -> bool {
-        let mut all_queued = true;
-        let mut outboxes = self
-            .outboxes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for p in self
-            .peers()
-            .values()
-            .filter(|p| p.id != self.id && to(p.id))
-        {
-            let tx = outboxes.entry(p.id).or_insert_with(|| {
-                let (tx, rx) = tokio::sync::mpsc::channel(BROADCAST_QUEUE_REQUESTS_MAX);
-                tokio::spawn(run_outbox(
-                    self.endpoint.clone(),
-                    p.cluster_addr,
-                    rx,
-                    self.weak_self(),
-                ));
-                tx
-            });
-            let item = Outgoing {
-                req: req.clone(),
-                taken: confirm(p.id),
-            };
-            if tx.try_send(item).is_err() {
-                all_queued = false;
-                self.gateway
-                    .metrics
-                    .broadcast_dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        all_queued
-    }
-
     /// A weak reference to this node (empty before construction finished).
     fn weak_self(&self) -> Weak<Node> {
         self.me.get().cloned().unwrap_or_default()
-    }
-
-    /// Sends ephemeral items to every other node's sessions.
-    pub fn broadcast_ephemeral(&self, items: Vec<crate::gateway::Ephemeral>) {
-        self.broadcast(NodeRequest::Ephemeral { items });
     }
 
     /// The user owning `token_sha256`. A user created moments ago through another node may
@@ -1115,143 +1011,5 @@ async fn bootstrap_meta(node: Weak<Node>) {
         }
         drop(n);
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Sends one peer's broadcast requests in order, one call at a time, merging what is
-/// queued: consecutive deliveries into one `Deliver`, typing events into one `Ephemeral`
-/// (at most [`BROADCAST_MERGE_REQUESTS_MAX`] requests per call). Ends when the node is
-/// dropped.
-/// A request queued for one peer, and who waits to learn that the peer took it.
-struct Outgoing {
-    req: NodeRequest,
-    taken: Option<tokio::sync::oneshot::Sender<bool>>,
-}
-
-async fn run_outbox(
-    endpoint: Endpoint,
-    addr: std::net::SocketAddr,
-    mut rx: tokio::sync::mpsc::Receiver<Outgoing>,
-    node: Weak<Node>,
-) {
-    let dropped = |n: u64| {
-        if let Some(node) = node.upgrade() {
-            node.gateway
-                .metrics
-                .broadcast_dropped
-                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        }
-    };
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < BROADCAST_MERGE_REQUESTS_MAX {
-            match rx.try_recv() {
-                Ok(r) => batch.push(r),
-                Err(_) => break,
-            }
-        }
-        let mut waiting = Vec::new();
-        let requests: Vec<NodeRequest> = batch
-            .into_iter()
-            .map(|o| {
-                waiting.extend(o.taken);
-                o.req
-            })
-            .collect();
-        let mut all_taken = true;
-        for req in merge_broadcasts(requests) {
-            let mut frame = vec![NODE_SERVICE_TAG];
-            if let Err(e) = chatd_codec::encode_into(&req, &mut frame) {
-                tracing::error!(error = %e, "cannot encode a broadcast");
-                dropped(1);
-                all_taken = false;
-                continue;
-            }
-            let sent = endpoint
-                .call_with_timeout(
-                    addr,
-                    Bytes::from(frame),
-                    Duration::from_millis(BROADCAST_TIMEOUT_MS),
-                )
-                .await;
-            // Taken means served: a node still starting answers `Failed` and drops it.
-            let served = match sent {
-                Ok(reply) => match chatd_codec::decode::<NodeReply>(&reply) {
-                    Ok(NodeReply::Delivered) => Ok(()),
-                    Ok(other) => Err(format!("{other:?}")),
-                    Err(e) => Err(e.to_string()),
-                },
-                Err(e) => Err(e.to_string()),
-            };
-            if let Err(e) = served {
-                tracing::debug!(%addr, error = %e, "broadcast to a peer failed");
-                dropped(1);
-                all_taken = false;
-            }
-        }
-        for w in waiting {
-            let _ = w.send(all_taken);
-        }
-    }
-}
-
-/// Merges runs of consecutive `Deliver` (and of `Ephemeral`) requests, keeping order.
-fn merge_broadcasts(batch: Vec<NodeRequest>) -> Vec<NodeRequest> {
-    let mut out: Vec<NodeRequest> = Vec::with_capacity(batch.len());
-    for req in batch {
-        match (out.last_mut(), req) {
-            (Some(NodeRequest::Deliver { events }), NodeRequest::Deliver { events: more }) => {
-                events.extend(more);
-            }
-            (Some(NodeRequest::Ephemeral { items }), NodeRequest::Ephemeral { items: more }) => {
-                items.extend(more);
-            }
-            (_, req) => out.push(req),
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used, clippy::expect_used)]
-    use super::*;
-    use crate::gateway::Ephemeral;
-
-    fn typing(user: &str) -> NodeRequest {
-        NodeRequest::Ephemeral {
-            items: vec![Ephemeral::Typing {
-                chat: "g:1".into(),
-                user: user.into(),
-                recipients: vec!["x".into()],
-            }],
-        }
-    }
-
-    #[test]
-    fn broadcasts_merge_runs_and_keep_order() {
-        let merged = merge_broadcasts(vec![
-            NodeRequest::Deliver { events: vec![] },
-            NodeRequest::Deliver { events: vec![] },
-            typing("a"),
-            typing("b"),
-            NodeRequest::Status,
-            typing("c"),
-        ]);
-        assert_eq!(merged.len(), 4, "{merged:?}");
-        assert!(matches!(merged[0], NodeRequest::Deliver { .. }));
-        let NodeRequest::Ephemeral { items } = &merged[1] else {
-            panic!("{merged:?}")
-        };
-        let users: Vec<&str> = items
-            .iter()
-            .map(|i| match i {
-                Ephemeral::Typing { user, .. } => user.as_str(),
-                _ => "?",
-            })
-            .collect();
-        assert_eq!(users, vec!["a", "b"], "merged in order");
-        assert!(matches!(merged[2], NodeRequest::Status));
-        assert!(matches!(merged[3], NodeRequest::Ephemeral { .. }));
     }
 }
