@@ -325,24 +325,20 @@ impl PeerHealth {
             return;
         }
         let was_down = before.and_then(|b| b.down_since);
+        let down_since = match (was_down, &outcome) {
+            (_, Ok(())) => None,
+            (Some(since), Err(_)) => Some(since),
+            (None, Err(_)) => Some(Instant::now()),
+        };
+        peers.insert(
+            peer,
+            PeerState {
+                down_since,
+                decided_by: started,
+            },
+        );
         match (was_down, outcome) {
-            (None, Ok(())) => {
-                peers.insert(
-                    peer,
-                    PeerState {
-                        down_since: None,
-                        decided_by: started,
-                    },
-                );
-            }
             (Some(since), Ok(())) => {
-                peers.insert(
-                    peer,
-                    PeerState {
-                        down_since: None,
-                        decided_by: started,
-                    },
-                );
                 self.recovered_total
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!(
@@ -352,26 +348,11 @@ impl PeerHealth {
                 );
             }
             (None, Err(cause)) => {
-                peers.insert(
-                    peer,
-                    PeerState {
-                        down_since: Some(Instant::now()),
-                        decided_by: started,
-                    },
-                );
                 self.lost_total
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::warn!(peer, %cause, "peer unreachable for Raft RPCs");
             }
-            (Some(since), Err(_)) => {
-                peers.insert(
-                    peer,
-                    PeerState {
-                        down_since: Some(since),
-                        decided_by: started,
-                    },
-                );
-            }
+            _ => {}
         }
     }
 
