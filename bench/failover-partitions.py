@@ -13,6 +13,7 @@ the writer's longest append (send -> ack) meanwhile. Everything it starts is sto
 PID and its directory removed on exit.
 
 CHATD_BIN picks the binary (default $CARGO_TARGET_DIR/debug/chatd or target/debug/chatd).
+LIVENESS_PING_MS / LIVENESS_TIMEOUT_MS override the nodes' [raft] liveness knobs.
 """
 
 import json
@@ -60,6 +61,15 @@ def one_run(binary, partitions, active, run):
             check=True, stdout=subprocess.DEVNULL,
         )
         token = open(f"{d}/c/admin.token").read().strip()
+        for key in ("liveness_ping_ms", "liveness_timeout_ms"):
+            value = os.environ.get(key.upper())
+            if value:
+                for i in (1, 2, 3):
+                    path = f"{d}/c/node-{i}/chatd.toml"
+                    lines = open(path).read().splitlines()
+                    lines = [f"{key} = {int(value)}" if ln.startswith(f"{key} = ") else ln
+                             for ln in lines]
+                    open(path, "w").write("\n".join(lines) + "\n")
         for i in (1, 2, 3):
             procs[i] = subprocess.Popen(
                 [binary, "run", "--config", f"{d}/c/node-{i}/chatd.toml"],

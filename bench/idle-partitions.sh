@@ -7,6 +7,8 @@
 #   bench/idle-partitions.sh PARTITIONS [SECONDS] [--no-quiesce]
 #
 # CHATD_BIN picks the binary (default: $CARGO_TARGET_DIR/debug/chatd, or target/debug/chatd).
+# LIVENESS_PING_MS / LIVENESS_TIMEOUT_MS override the nodes' [raft] liveness knobs (to
+# weigh their cost against the defaults in one sitting).
 # Everything it starts is stopped by PID and its directory removed on exit.
 set -euo pipefail
 
@@ -35,6 +37,12 @@ trap cleanup EXIT
 "$bin" cluster init --nodes 3 --partitions "$partitions" --base-port "$port" --out "$dir/c" >/dev/null
 if [[ $quiesce == 0 ]]; then
   sed -i 's/^quiesce_idle_ms = .*/quiesce_idle_ms = 0/' "$dir"/c/node-*/chatd.toml
+fi
+if [[ -n "${LIVENESS_PING_MS:-}" ]]; then
+  sed -i "s/^liveness_ping_ms = .*/liveness_ping_ms = $LIVENESS_PING_MS/" "$dir"/c/node-*/chatd.toml
+fi
+if [[ -n "${LIVENESS_TIMEOUT_MS:-}" ]]; then
+  sed -i "s/^liveness_timeout_ms = .*/liveness_timeout_ms = $LIVENESS_TIMEOUT_MS/" "$dir"/c/node-*/chatd.toml
 fi
 for i in 1 2 3; do
   "$bin" run --config "$dir/c/node-$i/chatd.toml" 2>"$dir/node-$i.log" >/dev/null &

@@ -111,8 +111,8 @@ impl Default for RaftSection {
             append_entries_max: 512,
             propose_timeout_ms: 5_000,
             quiesce_idle_ms: 2_000,
-            liveness_ping_ms: 100,
-            liveness_timeout_ms: 400,
+            liveness_ping_ms: 200,
+            liveness_timeout_ms: 500,
         }
     }
 }

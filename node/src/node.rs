@@ -218,8 +218,8 @@ impl QuicHandler {
     }
 }
 
-/// [`QuicHandler`] as the transport's handler: calls, and liveness datagrams (answered
-/// on the connection's reader, without a task).
+/// [`QuicHandler`] as the transport's handler: calls, and liveness datagrams (heard on the
+/// connection's reader, without a task; acknowledged by QUIC, not answered).
 struct QuicService(Arc<QuicHandler>);
 
 impl chatd_transport::Handler for QuicService {

@@ -144,8 +144,8 @@ impl Default for RaftOptions {
             snapshot_chunk_bytes_max: 1 << 20,
             append_entries_max: 512,
             quiesce_idle_ms: 2_000,
-            liveness_ping_ms: 100,
-            liveness_timeout_ms: 400,
+            liveness_ping_ms: 200,
+            liveness_timeout_ms: 500,
         }
     }
 }

@@ -8,10 +8,12 @@
 //! the single-RPC path (`RAFT_SERVICE_TAG`), which snapshots and frames too large for a
 //! batch still take. An empty batch is a ping.
 //!
-//! Liveness pings go as QUIC datagrams (`[LIVENESS_DATAGRAM_TAG][codec(LivenessPing)]`,
-//! answered by one datagram on the same connection): no stream, no task, three packets per
-//! exchange. A peer not heard for two intervals (no connection yet, datagrams lost, a peer
-//! that does not answer them) gets an empty batch as well, which dials and always works.
+//! Liveness pings go as QUIC datagrams (`[LIVENESS_DATAGRAM_TAG][codec(LivenessPing)]`):
+//! no stream, no task, no answer. The receiver hears the pinger from the ping; the pinger
+//! hears the peer from its QUIC stack's acknowledgement (what the connection received since
+//! the last tick), two packets per exchange. A peer not heard for two intervals (no
+//! connection yet, datagrams lost, a peer that does not take them) gets an empty batch as
+//! well, which dials, names the peer's process (its incarnation) and always works.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -33,15 +35,16 @@ pub const RAFT_BATCH_SERVICE_TAG: u8 = 0x03;
 /// First byte of a liveness datagram (a ping or its answer).
 pub const LIVENESS_DATAGRAM_TAG: u8 = 0x04;
 
-/// A liveness datagram: a ping, or the answer to one. Either tells its receiver that the
-/// sender (process `incarnation`) is alive.
+/// A liveness datagram: a ping (or, from a node of an earlier version, an answer to one).
+/// Either tells its receiver that the sender (process `incarnation`) is alive.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub(crate) struct LivenessPing {
     /// The sending node.
     pub from: NodeId,
     /// The sending process's incarnation.
     pub incarnation: u64,
-    /// True for an answer (never answered itself).
+    /// True for an answer; pings are no longer answered (the QUIC acknowledgement is the
+    /// answer) but an earlier version's answers are still heard.
     pub answer: bool,
 }
 
@@ -179,6 +182,23 @@ impl Liveness {
         life.alive = true;
         life.incarnation = Some(incarnation);
         life.last_heard = Some(Instant::now());
+        drop(peers);
+        if changed {
+            self.announce();
+        }
+    }
+
+    /// Records that `peer`'s process, the one last heard, ran after `at`: its QUIC stack
+    /// acknowledged a ping sent on the connection to it (see `run_pinger`). A peer with no
+    /// incarnation known yet is not credited: an answer that names its process comes first.
+    pub(crate) fn heard_again(&self, peer: NodeId, at: Instant) {
+        let mut peers = self.peers.lock();
+        let Some(life) = peers.get_mut(&peer).filter(|l| l.incarnation.is_some()) else {
+            return;
+        };
+        let changed = !life.alive;
+        life.alive = true;
+        life.last_heard = Some(life.last_heard.map_or(at, |t| t.max(at)));
         drop(peers);
         if changed {
             self.announce();
@@ -685,6 +705,13 @@ async fn call_batch(
 /// the one with the lower id pings; the other hears the pings and pings only when it has
 /// heard nothing for two intervals (so one ping per interval serves both, and either side
 /// still notices the other's death).
+///
+/// A datagram ping is not answered: the peer's QUIC stack acknowledges it within its ACK
+/// delay, and what the connection received since the last tick says the peer ran after
+/// then (two packets per exchange, not three, and no wake-up for an answer on either
+/// side). The process behind the connection is the one last named by a batch's answer or
+/// the peer's own ping: a restarted peer resets the old connection, and the empty batch
+/// sent on a new one learns its new incarnation.
 async fn run_pinger(ctx: Arc<LinkCtx>, peer: NodeId, addr: SocketAddr) {
     // On the node's grid: every peer's pinger (and the registry's ticker, when its period
     // is the same) wakes at once.
@@ -700,14 +727,23 @@ async fn run_pinger(ctx: Arc<LinkCtx>, peer: NodeId, addr: SocketAddr) {
         answer: false,
     }
     .datagram();
+    // What the connection to the peer had received at the last tick, and when we looked.
+    let mut received: Option<(chatd_transport::Received, Instant)> = None;
     loop {
         every.tick().await;
+        let looked = ctx.endpoint.received_from(addr);
+        if let (Some((before, at)), Some(now)) = (received, looked) {
+            if now.connection == before.connection && now.packets > before.packets {
+                ctx.liveness.heard_again(peer, at);
+            }
+        }
+        received = looked.map(|r| (r, Instant::now()));
         ctx.liveness.check(peer);
         let heard_lately = ctx.liveness.heard_within(peer, 2 * ctx.ping_every);
         if ctx.node_id > peer && heard_lately {
             continue;
         }
-        // Heard lately: a datagram (answered by one) is enough.
+        // Heard lately: a datagram (acknowledged, not answered) is enough.
         if heard_lately {
             if let Some(d) = datagram.clone() {
                 if ctx.endpoint.send_datagram(addr, d).is_ok() {

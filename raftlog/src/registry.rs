@@ -975,9 +975,10 @@ impl Registry {
         }
     }
 
-    /// Handles a datagram of raftlog's (a liveness ping or its answer), tag included: the
-    /// sender is heard from, and a ping is answered. `None`: nothing to send back (an answer,
-    /// a malformed datagram, a stranger's or another service's).
+    /// Handles a datagram of raftlog's (a liveness ping, or an earlier version's answer to
+    /// one), tag included: the sender is heard from. Nothing is sent back: the pinger hears
+    /// this node from its QUIC stack's acknowledgement of the ping (see `peers`). Returns
+    /// `Option` for the transport's datagram handler, always `None`.
     pub fn handle_datagram(&self, datagram: &[u8]) -> Option<Bytes> {
         let (&crate::peers::LIVENESS_DATAGRAM_TAG, body) = datagram.split_first()? else {
             return None;
@@ -990,15 +991,7 @@ impl Registry {
             }
         };
         self.liveness().heard_if_known(ping.from, ping.incarnation);
-        if ping.answer {
-            return None;
-        }
-        crate::peers::LivenessPing {
-            from: self.node_id,
-            incarnation: self.incarnation,
-            answer: true,
-        }
-        .datagram()
+        None
     }
 
     /// Handles a batch of RPCs from one peer (all at once, each bounded by its sender's

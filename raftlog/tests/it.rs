@@ -13,7 +13,7 @@ use chatd_raftlog::{
     PROPOSAL_QUEUE_MAX, RAFT_BATCH_SERVICE_TAG, RAFT_SERVICE_TAG,
 };
 use chatd_storage::{NodeIdentity, Storage, StorageOptions};
-use chatd_transport::{ClusterCa, Endpoint, PeerInfo, TransportLimits};
+use chatd_transport::{ClusterCa, Endpoint, Handler, PeerInfo, TransportLimits};
 use futures::future::BoxFuture;
 
 /// Counts commands; answers each with its ordinal; blocks while the gate is closed.
@@ -86,6 +86,27 @@ async fn start_node(dir: &Path, ca: &ClusterCa, id: u64) -> Single {
     start_node_with(dir, ca, id, &RaftOptions::default()).await
 }
 
+/// The node's QUIC handler, as chatd's: Raft calls and liveness datagrams go to the registry.
+struct RaftService(Arc<OnceLock<Arc<Registry>>>);
+
+impl Handler for RaftService {
+    fn handle(&self, _peer: PeerInfo, req: Bytes) -> BoxFuture<'static, Bytes> {
+        let registry = self.0.get().cloned();
+        Box::pin(async move {
+            match (registry, req.first()) {
+                (Some(r), Some(&RAFT_SERVICE_TAG | &RAFT_BATCH_SERVICE_TAG)) => {
+                    r.handle_frame(&req).await.unwrap_or_default()
+                }
+                _ => Bytes::new(),
+            }
+        })
+    }
+
+    fn datagram(&self, _peer: &PeerInfo, datagram: Bytes) -> Option<Bytes> {
+        self.0.get()?.handle_datagram(&datagram)
+    }
+}
+
 /// [`start_node`] with these Raft options.
 async fn start_node_with(dir: &Path, ca: &ClusterCa, id: u64, options: &RaftOptions) -> Single {
     let dir = dir.join(format!("n{id}"));
@@ -100,23 +121,11 @@ async fn start_node_with(dir: &Path, ca: &ClusterCa, id: u64, options: &RaftOpti
     )
     .unwrap();
     let slot: Arc<OnceLock<Arc<Registry>>> = Arc::new(OnceLock::new());
-    let s = slot.clone();
-    let handler = move |_p: PeerInfo, req: Bytes| -> BoxFuture<'static, Bytes> {
-        let s = s.clone();
-        Box::pin(async move {
-            match (s.get(), req.first()) {
-                (Some(r), Some(&RAFT_SERVICE_TAG | &RAFT_BATCH_SERVICE_TAG)) => {
-                    r.handle_frame(&req).await.unwrap_or_default()
-                }
-                _ => Bytes::new(),
-            }
-        })
-    };
     let endpoint = Endpoint::bind(
         "127.0.0.1:0".parse().unwrap(),
         &identity,
         TransportLimits::default(),
-        Arc::new(handler),
+        Arc::new(RaftService(slot.clone())),
     )
     .unwrap();
     let registry = Registry::new(
@@ -525,11 +534,39 @@ async fn idle_groups_quiesce_everywhere_and_wake_for_a_proposal_or_a_read() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Quiet: no RPC at all, only the nodes' pings.
-    let (_, r0, _) = link_counts(&nodes);
+    // Quiet: no RPC at all, only the nodes' pings: datagrams, which the peer's QUIC stack
+    // acknowledges (the pinger hears it from that, with no answer and no stream).
+    let datagram_pings = |nodes: &[Single]| -> u64 {
+        nodes
+            .iter()
+            .map(|n| {
+                n.registry
+                    .link_stats()
+                    .datagram_pings_total
+                    .load(Ordering::Relaxed)
+            })
+            .sum()
+    };
+    let (_, r0, p0) = link_counts(&nodes);
+    let d0 = datagram_pings(&nodes);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let (_, r1, _) = link_counts(&nodes);
+    let (_, r1, p1) = link_counts(&nodes);
+    let d1 = datagram_pings(&nodes);
     assert_eq!(r1 - r0, 0, "quiesced groups still sent RPCs");
+    // 3 node pairs, one ping each per 100 ms: ~30 in the second.
+    assert!(d1 - d0 >= 15, "{} datagram pings in 1 s", d1 - d0);
+    assert!(
+        p1 - p0 <= 3,
+        "acknowledged datagram pings did not keep peers heard: {} empty batches in 1 s",
+        p1 - p0
+    );
+    for n in &nodes {
+        let lives = n.registry.liveness().snapshot();
+        assert!(
+            lives.len() == 2 && lives.values().all(|l| l.alive),
+            "a peer not alive: {lives:?}"
+        );
+    }
 
     // A proposal wakes its group (everywhere) and commits.
     let g = 5;

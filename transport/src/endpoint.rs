@@ -143,6 +143,15 @@ fn duplicate_dial_error(peer: SocketAddr, e: &TransportError) -> TransportError 
     }
 }
 
+/// What one open connection has received: see [`Endpoint::received_from`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Received {
+    /// The connection (stable while it is open; another connection has another id).
+    pub connection: usize,
+    /// UDP datagrams received on it since it opened.
+    pub packets: u64,
+}
+
 /// The cached connection to one peer address, and the lock serialising dials to it.
 #[derive(Default)]
 struct PeerSlot {
@@ -360,6 +369,21 @@ impl Endpoint {
         connection
             .send_datagram(datagram)
             .map_err(|e| not_sent(e.to_string()))
+    }
+
+    /// What the open connection to `peer` has received so far, without dialling: `None`
+    /// with no open connection. Every datagram sent is acknowledged by the peer's QUIC
+    /// stack within its ACK delay, so a count that grows after a [`Self::send_datagram`]
+    /// says the peer's process runs and reaches us, with no answer of its own (the caller
+    /// compares counts of the same [`Received::connection`] only: a new connection, to a
+    /// restarted peer perhaps, starts again from zero).
+    pub fn received_from(&self, peer: SocketAddr) -> Option<Received> {
+        let slot = self.inner.peers.lock().get(&peer).cloned()?;
+        let connection = slot.live()?;
+        Some(Received {
+            connection: connection.stable_id(),
+            packets: connection.stats().udp_rx.datagrams,
+        })
     }
 
     /// Closes all connections and the endpoint (in-flight calls fail), then waits a bounded

@@ -24,7 +24,7 @@ mod endpoint;
 mod error;
 pub mod pki;
 
-pub use endpoint::Endpoint;
+pub use endpoint::{Endpoint, Received};
 pub use error::{Frame, TransportError};
 pub use pki::{ClusterCa, NodeCert, TlsIdentity};
 

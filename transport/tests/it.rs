@@ -603,7 +603,9 @@ impl Handler for DatagramCounter {
 }
 
 /// Datagrams go only on an open connection, are answered on the same connection (the
-/// dialling side's handler gets the answer), survive a panicking handler, and are bounded.
+/// dialling side's handler gets the answer), survive a panicking handler, and are bounded;
+/// one not answered is still acknowledged (what the connection received grows) while the
+/// peer runs, and not once it is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn datagrams_are_answered_on_their_connection_and_bounded() {
     let ca = ClusterCa::generate("test").unwrap();
@@ -667,11 +669,45 @@ async fn datagrams_are_answered_on_their_connection_and_bounded() {
         a_handler.got.lock().unwrap().iter().all(|d| *d == 3),
         "only answers came back"
     );
+    // A datagram that is not answered is still acknowledged by the peer's QUIC stack: what
+    // the connection received grows, so the sender knows the peer runs without an answer.
+    let before = a.received_from(b_addr).expect("an open connection");
+    assert!(a.received_from(loopback_any_port()).is_none(), "no dial");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        a.send_datagram(b_addr, Bytes::from_static(&[7])).unwrap();
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let now = a.received_from(b_addr).expect("still open");
+        assert_eq!(now.connection, before.connection);
+        if now.packets > before.packets {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no acknowledgement of a datagram"
+        );
+    }
+    assert!(
+        a_handler.got.lock().unwrap().iter().all(|d| *d == 3),
+        "datagram 7 is not answered: only its QUIC acknowledgement came back"
+    );
+    // Once the peer is gone, nothing more arrives on the connection.
+    b.close().await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let gone = a.received_from(b_addr);
+    let _ = a.send_datagram(b_addr, Bytes::from_static(&[7]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let after = a.received_from(b_addr);
+    assert!(
+        after.is_none() || after == gone,
+        "a closed peer acknowledged nothing: {gone:?} then {after:?}"
+    );
     // A client-only endpoint ignores datagrams (none answered, nothing breaks).
+    let a_addr = a.local_addr().unwrap();
     let c = client(&ca, limits);
-    c.call(b_addr, Bytes::from_static(b"hi")).await.unwrap();
-    c.send_datagram(b_addr, Bytes::from_static(&[6])).unwrap();
-    let back = c.call(b_addr, Bytes::from_static(b"still")).await.unwrap();
+    c.call(a_addr, Bytes::from_static(b"hi")).await.unwrap();
+    c.send_datagram(a_addr, Bytes::from_static(&[6])).unwrap();
+    let back = c.call(a_addr, Bytes::from_static(b"still")).await.unwrap();
     assert_eq!(&back[..], b"still");
     a.close().await;
     assert!(matches!(
