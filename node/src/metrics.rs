@@ -268,6 +268,14 @@ pub fn render_raft(registry: &chatd_raftlog::Registry, out: &mut String) {
             counter(&links.entry_bytes_total),
         ),
         (
+            "chatd_raft_catch_up_entry_bytes_sent_total",
+            "Of chatd_raft_entry_bytes_sent_total, the bytes of entries already committed \
+             when sent: the catch-up of a new replica (a move's learner) or of a lagging one \
+             from the log.",
+            "counter",
+            counter(&links.catch_up_entry_bytes_total),
+        ),
+        (
             "chatd_raft_snapshot_bytes_sent_total",
             "Bytes of snapshot chunks sent to peers (the catch-up of a new or far-behind \
              replica from a snapshot).",

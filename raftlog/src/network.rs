@@ -103,6 +103,29 @@ fn fewer_entries(entries: u64, frame_bytes: usize) -> Option<u64> {
         .then(|| (entries * APPEND_RPC_BYTES_MAX as u64 / frame_bytes as u64).clamp(1, entries - 1))
 }
 
+/// How many entries of an AppendEntries (`(leader_commit, first, last)` indexes; entries
+/// are consecutive) the leader had committed when it sent them.
+fn rpc_committed_entries(frame_entries: &(Option<u64>, Option<u64>, Option<u64>)) -> u64 {
+    match *frame_entries {
+        (Some(commit), Some(first), Some(last)) if commit >= first => commit.min(last) - first + 1,
+        _ => 0,
+    }
+}
+
+/// The bytes of an AppendEntries frame of `frame_bytes` with `entries` entries, of which
+/// `committed` were already committed when sent, that count as catch-up: all of them if
+/// every entry was, none if none was, else that share (entries are about equal in size in
+/// a catch-up stream). New entries are sent before they commit (their replication is what
+/// commits them), so only a replica behind the others (a learner being filled, a follower
+/// that was away or slow) is sent committed entries.
+fn catch_up_bytes(frame_bytes: usize, entries: u64, committed: u64) -> u64 {
+    match (entries, committed.min(entries)) {
+        (0, _) | (_, 0) => 0,
+        (e, c) if c == e => frame_bytes as u64,
+        (e, c) => (frame_bytes as u128 * u128::from(c) / u128::from(e)) as u64,
+    }
+}
+
 /// Creates the per-peer clients of one group.
 #[derive(Clone)]
 pub struct NetworkFactory {
@@ -263,6 +286,12 @@ impl RaftNetwork<TypeConfig> for Network {
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
         let entries = rpc.entries.len() as u64;
+        // Entries the leader had already committed when it sent them: catch-up.
+        let frame_entries = (
+            rpc.leader_commit.map(|c| c.index),
+            rpc.entries.first().map(|e| e.log_id.index),
+            rpc.entries.last().map(|e| e.log_id.index),
+        );
         let frame = self.encode(RaftRequest::Append(rpc))?;
         // openraft sends up to `append_entries_max` entries per RPC and gives it one
         // heartbeat interval; batched entries can make that many megabytes, which never
@@ -275,9 +304,14 @@ impl RaftNetwork<TypeConfig> for Network {
             ));
         }
         if entries > 0 {
+            let committed = rpc_committed_entries(&frame_entries);
             self.stats
                 .entry_bytes_total
                 .fetch_add(frame.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.stats.catch_up_entry_bytes_total.fetch_add(
+                catch_up_bytes(frame.len(), entries, committed),
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         match self.send_frame(frame, option.hard_ttl()).await? {
             RaftReply::Append(r) => r.map_err(|e| self.remote(e)),
@@ -318,6 +352,31 @@ impl RaftNetwork<TypeConfig> for Network {
 #[cfg(test)]
 mod append_bound_tests {
     use super::*;
+
+    #[test]
+    fn entries_committed_before_they_are_sent_count_as_catch_up() {
+        // New entries 11..=12 beyond commit 10: replication.
+        assert_eq!(rpc_committed_entries(&(Some(10), Some(11), Some(12))), 0);
+        // A learner filled with 1..=512 while the others committed up to 900: catch-up.
+        assert_eq!(rpc_committed_entries(&(Some(900), Some(1), Some(512))), 512);
+        // Straddling the commit index: 8..=10 of 8..=12.
+        assert_eq!(rpc_committed_entries(&(Some(10), Some(8), Some(12))), 3);
+        assert_eq!(rpc_committed_entries(&(None, Some(1), Some(3))), 0);
+        assert_eq!(rpc_committed_entries(&(Some(5), None, None)), 0);
+        assert_eq!(catch_up_bytes(1000, 0, 0), 0);
+        assert_eq!(catch_up_bytes(1000, 4, 0), 0);
+        assert_eq!(catch_up_bytes(1000, 4, 4), 1000);
+        assert_eq!(
+            catch_up_bytes(1000, 4, 9),
+            1000,
+            "never more than the frame"
+        );
+        assert_eq!(catch_up_bytes(1000, 4, 1), 250);
+        assert_eq!(
+            catch_up_bytes(usize::MAX, 3, 2),
+            (usize::MAX as u128 * 2 / 3) as u64
+        );
+    }
 
     #[test]
     fn append_frames_above_the_bound_ask_for_fewer_entries() {

@@ -412,6 +412,10 @@ pub struct LinkStats {
     pub pings_total: AtomicU64,
     /// Bytes of AppendEntries frames that carried entries (not heartbeats).
     pub entry_bytes_total: AtomicU64,
+    /// The part of `entry_bytes_total` that carried entries already committed when sent:
+    /// a new replica's (a learner's) or a lagging one's catch-up from the log, not the
+    /// replication of new entries (see `network::catch_up_bytes`).
+    pub catch_up_entry_bytes_total: AtomicU64,
     /// Bytes of InstallSnapshot frames (snapshot chunks).
     pub snapshot_bytes_total: AtomicU64,
 }

@@ -317,6 +317,19 @@ async fn membership_growing_three_to_five_under_load_spreads_replicas_and_loses_
     }
 
     verify_partitions(&c, &seen, &[1, 2, 3, 4, 5]).await;
+    // The new replicas were filled from the log (far below the snapshot threshold): that
+    // traffic is counted as catch-up, a part of all entry bytes sent.
+    let (mut catch_up, mut entries) = (0, 0);
+    for id in 1..=5 {
+        catch_up +=
+            crate::failover::metric(&c, id, "chatd_raft_catch_up_entry_bytes_sent_total").await;
+        entries += crate::failover::metric(&c, id, "chatd_raft_entry_bytes_sent_total").await;
+    }
+    assert!(
+        catch_up > 0 && catch_up < entries,
+        "catch-up {catch_up} bytes of {entries} entry bytes sent"
+    );
+    println!("grow 3→5: {catch_up} bytes of catch-up from the log of {entries} entry bytes sent");
     println!(
         "grow 3→5: settled in {:.1} s; {writes} acknowledged writes ({} unknown); longest \
          write gap of a partition {} ms (partition {}); nodes {}",
