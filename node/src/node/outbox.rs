@@ -45,11 +45,16 @@ impl Node {
     /// [`Self::broadcast`], then waits (at most `timeout`) until every live peer has taken
     /// `req` — and, the queue being in order, everything queued for it before. True if every
     /// live peer did; one that is slow, fails the call or whose queue is full makes it
-    /// false. A peer that liveness reports dead gets `req` queued but is not waited for (it
-    /// forgets this node's roster meanwhile and takes the next one).
+    /// false. A peer that liveness reports dead, when `req` is queued or while it is
+    /// awaited, gets `req` queued but is not waited for (it forgets this node's roster
+    /// meanwhile and takes the next one): a peer killed a moment ago, whose call can only
+    /// time out, holds the caller (a session's first sync) only until it is found dead.
     pub async fn broadcast_confirmed(&self, req: NodeRequest, timeout: Duration) -> bool {
-        let mut waits = Vec::new();
+        use futures::StreamExt;
+        let mut waits = futures::stream::FuturesUnordered::new();
         let liveness = self.registry.liveness();
+        let mut lives = liveness.watch();
+        let mut awaited = std::collections::HashSet::new();
         let queued = self.broadcast_where(
             req,
             |_| true,
@@ -58,16 +63,33 @@ impl Node {
                     return None;
                 }
                 let (tx, rx) = tokio::sync::oneshot::channel();
-                waits.push(rx);
+                waits.push(async move { (id, rx.await) });
+                awaited.insert(id);
                 Some(tx)
             },
         );
-        let all = futures::future::join_all(waits);
-        queued
-            && matches!(
-                tokio::time::timeout(timeout, all).await,
-                Ok(answers) if answers.iter().all(|a| matches!(a, Ok(true)))
-            )
+        let mut lives_open = true;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut all_taken = queued;
+        while !awaited.is_empty() {
+            tokio::select! {
+                answer = waits.next() => match answer {
+                    Some((id, taken)) => {
+                        if awaited.remove(&id) && !matches!(taken, Ok(true)) {
+                            all_taken = false;
+                        }
+                    }
+                    None => break,
+                },
+                changed = lives.changed(), if lives_open => {
+                    // Closed: liveness is gone with the node; only the answers can end it.
+                    lives_open = changed.is_ok();
+                    awaited.retain(|id| !liveness.is_dead(*id));
+                }
+                () = tokio::time::sleep_until(deadline) => return false,
+            }
+        }
+        all_taken
     }
 
     /// Queues `req` for every peer `to` accepts, each with the confirmation `confirm`
