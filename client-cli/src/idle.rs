@@ -23,6 +23,25 @@ const OPENING_AT_ONCE: usize = 64;
 const CREATING_AT_ONCE: usize = 16;
 /// Wait after the last session opened before memory is read again, so the node settled.
 const SETTLE_MS: u64 = 2_000;
+/// Sessions opened between two progress lines (on stderr; one line rewritten on a tty).
+const PROGRESS_EVERY_SESSIONS: u32 = 1_000;
+
+/// The progress line while sessions open: a fresh line each time, or one rewritten in
+/// place on a terminal.
+fn say_progress(tty: bool, opened: u32, total: u32, started: Instant) {
+    let line = format!(
+        "bench-idle: {opened} of {total} sessions open ({:.1} s)",
+        started.elapsed().as_secs_f64()
+    );
+    if tty {
+        eprint!("\r\x1b[K{line}");
+        if opened == total {
+            eprintln!();
+        }
+    } else {
+        eprintln!("{line}");
+    }
+}
 
 /// `bench-idle` options.
 #[derive(clap::Args, Debug, Clone)]
@@ -117,6 +136,8 @@ pub async fn run(cli: &Cli, args: &IdleArgs) -> Result<String, CliError> {
     let started = Instant::now();
     let server = cli.server.clone();
     let sources = args.source_addrs.clone();
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut opened = 0u32;
     let sessions: Vec<Connection> = futures::stream::iter(0..args.sessions)
         .map(|i| {
             let token = tokens[(i / SESSIONS_PER_USER) as usize].clone();
@@ -125,6 +146,12 @@ pub async fn run(cli: &Cli, args: &IdleArgs) -> Result<String, CliError> {
             async move { Connection::connect_from(&server, Some(&token), timeout, source).await }
         })
         .buffer_unordered(OPENING_AT_ONCE)
+        .inspect(|_| {
+            opened += 1;
+            if opened % PROGRESS_EVERY_SESSIONS == 0 || opened == args.sessions {
+                say_progress(tty, opened, args.sessions, started);
+            }
+        })
         .collect::<Vec<_>>()
         .await
         .into_iter()
