@@ -148,7 +148,7 @@ pub async fn run(cli: &Cli, args: &IdleArgs) -> Result<String, CliError> {
         .buffer_unordered(OPENING_AT_ONCE)
         .inspect(|_| {
             opened += 1;
-            if opened % PROGRESS_EVERY_SESSIONS == 0 || opened == args.sessions {
+            if opened.is_multiple_of(PROGRESS_EVERY_SESSIONS) || opened == args.sessions {
                 say_progress(tty, opened, args.sessions, started);
             }
         })
