@@ -39,9 +39,13 @@ pub(crate) fn dedup_expiry(expires_ms: u64, dedup_key: &[u8]) -> Vec<u8> {
 }
 /// The start of the expiry index.
 pub(crate) const DEDUP_EXPIRY_START: &[u8] = b"x\0";
-/// The end (exclusive) of the expiry index's entries that expire at or before `now_ms`.
-pub(crate) fn dedup_expiry_end(now_ms: u64) -> Vec<u8> {
-    join(&[b"x", &now_ms.saturating_add(1).to_be_bytes()])
+/// The end (exclusive) of the whole expiry index.
+pub(crate) const DEDUP_EXPIRY_END: &[u8] = b"x\x01";
+/// The expiry time inside an expiry index key.
+pub(crate) fn expiry_of(expiry_key: &[u8]) -> Option<u64> {
+    // "x" · 0 · 8 bytes · 0 · dedup key
+    let bytes: [u8; 8] = expiry_key.get(2..10)?.try_into().ok()?;
+    Some(u64::from_be_bytes(bytes))
 }
 /// The dedup key inside an expiry index key.
 pub(crate) fn dedup_key_of_expiry(expiry_key: &[u8]) -> Option<&[u8]> {
