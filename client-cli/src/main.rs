@@ -29,11 +29,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// Worker threads of `chat-cli bench`'s runtime.
+const BENCH_THREADS: usize = 2;
+
 fn run(cli: &chat_cli::Cli) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    // The load generator reads every connection's pushes and answers: at tens of
+    // thousands of messages per second one thread is its limit (a connection it reads too
+    // slowly is closed by the server as a slow consumer), so it gets two; everything else
+    // is one conversation at a time.
+    let runtime = match &cli.command {
+        chat_cli::Command::Bench(_) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(BENCH_THREADS)
+            .enable_all()
+            .build(),
+        _ => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+    }
+    .context("cannot start the async runtime")?;
     let color = std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let text = runtime.block_on(chat_cli::execute(cli, color))?;
     let mut out = std::io::stdout().lock();

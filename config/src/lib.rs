@@ -237,7 +237,7 @@ impl Default for GatewayConfig {
             group_members_max: GROUP_MEMBERS_MAX_DEFAULT,
             send_rate_per_sec: 50.0,
             send_burst: 200.0,
-            requests_in_flight_max: 64,
+            requests_in_flight_max: 256,
             auth_timeout_ms: 5_000,
             presence_ttl_ms: 60_000,
             heartbeat_interval_ms: 30_000,

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, WebSocket};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use chatd_chat::{ChatCommand, ChatEvent, ChatReply, MessageRecord, ReceiptUpdate};
 use chatd_proto::{close, code, ClientFrame, MessageView, PresenceView, ServerFrame};
 use futures::{SinkExt, StreamExt};
@@ -75,11 +75,39 @@ pub enum Ephemeral {
 /// sent at once.
 pub const SESSION_ANNOUNCE_TIMEOUT_MS: u64 = 1_000;
 
+/// How long a request waits for its answer's place in a full outbound queue before the
+/// session is closed as a slow consumer (`4008`): the client has read nothing for that long.
+pub const ANSWER_SLOT_WAIT_MS: u64 = 5_000;
+
 enum Outbound {
     /// Shared by every session a push goes to; a pointer keeps the session queue's slots
     /// small (tokio allocates them 32 at a time per channel: ~8 KB per idle session when a
     /// slot held a whole frame).
-    Frame(Arc<ServerFrame>),
+    Frame(Arc<OutFrame>),
+}
+
+/// A frame on its way to one or more sessions. Its JSON text is made once, by the first
+/// writer that sends it, and shared by every other session it goes to (a fanout to many
+/// sessions encodes once, not once per recipient).
+struct OutFrame {
+    frame: ServerFrame,
+    text: std::sync::OnceLock<Utf8Bytes>,
+}
+
+impl OutFrame {
+    fn new(frame: ServerFrame) -> Arc<Self> {
+        Arc::new(Self {
+            frame,
+            text: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// The frame as JSON text (encoded on the first call; a cheap clone after).
+    fn text(&self) -> Utf8Bytes {
+        self.text
+            .get_or_init(|| frame_text(&self.frame).into())
+            .clone()
+    }
 }
 
 struct SessionHandle {
@@ -225,7 +253,7 @@ impl Gateway {
 
     fn push_changes(&self, changes: impl IntoIterator<Item = crate::presence::Change>) {
         for c in changes {
-            let frame = Arc::new(ServerFrame::Presence { presence: c.view });
+            let frame = OutFrame::new(ServerFrame::Presence { presence: c.view });
             for s in &c.subscribers {
                 self.push(s, &frame);
             }
@@ -239,12 +267,12 @@ impl Gateway {
     }
 
     /// Pushes `frame` to every local session of `user`; closes those that cannot keep up.
-    fn push(&self, user: &str, frame: &Arc<ServerFrame>) {
+    fn push(&self, user: &str, frame: &Arc<OutFrame>) {
         self.sessions
             .with_user(user, |list| self.push_to(list.unwrap_or_default(), frame));
     }
 
-    fn push_to(&self, list: &[SessionHandle], frame: &Arc<ServerFrame>) {
+    fn push_to(&self, list: &[SessionHandle], frame: &Arc<OutFrame>) {
         for s in list {
             match s.tx.try_send(Outbound::Frame(Arc::clone(frame))) {
                 Ok(()) => self.metrics.frames_out.fetch_add(1, Ordering::Relaxed),
@@ -272,7 +300,7 @@ impl Gateway {
                         // The typing path's cached members are stale now.
                         self.typing_members.invalidate(&message.chat);
                     }
-                    let frame = Arc::new(ServerFrame::Message {
+                    let frame = OutFrame::new(ServerFrame::Message {
                         message: view(message),
                     });
                     self.metrics
@@ -286,7 +314,7 @@ impl Gateway {
                     message,
                     recipients,
                 } => {
-                    let frame = Arc::new(ServerFrame::Updated {
+                    let frame = OutFrame::new(ServerFrame::Updated {
                         message: view(message),
                     });
                     for r in recipients {
@@ -305,7 +333,7 @@ impl Gateway {
                     {
                         continue;
                     }
-                    let frame = Arc::new(ServerFrame::Receipt {
+                    let frame = OutFrame::new(ServerFrame::Receipt {
                         chat: chat.clone(),
                         user: user.clone(),
                         delivered: cursor.delivered,
@@ -328,7 +356,7 @@ impl Gateway {
                     user,
                     recipients,
                 } => {
-                    let frame = Arc::new(ServerFrame::Typing {
+                    let frame = OutFrame::new(ServerFrame::Typing {
                         chat: chat.clone(),
                         user: user.clone(),
                     });
@@ -650,7 +678,7 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
     let (closer, mut closed) = watch::channel::<Option<(u16, String)>>(None);
     let session_id = gw.next_session.fetch_add(1, Ordering::Relaxed);
     // `ready` is queued before the session can receive any push, so it is always first.
-    let _ = tx.try_send(Outbound::Frame(Arc::new(ServerFrame::Ready {
+    let _ = tx.try_send(Outbound::Frame(OutFrame::new(ServerFrame::Ready {
         user: user.clone(),
         session: format!("{}-{session_id}", node.id),
     })));
@@ -742,7 +770,7 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
                     }
                     // Per connection, a chat's messages go out once each, in seq order.
                     batch.retain(|frame| {
-                        let ServerFrame::Message { message } = &**frame else {
+                        let ServerFrame::Message { message } = &frame.frame else {
                             return true;
                         };
                         let last = last_seq.entry(message.chat.clone()).or_insert(0);
@@ -811,7 +839,7 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
             // Refused, nothing read from it; the connection stays usable. (Frames over twice
             // the bound are refused by the WebSocket codec and close the connection: 4009.)
             if tx
-                .try_send(Outbound::Frame(Arc::new(err(
+                .try_send(Outbound::Frame(OutFrame::new(err(
                     None,
                     code::TOO_LARGE,
                     format!(
@@ -831,7 +859,7 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
             Ok(f) => f,
             Err((c, m)) => {
                 if tx
-                    .try_send(Outbound::Frame(Arc::new(err(
+                    .try_send(Outbound::Frame(OutFrame::new(err(
                         chatd_proto::request_id_of(&text),
                         c,
                         m,
@@ -854,21 +882,32 @@ pub async fn serve(node: Arc<Node>, socket: WebSocket, header_token: Option<Stri
         let Ok(permit) = in_flight.clone().acquire_owned().await else {
             break;
         };
-        let (node, user, tx2, closer2, receipts) = (
-            node.clone(),
-            user.clone(),
-            tx.clone(),
-            closer.clone(),
-            receipt_budget.clone(),
-        );
-        tokio::spawn(async move {
-            if let Some(reply) = handle(&node, &user, frame, &receipts).await {
-                if tx2.try_send(Outbound::Frame(Arc::new(reply))).is_err() {
-                    let _ = closer2.send(Some((
+        // The answer's slot in the outbound queue is taken before the request is served, so
+        // an answer always fits: a client that pipelines many requests is slowed (reading
+        // waits), never closed for its own answers; only pushes can overflow the queue.
+        let slot = tokio::select! {
+            _ = closed_for_reader.changed() => break,
+            r = tokio::time::timeout(
+                Duration::from_millis(ANSWER_SLOT_WAIT_MS),
+                tx.clone().reserve_owned(),
+            ) => match r {
+                Ok(Ok(slot)) => slot,
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    // Nothing was read off the queue for that long: not a slow reader, one
+                    // that stopped reading.
+                    let _ = closer.send(Some((
                         close::SLOW_CONSUMER,
                         "outbound queue full: reconnect and sync".into(),
                     )));
+                    break;
                 }
+            },
+        };
+        let (node, user, receipts) = (node.clone(), user.clone(), receipt_budget.clone());
+        tokio::spawn(async move {
+            if let Some(reply) = handle(&node, &user, frame, &receipts).await {
+                slot.send(Outbound::Frame(OutFrame::new(reply)));
             }
             drop(permit);
         });
@@ -908,10 +947,10 @@ async fn send_frame(
 /// Writes `frames` and flushes once.
 async fn send_frames(
     sink: &mut futures::stream::SplitSink<WebSocket, Message>,
-    frames: &[Arc<ServerFrame>],
+    frames: &[Arc<OutFrame>],
 ) -> Result<(), axum::Error> {
     for frame in frames {
-        sink.feed(Message::Text(frame_text(frame).into())).await?;
+        sink.feed(Message::Text(frame.text())).await?;
     }
     sink.flush().await
 }

@@ -1685,3 +1685,73 @@ async fn chat_deliveries_go_only_to_nodes_holding_a_recipients_session() {
     })
     .await;
 }
+
+/// `requests_in_flight_max` bounds the requests of one connection served at once; a client
+/// that pipelines far more is slowed, not refused: every request is answered once, none is
+/// dropped or closed as a slow consumer (the answers' queue slots are reserved), and the
+/// other member gets every message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_requests_pipelined_past_the_in_flight_bound_wait_and_are_all_answered() {
+    const IN_FLIGHT: i64 = 4;
+    const SENDS: u64 = 300;
+    bounded(async {
+        let mut c = Cluster::init(3, &["--send-rate-per-sec", "100000"]);
+        c.set_everywhere(
+            "gateway",
+            "requests_in_flight_max",
+            toml::Value::Integer(IN_FLIGHT),
+        );
+        // Answers and the sender's own pushes together exceed this many times over.
+        c.set_everywhere(
+            "gateway",
+            "outbound_queue_frames_max",
+            toml::Value::Integer(64),
+        );
+        c.start_all();
+        c.wait_ready(READY).await;
+        let mut t = HashMap::new();
+        for u in ["alice", "bob"] {
+            t.insert(u, create_user(&c, 1, u).await);
+        }
+        let mut alice = Ws::connect(c.node(1).api, "alice", &t["alice"]).await;
+        let mut bob = Ws::connect(c.node(2).api, "bob", &t["bob"]).await;
+        let chat = alice.open_direct("bob").await;
+        // All at once, without reading: 75 times the bound.
+        for i in 0..SENDS {
+            alice
+                .send_text(
+                    json!({"type": "send", "id": format!("p{i}"), "chat": chat,
+                           "client_msg_id": format!("m{i}"), "text": format!("pipelined {i}")})
+                    .to_string(),
+                )
+                .await;
+        }
+        let mut acked = BTreeMap::new();
+        while (acked.len() as u64) < SENDS {
+            let f = alice.recv_frame(Duration::from_secs(30)).await;
+            match f["type"].as_str() {
+                Some("ack") => {
+                    let id = f["id"].as_str().unwrap_or_default().to_string();
+                    let seq = f["seq"].as_u64().expect("ack seq");
+                    assert!(
+                        acked.insert(id, seq).is_none(),
+                        "two answers to one request"
+                    );
+                }
+                Some("message") => {}
+                other => panic!("unexpected frame {other:?}: {f}"),
+            }
+        }
+        let seqs: BTreeSet<u64> = acked.values().copied().collect();
+        assert_eq!(seqs.len() as u64, SENDS, "each send stored once");
+        let history = bob.full_history(&chat).await;
+        let texts: BTreeSet<String> = history
+            .iter()
+            .filter_map(|m| m["text"].as_str().map(str::to_string))
+            .collect();
+        assert_eq!(texts.len() as u64, SENDS, "bob reads every message");
+        // The connection is still open and serves the next request.
+        alice.ping().await;
+    })
+    .await;
+}
