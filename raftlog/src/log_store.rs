@@ -3,11 +3,14 @@
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
 
+use std::sync::Arc;
+
 use chatd_storage::{Batch, Cf, Storage};
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, OptionalSend, RaftLogReader, StorageIOError, Vote};
 
 use crate::keys::{log_key, meta_key, META_COMMITTED, META_PURGED, META_VOTE};
+use crate::state_machine::AppliedMark;
 use crate::{GroupId, LogId, NodeId, StorageError, TypeConfig};
 
 /// Upper bound on entries returned by one log read.
@@ -18,6 +21,8 @@ pub const LOG_READ_ENTRIES_MAX: usize = 4096;
 pub struct LogStore {
     group: GroupId,
     store: Storage,
+    /// How far the group's state machine is durable: no entry is purged before that.
+    applied: Arc<AppliedMark>,
 }
 
 fn io_read(e: impl std::error::Error + 'static) -> StorageError {
@@ -28,9 +33,13 @@ fn io_write(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
-    /// The log of `group` in `store`.
-    pub fn new(group: GroupId, store: Storage) -> Self {
-        Self { group, store }
+    /// The log of `group` in `store`, whose state machine's durability `applied` tracks.
+    pub(crate) fn new(group: GroupId, store: Storage, applied: Arc<AppliedMark>) -> Self {
+        Self {
+            group,
+            store,
+            applied,
+        }
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
@@ -191,6 +200,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // The state machine's records are written without the WAL: an entry leaves the log
+        // only once what it produced is on disk, or a crash could lose both.
+        let durable = self
+            .applied
+            .make_durable(
+                &self.store,
+                log_id.index.saturating_add(1),
+                std::time::Duration::from_millis(crate::state_machine::PURGE_WAITS_FOR_APPLY_MS),
+            )
+            .await
+            .map_err(|e| io_write(std::io::Error::other(e)))?;
+        if !durable {
+            return Err(io_write(std::io::Error::other(format!(
+                "group {}: purge up to {} asked, but the state machine did not apply that far \
+                 within {} ms",
+                self.group,
+                log_id.index,
+                crate::state_machine::PURGE_WAITS_FOR_APPLY_MS
+            ))));
+        }
         let bytes = chatd_codec::encode(&log_id).map_err(io_write)?;
         let mut b = Batch::new();
         {

@@ -340,9 +340,9 @@ impl Registry {
             return Ok(raft);
         }
         let start = |cause: String| RaftlogError::Start { group, cause };
-        let log = LogStore::new(group, self.store.clone());
         let sm = StateMachine::open(group, self.store.clone(), applier, &self.snapshot_root)
             .map_err(|e| start(e.to_string()))?;
+        let log = LogStore::new(group, self.store.clone(), sm.applied_mark());
         let network = NetworkFactory::new(group, self.links.clone());
         let clock = Arc::new(crate::clock::GroupClock::default());
         let raft = crate::clock::with_group_clock(

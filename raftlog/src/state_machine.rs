@@ -9,6 +9,7 @@ use std::sync::Arc;
 use chatd_codec::frame::FrameError;
 use chatd_storage::{Batch, Cf, Storage};
 use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::LogIdOptionExt;
 use openraft::{
     BasicNode, Entry, EntryPayload, OptionalSend, RaftSnapshotBuilder, SnapshotMeta,
     StorageIOError, StoredMembership,
@@ -195,6 +196,119 @@ fn snap_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_snapshot(None, &e).into()
 }
 
+/// How far one group's applied state is on disk.
+///
+/// Applies are written without the write-ahead log ([`Storage::write_unlogged`]): the Raft
+/// log already holds every committed entry durably, so a message's body goes through the
+/// WAL and its fdatasync once per replica, not twice. After a crash the state machine is
+/// back at its last flush, its records and last-applied mark together (one atomic flush),
+/// and openraft applies the rest again from the log (exactly once: the mark and the
+/// effects never disagree). The log may therefore drop (purge) an entry only once the
+/// state it produced is durable: [`LogStore`](crate::LogStore)'s purge asks this mark and
+/// flushes first when it must. Indexes are "next" indexes (one past the last applied; 0:
+/// nothing).
+#[derive(Debug, Default)]
+pub(crate) struct AppliedMark {
+    state: std::sync::Mutex<MarkState>,
+    /// Woken when `written` moves.
+    moved: tokio::sync::Notify,
+}
+
+/// How long a purge waits for the state it needs to be applied. openraft may ask to purge
+/// up to a snapshot it is still installing (the install runs on the state machine's task,
+/// the purge on the log's): the purge waits for the install rather than fail the group.
+pub const PURGE_WAITS_FOR_APPLY_MS: u64 = 30_000;
+
+#[derive(Debug, Default)]
+struct MarkState {
+    /// Effects written up to here (not necessarily durable).
+    written: u64,
+    /// Effects known durable up to here.
+    durable: u64,
+    /// Written up to `.0` when flush number `.1` (of the storage's unlogged flushes) had
+    /// started: durable once a flush numbered above `.1` succeeded.
+    candidate: Option<(u64, u64)>,
+}
+
+impl AppliedMark {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MarkState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Applied state durable up to `next` (read from disk at open, or a snapshot installed
+    /// with a synced write).
+    fn durable_at(&self, next: u64) {
+        {
+            let mut m = self.lock();
+            m.written = m.written.max(next);
+            m.durable = m.durable.max(next);
+        }
+        self.moved.notify_waiters();
+    }
+
+    /// Effects written (unlogged) up to `next`.
+    fn written(&self, next: u64) {
+        {
+            let mut m = self.lock();
+            m.written = m.written.max(next);
+        }
+        self.moved.notify_waiters();
+    }
+
+    /// Makes the applied state durable up to at least `next`, flushing the storage's
+    /// unlogged writes if no flush since covers it; false if the state is not applied up to
+    /// `next` within `wait` ([`PURGE_WAITS_FOR_APPLY_MS`] for a purge). A flush made for one
+    /// group serves every group written before it.
+    pub(crate) async fn make_durable(
+        &self,
+        store: &Storage,
+        next: u64,
+        wait: std::time::Duration,
+    ) -> Result<bool, String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let moved = self.moved.notified();
+            tokio::pin!(moved);
+            // Registered before the check: a move between the check and the wait wakes it.
+            moved.as_mut().enable();
+            if self.lock().written >= next {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                return Ok(false);
+            }
+        }
+        let (started, flushed_through) = store.unlogged_flushes();
+        {
+            let mut m = self.lock();
+            if let Some((w, s)) = m.candidate {
+                if flushed_through > s {
+                    m.durable = m.durable.max(w);
+                    m.candidate = None;
+                }
+            }
+            if m.candidate.is_none() && m.written > m.durable {
+                // A later flush, whoever asks for it, will cover what is written now.
+                m.candidate = Some((m.written, started));
+            }
+            if m.durable >= next {
+                return Ok(true);
+            }
+        }
+        let written = self.lock().written;
+        let flushing = store.clone();
+        tokio::task::spawn_blocking(move || flushing.flush_unlogged())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut m = self.lock();
+        m.durable = m.durable.max(written);
+        Ok(m.durable >= next)
+    }
+}
+
 /// One group's state machine.
 pub struct StateMachine {
     group: GroupId,
@@ -205,6 +319,7 @@ pub struct StateMachine {
     membership: StoredMembership<NodeId, BasicNode>,
     receiving: Option<PathBuf>,
     snapshot_lock: Arc<tokio::sync::Mutex<()>>,
+    applied_mark: Arc<AppliedMark>,
 }
 
 fn decode_meta<T: serde::de::DeserializeOwned>(
@@ -248,6 +363,9 @@ impl StateMachine {
                 .map_err(sm_read)?,
         )?
         .unwrap_or_default();
+        // What is read now is on disk: unlogged writes lost in a crash are not here.
+        let applied_mark = Arc::new(AppliedMark::default());
+        applied_mark.durable_at(last_applied.next_index());
         Ok(Self {
             group,
             store,
@@ -257,7 +375,13 @@ impl StateMachine {
             membership,
             receiving: None,
             snapshot_lock: Arc::new(tokio::sync::Mutex::new(())),
+            applied_mark,
         })
+    }
+
+    /// How far this state machine's applied state is durable; shared with the group's log.
+    pub(crate) fn applied_mark(&self) -> Arc<AppliedMark> {
+        self.applied_mark.clone()
     }
 }
 
@@ -327,7 +451,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         // Effects and last-applied land together: a restart never applies an entry twice.
-        self.store.write(batch).map_err(sm_write)?;
+        // Without the WAL: the log holds the entries durably, and a crash takes effects and
+        // mark back together to the last flush (see `AppliedMark`).
+        self.store.write_unlogged(batch).map_err(sm_write)?;
+        self.applied_mark.written(last_applied.next_index());
         self.last_applied = last_applied;
         if let Some(m) = membership {
             self.membership = m;
@@ -390,6 +517,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .await
             .map_err(snap_err)??;
         self.last_applied = meta.last_log_id;
+        // install_from_file ends with a synced write of the mark: durable.
+        self.applied_mark.durable_at(meta.last_log_id.next_index());
         self.membership = meta.last_membership.clone();
         self.applier.installed(self.group, &self.store);
         tracing::info!(group = self.group, last_log_id = ?meta.last_log_id, "installed snapshot");
@@ -596,4 +725,104 @@ fn install_from_file(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod applied_mark_tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::{Duration, Instant};
+
+    use chatd_storage::{NodeIdentity, StorageOptions};
+
+    use super::*;
+
+    fn store() -> (tempfile::TempDir, Storage) {
+        let dir = tempfile::tempdir().unwrap();
+        let ident = NodeIdentity {
+            cluster_id: "t".into(),
+            node_id: 1,
+        };
+        let store = Storage::open(dir.path(), &ident, &StorageOptions::default()).unwrap();
+        (dir, store)
+    }
+
+    fn unlogged(store: &Storage, key: &[u8]) {
+        let mut b = Batch::new();
+        store.batch(&mut b).put(Cf::StateMachine, key, b"v");
+        store.write_unlogged(b).unwrap();
+    }
+
+    #[tokio::test]
+    async fn durable_state_needs_no_flush_and_written_state_is_flushed_once() {
+        let (_dir, store) = store();
+        let mark = AppliedMark::default();
+        mark.durable_at(10);
+        let wait = Duration::from_secs(5);
+        assert_eq!(mark.make_durable(&store, 10, wait).await, Ok(true));
+        assert_eq!(
+            store.unlogged_flushes(),
+            (0, 0),
+            "durable already: no flush"
+        );
+        unlogged(&store, b"a");
+        mark.written(20);
+        assert_eq!(mark.make_durable(&store, 15, wait).await, Ok(true));
+        assert_eq!(
+            store.unlogged_flushes(),
+            (1, 1),
+            "one flush made 11..20 durable"
+        );
+        assert_eq!(mark.make_durable(&store, 20, wait).await, Ok(true));
+        assert_eq!(store.unlogged_flushes(), (1, 1), "and covers a later ask");
+    }
+
+    #[tokio::test]
+    async fn a_flush_for_another_group_covers_what_was_written_before_it() {
+        let (_dir, store) = store();
+        let (a, b) = (AppliedMark::default(), AppliedMark::default());
+        let wait = Duration::from_secs(5);
+        unlogged(&store, b"b");
+        b.written(30);
+        // b's ask records what a later flush will cover; nothing to flush for 0.
+        assert_eq!(b.make_durable(&store, 0, wait).await, Ok(true));
+        unlogged(&store, b"a");
+        a.written(5);
+        assert_eq!(a.make_durable(&store, 5, wait).await, Ok(true));
+        assert_eq!(store.unlogged_flushes(), (1, 1));
+        assert_eq!(b.make_durable(&store, 30, wait).await, Ok(true));
+        assert_eq!(store.unlogged_flushes(), (1, 1), "a's flush served b");
+    }
+
+    /// At the bound: a purge past what is applied waits for the apply (an install finishing
+    /// on the state machine's task) and goes on; one that nothing applies in time fails.
+    #[tokio::test]
+    async fn a_purge_past_the_applied_state_waits_for_it_up_to_the_bound() {
+        let (_dir, store) = store();
+        let mark = Arc::new(AppliedMark::default());
+        mark.written(3);
+        let later = mark.clone();
+        let installer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            later.durable_at(400);
+        });
+        let started = Instant::now();
+        assert_eq!(
+            mark.make_durable(&store, 400, Duration::from_secs(10))
+                .await,
+            Ok(true)
+        );
+        assert!(started.elapsed() >= Duration::from_millis(150));
+        installer.await.unwrap();
+        let started = Instant::now();
+        assert_eq!(
+            mark.make_durable(&store, 401, Duration::from_millis(300))
+                .await,
+            Ok(false)
+        );
+        let waited = started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+    }
 }

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use identity::NodeIdentity;
-use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, Options, WriteOptions, DB};
+use rocksdb::{BlockBasedOptions, ColumnFamilyDescriptor, FlushOptions, Options, WriteOptions, DB};
 pub use syncer::DurableCallback;
 use syncer::Syncer;
 
@@ -187,6 +187,11 @@ struct Inner {
     db: DB,
     path: PathBuf,
     syncer: Syncer,
+    unlogged_writes: std::sync::atomic::AtomicU64,
+    unlogged_flushes_started: std::sync::atomic::AtomicU64,
+    unlogged_flushed_through: std::sync::atomic::AtomicU64,
+    unlogged_flushes_failed: std::sync::atomic::AtomicU64,
+    flushing: std::sync::Mutex<()>,
 }
 
 impl Storage {
@@ -226,6 +231,11 @@ impl Storage {
         db_opts.set_max_open_files(options.max_open_files);
         db_opts.set_max_background_jobs(options.background_jobs);
         db_opts.set_manual_wal_flush(options.wal_buffered);
+        // Unlogged writes (`write_unlogged`: the state machines) are durable only once
+        // flushed; their families must flush together, at one sequence number, or a crash
+        // could keep a state machine's records from one moment and its last-applied mark
+        // from another.
+        db_opts.set_atomic_flush(true);
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(512 << 20);
 
@@ -244,6 +254,11 @@ impl Storage {
             db,
             path: path.to_path_buf(),
             syncer: Syncer::start(weak.clone(), options.sync_queue_writes_max),
+            unlogged_writes: Default::default(),
+            unlogged_flushes_started: Default::default(),
+            unlogged_flushed_through: Default::default(),
+            unlogged_flushes_failed: Default::default(),
+            flushing: std::sync::Mutex::new(()),
         });
         Ok(Self { inner })
     }
@@ -347,6 +362,78 @@ impl Storage {
             .map_err(rocks("write"))
     }
 
+    /// Writes `batch` without the write-ahead log: visible to readers on return, durable only
+    /// once its memtables are flushed ([`Self::flush_unlogged`], RocksDB's own flushes, or
+    /// closing the database). A crash before then loses the write, atomically with every
+    /// later unlogged write. For state rebuilt from a durable log after a crash (the state
+    /// machines, replayed from their Raft logs past their durable last-applied mark), so
+    /// that their records do not go through the WAL and its fdatasync a second time.
+    pub fn write_unlogged(&self, batch: Batch) -> Result<(), StorageError> {
+        let mut wo = WriteOptions::default();
+        wo.disable_wal(true);
+        self.inner
+            .db
+            .write_opt(batch.inner, &wo)
+            .map_err(rocks("write_unlogged"))?;
+        self.inner
+            .unlogged_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Makes every unlogged write made before the call durable: flushes the state
+    /// machines' column families (atomically: one sequence number for both) to SST files
+    /// and waits. Blocks the calling thread for the flush (milliseconds to a second): call
+    /// it from a blocking context.
+    pub fn flush_unlogged(&self) -> Result<(), StorageError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        // One at a time, so that "flush n started after x" and "flush n is done" can be
+        // told apart with two counters (see `unlogged_flushes`).
+        let _one = self
+            .inner
+            .flushing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let number = self.inner.unlogged_flushes_started.fetch_add(1, SeqCst) + 1;
+        let mut fo = FlushOptions::default();
+        fo.set_wait(true);
+        let cfs = [self.cf(Cf::StateMachine), self.cf(Cf::StateMeta)];
+        let result = self
+            .inner
+            .db
+            .flush_cfs_opt(&cfs, &fo)
+            .map_err(rocks("flush_unlogged"));
+        if result.is_ok() {
+            self.inner.unlogged_flushed_through.store(number, SeqCst);
+        } else {
+            self.inner.unlogged_flushes_failed.fetch_add(1, SeqCst);
+        }
+        result
+    }
+
+    /// Explicit flushes of unlogged writes, numbered from 1 as they start: `(started,
+    /// flushed_through)`, the number of the last one started and of the last one that
+    /// succeeded. They run one at a time, each covering every write made before it started,
+    /// so an unlogged write made when `started` was `s` is durable once
+    /// `flushed_through > s`.
+    pub fn unlogged_flushes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::SeqCst;
+        (
+            self.inner.unlogged_flushes_started.load(SeqCst),
+            self.inner.unlogged_flushed_through.load(SeqCst),
+        )
+    }
+
+    /// Unlogged writes made, explicit flushes started, and explicit flushes that failed.
+    pub fn unlogged_stats(&self) -> (u64, u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.inner.unlogged_writes.load(Relaxed),
+            self.inner.unlogged_flushes_started.load(Relaxed),
+            self.inner.unlogged_flushes_failed.load(Relaxed),
+        )
+    }
+
     /// Writes `batch` (visible on return) and calls `on_durable` once it is fdatasynced.
     /// One fdatasync serves every durable write waiting at that moment: group commit.
     pub fn write_durable(
@@ -431,9 +518,21 @@ fn dir_has_rocksdb_files(path: &Path) -> bool {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Make everything written so far durable before the handle goes away.
+        // Make everything written so far durable before the handle goes away: the WAL, and
+        // the unlogged writes (a clean stop then needs no replay at the next start).
         if let Err(e) = self.db.flush_wal(true) {
             tracing::warn!(error = %e, "final WAL sync failed");
+        }
+        if *self.unlogged_writes.get_mut() > 0 {
+            let mut fo = FlushOptions::default();
+            fo.set_wait(true);
+            let cfs: Vec<&rocksdb::ColumnFamily> = [Cf::StateMachine, Cf::StateMeta]
+                .iter()
+                .filter_map(|cf| self.db.cf_handle(cf.name()))
+                .collect();
+            if let Err(e) = self.db.flush_cfs_opt(&cfs, &fo) {
+                tracing::warn!(error = %e, "final flush of unlogged writes failed");
+            }
         }
     }
 }

@@ -196,3 +196,95 @@ fn scans_respect_bounds_and_views_are_point_in_time() {
         .unwrap()
         .is_empty());
 }
+
+/// The crash model of unlogged writes, in a real process that dies without any cleanup
+/// (`abort`: no destructor, no flush, as kill -9): synced WAL writes survive; unlogged
+/// writes survive only if an explicit flush started after them; an unlogged batch over two
+/// column families is lost or kept whole (atomic flush); and the flush counters say which.
+#[test]
+fn unlogged_writes_survive_a_crash_only_once_flushed_and_stay_atomic() {
+    const CHILD: &str = "CHATD_STORAGE_CRASH_CHILD";
+    if let Ok(dir) = std::env::var(CHILD) {
+        // The child: write, then die.
+        let store = Storage::open(
+            std::path::Path::new(&dir),
+            &ident("c1", 1),
+            &StorageOptions::default(),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(store.write_synced(put(&store, b"logged", b"1")))
+            .unwrap();
+        let two = |k: &[u8]| {
+            let mut b = Batch::new();
+            let mut w = store.batch(&mut b);
+            w.put(Cf::StateMachine, k, b"record");
+            w.put(Cf::StateMeta, k, b"mark");
+            b
+        };
+        store.write_unlogged(two(b"early")).unwrap();
+        let (started, through) = store.unlogged_flushes();
+        assert_eq!((started, through), (0, 0));
+        store.flush_unlogged().unwrap();
+        let (started, through) = store.unlogged_flushes();
+        assert_eq!(
+            (started, through),
+            (1, 1),
+            "a write made at 0 is durable: 1 > 0"
+        );
+        store.write_unlogged(two(b"late")).unwrap();
+        // A synced WAL write after it does not make the unlogged one durable.
+        rt.block_on(store.write_synced(put(&store, b"logged-after", b"2")))
+            .unwrap();
+        assert_eq!(
+            store.get(Cf::StateMachine, b"late").unwrap().as_deref(),
+            Some(&b"record"[..])
+        );
+        std::process::abort();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "unlogged_writes_survive_a_crash_only_once_flushed_and_stay_atomic",
+            "--nocapture",
+        ])
+        .env(CHILD, dir.path())
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child must die by abort");
+    let store = Storage::open(dir.path(), &ident("c1", 1), &StorageOptions::default()).unwrap();
+    let get = |cf, k: &[u8]| store.get(cf, k).unwrap();
+    assert_eq!(get(Cf::RaftLog, b"logged").as_deref(), Some(&b"1"[..]));
+    assert_eq!(
+        get(Cf::RaftLog, b"logged-after").as_deref(),
+        Some(&b"2"[..])
+    );
+    assert_eq!(
+        get(Cf::StateMachine, b"early").as_deref(),
+        Some(&b"record"[..])
+    );
+    assert_eq!(get(Cf::StateMeta, b"early").as_deref(), Some(&b"mark"[..]));
+    assert_eq!(get(Cf::StateMachine, b"late"), None, "never flushed: lost");
+    assert_eq!(get(Cf::StateMeta, b"late"), None, "lost with its record");
+}
+
+/// A clean close flushes unlogged writes: nothing to replay at the next start.
+#[test]
+fn unlogged_writes_survive_a_clean_close() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = Storage::open(dir.path(), &ident("c1", 1), &StorageOptions::default()).unwrap();
+        let mut b = Batch::new();
+        store.batch(&mut b).put(Cf::StateMachine, b"k", b"v");
+        store.write_unlogged(b).unwrap();
+        assert_eq!(store.unlogged_stats().0, 1);
+    }
+    let store = Storage::open(dir.path(), &ident("c1", 1), &StorageOptions::default()).unwrap();
+    assert_eq!(
+        store.get(Cf::StateMachine, b"k").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+}
