@@ -73,6 +73,10 @@ pub struct BenchArgs {
     /// connections.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub group_size: u32,
+    /// Members of each chat that send, in join order (the creator first); 0 = every member.
+    /// `--connections 2 --chats 1 --senders 1` puts all the load on one connection.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=256))]
+    pub senders: u32,
     /// Messages per second over all chats, open loop; 0 = as fast as --in-flight allows.
     #[arg(long, default_value_t = 100.0, value_parser = non_negative)]
     pub rate: f64,
@@ -1469,6 +1473,7 @@ pub async fn run(cli: &Cli, args: &BenchArgs) -> Result<String, CliError> {
         chat_ids: &chat_ids,
         next_chat: 0,
         next_member: vec![0; plan.len()],
+        senders: args.senders as usize,
         padding: &padding,
         size: args.size,
         measure_start,
@@ -1692,6 +1697,8 @@ struct Driver<'a> {
     chat_ids: &'a [String],
     next_chat: usize,
     next_member: Vec<usize>,
+    /// Members of each chat that send (`--senders`; 0 = all).
+    senders: usize,
     padding: &'a str,
     size: usize,
     measure_start: Instant,
@@ -1704,7 +1711,11 @@ impl Driver<'_> {
         let chat = self.next_chat;
         self.next_chat = (self.next_chat + 1) % self.plan.len();
         let members = &self.plan[chat];
-        let sender = members[self.next_member[chat] % members.len()];
+        let senders = match self.senders {
+            0 => members.len(),
+            k => k.min(members.len()),
+        };
+        let sender = members[self.next_member[chat] % senders];
         self.next_member[chat] += 1;
         let now = Instant::now();
         let n = {
@@ -2038,6 +2049,7 @@ impl Report<'_> {
             "connections": self.args.connections,
             "chats": self.args.chats,
             "group_size": self.args.group_size,
+            "senders_per_chat": self.args.senders,
             "members_per_chat": self.members,
             "rate": self.args.rate,
             "in_flight": self.args.in_flight,
@@ -2083,8 +2095,15 @@ impl Report<'_> {
         };
         let _ = writeln!(
             s,
-            "load: {load}, at most {} in flight, {} s measured after {} s of warm-up (users {}-*)",
-            a.in_flight, a.duration, a.warmup, self.prefix
+            "load: {load}, at most {} in flight, {} s measured after {} s of warm-up (users {}-*){}",
+            a.in_flight,
+            a.duration,
+            a.warmup,
+            self.prefix,
+            match a.senders {
+                0 => String::new(),
+                k => format!(", the first {k} member(s) of each chat send"),
+            }
         );
         let _ = writeln!(s);
         let _ = writeln!(
