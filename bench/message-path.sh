@@ -12,6 +12,8 @@
 #   rate1      1,000 msg/s into one chat, 1 recipient connection (+ the sender's own)
 #   rate8      1,000 msg/s into one chat, 8 recipient connections (+ the sender's own)
 #   max64      chat-cli bench (b): 64 connections over the nodes, 64 chats, 256 in flight
+#   hot16      one group of 16 members on all three nodes, every member sending, 512 in
+#              flight: the limit of one hot chat (16 deliveries per message)
 #
 # PARTITIONS (default 64), BENCH_SECONDS (measured, default 15), WARMUP (default 2), CHATD_BIN,
 # CHAT_CLI (default: $CARGO_TARGET_DIR/debug/…). PERF=1 records `perf record -g` of node 1
@@ -51,6 +53,7 @@ args_of() {
     rate1) echo "--connections 2 --chats 1 --senders 1 --rate 1000" ;;
     rate8) echo "--connections 9 --chats 1 --group-size 9 --senders 1 --rate 1000" ;;
     max64) echo "--connections 64 --chats 64 --rate 0 --in-flight 256 --spread" ;;
+    hot16) echo "--connections 16 --chats 1 --group-size 16 --rate 0 --in-flight 512 --spread" ;;
     *) echo "unknown workload $1" >&2; exit 2 ;;
   esac
 }

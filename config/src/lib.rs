@@ -195,7 +195,10 @@ impl Default for LifecycleSection {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
-    /// Frames queued for one session before it is closed as a slow consumer.
+    /// Frames queued for one session before it is closed as a slow consumer. A client that
+    /// pipelines `requests_in_flight_max` sends gets two frames back per send (the answer,
+    /// and the message pushed to its chat): 4096 leaves it eight rounds of delay to absorb.
+    /// Frames are shared between sessions, and an idle queue costs nothing per slot.
     pub outbound_queue_frames_max: usize,
     /// Concurrent sessions of one user.
     pub sessions_per_user_max: usize,
@@ -230,7 +233,7 @@ pub struct GatewayConfig {
 impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
-            outbound_queue_frames_max: 1024,
+            outbound_queue_frames_max: 4096,
             sessions_per_user_max: 8,
             sessions_max: 100_000,
             text_bytes_max: chatd_proto::TEXT_BYTES_MAX,

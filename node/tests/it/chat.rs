@@ -1096,7 +1096,7 @@ async fn chat_client_that_never_reads_is_closed_and_others_are_unaffected() {
         assert_eq!(p["sloth"]["online"], true, "{p:?}");
 
         // 10,000 pipelined requests, each answered with ~10 KB, and never a read: far more
-        // than the socket buffers and the 1024-frame outbound queue hold.
+        // than the socket buffers and the 4096-frame outbound queue hold.
         const FRAMES: usize = 10_000;
         let writer = tokio::spawn(async move {
             let mut sloth = sloth;
