@@ -90,7 +90,20 @@ for w in "${workloads[@]}"; do
   echo "== $w (partitions $partitions): chat-cli bench $a --size 1024 --duration $seconds --warmup $warmup"
   # shellcheck disable=SC2086
   "$cli" --server "127.0.0.1:$port" --token "$(cat "$dir/c/admin.token")" bench --nodes "$nodes" \
-    $a --size 1024 --duration "$seconds" --warmup "$warmup" 2>/dev/null || echo "bench failed: $?"
+    $a --size 1024 --duration "$seconds" --warmup "$warmup" 2>/dev/null | tee "$dir/bench.out" ||
+    echo "bench failed: $?"
+  # A direct chat's id is known from the bench's user prefix: say which node led it (node 1,
+  # where the client is, answers without a forward).
+  prefix=$(sed -n 's/.*(users \([^)]*\)-\*).*/\1/p' "$dir/bench.out" | head -1)
+  if [[ -n "$prefix" && "$a" == *"--chats 1 "* && "$a" != *--group-size* ]]; then
+    token=$(cat "$dir/c/admin.token")
+    chat="d:$prefix-0:$prefix-1"
+    group=$(curl -fsS -H "Authorization: Bearer $token" "http://127.0.0.1:$port/v1/admin/chats/$chat" |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["partition"])' 2>/dev/null || true)
+    leader=$(curl -fsS -H "Authorization: Bearer $token" "http://127.0.0.1:$port/v1/admin/leaders?limit=100000" |
+      python3 -c 'import json,sys; g=int(sys.argv[1]); print(next((l for (x, l, *_) in json.load(sys.stdin)["groups"] if x == g), "?"))' "${group:-0}" 2>/dev/null || true)
+    echo "the chat's partition: ${group:-?}, its leader: node ${leader:-?} (the client is on node 1)"
+  fi
   [[ -z "$perf_pid" ]] || wait "$perf_pid" || true
   stop_nodes
 done
