@@ -17,7 +17,8 @@
 #
 # PARTITIONS (default 64), BENCH_SECONDS (measured, default 15), WARMUP (default 2), CHATD_BIN,
 # CHAT_CLI (default: $CARGO_TARGET_DIR/debug/…). PERF=1 records `perf record -g` of node 1
-# during each workload into $PERF_DIR (default /tmp/chatd-perf). Each workload's report is
+# during each workload into $PERF_DIR (default /tmp/chatd-perf); PERF_CG replaces `-g` (e.g.
+# PERF_CG="--call-graph dwarf,16384" for whole Rust stacks). Each workload's report is
 # printed; every process it starts is stopped by PID and its directory removed on exit.
 set -euo pipefail
 
@@ -83,7 +84,7 @@ for w in "${workloads[@]}"; do
   perf_pid=""
   if [[ "${PERF:-0}" == 1 ]]; then
     mkdir -p "${PERF_DIR:-/tmp/chatd-perf}"
-    ( sleep "$((warmup + 3))"; exec perf record -g -F 999 -p "${pids[0]}" \
+    ( sleep "$((warmup + 3))"; exec perf record ${PERF_CG:--g} -F 999 -p "${pids[0]}" \
         -o "${PERF_DIR:-/tmp/chatd-perf}/$w.data" -- sleep "$((seconds - 4))" ) >/dev/null 2>&1 &
     perf_pid=$!
   fi

@@ -236,6 +236,12 @@ pub fn render_raft(registry: &chatd_raftlog::Registry, out: &mut String) {
             registry.quiesced_groups() as u64,
         ),
         (
+            "chatd_raft_log_tail_bytes",
+            "Bytes of newest log entries kept in memory for replication and apply (bounded).",
+            "gauge",
+            registry.log_tail_bytes() as u64,
+        ),
+        (
             "chatd_raft_peer_batches_total",
             "Batches of Raft RPCs sent to peers (one QUIC stream each; pings included).",
             "counter",

@@ -19,6 +19,7 @@ pub mod clock;
 mod golden;
 mod keys;
 mod log_store;
+mod log_tail;
 mod network;
 mod peers;
 mod registry;
@@ -33,6 +34,10 @@ pub use batcher::{
     PROPOSAL_QUEUE_MAX,
 };
 pub use log_store::LogStore;
+pub use log_tail::{
+    TailBudget, LOG_TAIL_APPLIED_KEEP_BYTES, LOG_TAIL_APPLIED_KEEP_ENTRIES, LOG_TAIL_BYTES_MAX,
+    LOG_TAIL_ENTRIES_MAX, LOG_TAIL_NODE_BYTES_MAX,
+};
 pub use network::{
     NetworkFactory, QuiesceRequest, RaftReply, RaftRequest, RAFT_SERVICE_TAG,
     UNREACHABLE_BACKOFF_MS,

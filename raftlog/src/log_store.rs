@@ -10,6 +10,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{Entry, OptionalSend, RaftLogReader, StorageIOError, Vote};
 
 use crate::keys::{log_key, meta_key, META_COMMITTED, META_PURGED, META_VOTE};
+use crate::log_tail::LogTail;
 use crate::state_machine::AppliedMark;
 use crate::{GroupId, LogId, NodeId, StorageError, TypeConfig};
 
@@ -23,6 +24,8 @@ pub struct LogStore {
     store: Storage,
     /// How far the group's state machine is durable: no entry is purged before that.
     applied: Arc<AppliedMark>,
+    /// The newest entries, decoded: most reads are answered from here.
+    tail: Arc<LogTail>,
 }
 
 fn io_read(e: impl std::error::Error + 'static) -> StorageError {
@@ -33,12 +36,19 @@ fn io_write(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
-    /// The log of `group` in `store`, whose state machine's durability `applied` tracks.
-    pub(crate) fn new(group: GroupId, store: Storage, applied: Arc<AppliedMark>) -> Self {
+    /// The log of `group` in `store`, whose state machine's durability `applied` tracks;
+    /// `tail` keeps its newest entries (shared with the state machine, which trims it).
+    pub(crate) fn new(
+        group: GroupId,
+        store: Storage,
+        applied: Arc<AppliedMark>,
+        tail: Arc<LogTail>,
+    ) -> Self {
         Self {
             group,
             store,
             applied,
+            tail,
         }
     }
 
@@ -72,10 +82,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Unbounded => 0,
         };
         let end = match range.end_bound() {
-            Bound::Included(&i) => log_key(self.group, i.saturating_add(1)),
-            Bound::Excluded(&i) => log_key(self.group, i),
-            Bound::Unbounded => log_key(self.group, u64::MAX),
+            Bound::Included(&i) => i.saturating_add(1),
+            Bound::Excluded(&i) => i,
+            Bound::Unbounded => u64::MAX,
         };
+        if let Some(entries) = self.tail.get(start, end, LOG_READ_ENTRIES_MAX) {
+            return Ok(entries);
+        }
+        let end = log_key(self.group, end);
         let mut out = Vec::new();
         let mut failure = None;
         self.store
@@ -170,12 +184,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let mut batch = Batch::new();
         let mut buf = Vec::with_capacity(1200);
+        let mut written = Vec::new();
         {
             let mut w = self.store.batch(&mut batch);
             for entry in entries {
                 buf.clear();
                 chatd_codec::encode_into(&entry, &mut buf).map_err(io_write)?;
                 w.put(Cf::RaftLog, &log_key(self.group, entry.log_id.index), &buf);
+                written.push((entry, buf.len()));
             }
         }
         // Visible to readers on return; openraft hears of it only once fdatasynced.
@@ -186,10 +202,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     callback.log_io_completed(result.map_err(std::io::Error::other));
                 }),
             )
-            .map_err(io_write)
+            .map_err(io_write)?;
+        // Readable in the log now, so the tail may answer for them.
+        self.tail.appended(written);
+        Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // Forgotten before they are deleted: the tail never answers for a deleted index.
+        self.tail.truncate_from(log_id.index);
         let mut b = Batch::new();
         self.store.batch(&mut b).delete_range(
             Cf::RaftLog,
@@ -221,6 +242,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             ))));
         }
         let bytes = chatd_codec::encode(&log_id).map_err(io_write)?;
+        self.tail.purge_through(log_id.index);
         let mut b = Batch::new();
         {
             let mut w = self.store.batch(&mut b);
@@ -232,5 +254,70 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             );
         }
         self.store.write_synced(b).await.map_err(io_write)
+    }
+}
+
+/// openraft's storage suite against the real log and state machine (RocksDB in a temporary
+/// directory), with the in-memory tail on: every read, truncate, purge and append case it
+/// checks is answered through the tail where it can be.
+#[cfg(test)]
+mod suite {
+    #![allow(clippy::unwrap_used)]
+
+    use std::sync::Arc;
+
+    use chatd_storage::{NodeIdentity, Storage, StorageOptions};
+    use openraft::testing::{StoreBuilder, Suite};
+
+    use super::*;
+    use crate::log_tail::{LogTail, TailBudget, LOG_TAIL_NODE_BYTES_MAX};
+    use crate::state_machine::StateMachine;
+    use crate::{Applier, ApplyTxn};
+
+    struct Nothing;
+
+    impl Applier for Nothing {
+        fn apply(
+            &self,
+            _group: GroupId,
+            _index: u64,
+            _command: &[u8],
+            _txn: &mut ApplyTxn<'_>,
+        ) -> Result<Vec<u8>, chatd_storage::StorageError> {
+            Ok(Vec::new())
+        }
+    }
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError> {
+            let dir = tempfile::tempdir().unwrap();
+            let ident = NodeIdentity {
+                cluster_id: "suite".into(),
+                node_id: 1,
+            };
+            let store =
+                Storage::open(&dir.path().join("db"), &ident, &StorageOptions::default()).unwrap();
+            let mut sm = StateMachine::open(
+                7,
+                store.clone(),
+                Arc::new(Nothing),
+                &dir.path().join("snap"),
+            )
+            .unwrap();
+            let tail = Arc::new(LogTail::new(TailBudget::new(LOG_TAIL_NODE_BYTES_MAX)));
+            sm.trim_after_apply(tail.clone());
+            // The suite purges entries it never applied: the log's purge must not wait for
+            // them here (that wait has its own tests).
+            let applied = Arc::new(AppliedMark::default());
+            applied.durable_at(u64::MAX);
+            Ok((dir, LogStore::new(7, store, applied, tail), sm))
+        }
+    }
+
+    #[test]
+    fn openraft_storage_suite_passes_with_the_tail() {
+        Suite::test_all(Builder).unwrap();
     }
 }

@@ -106,6 +106,8 @@ pub struct Registry {
     quiesced_groups: std::sync::atomic::AtomicUsize,
     /// Set at shutdown: the ticker stops.
     stopped: AtomicBool,
+    /// What every group's log tail holds, against `LOG_TAIL_NODE_BYTES_MAX`.
+    log_tails: Arc<crate::log_tail::TailBudget>,
 }
 
 #[derive(Clone)]
@@ -289,9 +291,16 @@ impl Registry {
             options: options.clone(),
             quiesced_groups: std::sync::atomic::AtomicUsize::new(0),
             stopped: AtomicBool::new(false),
+            log_tails: crate::log_tail::TailBudget::new(crate::log_tail::LOG_TAIL_NODE_BYTES_MAX),
         });
         quiet::start_ticker(&registry)?;
         Ok(registry)
+    }
+
+    /// Bytes of log entries the groups' in-memory tails hold together (at most
+    /// [`LOG_TAIL_NODE_BYTES_MAX`](crate::LOG_TAIL_NODE_BYTES_MAX)).
+    pub fn log_tail_bytes(&self) -> usize {
+        self.log_tails.used_bytes()
     }
 
     /// Which peers are alive, as this node's pings and batches tell.
@@ -340,9 +349,11 @@ impl Registry {
             return Ok(raft);
         }
         let start = |cause: String| RaftlogError::Start { group, cause };
-        let sm = StateMachine::open(group, self.store.clone(), applier, &self.snapshot_root)
+        let mut sm = StateMachine::open(group, self.store.clone(), applier, &self.snapshot_root)
             .map_err(|e| start(e.to_string()))?;
-        let log = LogStore::new(group, self.store.clone(), sm.applied_mark());
+        let tail = Arc::new(crate::log_tail::LogTail::new(self.log_tails.clone()));
+        sm.trim_after_apply(tail.clone());
+        let log = LogStore::new(group, self.store.clone(), sm.applied_mark(), tail);
         let network = NetworkFactory::new(group, self.links.clone());
         let clock = Arc::new(crate::clock::GroupClock::default());
         let raft = crate::clock::with_group_clock(

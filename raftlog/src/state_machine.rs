@@ -239,7 +239,7 @@ impl AppliedMark {
 
     /// Applied state durable up to `next` (read from disk at open, or a snapshot installed
     /// with a synced write).
-    fn durable_at(&self, next: u64) {
+    pub(crate) fn durable_at(&self, next: u64) {
         {
             let mut m = self.lock();
             m.written = m.written.max(next);
@@ -320,6 +320,8 @@ pub struct StateMachine {
     receiving: Option<PathBuf>,
     snapshot_lock: Arc<tokio::sync::Mutex<()>>,
     applied_mark: Arc<AppliedMark>,
+    /// The group log's newest entries: applied ones are dropped from it.
+    log_tail: Option<Arc<crate::log_tail::LogTail>>,
 }
 
 fn decode_meta<T: serde::de::DeserializeOwned>(
@@ -376,7 +378,13 @@ impl StateMachine {
             receiving: None,
             snapshot_lock: Arc::new(tokio::sync::Mutex::new(())),
             applied_mark,
+            log_tail: None,
         })
+    }
+
+    /// The group log's tail, trimmed of applied entries after each apply.
+    pub(crate) fn trim_after_apply(&mut self, tail: Arc<crate::log_tail::LogTail>) {
+        self.log_tail = Some(tail);
     }
 
     /// How far this state machine's applied state is durable; shared with the group's log.
@@ -455,6 +463,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // mark back together to the last flush (see `AppliedMark`).
         self.store.write_unlogged(batch).map_err(sm_write)?;
         self.applied_mark.written(last_applied.next_index());
+        if let Some(tail) = &self.log_tail {
+            tail.applied(last_applied.next_index());
+        }
         self.last_applied = last_applied;
         if let Some(m) = membership {
             self.membership = m;
