@@ -102,6 +102,20 @@ impl NodeDirectory {
             .or_else(|| l.nodes.first().map(|(i, _)| *i))
     }
 
+    /// Where client `k` goes after giving up its connection to `from` for the `moves`-th
+    /// time: a listed node other than `from` (if there is one), so that the clients of one
+    /// node spread over all the others.
+    pub fn move_from(&self, from: usize, k: usize, moves: usize) -> Option<usize> {
+        let l = self.0.read();
+        let others: Vec<usize> = l
+            .nodes
+            .iter()
+            .map(|(i, _)| *i)
+            .filter(|i| *i != from)
+            .collect();
+        (!others.is_empty()).then(|| others[k.wrapping_add(moves) % others.len()])
+    }
+
     /// The `k`-th listed node (wrapping around).
     pub fn nth(&self, k: usize) -> Option<usize> {
         let l = self.0.read();
@@ -170,6 +184,9 @@ struct Client {
     conn: Option<Connection>,
     /// The node id this client uses (or will connect to next).
     node: usize,
+    /// Connections given up so far: each move goes to another listed node, the clients of
+    /// one node spreading over the others by client number and count.
+    moves: usize,
     session: u64,
     /// Highest seq delivered per chat on this session (for receipts).
     seen: HashMap<String, u64>,
@@ -183,9 +200,15 @@ impl Client {
         op
     }
 
+    /// Gives the connection up and picks the node to connect to next: one of the other
+    /// listed nodes, chosen by client number and moves so far. (Every client moving to "the
+    /// next" node would pile them all on one node, and a fault of that node would then
+    /// stop every client at once: the history would show the workload's unavailability,
+    /// not the cluster's.)
     fn drop_conn(&mut self) {
         self.conn = None;
-        if let Some(next) = self.setup.nodes.next_after(self.node) {
+        self.moves += 1;
+        if let Some(next) = self.setup.nodes.move_from(self.node, self.k, self.moves) {
             self.node = next;
         }
     }
@@ -333,6 +356,11 @@ impl Client {
                 if is_definite_refusal(&code) {
                     (Kind::Fail, None, Some(format!("{code}: {message}")), true)
                 } else {
+                    if code == chatd_proto::code::UNAVAILABLE {
+                        // The node reaches no leader (cut off, or no majority where it
+                        // looks): as a client would, try another node.
+                        self.drop_conn();
+                    }
                     (Kind::Info, None, Some(format!("{code}: {message}")), false)
                 }
             }
@@ -492,6 +520,7 @@ pub async fn run_client(
         name: format!("c{}", spec.k),
         k: spec.k,
         node: setup.nodes.nth(spec.k - 1).unwrap_or(1),
+        moves: 0,
         setup: setup.clone(),
         history,
         conn: None,
@@ -605,4 +634,30 @@ async fn read_whole(addr: &str, token: &str, chat: &str) -> Result<Vec<Entry>, S
     conn.close().await;
     let (messages, _) = read.map_err(|e| e.to_string())?;
     Ok(messages.iter().map(entry).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn the_clients_of_a_node_that_fails_spread_over_every_other_node() {
+        let nodes = NodeDirectory::new((1..=3).map(|i| (i, format!("n{i}"))).collect());
+        let mut on = HashMap::new();
+        for k in 1..=6 {
+            let next = nodes.move_from(1, k, 1).unwrap();
+            assert_ne!(next, 1);
+            *on.entry(next).or_insert(0) += 1;
+        }
+        assert_eq!(on, HashMap::from([(2, 3), (3, 3)]));
+        // One client moving again and again visits every other node, never the one it left.
+        let visits: Vec<usize> = (1..=4).map(|m| nodes.move_from(2, 1, m).unwrap()).collect();
+        assert_eq!(visits, [1, 3, 1, 3]);
+        // A lone node: nowhere else to go.
+        let one = NodeDirectory::new(vec![(1, "n1".into())]);
+        assert_eq!(one.move_from(1, 1, 1), None);
+        assert_eq!(one.move_from(2, 1, 1), Some(1));
+    }
 }
