@@ -241,7 +241,42 @@ fn golden_commands_other_than_send() {
         },
         "010901750163",
     );
+    pin(
+        &ChatCommand::FileBegin(file_record()),
+        &format!("010b{FILE_RECORD}"),
+    );
+    pin(
+        &ChatCommand::FileProgress {
+            file: "f".into(),
+            offset: 3,
+        },
+        "010c016603",
+    );
+    pin(
+        &ChatCommand::FileComplete {
+            file: "f".into(),
+            sha256: "h".into(),
+        },
+        "010d01660168",
+    );
+    pin(&ChatCommand::FileDrop { file: "f".into() }, "010e0166");
 }
+
+pub(crate) fn file_record() -> crate::FileRecord {
+    crate::FileRecord {
+        id: "f".into(),
+        owner: "o".into(),
+        size: 5,
+        mime: "m".into(),
+        name: "n".into(),
+        chunk_bytes: 2,
+        offset: 1,
+        sha256: Some("h".into()),
+        created_ms: 9,
+    }
+}
+// "f" · "o" · 5 · "m" · "n" · 2 · 1 · Some("h") · 9
+pub(crate) const FILE_RECORD: &str = "0166016f05016d016e0201010168 09";
 
 #[test]
 fn golden_key_layout() {
@@ -257,6 +292,7 @@ fn golden_key_layout() {
     assert_eq!(keys::user_chat("al", "g:1"), b"u\0al\0g:1".to_vec());
     assert_eq!(keys::user_chat_prefix("al"), b"u\0al\0".to_vec());
     assert_eq!(keys::prefix_end(b"r\0g:1\0"), b"r\0g:1\0\xff".to_vec());
+    assert_eq!(keys::file("f:1"), b"f\0f:1".to_vec());
     // Messages of a chat sort by seq (big endian), and stay inside the chat's prefix.
     assert!(keys::message("g:1", 255) < keys::message("g:1", 256));
     assert!(keys::message("g:1", u64::MAX).starts_with(b"m\0g:1\0"));

@@ -65,6 +65,11 @@ pub(crate) fn user_chat_prefix(user: &str) -> Vec<u8> {
     join(&[b"u", user.as_bytes(), b""])
 }
 
+/// A file's record in its home partition.
+pub(crate) fn file(file: &str) -> Vec<u8> {
+    join(&[b"f", file.as_bytes()])
+}
+
 /// The smallest key greater than every key starting with `prefix`.
 pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();

@@ -6,6 +6,7 @@
 //! receipt cursors. `chat` knows chats and the raftlog `Applier` interface; it knows
 //! nothing of WebSockets, QUIC or RocksDB.
 
+pub mod files;
 #[cfg(test)]
 mod golden;
 mod keys;
@@ -18,6 +19,7 @@ use chatd_raftlog::{Applier, ApplyTxn, GroupId};
 use chatd_storage::StorageError;
 use serde::{Deserialize, Serialize};
 
+pub use files::FileRecord;
 pub use model::LogRecord;
 pub use model::{ChatKind, ChatRecord, Cursor, DedupRecord, MessageRecord, Span};
 pub use read::{
@@ -104,6 +106,14 @@ pub enum ChatCommand {
         ts: u64,
         dedup_window_ms: u64,
     },
+    /// A file's upload begins (docs/files.md): its record, with nothing acknowledged yet.
+    FileBegin(files::FileRecord),
+    /// `file`'s upload is acknowledged (on a majority of its replicas) up to `offset`.
+    FileProgress { file: String, offset: u64 },
+    /// `file`'s upload is complete, its bytes hashing to `sha256` (lowercase hex).
+    FileComplete { file: String, sha256: String },
+    /// `file` is forgotten (a failed upload, or collected); its chunks go with it.
+    FileDrop { file: String },
 }
 
 /// How long a send's idempotency record answers retries unless configured otherwise: 24 h.
@@ -439,6 +449,10 @@ fn apply_command(
     hint: &mut SweepHint,
 ) -> Result<ChatReply, StorageError> {
     Ok(match cmd {
+        ChatCommand::FileBegin(record) => files::begin(txn, record)?,
+        ChatCommand::FileProgress { file, offset } => files::progress(txn, &file, offset)?,
+        ChatCommand::FileComplete { file, sha256 } => files::complete(txn, &file, sha256)?,
+        ChatCommand::FileDrop { file } => files::drop_file(txn, &file)?,
         ChatCommand::Append(payload) => {
             let n: u64 = get(txn, keys::LOG_COUNT)?.unwrap_or(0) + 1;
             put(txn, keys::LOG_COUNT, &n)?;

@@ -15,6 +15,7 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod editor;
+pub mod files;
 pub mod format;
 pub mod idle;
 pub mod messaging;
@@ -137,6 +138,10 @@ pub enum Command {
         /// Its other members.
         members: Vec<String>,
     },
+    /// Upload a file (streamed, with progress) and print its id and SHA-256.
+    Upload(files::UploadArgs),
+    /// Download a file (streamed, with progress), checked against its SHA-256.
+    Download(files::DownloadArgs),
     /// An interactive chat session in the terminal.
     Chat(session::ChatArgs),
     /// Load-generate over real WebSockets and verify every delivery (admin token).
@@ -247,6 +252,8 @@ pub async fn execute(cli: &Cli, color: bool) -> Result<String, CliError> {
         Command::Presence { users } => messaging::presence(cli, users, color).await,
         Command::OpenDirect { user } => messaging::open_direct(cli, user).await,
         Command::CreateGroup { name, members } => messaging::create_group(cli, name, members).await,
+        Command::Upload(args) => files::upload(cli, args).await,
+        Command::Download(args) => files::download(cli, args).await,
         Command::Chat(args) => session::run(cli, args).await,
         Command::Bench(args) => bench::run(cli, args).await,
         Command::BenchIdle(args) => idle::run(cli, args).await,

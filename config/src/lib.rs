@@ -288,6 +288,35 @@ pub struct Config {
     /// Start-up and graceful stop.
     #[serde(default)]
     pub lifecycle: LifecycleSection,
+    /// File uploads and downloads (docs/files.md).
+    #[serde(default)]
+    pub files: FilesSection,
+}
+
+/// Files: sizes and chunking (docs/files.md).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesSection {
+    /// Largest file a user may upload, in bytes (an upload announcing more is refused with
+    /// 413 before its body is read).
+    pub max_bytes: u64,
+    /// Bytes per chunk: the unit stored on each replica, synced and acknowledged.
+    pub chunk_bytes: u32,
+    /// Chunks of one upload sent to the replicas and not yet on a majority, at most.
+    pub chunks_in_flight: usize,
+}
+
+/// The largest `files.chunk_bytes` (a chunk is one node-to-node frame).
+pub const FILE_CHUNK_BYTES_MAX: u32 = 4 << 20;
+
+impl Default for FilesSection {
+    fn default() -> Self {
+        Self {
+            max_bytes: 100 << 20,
+            chunk_bytes: 1 << 20,
+            chunks_in_flight: 4,
+        }
+    }
 }
 
 /// Offline notifications through a webhook.
@@ -453,6 +482,14 @@ impl Config {
                 "raft.liveness_timeout_ms ({}) must be at least twice raft.liveness_ping_ms ({}), \
                  which must not be 0",
                 self.raft.liveness_timeout_ms, self.raft.liveness_ping_ms
+            ));
+        }
+        let f = &self.files;
+        if f.chunk_bytes == 0 || f.chunk_bytes > FILE_CHUNK_BYTES_MAX || f.chunks_in_flight == 0 {
+            return Err(format!(
+                "files.chunk_bytes ({}) must be between 1 and {FILE_CHUNK_BYTES_MAX}, and \
+                 files.chunks_in_flight ({}) at least 1",
+                f.chunk_bytes, f.chunks_in_flight
             ));
         }
         let l = &self.lifecycle;

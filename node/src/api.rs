@@ -55,6 +55,8 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/v1/ws", get(websocket))
+        .route("/v1/files", post(crate::files::http::upload))
+        .route("/v1/files/{id}", get(crate::files::http::download))
         .merge(admin)
         .layer(DefaultBodyLimit::max(RECORD_BYTES_MAX))
         .with_state(node)

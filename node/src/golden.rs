@@ -166,6 +166,23 @@ fn golden_node_requests() {
         },
         "01 0c 01 09 64",
     );
+    pin(
+        &NodeRequest::PutChunk {
+            group: 3,
+            file: "f:1".into(),
+            index: 2,
+            bytes: vec![0xab],
+        },
+        "01 0d 03 03663a31 02 01ab",
+    );
+    pin(
+        &NodeRequest::GetChunk {
+            group: 3,
+            file: "f:1".into(),
+            index: 2,
+        },
+        "01 0e 03 03663a31 02",
+    );
 }
 
 #[test]
@@ -197,6 +214,7 @@ fn golden_chat_queries() {
     );
     pin(&ChatQuery::Members { chat: "c".into() }, "01 03 0163");
     pin(&ChatQuery::Inspect { chat: "c".into() }, "01 04 0163");
+    pin(&ChatQuery::File { file: "f".into() }, "01 05 0166");
 }
 
 #[test]
@@ -242,6 +260,11 @@ fn golden_node_replies() {
     pin(&NodeReply::Overloaded("q".into()), "01 06 0171");
     pin(&NodeReply::Failed("x".into()), "01 07 0178");
     pin(&NodeReply::Refused("x".into()), "01 08 0178");
+    pin(
+        &NodeReply::Chunk(Some(serde_bytes::ByteBuf::from(vec![0xab]))),
+        "01 09 01 01ab",
+    );
+    pin(&NodeReply::Chunk(None), "01 09 00");
 }
 
 #[test]
@@ -286,5 +309,20 @@ fn golden_chat_query_replies() {
             message: "m".into(),
         },
         "01 05 08696e7465726e616c 016d",
+    );
+    pin(&ChatQueryReply::File(None), "01 06 00");
+    pin(
+        &ChatQueryReply::File(Some(chatd_chat::FileRecord {
+            id: "f".into(),
+            owner: "o".into(),
+            size: 5,
+            mime: "m".into(),
+            name: "n".into(),
+            chunk_bytes: 2,
+            offset: 1,
+            sha256: Some("h".into()),
+            created_ms: 9,
+        })),
+        "01 06 01 0166 016f 05 016d 016e 02 01 01 0168 09",
     );
 }

@@ -139,6 +139,7 @@ pub fn init_cluster(spec: &InitSpec) -> anyhow::Result<Vec<NodeFiles>> {
             admin_token_sha256: Some(crate::auth::sha256_hex(&admin_token)),
             notify: spec.notify.clone(),
             lifecycle: LifecycleSection::default(),
+            files: Default::default(),
         };
         config
             .validate()

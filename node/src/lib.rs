@@ -8,6 +8,7 @@ pub mod bench;
 pub mod bench_move;
 pub mod config;
 pub mod demo;
+pub mod files;
 pub mod first_steps;
 pub mod gateway;
 #[cfg(test)]

@@ -68,6 +68,9 @@ pub struct Metrics {
     /// leadership (a newer term seen here) or fell silent (node liveness) while they were
     /// in flight.
     pub forwards_cut: AtomicU64,
+    /// File chunks this node stored (synced) as a replica, and their bytes.
+    pub file_chunks_stored: AtomicU64,
+    pub file_chunk_bytes_stored: AtomicU64,
     /// Offline notifications the webhook accepted.
     pub notifications_sent: AtomicU64,
     /// Offline notifications dropped: the webhook refused TLS, or every attempt failed.
@@ -185,6 +188,22 @@ impl Metrics {
              leadership or fell silent (node liveness) while they were in flight.",
             "counter",
             self.forwards_cut.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            &mut out,
+            "chatd_file_chunks_stored_total",
+            "File chunks this node stored, synced, as a replica of their file's partition.",
+            "counter",
+            self.file_chunks_stored.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            &mut out,
+            "chatd_file_chunk_bytes_stored_total",
+            "Bytes of the file chunks this node stored as a replica.",
+            "counter",
+            self.file_chunk_bytes_stored
+                .load(Ordering::Relaxed)
+                .to_string(),
         );
         self.ack_latency.render(
             "chatd_send_to_ack_seconds",

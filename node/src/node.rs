@@ -103,6 +103,21 @@ pub enum NodeRequest {
     /// `limit` of them (bounded by [`STATUS_PAGE_GROUPS_MAX`]), by group id. Answers
     /// `Status`.
     StatusPage { after: Option<GroupId>, limit: u32 },
+    /// Stores chunk `index` of `file` on the receiver, a replica of `file`'s home partition
+    /// `group`, with an fdatasync before the answer (`Delivered`). See `files.rs`.
+    PutChunk {
+        group: GroupId,
+        file: String,
+        index: u32,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    /// The receiver's copy of chunk `index` of `file` in `group`: answers `Chunk`.
+    GetChunk {
+        group: GroupId,
+        file: String,
+        index: u32,
+    },
 }
 
 /// Groups one status page lists at most: every group of the largest cluster allowed
@@ -135,6 +150,8 @@ pub enum NodeReply {
     /// Refused for good, with the reason (e.g. a join with a tombstoned id): retrying
     /// changes nothing.
     Refused(String),
+    /// A chunk as the receiver stores it (`None`: it has none).
+    Chunk(Option<serde_bytes::ByteBuf>),
 }
 
 /// One node's view of its groups.
@@ -623,7 +640,7 @@ impl Node {
 
     /// The replicas of partition `group` as placement says (group 0's membership, or the
     /// bootstrap placement before it is known).
-    fn partition_replicas(&self, group: GroupId) -> Option<Vec<NodeId>> {
+    pub(crate) fn partition_replicas(&self, group: GroupId) -> Option<Vec<NodeId>> {
         match self.meta.membership() {
             Some(m) => m.replicas(group).map(<[NodeId]>::to_vec),
             None => self
@@ -725,6 +742,13 @@ impl Node {
     async fn serve(&self, req: NodeRequest) -> NodeReply {
         match req {
             NodeRequest::Propose { group, command } => self.propose_here(group, command).await,
+            NodeRequest::PutChunk {
+                group,
+                file,
+                index,
+                bytes,
+            } => self.put_chunk(group, &file, index, &bytes).await,
+            NodeRequest::GetChunk { group, file, index } => self.get_chunk(group, &file, index),
             NodeRequest::Status => NodeReply::Status(self.local_status().await),
             NodeRequest::StatusPage { after, limit } => {
                 NodeReply::Status(self.local_status_page(after, limit as usize).await)
@@ -849,7 +873,7 @@ impl Node {
         }
     }
 
-    async fn call(
+    pub(crate) async fn call(
         &self,
         addr: SocketAddr,
         req: &NodeRequest,
@@ -973,7 +997,7 @@ pub(crate) fn peers_of(m: &chatd_membership::Membership) -> BTreeMap<NodeId, Pee
 }
 
 #[derive(Debug, thiserror::Error)]
-enum CallError {
+pub(crate) enum CallError {
     /// The request never reached the peer.
     #[error("not sent: {0}")]
     NotSent(String),

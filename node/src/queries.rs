@@ -37,6 +37,8 @@ pub enum ChatQuery {
     Members { chat: String },
     /// Everything about `chat` (admin).
     Inspect { chat: String },
+    /// The record of `file` (in its home partition).
+    File { file: String },
 }
 
 /// The admin view of a chat.
@@ -70,6 +72,8 @@ pub enum ChatQueryReply {
         code: String,
         message: String,
     },
+    /// A file's record, if it exists.
+    File(Option<chatd_chat::FileRecord>),
 }
 
 fn rejected(code: &str, message: impl Into<String>) -> ChatQueryReply {
@@ -195,6 +199,9 @@ fn run_inner(
         ChatQuery::Members { chat } => ChatQueryReply::Members(
             chatd_chat::chat_record(store, group, &chat)?.map(|r| r.current_members()),
         ),
+        ChatQuery::File { file } => {
+            ChatQueryReply::File(chatd_chat::files::read(store, group, &file)?)
+        }
         ChatQuery::Inspect { chat } => match chatd_chat::chat_record(store, group, &chat)? {
             None => ChatQueryReply::Inspection(None),
             Some(r) => {

@@ -35,16 +35,25 @@ pub enum Cf {
     StateMeta,
     /// This node's identity: which cluster and which node the directory belongs to.
     NodeMeta,
+    /// File chunks, beside the Raft logs (never in them): `group | file | index` to the
+    /// chunk's bytes. Values from [`BLOB_FILE_MIN_BYTES`] on live in RocksDB's blob files,
+    /// written once, not rewritten by compaction. Added after the first release: a data
+    /// directory without it gains it at open, once its identity is checked.
+    Blobs,
 }
+
+/// Values of [`Cf::Blobs`] this large or larger are kept in blob files.
+pub const BLOB_FILE_MIN_BYTES: u64 = 64 << 10;
 
 impl Cf {
     /// Every column family, in creation order.
-    pub const ALL: [Cf; 5] = [
+    pub const ALL: [Cf; 6] = [
         Cf::RaftLog,
         Cf::RaftMeta,
         Cf::StateMachine,
         Cf::StateMeta,
         Cf::NodeMeta,
+        Cf::Blobs,
     ];
 
     /// The column family's name in RocksDB (frozen: renaming one loses its data).
@@ -55,6 +64,7 @@ impl Cf {
             Cf::StateMachine => "sm",
             Cf::StateMeta => "sm_meta",
             Cf::NodeMeta => "node_meta",
+            Cf::Blobs => "blobs",
         }
     }
 }
@@ -239,16 +249,42 @@ impl Storage {
         db_opts.set_keep_log_file_num(4);
         db_opts.set_max_total_wal_size(512 << 20);
 
-        let descriptors = Cf::ALL.iter().map(|cf| {
+        let cf_options = |cf: Cf| {
             let mut o = Options::default();
             o.set_write_buffer_size(options.write_buffer_bytes);
             o.set_block_based_table_factory(&block);
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            ColumnFamilyDescriptor::new(cf.name(), o)
-        });
-        let db = DB::open_cf_descriptors(&db_opts, path, descriptors)
+            if cf == Cf::Blobs {
+                // File bytes: out of the LSM tree, not recompressed (media is compressed).
+                o.set_enable_blob_files(true);
+                o.set_min_blob_size(BLOB_FILE_MIN_BYTES);
+                o.set_blob_compression_type(rocksdb::DBCompressionType::None);
+                o.set_enable_blob_gc(true);
+            }
+            o
+        };
+        // The families the directory has: a directory from before a family was added opens
+        // without it and gains it below, after its identity is checked (a directory of
+        // another node is left exactly as it was).
+        let existing: Vec<String> = if fresh {
+            Cf::ALL.iter().map(|cf| cf.name().to_string()).collect()
+        } else {
+            DB::list_cf(&db_opts, path).map_err(|e| open_err(e.into_string()))?
+        };
+        let descriptors = Cf::ALL
+            .iter()
+            .filter(|cf| existing.iter().any(|name| name == cf.name()))
+            .map(|cf| ColumnFamilyDescriptor::new(cf.name(), cf_options(*cf)));
+        let mut db = DB::open_cf_descriptors(&db_opts, path, descriptors)
             .map_err(|e| open_err(e.into_string()))?;
         identity::check_or_claim(&db, path, identity, fresh)?;
+        for cf in Cf::ALL {
+            if db.cf_handle(cf.name()).is_none() {
+                tracing::info!(path = %path.display(), family = cf.name(), "adding a column family to the data directory");
+                db.create_cf(cf.name(), &cf_options(cf))
+                    .map_err(|e| open_err(e.into_string()))?;
+            }
+        }
 
         let inner = Arc::new_cyclic(|weak: &std::sync::Weak<Inner>| Inner {
             db,

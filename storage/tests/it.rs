@@ -288,3 +288,58 @@ fn unlogged_writes_survive_a_clean_close() {
         Some(&b"v"[..])
     );
 }
+
+/// The column families of the directory at `path`, as RocksDB lists them.
+fn families(path: &std::path::Path) -> Vec<String> {
+    let mut names = rocksdb::DB::list_cf(&rocksdb::Options::default(), path).unwrap();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_directory_from_before_the_blobs_family_gains_it_only_once_its_identity_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = StorageOptions::default();
+    {
+        let store = Storage::open(dir.path(), &ident("c1", 1), &opts).unwrap();
+        store.write(put(&store, b"k", b"v")).unwrap();
+        store.sync_wal().unwrap();
+    }
+    // Make it a directory written before `blobs` existed.
+    {
+        let names = rocksdb::DB::list_cf(&rocksdb::Options::default(), dir.path()).unwrap();
+        let mut db =
+            rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), &names).unwrap();
+        db.drop_cf(Cf::Blobs.name()).unwrap();
+    }
+    let before = families(dir.path());
+    assert!(!before.iter().any(|n| n == "blobs"), "{before:?}");
+    // Another node's open is refused and adds nothing.
+    let err = Storage::open(dir.path(), &ident("c1", 2), &opts)
+        .err()
+        .expect("other node id must be refused");
+    assert!(
+        matches!(err, StorageError::IdentityMismatch { .. }),
+        "{err}"
+    );
+    assert_eq!(families(dir.path()), before);
+    // Its own node opens it, keeps its data and gains the family, for good.
+    {
+        let store = Storage::open(dir.path(), &ident("c1", 1), &opts).unwrap();
+        assert_eq!(
+            store.get(Cf::RaftLog, b"k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
+        let chunk = vec![7u8; (chatd_storage::BLOB_FILE_MIN_BYTES as usize) * 2];
+        let mut b = Batch::new();
+        store.batch(&mut b).put(Cf::Blobs, b"chunk", &chunk);
+        store.write(b).unwrap();
+        store.sync_wal().unwrap();
+    }
+    assert!(families(dir.path()).iter().any(|n| n == "blobs"));
+    let store = Storage::open(dir.path(), &ident("c1", 1), &opts).unwrap();
+    assert_eq!(
+        store.get(Cf::Blobs, b"chunk").unwrap().map(|v| v.len()),
+        Some((chatd_storage::BLOB_FILE_MIN_BYTES as usize) * 2)
+    );
+}

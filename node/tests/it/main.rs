@@ -9,6 +9,7 @@ mod dedup;
 mod demo;
 mod drain;
 mod failover;
+mod files;
 mod harness;
 mod membership;
 mod replication;

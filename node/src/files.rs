@@ -1,0 +1,134 @@
+//! Files (issue 14, docs/files.md): a file's bytes are cut into chunks kept beside the Raft
+//! logs, never in them, on the replicas of the file's home partition
+//! (`1 + fnv1a64(file_id) % P`, the rule chats use), so they move with the partition.
+//!
+//! This module holds the chunk store of one node (the `blobs` column family) and the two
+//! node-to-node calls on it: `PutChunk` (a replica stores a chunk with an fdatasync before
+//! it answers) and `GetChunk`.
+
+use chatd_storage::{Batch, Cf};
+
+use crate::node::{Node, NodeReply};
+
+pub mod http;
+
+/// File ids: `f:` and 32 lowercase hex digits (128 random bits).
+pub const FILE_ID_BYTES: usize = 34;
+
+/// The largest chunk a replica stores; larger `PutChunk`s are refused (`Refused`): the
+/// largest `files.chunk_bytes` a configuration may set.
+pub const FILE_CHUNK_BYTES_MAX: usize = chatd_config::FILE_CHUNK_BYTES_MAX as usize;
+
+/// Chunks of one file, at most (with 1 MiB chunks: a 1 TiB file).
+pub const FILE_CHUNKS_MAX: u32 = 1 << 20;
+
+/// A new random file id.
+pub fn new_file_id() -> String {
+    format!("f:{:032x}", rand::random::<u128>())
+}
+
+/// Whether `id` is a file id (`f:` and 32 lowercase hex digits).
+pub fn is_file_id(id: &str) -> bool {
+    id.len() == FILE_ID_BYTES
+        && id.starts_with("f:")
+        && id[2..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// The key of chunk `index` of `file` in `group`'s part of the `blobs` family:
+/// `group (8, BE) | file id (34) | index (4, BE)`: a file's chunks in order, a group's
+/// files together (a replica that leaves a partition deletes one key range).
+pub fn chunk_key(group: u64, file: &str, index: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + file.len() + 4);
+    k.extend_from_slice(&group.to_be_bytes());
+    k.extend_from_slice(file.as_bytes());
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+impl Node {
+    /// Stores chunk `index` of `file` of partition `group` here, synced (a replica of
+    /// `group` only). Answers `Delivered` once the chunk is on disk; `Refused` for a
+    /// request no retry can fix; `Failed` when the write failed.
+    pub(crate) async fn put_chunk(
+        &self,
+        group: u64,
+        file: &str,
+        index: u32,
+        bytes: &[u8],
+    ) -> NodeReply {
+        if let Err(why) = check_chunk_request(file, index) {
+            return NodeReply::Refused(why);
+        }
+        if bytes.len() > FILE_CHUNK_BYTES_MAX {
+            return NodeReply::Refused(format!(
+                "chunk of {} bytes exceeds {FILE_CHUNK_BYTES_MAX}",
+                bytes.len()
+            ));
+        }
+        if !self.registry.hosts(group) {
+            return NodeReply::NotLeader { leader: None };
+        }
+        let mut b = Batch::new();
+        self.store
+            .batch(&mut b)
+            .put(Cf::Blobs, &chunk_key(group, file, index), bytes);
+        match self.store.write_synced(b).await {
+            Ok(()) => {
+                use std::sync::atomic::Ordering::Relaxed;
+                let m = &self.gateway.metrics;
+                m.file_chunks_stored.fetch_add(1, Relaxed);
+                m.file_chunk_bytes_stored
+                    .fetch_add(bytes.len() as u64, Relaxed);
+                NodeReply::Delivered
+            }
+            Err(e) => NodeReply::Failed(format!("chunk not stored: {e}")),
+        }
+    }
+
+    /// Chunk `index` of `file` of partition `group` as stored here, if it is.
+    pub(crate) fn get_chunk(&self, group: u64, file: &str, index: u32) -> NodeReply {
+        if let Err(why) = check_chunk_request(file, index) {
+            return NodeReply::Refused(why);
+        }
+        match self.store.get(Cf::Blobs, &chunk_key(group, file, index)) {
+            Ok(chunk) => NodeReply::Chunk(chunk.map(serde_bytes::ByteBuf::from)),
+            Err(e) => NodeReply::Failed(format!("chunk not read: {e}")),
+        }
+    }
+}
+
+fn check_chunk_request(file: &str, index: u32) -> Result<(), String> {
+    if !is_file_id(file) {
+        return Err(format!("{file:?} is not a file id"));
+    }
+    if index >= FILE_CHUNKS_MAX {
+        return Err(format!(
+            "chunk index {index} is not below {FILE_CHUNKS_MAX}"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_ids_are_recognised_and_keys_sort_by_group_file_and_index() {
+        let id = new_file_id();
+        assert!(is_file_id(&id), "{id}");
+        assert!(!is_file_id("f:123"));
+        assert!(!is_file_id(&id.to_uppercase()));
+        assert!(!is_file_id(&format!("g:{}", &id[2..])));
+        let a = chunk_key(1, &id, 2);
+        assert_eq!(a.len(), 8 + FILE_ID_BYTES + 4);
+        assert!(chunk_key(1, &id, 1) < a);
+        assert!(a < chunk_key(1, &id, 3));
+        assert!(a < chunk_key(1, &id, 256), "indexes compare as numbers");
+        assert!(a < chunk_key(2, &id, 0), "a group's chunks are together");
+        assert!(check_chunk_request(&id, FILE_CHUNKS_MAX).is_err());
+        assert!(check_chunk_request(&id, FILE_CHUNKS_MAX - 1).is_ok());
+    }
+}

@@ -1,0 +1,332 @@
+//! Files end to end (issue 14, docs/files.md): uploads stream into chunks stored with an
+//! fdatasync on a majority of the file's replicas, downloads stream back from any node;
+//! bad uploads and reads get their documented errors and leave nothing readable.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::chat::{cluster3, create_user};
+use crate::harness::Cluster;
+
+/// Deterministic bytes that differ in every chunk (a chunk mixed up would show).
+fn content(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn upload(
+    c: &Cluster,
+    via: u64,
+    token: &str,
+    bytes: Vec<u8>,
+    name: &str,
+) -> reqwest::Response {
+    c.http
+        .post(c.url(via, "/v1/files"))
+        .bearer_auth(token)
+        .header("content-type", "application/pdf")
+        .header("x-file-name", name)
+        .body(bytes)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn download(
+    c: &Cluster,
+    via: u64,
+    token: &str,
+    file: &str,
+    range: Option<&str>,
+) -> reqwest::Response {
+    let mut r = c
+        .http
+        .get(c.url(via, &format!("/v1/files/{file}")))
+        .bearer_auth(token)
+        .timeout(Duration::from_secs(60));
+    if let Some(range) = range {
+        r = r.header("range", range);
+    }
+    r.send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_upload_on_one_node_download_identical_from_every_node_with_ranges() {
+    let c = cluster3(&[]).await;
+    let token = create_user(&c, 1, "ann").await;
+    // 5 MiB and a bit: five full chunks and a short last one.
+    let bytes = content(5 * (1 << 20) + 12_345);
+    let sha = sha256_hex(&bytes);
+    let r = upload(&c, 1, &token, bytes.clone(), "report.pdf").await;
+    assert_eq!(r.status(), 201);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["size"], bytes.len() as u64, "{body}");
+    assert_eq!(body["sha256"], sha, "{body}");
+    assert_eq!(body["mime"], "application/pdf");
+    assert_eq!(body["name"], "report.pdf");
+    let file = body["file_id"].as_str().unwrap().to_string();
+    for via in 1..=3 {
+        let r = download(&c, via, &token, &file, None).await;
+        assert_eq!(r.status(), 200, "node {via}");
+        let h = r.headers().clone();
+        assert_eq!(h["content-type"], "application/pdf");
+        assert_eq!(h["etag"], format!("\"{sha}\"").as_str());
+        assert_eq!(h["accept-ranges"], "bytes");
+        assert_eq!(
+            h["content-disposition"],
+            "attachment; filename=\"report.pdf\""
+        );
+        let got = r.bytes().await.unwrap();
+        assert_eq!(got.len(), bytes.len(), "node {via}");
+        assert_eq!(sha256_hex(&got), sha, "node {via}: different bytes");
+    }
+    // A range across a chunk boundary, a suffix, and the same ETag answered 304.
+    let (a, b) = ((1 << 20) - 10, (1 << 20) + 9);
+    let r = download(&c, 2, &token, &file, Some(&format!("bytes={a}-{b}"))).await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes {a}-{b}/{}", bytes.len()).as_str()
+    );
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &bytes[a..=b]);
+    let r = download(&c, 3, &token, &file, Some("bytes=-100")).await;
+    assert_eq!(r.status(), 206);
+    assert_eq!(
+        r.bytes().await.unwrap().as_ref(),
+        &bytes[bytes.len() - 100..]
+    );
+    let r = download(
+        &c,
+        1,
+        &token,
+        &file,
+        Some(&format!("bytes={}-", bytes.len())),
+    )
+    .await;
+    assert_eq!(r.status(), 416);
+    assert_eq!(
+        r.headers()["content-range"],
+        format!("bytes */{}", bytes.len()).as_str()
+    );
+    let r = c
+        .http
+        .get(c.url(1, &format!("/v1/files/{file}")))
+        .bearer_auth(&token)
+        .header("if-none-match", format!("\"{sha}\""))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 304);
+    // A majority stored every chunk before the answer; the third replica's copies follow
+    // (its calls go on after the majority answered): all 3 x 6 chunks, once each.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut stored = 0;
+        for id in 1..=3 {
+            stored += chunks_stored(&c, id).await;
+        }
+        if stored == 18 {
+            break;
+        }
+        assert!(
+            stored < 18,
+            "more chunk writes than chunks x replicas: {stored}"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "chunks stored on the replicas: {stored} of 18"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends only the headers of an upload (a declared length, or chunked encoding), waits
+/// for the answer, and returns its status: what the node decides before reading a body.
+async fn headers_only_upload(c: &Cluster, via: u64, token: &str, length: Option<u64>) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = c.node(via).api;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let length = match length {
+        Some(n) => format!("Content-Length: {n}\r\n"),
+        None => "Transfer-Encoding: chunked\r\n".to_string(),
+    };
+    let head = format!(
+        "POST /v1/files HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n{length}\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
+        .await
+        .expect("an answer before any body byte")
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"))
+}
+
+/// Sends an upload announcing `length` bytes but only `sent` of them, half-closes, and
+/// returns the answer's status and text.
+async fn truncated_upload(
+    c: &Cluster,
+    via: u64,
+    token: &str,
+    length: u64,
+    sent: usize,
+) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = c.node(via).api;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST /v1/files HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: {length}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(&content(sent)).await.unwrap();
+    s.shutdown().await.unwrap();
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_string(&mut text))
+        .await
+        .expect("an answer")
+        .unwrap();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+    (status, text)
+}
+
+/// `chatd_file_chunks_stored_total` of node `id`.
+async fn chunks_stored(c: &Cluster, id: u64) -> u64 {
+    let text = c
+        .http
+        .get(c.url(id, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("chatd_file_chunks_stored_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no chunk counter in node {id}'s metrics"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_bad_uploads_and_reads_get_their_errors_and_leave_nothing_readable() {
+    let c = cluster3(&[]).await;
+    let ann = create_user(&c, 1, "ann").await;
+    let bob = create_user(&c, 1, "bob").await;
+    // No token, a wrong token.
+    let r = c
+        .http
+        .post(c.url(1, "/v1/files"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = upload(&c, 1, "nope", b"x".to_vec(), "a").await;
+    assert_eq!(r.status(), 401);
+    // Over files.max_bytes (100 MiB): refused from the headers, before any body is sent
+    // (a raw request: headers only, then the answer is read).
+    assert_eq!(
+        headers_only_upload(&c, 1, &ann, Some((100u64 << 20) + 1)).await,
+        413
+    );
+    // No Content-Length (a chunked body): 411.
+    assert_eq!(headers_only_upload(&c, 1, &ann, None).await, 411);
+    // A body shorter than its Content-Length (the client stops sending and half-closes):
+    // 400, and the upload's record is dropped (nothing of it is readable).
+    let (status, text) = truncated_upload(&c, 3, &ann, 3 << 20, (1 << 20) + 5).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("body_error") || text.contains("length_mismatch"),
+        "{text}"
+    );
+    // A bad name.
+    let r = upload(&c, 1, &ann, b"x".to_vec(), "../../etc/passwd").await;
+    assert_eq!(r.status(), 400);
+    // Unknown ids, malformed ids: 404.
+    let r = download(&c, 1, &ann, "f:0123456789abcdef0123456789abcdef", None).await;
+    assert_eq!(r.status(), 404);
+    let r = download(&c, 1, &ann, "nonsense", None).await;
+    assert_eq!(r.status(), 404);
+    // Another user's file: 404, as if it did not exist.
+    let r = upload(&c, 2, &ann, content(3000), "a.bin").await;
+    assert_eq!(r.status(), 201);
+    let file = r.json::<Value>().await.unwrap()["file_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = download(&c, 3, &bob, &file, None).await;
+    assert_eq!(r.status(), 404);
+    let r = download(&c, 3, &ann, &file, None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), content(3000).as_slice());
+    // An empty file is a file.
+    let r = upload(&c, 1, &ann, Vec::new(), "empty").await;
+    assert_eq!(r.status(), 201);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["size"], 0);
+    let r = download(&c, 2, &ann, body["file_id"].as_str().unwrap(), None).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.bytes().await.unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_an_acknowledged_upload_survives_kill_9_of_the_node_that_took_it() {
+    let mut c = cluster3(&[]).await;
+    let token = create_user(&c, 1, "ann").await;
+    let bytes = content(3 * (1 << 20) + 7);
+    let sha = sha256_hex(&bytes);
+    let r = upload(&c, 1, &token, bytes.clone(), "movie.mp4").await;
+    assert_eq!(r.status(), 201);
+    let file = r.json::<Value>().await.unwrap()["file_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The node that took the upload dies at once: what it acknowledged is on a majority.
+    c.kill(1);
+    for via in [2, 3] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = download(&c, via, &token, &file, None).await;
+            if r.status() == 200 {
+                let got = r.bytes().await.unwrap();
+                assert_eq!(sha256_hex(&got), sha, "node {via}");
+                break;
+            }
+            // 503 while the file's partition elects a leader without node 1.
+            assert_eq!(r.status(), 503, "node {via}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {via}: no leader"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Back, node 1 serves it too (its own synced chunks, or its peers').
+    c.start(1);
+    c.wait_ready(crate::chat::READY).await;
+    let r = download(&c, 1, &token, &file, None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256_hex(&r.bytes().await.unwrap()), sha);
+}
