@@ -879,11 +879,28 @@ impl Node {
         req: &NodeRequest,
         timeout: Duration,
     ) -> Result<NodeReply, CallError> {
+        let frame = Self::call_frame(req)?;
+        self.call_frame_to(addr, frame, timeout).await
+    }
+
+    /// The frame of a node-to-node call of `req` (the service tag, then the request):
+    /// encoded once, it can go to several peers ([`Self::call_frame_to`]).
+    pub(crate) fn call_frame(req: &NodeRequest) -> Result<Bytes, CallError> {
         let mut frame = vec![NODE_SERVICE_TAG];
         chatd_codec::encode_into(req, &mut frame).map_err(|e| CallError::Failed(e.to_string()))?;
+        Ok(Bytes::from(frame))
+    }
+
+    /// [`Self::call`] with a frame from [`Self::call_frame`].
+    pub(crate) async fn call_frame_to(
+        &self,
+        addr: SocketAddr,
+        frame: Bytes,
+        timeout: Duration,
+    ) -> Result<NodeReply, CallError> {
         let reply = self
             .endpoint
-            .call_with_timeout(addr, Bytes::from(frame), timeout)
+            .call_with_timeout(addr, frame, timeout)
             .await
             .map_err(|e| match e {
                 TransportError::Connect { .. } | TransportError::ConnectTimeout { .. } => {

@@ -45,6 +45,11 @@ pub enum Cf {
 /// Values of [`Cf::Blobs`] this large or larger are kept in blob files.
 pub const BLOB_FILE_MIN_BYTES: u64 = 64 << 10;
 
+/// The `blobs` family's memtable size: chunk bytes pass through it before their blob file,
+/// so it bounds what uploads hold in memory (two of them at most: one filling, one being
+/// flushed), not the other families' 64 MiB.
+pub const BLOBS_WRITE_BUFFER_BYTES: usize = 8 << 20;
+
 impl Cf {
     /// Every column family, in creation order.
     pub const ALL: [Cf; 6] = [
@@ -256,6 +261,8 @@ impl Storage {
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
             if cf == Cf::Blobs {
                 // File bytes: out of the LSM tree, not recompressed (media is compressed).
+                o.set_write_buffer_size(BLOBS_WRITE_BUFFER_BYTES);
+                o.set_max_write_buffer_number(2);
                 o.set_enable_blob_files(true);
                 o.set_min_blob_size(BLOB_FILE_MIN_BYTES);
                 o.set_blob_compression_type(rocksdb::DBCompressionType::None);

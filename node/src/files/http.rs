@@ -378,12 +378,24 @@ async fn store_on_majority(
         .ok_or_else(|| format!("partition {group} has no replicas"))?;
     let need = replicas.len() / 2 + 1;
     let (tx, mut rx) = tokio::sync::mpsc::channel(replicas.len().max(1));
+    // Encoded once for every remote replica (the chunk is copied into the frame, once).
+    let req = NodeRequest::PutChunk {
+        group,
+        file: file.to_string(),
+        index,
+        bytes: chunk,
+    };
+    let frame = Node::call_frame(&req).map_err(|e| e.to_string())?;
+    let NodeRequest::PutChunk { bytes: chunk, .. } = req else {
+        return Err("unreachable: the request is a PutChunk".into());
+    };
     let chunk = Arc::new(chunk);
     for r in &replicas {
-        let (node, tx, chunk, file, r) = (
+        let (node, tx, chunk, frame, file, r) = (
             node.clone(),
             tx.clone(),
             chunk.clone(),
+            frame.clone(),
             file.to_string(),
             *r,
         );
@@ -391,23 +403,17 @@ async fn store_on_majority(
             let reply = if r == node.id {
                 node.put_chunk(group, &file, index, &chunk).await
             } else {
+                drop(chunk);
                 match node.peer(r) {
                     None => NodeReply::Failed(format!("node {r} is not a known peer")),
-                    Some(p) => {
-                        let req = NodeRequest::PutChunk {
-                            group,
-                            file,
-                            index,
-                            bytes: chunk.to_vec(),
-                        };
-                        node.call(
+                    Some(p) => node
+                        .call_frame_to(
                             p.cluster_addr,
-                            &req,
+                            frame,
                             Duration::from_millis(CHUNK_CALL_TIMEOUT_MS),
                         )
                         .await
-                        .unwrap_or_else(|e| NodeReply::Failed(e.to_string()))
-                    }
+                        .unwrap_or_else(|e| NodeReply::Failed(e.to_string())),
                 }
             };
             let _ = tx.send((r, reply)).await;
