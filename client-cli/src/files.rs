@@ -38,7 +38,7 @@ pub struct DownloadArgs {
 }
 
 /// What an upload answers.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, serde::Serialize)]
 struct Uploaded {
     file_id: String,
     size: u64,
@@ -241,6 +241,11 @@ pub async fn upload(cli: &Cli, args: &UploadArgs) -> Result<String, CliError> {
         url: shown,
         cause: format!("{e}: {}", snippet(&text)),
     })?;
+    if cli.json {
+        return serde_json::to_string_pretty(&up)
+            .map(|j| j + "\n")
+            .map_err(|e| CliError::Failed(e.to_string()));
+    }
     Ok(format!(
         "{}  {} bytes  {}  {}  sha256 {}\n",
         up.file_id, up.size, up.mime, up.name, up.sha256
@@ -354,6 +359,14 @@ pub async fn download(cli: &Cli, args: &DownloadArgs) -> Result<String, CliError
             tokio::fs::rename(&partial, &out).await.map_err(|e| {
                 CliError::Failed(format!("cannot rename to {}: {e}", out.display()))
             })?;
+            if cli.json {
+                let v = serde_json::json!({
+                    "path": out.display().to_string(),
+                    "size": got,
+                    "sha256": sha,
+                });
+                return Ok(format!("{v:#}\n"));
+            }
             Ok(format!("{}  {got} bytes  sha256 {sha}\n", out.display()))
         }
         Err(e) => {

@@ -3,6 +3,7 @@
 
 mod admin;
 mod bench;
+mod files;
 mod harness;
 mod messaging;
 mod session;
