@@ -92,11 +92,24 @@ fn client(cli: &Cli) -> Result<(reqwest::Client, reqwest::Url, String), CliError
         .read_timeout(Duration::from_millis(cli.timeout_ms.max(30_000)))
         .user_agent(concat!("chat-cli/", env!("CARGO_PKG_VERSION")))
         .build()
-        .map_err(|e| CliError::Unreachable {
-            url: base.to_string(),
-            cause: cause_chain(&e),
-        })?;
+        .map_err(unreachable(base.as_str()))?;
     Ok((http, base, token))
+}
+
+/// The error of a request to `url` that got no (whole) answer.
+fn unreachable(url: &str) -> impl Fn(reqwest::Error) -> CliError + '_ {
+    move |e| CliError::Unreachable {
+        url: url.to_string(),
+        cause: cause_chain(&e),
+    }
+}
+
+/// `path` under the node's base URL.
+fn join(base: &reqwest::Url, path: &str) -> Result<reqwest::Url, CliError> {
+    base.join(path).map_err(|e| CliError::BadServer {
+        given: base.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// The error an answer that is not a success stands for.
@@ -185,10 +198,7 @@ pub async fn upload(cli: &Cli, args: &UploadArgs) -> Result<String, CliError> {
         .mime
         .clone()
         .unwrap_or_else(|| mime_for(path).to_string());
-    let url = base.join("v1/files").map_err(|e| CliError::BadServer {
-        given: base.to_string(),
-        reason: e.to_string(),
-    })?;
+    let url = join(&base, "v1/files")?;
     let shown = url.to_string();
     let progress = std::sync::Arc::new(std::sync::Mutex::new(Progress::new(
         format!("uploading {name}"),
@@ -223,20 +233,14 @@ pub async fn upload(cli: &Cli, args: &UploadArgs) -> Result<String, CliError> {
         .body(reqwest::Body::wrap_stream(body))
         .send()
         .await
-        .map_err(|e| CliError::Unreachable {
-            url: shown.clone(),
-            cause: cause_chain(&e),
-        })?;
+        .map_err(unreachable(&shown))?;
     if let Ok(g) = progress.lock() {
         g.finish();
     }
     if !resp.status().is_success() {
         return Err(failed(&shown, resp).await);
     }
-    let text = resp.text().await.map_err(|e| CliError::Unreachable {
-        url: shown.clone(),
-        cause: cause_chain(&e),
-    })?;
+    let text = resp.text().await.map_err(unreachable(&shown))?;
     let up: Uploaded = serde_json::from_str(&text).map_err(|e| CliError::Malformed {
         url: shown,
         cause: format!("{e}: {}", snippet(&text)),
@@ -264,22 +268,14 @@ fn disposition_name(value: &str) -> Option<String> {
 /// `chat-cli download FILE_ID [-o PATH]`.
 pub async fn download(cli: &Cli, args: &DownloadArgs) -> Result<String, CliError> {
     let (http, base, token) = client(cli)?;
-    let url = base
-        .join(&format!("v1/files/{}", args.file_id))
-        .map_err(|e| CliError::BadServer {
-            given: base.to_string(),
-            reason: e.to_string(),
-        })?;
+    let url = join(&base, &format!("v1/files/{}", args.file_id))?;
     let shown = url.to_string();
     let resp = http
         .get(url)
         .bearer_auth(&token)
         .send()
         .await
-        .map_err(|e| CliError::Unreachable {
-            url: shown.clone(),
-            cause: cause_chain(&e),
-        })?;
+        .map_err(unreachable(&shown))?;
     if !resp.status().is_success() {
         return Err(failed(&shown, resp).await);
     }
@@ -317,10 +313,7 @@ pub async fn download(cli: &Cli, args: &DownloadArgs) -> Result<String, CliError
     let mut got: u64 = 0;
     let result: Result<(), CliError> = async {
         while let Some(piece) = stream.next().await {
-            let piece = piece.map_err(|e| CliError::Unreachable {
-                url: shown.clone(),
-                cause: cause_chain(&e),
-            })?;
+            let piece = piece.map_err(unreachable(&shown))?;
             hash.update(&piece);
             f.write_all(&piece).await.map_err(|e| {
                 CliError::Failed(format!("cannot write {}: {e}", partial.display()))
