@@ -130,3 +130,27 @@ pub fn read(
         .map(|b| chatd_codec::decode(&b).map_err(crate::corrupt))
         .transpose()
 }
+
+/// Up to `limit` file records of `group` as applied on this replica, in id order, starting
+/// after `after` (from the first when `None`).
+pub fn scan(
+    store: &chatd_storage::Storage,
+    group: chatd_raftlog::GroupId,
+    after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<FileRecord>, StorageError> {
+    let start = crate::keys::file("");
+    let end = crate::keys::prefix_end(&start);
+    let from = match after {
+        Some(id) => {
+            let mut k = key(id);
+            k.push(0); // the smallest key after it
+            k
+        }
+        None => start,
+    };
+    chatd_raftlog::scan_records(store, group, &from, &end, limit)?
+        .into_iter()
+        .map(|(_, v)| chatd_codec::decode(&v).map_err(crate::corrupt))
+        .collect()
+}

@@ -25,6 +25,9 @@ pub struct UploadArgs {
     /// Its media type [default: from the file name's extension].
     #[arg(long)]
     pub mime: Option<String>,
+    /// Continue an interrupted upload of the same file (the id the interruption named).
+    #[arg(long, value_name = "FILE_ID")]
+    pub resume: Option<String>,
 }
 
 /// `download` arguments.
@@ -35,16 +38,6 @@ pub struct DownloadArgs {
     /// Where to write it [default: the file's name in the current directory].
     #[arg(short, long)]
     pub output: Option<PathBuf>,
-}
-
-/// What an upload answers.
-#[derive(Debug, Deserialize, serde::Serialize)]
-struct Uploaded {
-    file_id: String,
-    size: u64,
-    sha256: String,
-    mime: String,
-    name: String,
 }
 
 /// A media type for `path` from its extension (the common ones; else binary).
@@ -151,6 +144,11 @@ impl Progress {
         }
     }
 
+    /// Where a resumed transfer starts again.
+    fn set(&mut self, done: u64) {
+        self.done = done;
+    }
+
     fn add(&mut self, n: u64) {
         self.done += n;
         if self.last.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) || self.done == self.total {
@@ -177,35 +175,170 @@ impl Progress {
     }
 }
 
-/// `chat-cli upload PATH`.
-pub async fn upload(cli: &Cli, args: &UploadArgs) -> Result<String, CliError> {
-    let (http, base, token) = client(cli)?;
-    let path = &args.path;
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| CliError::Usage(format!("cannot open {}: {e}", path.display())))?;
-    let size = file
-        .metadata()
-        .await
-        .map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?
-        .len();
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("file")
-        .to_string();
-    let mime = args
-        .mime
-        .clone()
-        .unwrap_or_else(|| mime_for(path).to_string());
-    let url = join(&base, "v1/files")?;
-    let shown = url.to_string();
-    let progress = std::sync::Arc::new(std::sync::Mutex::new(Progress::new(
-        format!("uploading {name}"),
-        size,
-    )));
-    let counted = progress.clone();
-    let body = futures::stream::unfold(file, |mut f| async move {
+/// Attempts of one upload after the first (each resumes where the cluster stands).
+const UPLOAD_RETRIES_MAX: u32 = 5;
+/// The first wait before a retry; each next one doubles.
+const UPLOAD_RETRY_FIRST: Duration = Duration::from_millis(500);
+
+/// The file as an upload request answers it.
+#[derive(Debug, Deserialize, serde::Serialize)]
+pub(crate) struct FileState {
+    file_id: String,
+    size: u64,
+    offset: u64,
+    #[serde(default)]
+    sha256: Option<String>,
+    mime: String,
+    name: String,
+}
+
+/// An upload's connection to one node.
+struct Uploader<'a> {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    token: String,
+    path: &'a Path,
+    size: u64,
+}
+
+/// Why one request of an upload failed: worth a retry (the node or the network), or not.
+enum Attempt {
+    Retry(CliError),
+    Fatal(CliError),
+}
+
+impl Uploader<'_> {
+    fn url(&self, file: &str) -> Result<reqwest::Url, CliError> {
+        join(&self.base, &format!("v1/files/{file}"))
+    }
+
+    /// `POST` with `Upload-Length` and no body: the upload's id.
+    async fn create(&self, mime: &str, name: &str) -> Result<FileState, CliError> {
+        let url = join(&self.base, "v1/files")?;
+        let shown = url.to_string();
+        let resp = self
+            .http
+            .post(url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_LENGTH, 0)
+            .header("upload-length", self.size)
+            .header(reqwest::header::CONTENT_TYPE, mime)
+            .header("x-file-name", name)
+            .send()
+            .await
+            .map_err(unreachable(&shown))?;
+        if !resp.status().is_success() {
+            return Err(failed(&shown, resp).await);
+        }
+        read_state(&shown, resp).await
+    }
+
+    /// `HEAD`: the committed resume point and the file's size.
+    async fn offset(&self, file: &str) -> Result<(u64, u64), Attempt> {
+        let url = self.url(file).map_err(Attempt::Fatal)?;
+        let shown = url.to_string();
+        let resp = self
+            .http
+            .head(url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| Attempt::Retry(unreachable(&shown)(e)))?;
+        if !resp.status().is_success() {
+            let status = resp.status();
+            let e = failed(&shown, resp).await;
+            return Err(if status.is_server_error() {
+                Attempt::Retry(e)
+            } else {
+                Attempt::Fatal(e)
+            });
+        }
+        let number = |name: &str| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        match (number("upload-offset"), number("upload-length")) {
+            (Some(o), Some(l)) => Ok((o, l)),
+            _ => Err(Attempt::Fatal(CliError::Malformed {
+                url: shown,
+                cause: "HEAD answered without Upload-Offset and Upload-Length".into(),
+            })),
+        }
+    }
+
+    /// `PATCH` the bytes from `offset` to the end.
+    async fn patch(
+        &self,
+        file: &str,
+        offset: u64,
+        progress: &std::sync::Arc<std::sync::Mutex<Progress>>,
+    ) -> Result<FileState, Attempt> {
+        use tokio::io::AsyncSeekExt;
+        let url = self.url(file).map_err(Attempt::Fatal)?;
+        let shown = url.to_string();
+        let mut f = tokio::fs::File::open(self.path).await.map_err(|e| {
+            Attempt::Fatal(CliError::Usage(format!(
+                "cannot open {}: {e}",
+                self.path.display()
+            )))
+        })?;
+        f.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(|e| {
+                Attempt::Fatal(CliError::Usage(format!(
+                    "cannot read {}: {e}",
+                    self.path.display()
+                )))
+            })?;
+        if let Ok(mut g) = progress.lock() {
+            g.set(offset);
+        }
+        let counted = progress.clone();
+        let body = read_stream(f.take(self.size - offset)).map(move |piece| {
+            if let Ok(p) = &piece {
+                if let Ok(mut g) = counted.lock() {
+                    g.add(p.len() as u64);
+                }
+            }
+            piece
+        });
+        let resp = self
+            .http
+            .patch(url)
+            .bearer_auth(&self.token)
+            .header(reqwest::header::CONTENT_LENGTH, self.size - offset)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/offset+octet-stream",
+            )
+            .header("upload-offset", offset)
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+            .map_err(|e| Attempt::Retry(unreachable(&shown)(e)))?;
+        let status = resp.status();
+        if status.is_success() {
+            return read_state(&shown, resp).await.map_err(Attempt::Retry);
+        }
+        let e = failed(&shown, resp).await;
+        let again = status.is_server_error()
+            || matches!(&e, CliError::Api { code, .. }
+                if code == "offset_mismatch" || code == "upload_busy");
+        Err(if again {
+            Attempt::Retry(e)
+        } else {
+            Attempt::Fatal(e)
+        })
+    }
+}
+
+/// The pieces of `r`, [`READ_BYTES`] at a time.
+fn read_stream<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    r: R,
+) -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Error>> + Send + 'static {
+    futures::stream::unfold(r, |mut f| async move {
         let mut buf = vec![0u8; READ_BYTES];
         match f.read(&mut buf).await {
             Ok(0) => None,
@@ -216,43 +349,171 @@ pub async fn upload(cli: &Cli, args: &UploadArgs) -> Result<String, CliError> {
             Err(e) => Some((Err(e), f)),
         }
     })
-    .map(move |piece| {
-        if let Ok(p) = &piece {
-            if let Ok(mut g) = counted.lock() {
-                g.add(p.len() as u64);
+}
+
+async fn read_state(shown: &str, resp: reqwest::Response) -> Result<FileState, CliError> {
+    let text = resp.text().await.map_err(unreachable(shown))?;
+    serde_json::from_str(&text).map_err(|e| CliError::Malformed {
+        url: shown.to_string(),
+        cause: format!("{e}: {}", snippet(&text)),
+    })
+}
+
+/// The SHA-256 of the file at `path` (lowercase hex), read a piece at a time.
+async fn file_sha256(path: &Path) -> Result<String, CliError> {
+    let f = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| CliError::Usage(format!("cannot open {}: {e}", path.display())))?;
+    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut pieces = std::pin::pin!(read_stream(f));
+    while let Some(p) = pieces.next().await {
+        let p = p.map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
+        hash.update(&p);
+    }
+    Ok(hash
+        .finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Uploads `path` (resumable): creates the upload unless `resume` names one, then sends
+/// the bytes from the cluster's resume point, retrying (from the new resume point) up to
+/// [`UPLOAD_RETRIES_MAX`] times with a doubling wait. Returns the file's state once
+/// complete; the error names how to resume.
+pub(crate) async fn upload_file(
+    cli: &Cli,
+    path: &Path,
+    mime: Option<&str>,
+    resume: Option<&str>,
+) -> Result<FileState, CliError> {
+    let (http, base, token) = client(cli)?;
+    let size = tokio::fs::metadata(path)
+        .await
+        .map_err(|e| CliError::Usage(format!("cannot open {}: {e}", path.display())))?
+        .len();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("file")
+        .to_string();
+    let mime = mime.map_or_else(|| mime_for(path).to_string(), str::to_string);
+    let up = Uploader {
+        http,
+        base,
+        token,
+        path,
+        size,
+    };
+    // The local bytes' hash, to compare with what the cluster stored (read while the
+    // first request is prepared: the page cache serves the upload after it).
+    let local_sha = file_sha256(path).await?;
+    let mut done = None;
+    let (file, mut offset) = match resume {
+        Some(f) => {
+            let (offset, length) = match up.offset(f).await {
+                Ok(x) => x,
+                Err(Attempt::Retry(e) | Attempt::Fatal(e)) => return Err(e),
+            };
+            if length != size {
+                return Err(CliError::Usage(format!(
+                    "{f} is an upload of {length} bytes; {} has {size}",
+                    path.display()
+                )));
+            }
+            (f.to_string(), offset)
+        }
+        None => {
+            let st = up.create(&mime, &name).await?;
+            let created = (st.file_id.clone(), st.offset);
+            if st.sha256.is_some() {
+                done = Some(st); // an empty file is complete at once
+            }
+            created
+        }
+    };
+    let progress = std::sync::Arc::new(std::sync::Mutex::new(Progress::new(
+        format!("uploading {name}"),
+        size,
+    )));
+    let mut wait = UPLOAD_RETRY_FIRST;
+    let mut attempt = 0;
+    let result = loop {
+        if let Some(st) = done.take() {
+            break Ok(st);
+        }
+        // At `offset == size` this is the empty PATCH that completes a file whose bytes
+        // are all stored (or returns it, when the completing request lost its answer).
+        match up.patch(&file, offset, &progress).await {
+            Ok(st) if st.sha256.is_some() => break Ok(st),
+            Ok(st) if st.offset > offset => offset = st.offset,
+            Ok(st) => {
+                if attempt == UPLOAD_RETRIES_MAX {
+                    break Err(CliError::Failed(format!(
+                        "{file} stays at {} of {size} bytes",
+                        st.offset
+                    )));
+                }
+                attempt += 1;
+            }
+            Err(Attempt::Fatal(e)) => break Err(e),
+            Err(Attempt::Retry(e)) => {
+                if attempt == UPLOAD_RETRIES_MAX {
+                    break Err(e);
+                }
+                attempt += 1;
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                match up.offset(&file).await {
+                    Ok((o, _)) => offset = o,
+                    Err(Attempt::Fatal(e)) => break Err(e),
+                    Err(Attempt::Retry(_)) => {}
+                }
             }
         }
-        piece
-    });
-    let resp = http
-        .post(url)
-        .bearer_auth(&token)
-        .header(reqwest::header::CONTENT_LENGTH, size)
-        .header(reqwest::header::CONTENT_TYPE, mime)
-        .header("x-file-name", name)
-        .body(reqwest::Body::wrap_stream(body))
-        .send()
-        .await
-        .map_err(unreachable(&shown))?;
+    };
     if let Ok(g) = progress.lock() {
         g.finish();
     }
-    if !resp.status().is_success() {
-        return Err(failed(&shown, resp).await);
+    match result {
+        Ok(st) => match &st.sha256 {
+            Some(h) if *h == local_sha => Ok(st),
+            other => Err(CliError::Failed(format!(
+                "{file}: the cluster stored bytes hashing to {}, {} hashes to {local_sha}",
+                other.as_deref().unwrap_or("nothing"),
+                path.display()
+            ))),
+        },
+        Err(e) => Err(CliError::Failed(format!(
+            "{e}\nthe upload stopped; continue it (from any node) with: \
+             chat-cli --server URL upload --resume {file} {}",
+            path.display()
+        ))),
     }
-    let text = resp.text().await.map_err(unreachable(&shown))?;
-    let up: Uploaded = serde_json::from_str(&text).map_err(|e| CliError::Malformed {
-        url: shown,
-        cause: format!("{e}: {}", snippet(&text)),
-    })?;
+}
+
+/// `chat-cli upload PATH [--resume FILE_ID]`.
+pub async fn upload(cli: &Cli, args: &UploadArgs) -> Result<String, CliError> {
+    let st = upload_file(
+        cli,
+        &args.path,
+        args.mime.as_deref(),
+        args.resume.as_deref(),
+    )
+    .await?;
     if cli.json {
-        return serde_json::to_string_pretty(&up)
+        return serde_json::to_string_pretty(&st)
             .map(|j| j + "\n")
             .map_err(|e| CliError::Failed(e.to_string()));
     }
     Ok(format!(
         "{}  {} bytes  {}  {}  sha256 {}\n",
-        up.file_id, up.size, up.mime, up.name, up.sha256
+        st.file_id,
+        st.size,
+        st.mime,
+        st.name,
+        st.sha256.unwrap_or_default()
     ))
 }
 

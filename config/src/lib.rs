@@ -304,6 +304,15 @@ pub struct FilesSection {
     pub chunk_bytes: u32,
     /// Chunks of one upload sent to the replicas and not yet on a majority, at most.
     pub chunks_in_flight: usize,
+    /// An upload's resume point is committed through Raft every this many acknowledged
+    /// chunks (and at its end): an interrupted upload resends at most this many chunks.
+    pub progress_chunks: u32,
+    /// Upload requests (`POST`/`PATCH` with a body) this node serves at once, at most; one
+    /// more is answered 503 with `Retry-After`.
+    pub uploads_max: usize,
+    /// Each node checks, this often, that it holds every acknowledged chunk of the files
+    /// of the partitions it hosts, and fetches the missing ones from another replica.
+    pub repair_interval_ms: u64,
 }
 
 /// The largest `files.chunk_bytes` (a chunk is one node-to-node frame).
@@ -315,6 +324,9 @@ impl Default for FilesSection {
             max_bytes: 100 << 20,
             chunk_bytes: 1 << 20,
             chunks_in_flight: 4,
+            progress_chunks: 8,
+            uploads_max: 64,
+            repair_interval_ms: 5_000,
         }
     }
 }
@@ -485,11 +497,22 @@ impl Config {
             ));
         }
         let f = &self.files;
-        if f.chunk_bytes == 0 || f.chunk_bytes > FILE_CHUNK_BYTES_MAX || f.chunks_in_flight == 0 {
+        if f.chunk_bytes == 0
+            || f.chunk_bytes > FILE_CHUNK_BYTES_MAX
+            || f.chunks_in_flight == 0
+            || f.progress_chunks == 0
+            || f.uploads_max == 0
+            || f.repair_interval_ms == 0
+        {
             return Err(format!(
                 "files.chunk_bytes ({}) must be between 1 and {FILE_CHUNK_BYTES_MAX}, and \
-                 files.chunks_in_flight ({}) at least 1",
-                f.chunk_bytes, f.chunks_in_flight
+                 files.chunks_in_flight ({}), files.progress_chunks ({}) and \
+                 files.uploads_max ({}), files.repair_interval_ms ({}) at least 1",
+                f.chunk_bytes,
+                f.chunks_in_flight,
+                f.progress_chunks,
+                f.uploads_max,
+                f.repair_interval_ms
             ));
         }
         let l = &self.lifecycle;

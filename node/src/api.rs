@@ -49,6 +49,10 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/admin/partitions/{group}/digest", get(digest))
         .route("/v1/admin/partitions/{group}/local", get(local_group))
         .route("/v1/admin/leaders", get(local_leaders))
+        .route(
+            "/v1/admin/files/{id}/local",
+            get(crate::files::http::local_file),
+        )
         .layer(middleware::from_fn_with_state(node.clone(), require_admin));
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -56,7 +60,12 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/ws", get(websocket))
         .route("/v1/files", post(crate::files::http::upload))
-        .route("/v1/files/{id}", get(crate::files::http::download))
+        .route(
+            "/v1/files/{id}",
+            get(crate::files::http::download)
+                .head(crate::files::http::status)
+                .patch(crate::files::http::resume),
+        )
         .merge(admin)
         .layer(DefaultBodyLimit::max(RECORD_BYTES_MAX))
         .with_state(node)

@@ -10,7 +10,10 @@ use chatd_storage::{Batch, Cf};
 
 use crate::node::{Node, NodeReply};
 
+mod download;
 pub mod http;
+pub mod repair;
+pub mod upload;
 
 /// File ids: `f:` and 32 lowercase hex digits (128 random bits).
 pub const FILE_ID_BYTES: usize = 34;
@@ -47,6 +50,36 @@ pub fn chunk_key(group: u64, file: &str, index: u32) -> Vec<u8> {
     k
 }
 
+/// The high bit of a chunk index marks the chunk's **mark**: a small key written with the
+/// chunk in one synced batch, `group | file | (MARK_BIT | index)` to the chunk's length
+/// (4 bytes, BE). It sorts after every chunk of its file and inside its group's range, and
+/// stays inline in the SST files: which chunks a replica holds is read from the marks
+/// without loading a chunk (RocksDB's iterators load blob values).
+pub const CHUNK_MARK_BIT: u32 = 1 << 31;
+
+/// The chunks of `file` this node holds: index → length, from their marks.
+pub fn present_chunks(
+    store: &chatd_storage::Storage,
+    group: u64,
+    file: &str,
+) -> Result<std::collections::BTreeMap<u32, u32>, chatd_storage::StorageError> {
+    let from = chunk_key(group, file, CHUNK_MARK_BIT);
+    let mut to = chunk_key(group, file, u32::MAX);
+    to.push(0);
+    let mut out = std::collections::BTreeMap::new();
+    store.scan_with(Cf::Blobs, &from, &to, |k, v| {
+        let tail = k.len().saturating_sub(4);
+        if let (Ok(i), Ok(len)) = (<[u8; 4]>::try_from(&k[tail..]), <[u8; 4]>::try_from(v)) {
+            out.insert(
+                u32::from_be_bytes(i) & !CHUNK_MARK_BIT,
+                u32::from_be_bytes(len),
+            );
+        }
+        true
+    })?;
+    Ok(out)
+}
+
 impl Node {
     /// Stores chunk `index` of `file` of partition `group` here, synced (a replica of
     /// `group` only). Answers `Delivered` once the chunk is on disk; `Refused` for a
@@ -71,9 +104,16 @@ impl Node {
             return NodeReply::NotLeader { leader: None };
         }
         let mut b = Batch::new();
-        self.store
-            .batch(&mut b)
-            .put(Cf::Blobs, &chunk_key(group, file, index), bytes);
+        let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        {
+            let mut w = self.store.batch(&mut b);
+            w.put(Cf::Blobs, &chunk_key(group, file, index), bytes);
+            w.put(
+                Cf::Blobs,
+                &chunk_key(group, file, index | CHUNK_MARK_BIT),
+                &len.to_be_bytes(),
+            );
+        }
         match self.store.write_synced(b).await {
             Ok(()) => {
                 use std::sync::atomic::Ordering::Relaxed;

@@ -71,6 +71,10 @@ pub struct Metrics {
     /// File chunks this node stored (synced) as a replica, and their bytes.
     pub file_chunks_stored: AtomicU64,
     pub file_chunk_bytes_stored: AtomicU64,
+    /// File chunks the repair loop fetched from another replica and stored here.
+    pub file_chunks_repaired: AtomicU64,
+    /// File chunks the last repair pass found missing here and did not repair.
+    pub file_chunks_missing: AtomicU64,
     /// Offline notifications the webhook accepted.
     pub notifications_sent: AtomicU64,
     /// Offline notifications dropped: the webhook refused TLS, or every attempt failed.
@@ -195,6 +199,22 @@ impl Metrics {
             "File chunks this node stored, synced, as a replica of their file's partition.",
             "counter",
             self.file_chunks_stored.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            &mut out,
+            "chatd_file_chunks_repaired_total",
+            "File chunks this node fetched from another replica and stored (repair).",
+            "counter",
+            self.file_chunks_repaired
+                .load(Ordering::Relaxed)
+                .to_string(),
+        );
+        metric(
+            &mut out,
+            "chatd_file_chunks_missing",
+            "File chunks the last repair pass found missing here and could not fetch yet.",
+            "gauge",
+            self.file_chunks_missing.load(Ordering::Relaxed).to_string(),
         );
         metric(
             &mut out,

@@ -297,6 +297,8 @@ pub struct Node {
     pub rebalancer: crate::rebalance::Rebalancer,
     /// Set once group 0 says this node was removed: it drains and exits.
     retired: tokio::sync::watch::Sender<bool>,
+    /// File upload requests this node is serving.
+    pub uploads: crate::files::upload::Uploads,
 }
 
 /// Why a node could not start.
@@ -473,6 +475,7 @@ impl Node {
             outboxes: std::sync::Mutex::new(HashMap::new()),
             me: std::sync::OnceLock::new(),
             rebalancer: crate::rebalance::Rebalancer::default(),
+            uploads: crate::files::upload::Uploads::default(),
             retired: tokio::sync::watch::Sender::new(false),
         });
         let _ = node.me.set(Arc::downgrade(&node));
@@ -506,6 +509,7 @@ impl Node {
             events_rx,
         ));
         tokio::spawn(crate::gateway::run_receipts(Arc::downgrade(&node)));
+        tokio::spawn(crate::files::repair::run(Arc::downgrade(&node)));
         tokio::spawn(crate::gateway::run_presence(Arc::downgrade(&node)));
         if let Some(webhook) = webhook {
             let window = Duration::from_millis(node.config.notify.coalesce_window_ms.max(1));

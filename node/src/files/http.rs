@@ -1,38 +1,43 @@
-//! `POST /v1/files` and `GET /v1/files/{id}` (docs/files.md, docs/protocol.md §2).
-//!
-//! An upload streams: the body is read a chunk at a time, hashed as it goes, and each chunk
-//! is sent to every replica of the file's home partition, at most `files.chunks_in_flight`
-//! chunks ahead of the last one a majority stored. The answer comes once every chunk is on
-//! a majority (each replica synced it) and the record is complete in Raft. A download
-//! streams the chunks back, this node's own copy first, else another replica's.
+//! The HTTP file API (docs/files.md, docs/protocol.md §2): `POST /v1/files` (an upload in
+//! one request, or the creation of a resumable one), `PATCH /v1/files/{id}` (more bytes at
+//! the committed offset, tus-style), `HEAD /v1/files/{id}` (where an upload stands) and
+//! `GET /v1/files/{id}` (a download, with ranges). The write path is in `upload`, the read
+//! path in `download`.
 
-use std::collections::VecDeque;
+// The helpers below return the answer a handler gives when a check fails; it is built once
+// and returned at once, so its size does not matter.
+#![allow(clippy::result_large_err)]
+
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::body::{Body, Bytes};
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chatd_chat::{ChatCommand, ChatReply, FileRecord};
-use chatd_storage::Cf;
-use futures::StreamExt;
+use chatd_chat::FileRecord;
 use serde::Serialize;
 
-use super::{chunk_key, is_file_id, new_file_id};
+use super::download::{chunks, disposition, parse_range, set, Unsatisfiable};
+use super::upload::{propose_file, write, Busy, UploadError, Written};
+use super::{is_file_id, new_file_id};
 use crate::gateway::{chat_group, now_ms};
-use crate::node::{Node, NodeReply, NodeRequest, ProposeError};
+use crate::node::{Node, ProposeError};
 use crate::queries::{ChatQuery, ChatQueryReply};
 
-/// Longest wait for one replica to store (or return) one chunk.
-const CHUNK_CALL_TIMEOUT_MS: u64 = 10_000;
 /// Longest file name kept, in bytes.
 pub const FILE_NAME_BYTES_MAX: usize = 255;
 /// Longest media type kept, in bytes.
 pub const MIME_BYTES_MAX: usize = 127;
 /// The header naming the uploaded file (UTF-8, percent-encoding not decoded).
 pub const FILE_NAME_HEADER: &str = "x-file-name";
+/// The committed resume point of an upload (tus's header): sent with `PATCH`, answered by
+/// `HEAD`, `POST` and `PATCH`.
+pub const UPLOAD_OFFSET_HEADER: &str = "upload-offset";
+/// The whole file's size on a `POST` that creates a resumable upload (tus's header).
+pub const UPLOAD_LENGTH_HEADER: &str = "upload-length";
+/// Seconds a client waits before retrying an upload refused because the node is full.
+const RETRY_AFTER_SECS: u32 = 1;
 
 /// An error answer: `{code, message}` with its status.
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
@@ -55,25 +60,114 @@ fn not_found() -> Response {
     error(StatusCode::NOT_FOUND, "unknown_file", "no such file")
 }
 
-/// The user whose token the request carries, if it is a known, enabled user's.
-async fn user_of(node: &Node, headers: &HeaderMap) -> Option<String> {
-    let token = headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")?;
-    node.user_by_token_caught_up(&crate::auth::sha256_hex(token.trim()))
-        .await
+fn invalid(message: impl Into<String>) -> Response {
+    error(
+        StatusCode::BAD_REQUEST,
+        chatd_proto::code::INVALID_FIELD,
+        message,
+    )
 }
 
-/// What an upload answers.
+fn unavailable(e: ProposeError) -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        chatd_proto::code::UNAVAILABLE,
+        e.to_string(),
+    )
+}
+
+fn upload_failed(e: UploadError) -> Response {
+    match e {
+        UploadError::Body(m) => error(StatusCode::BAD_REQUEST, "length_mismatch", m),
+        UploadError::Replicas(m) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            chatd_proto::code::UNAVAILABLE,
+            m,
+        ),
+        UploadError::Propose(e) => unavailable(e),
+        UploadError::Rejected { code, message } => error(StatusCode::CONFLICT, &code, message),
+        UploadError::Internal(m) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", m),
+    }
+}
+
+fn busy(b: Busy, file: &str) -> Response {
+    match b {
+        Busy::SameFile => error(
+            StatusCode::CONFLICT,
+            "upload_busy",
+            format!("another request is writing {file} on this node"),
+        ),
+        Busy::Full => {
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_many_uploads",
+                "this node serves files.uploads_max uploads already",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            r
+        }
+    }
+}
+
+/// The user whose token the request carries, if it is a known, enabled user's.
+async fn user_of(node: &Node, headers: &HeaderMap) -> Result<String, Response> {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let user = match token {
+        Some(t) => {
+            node.user_by_token_caught_up(&crate::auth::sha256_hex(t.trim()))
+                .await
+        }
+        None => None,
+    };
+    user.ok_or_else(|| {
+        error(
+            StatusCode::UNAUTHORIZED,
+            chatd_proto::code::UNAUTHORIZED,
+            "unknown or disabled token",
+        )
+    })
+}
+
+/// What an upload request answers: the file as it stands.
 #[derive(Debug, Serialize)]
-pub struct Uploaded {
+pub struct FileAnswer {
     pub file_id: String,
     pub size: u64,
-    pub sha256: String,
+    /// The committed resume point (`size` once complete).
+    pub offset: u64,
+    /// Present once every byte is stored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
     pub mime: String,
     pub name: String,
+}
+
+fn answer(status: StatusCode, record: &FileRecord, written: Option<Written>) -> Response {
+    let (offset, sha256) = match written {
+        Some(w) => (w.offset, w.sha256.or_else(|| record.sha256.clone())),
+        None => (record.offset, record.sha256.clone()),
+    };
+    let mut r = (
+        status,
+        Json(FileAnswer {
+            file_id: record.id.clone(),
+            size: record.size,
+            offset,
+            sha256,
+            mime: record.mime.clone(),
+            name: record.name.clone(),
+        }),
+    )
+        .into_response();
+    let h = r.headers_mut();
+    set(h, header::LOCATION, format!("/v1/files/{}", record.id));
+    set(h, header::CACHE_CONTROL, "no-store".into());
+    h.insert(UPLOAD_OFFSET_HEADER, HeaderValue::from(offset));
+    r
 }
 
 /// The media type the upload names (`Content-Type`), or `application/octet-stream`.
@@ -111,69 +205,53 @@ fn name_of(headers: &HeaderMap) -> Result<String, String> {
     Ok(v.to_string())
 }
 
-async fn propose_file(node: &Node, group: u64, cmd: &ChatCommand) -> Result<(), Response> {
-    let bytes = chatd_codec::encode(cmd)
-        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
-    let reply = node.propose(group, bytes).await.map_err(propose_failed)?;
-    match chatd_codec::decode::<ChatReply>(&reply.response) {
-        Ok(ChatReply::Done { .. }) => Ok(()),
-        Ok(ChatReply::Rejected { code, message }) => {
-            Err(error(StatusCode::CONFLICT, &code, message))
-        }
-        Ok(other) => Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            format!("unexpected reply {other:?}"),
-        )),
-        Err(e) => Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            e.to_string(),
-        )),
+/// A header holding a number of bytes, if present.
+fn bytes_header(headers: &HeaderMap, name: &str) -> Result<Option<u64>, Response> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Some)
+            .ok_or_else(|| invalid(format!("{name} is not a number"))),
     }
 }
 
-fn propose_failed(e: ProposeError) -> Response {
-    error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        chatd_proto::code::UNAVAILABLE,
-        e.to_string(),
-    )
+/// The body's length. HTTP/1.1: a request with neither `Content-Length` nor
+/// `Transfer-Encoding` has no body (RFC 9112 §6.3). A body of unknown length (chunked) is
+/// refused: what is stored must be known before the first byte is.
+fn body_length(headers: &HeaderMap) -> Result<u64, Response> {
+    match bytes_header(headers, header::CONTENT_LENGTH.as_str())? {
+        Some(n) => Ok(n),
+        None if headers.contains_key(header::TRANSFER_ENCODING) => Err(error(
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "an upload needs a Content-Length",
+        )),
+        None => Ok(0),
+    }
 }
 
-/// `POST /v1/files`: see the module doc.
+/// `POST /v1/files`. Without `Upload-Length`, the body is the whole file and a failure
+/// leaves nothing (the record is dropped). With `Upload-Length: N`, the upload is
+/// resumable: the body (possibly empty) is its first bytes, and what a majority stored
+/// stays for a `PATCH` to continue.
 pub async fn upload(State(node): State<Arc<Node>>, headers: HeaderMap, body: Body) -> Response {
-    let Some(user) = user_of(&node, &headers).await else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            chatd_proto::code::UNAUTHORIZED,
-            "unknown or disabled token",
-        );
+    let user = match user_of(&node, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
     };
     let cfg = &node.config.files;
-    // HTTP/1.1: a request with neither Content-Length nor Transfer-Encoding has no body
-    // (RFC 9112 §6.3): an empty file. A body of unknown length (chunked) is refused: the
-    // size must be known before the first byte is stored.
-    let size = match headers.get(header::CONTENT_LENGTH) {
-        Some(v) => match v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) {
-            Some(n) => n,
-            None => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    chatd_proto::code::INVALID_FIELD,
-                    "Content-Length is not a number",
-                )
-            }
-        },
-        None if headers.contains_key(header::TRANSFER_ENCODING) => {
-            return error(
-                StatusCode::LENGTH_REQUIRED,
-                "length_required",
-                "an upload needs a Content-Length",
-            )
-        }
-        None => 0,
+    let len = match body_length(&headers) {
+        Ok(n) => n,
+        Err(r) => return r,
     };
+    let declared = match bytes_header(&headers, UPLOAD_LENGTH_HEADER) {
+        Ok(d) => d,
+        Err(r) => return r,
+    };
+    let size = declared.unwrap_or(len);
     if size > cfg.max_bytes {
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -181,384 +259,267 @@ pub async fn upload(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bod
             format!("{size} bytes exceeds files.max_bytes {}", cfg.max_bytes),
         );
     }
+    if len > size {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "length_mismatch",
+            format!("a body of {len} bytes does not fit Upload-Length {size}"),
+        );
+    }
     let (mime, name) = match (mime_of(&headers), name_of(&headers)) {
         (Ok(m), Ok(n)) => (m, n),
-        (Err(e), _) | (_, Err(e)) => {
-            return error(StatusCode::BAD_REQUEST, chatd_proto::code::INVALID_FIELD, e)
-        }
+        (Err(e), _) | (_, Err(e)) => return invalid(e),
     };
     let file = new_file_id();
+    let _writing = match node.uploads.start(&file, cfg.uploads_max) {
+        Ok(w) => w,
+        Err(b) => return busy(b, &file),
+    };
     let group = chat_group(&node, &file);
     let record = FileRecord {
         id: file.clone(),
         owner: user,
         size,
-        mime: mime.clone(),
-        name: name.clone(),
+        mime,
+        name,
         chunk_bytes: cfg.chunk_bytes,
         offset: 0,
         sha256: None,
         created_ms: now_ms(),
     };
-    if let Err(r) = propose_file(&node, group, &ChatCommand::FileBegin(record)).await {
-        return r;
-    }
-    match receive(&node, group, &file, size, body).await {
-        Ok(sha256) => {
-            let done = propose_file(
-                &node,
-                group,
-                &ChatCommand::FileProgress {
-                    file: file.clone(),
-                    offset: size,
-                },
-            )
-            .await;
-            let done = match done {
-                Ok(()) => {
-                    propose_file(
-                        &node,
-                        group,
-                        &ChatCommand::FileComplete {
-                            file: file.clone(),
-                            sha256: sha256.clone(),
-                        },
-                    )
-                    .await
-                }
-                Err(r) => Err(r),
-            };
-            match done {
-                Ok(()) => (
-                    StatusCode::CREATED,
-                    Json(Uploaded {
-                        file_id: file,
-                        size,
-                        sha256,
-                        mime,
-                        name,
-                    }),
-                )
-                    .into_response(),
-                Err(r) => r,
-            }
-        }
-        Err(r) => {
-            // Nothing of a failed upload stays readable: its record goes (its chunks are
-            // collected with it).
-            if let Err(e) = propose_file(&node, group, &ChatCommand::FileDrop { file }).await {
-                tracing::warn!(status = %e.status(), "a failed upload's record was not dropped");
-            }
-            r
-        }
-    }
-}
-
-/// Reads the body, stores it chunk by chunk on a majority of `group`'s replicas, and
-/// returns its SHA-256; an error answer when the body is not `size` bytes or a chunk
-/// cannot reach a majority.
-async fn receive(
-    node: &Arc<Node>,
-    group: u64,
-    file: &str,
-    size: u64,
-    body: Body,
-) -> Result<String, Response> {
-    let chunk_bytes = node.config.files.chunk_bytes as usize;
-    let in_flight_max = node.config.files.chunks_in_flight;
-    let mut hash = ring::digest::Context::new(&ring::digest::SHA256);
-    let mut received: u64 = 0;
-    let mut buf: Vec<u8> = Vec::with_capacity(chunk_bytes);
-    let mut index: u32 = 0;
-    let mut in_flight: VecDeque<tokio::task::JoinHandle<Result<(), String>>> = VecDeque::new();
-    let mismatch = |got: u64| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "length_mismatch",
-            format!("the body has {got} bytes or more, Content-Length said {size}"),
-        )
-    };
-    let mut stream = body.into_data_stream();
-    let push =
-        |buf: &mut Vec<u8>,
-         index: &mut u32,
-         in_flight: &mut VecDeque<tokio::task::JoinHandle<Result<(), String>>>| {
-            let chunk = std::mem::replace(buf, Vec::with_capacity(chunk_bytes));
-            let (node, file, i) = (node.clone(), file.to_string(), *index);
-            in_flight.push_back(tokio::spawn(async move {
-                store_on_majority(&node, group, &file, i, chunk).await
-            }));
-            *index += 1;
-        };
-    loop {
-        // At the bound, wait for the oldest chunk before reading more.
-        while in_flight.len() >= in_flight_max {
-            if let Some(h) = in_flight.pop_front() {
-                chunk_stored(h).await?;
-            }
-        }
-        let Some(next) = stream.next().await else {
-            break;
-        };
-        let data = next.map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "body_error",
-                format!("the upload's body broke off: {e}"),
-            )
-        })?;
-        received += data.len() as u64;
-        if received > size {
-            return Err(mismatch(received));
-        }
-        hash.update(&data);
-        let mut rest: &[u8] = &data;
-        while !rest.is_empty() {
-            let take = (chunk_bytes - buf.len()).min(rest.len());
-            buf.extend_from_slice(&rest[..take]);
-            rest = &rest[take..];
-            if buf.len() == chunk_bytes {
-                push(&mut buf, &mut index, &mut in_flight);
-                while in_flight.len() > in_flight_max {
-                    if let Some(h) = in_flight.pop_front() {
-                        chunk_stored(h).await?;
-                    }
-                }
-            }
-        }
-    }
-    if received != size {
-        return Err(error(
-            StatusCode::BAD_REQUEST,
-            "length_mismatch",
-            format!("the body has {received} bytes, Content-Length said {size}"),
-        ));
-    }
-    if !buf.is_empty() {
-        push(&mut buf, &mut index, &mut in_flight);
-    }
-    while let Some(h) = in_flight.pop_front() {
-        chunk_stored(h).await?;
-    }
-    Ok(hex(hash.finish().as_ref()))
-}
-
-async fn chunk_stored(h: tokio::task::JoinHandle<Result<(), String>>) -> Result<(), Response> {
-    match h.await {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            chatd_proto::code::UNAVAILABLE,
-            e,
-        )),
-        Err(e) => Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            e.to_string(),
-        )),
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Stores chunk `index` on every replica of `group` at once; returns once a majority
-/// stored it (each with an fdatasync). The other replicas' calls go on by themselves.
-async fn store_on_majority(
-    node: &Arc<Node>,
-    group: u64,
-    file: &str,
-    index: u32,
-    chunk: Vec<u8>,
-) -> Result<(), String> {
-    let replicas = node
-        .partition_replicas(group)
-        .filter(|r| !r.is_empty())
-        .ok_or_else(|| format!("partition {group} has no replicas"))?;
-    let need = replicas.len() / 2 + 1;
-    let (tx, mut rx) = tokio::sync::mpsc::channel(replicas.len().max(1));
-    // Encoded once for every remote replica (the chunk is copied into the frame, once).
-    let req = NodeRequest::PutChunk {
+    if let Err(e) = propose_file(
+        &node,
         group,
-        file: file.to_string(),
-        index,
-        bytes: chunk,
-    };
-    let frame = Node::call_frame(&req).map_err(|e| e.to_string())?;
-    let NodeRequest::PutChunk { bytes: chunk, .. } = req else {
-        return Err("unreachable: the request is a PutChunk".into());
-    };
-    let chunk = Arc::new(chunk);
-    for r in &replicas {
-        let (node, tx, chunk, frame, file, r) = (
-            node.clone(),
-            tx.clone(),
-            chunk.clone(),
-            frame.clone(),
-            file.to_string(),
-            *r,
-        );
-        tokio::spawn(async move {
-            let reply = if r == node.id {
-                node.put_chunk(group, &file, index, &chunk).await
-            } else {
-                drop(chunk);
-                match node.peer(r) {
-                    None => NodeReply::Failed(format!("node {r} is not a known peer")),
-                    Some(p) => node
-                        .call_frame_to(
-                            p.cluster_addr,
-                            frame,
-                            Duration::from_millis(CHUNK_CALL_TIMEOUT_MS),
-                        )
-                        .await
-                        .unwrap_or_else(|e| NodeReply::Failed(e.to_string())),
-                }
-            };
-            let _ = tx.send((r, reply)).await;
-        });
+        &chatd_chat::ChatCommand::FileBegin(record.clone()),
+    )
+    .await
+    {
+        return upload_failed(e);
     }
-    drop(tx);
-    let (mut stored, mut failed) = (0, Vec::new());
-    while let Some((r, reply)) = rx.recv().await {
-        match reply {
-            NodeReply::Delivered => {
-                stored += 1;
-                if stored >= need {
-                    return Ok(());
-                }
-            }
-            other => {
-                failed.push(format!("node {r}: {other:?}"));
-                if failed.len() > replicas.len() - need {
-                    break;
-                }
-            }
-        }
+    if len == 0 && size > 0 {
+        return answer(StatusCode::CREATED, &record, None);
     }
-    Err(format!(
-        "chunk {index} of {file} reached {stored} of the {need} replicas it needs: {}",
-        failed.join("; ")
-    ))
+    let resumable = declared.is_some();
+    match write(node.clone(), group, record.clone(), 0, len, body, resumable).await {
+        Ok(w) => answer(StatusCode::CREATED, &record, Some(w)),
+        Err(e) => upload_failed(e),
+    }
 }
 
-/// Chunk `index` of `file` (`expect` bytes): this node's copy, else another replica's.
-async fn fetch_chunk(
-    node: &Arc<Node>,
-    group: u64,
-    file: &str,
-    index: u32,
-    expect: usize,
-) -> Result<Vec<u8>, String> {
-    let key = chunk_key(group, file, index);
-    if let Ok(Some(c)) = node.store.get(Cf::Blobs, &key) {
-        if c.len() == expect {
-            return Ok(c);
-        }
+/// The record of `file` if `user` may see it (its owner), else the answer to give.
+async fn owned_record(node: &Node, user: &str, file: &str) -> Result<(u64, FileRecord), Response> {
+    if !is_file_id(file) {
+        return Err(not_found());
     }
-    let replicas = node.partition_replicas(group).unwrap_or_default();
-    let mut tried = Vec::new();
-    for r in replicas.into_iter().filter(|r| *r != node.id) {
-        let Some(p) = node.peer(r) else {
-            continue;
-        };
-        let req = NodeRequest::GetChunk {
+    let group = chat_group(node, file);
+    match node
+        .query(
             group,
-            file: file.to_string(),
-            index,
-        };
-        match node
-            .call(
-                p.cluster_addr,
-                &req,
-                Duration::from_millis(CHUNK_CALL_TIMEOUT_MS),
-            )
-            .await
-        {
-            Ok(NodeReply::Chunk(Some(c))) if c.len() == expect => return Ok(c.into_vec()),
-            Ok(other) => tried.push(format!("node {r}: {other:?}")),
-            Err(e) => tried.push(format!("node {r}: {e}")),
-        }
+            ChatQuery::File {
+                file: file.to_string(),
+            },
+        )
+        .await
+    {
+        Ok(ChatQueryReply::File(Some(r))) if r.owner == user => Ok((group, r)),
+        Ok(_) => Err(not_found()),
+        Err(e) => Err(unavailable(e)),
     }
-    Err(format!(
-        "no replica returned chunk {index} of {file}: {}",
-        tried.join("; ")
-    ))
 }
 
-/// A `Range` header that cannot be served: 416.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Unsatisfiable;
-
-/// A byte range of a file of `size` bytes, from a `Range` header: `Ok(None)` for the whole
-/// file, `Err(Unsatisfiable)` for a range that cannot be served (416). One range only.
-pub fn parse_range(header: Option<&str>, size: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
-    let Some(h) = header else {
-        return Ok(None);
+/// `PATCH /v1/files/{id}`: `Upload-Offset` (the committed resume point, as `HEAD` says)
+/// and `Content-Length` bytes from there. Answers the file as it stands with the new
+/// `Upload-Offset`; 409 `offset_mismatch` (with the current `Upload-Offset`) when the
+/// offset is not the resume point.
+pub async fn resume(
+    State(node): State<Arc<Node>>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let user = match user_of(&node, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
     };
-    let spec = h.trim().strip_prefix("bytes=").ok_or(Unsatisfiable)?;
-    if spec.contains(',') {
-        return Err(Unsatisfiable);
-    }
-    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
-    let (a, b) = (a.trim(), b.trim());
-    let (start, end) = if a.is_empty() {
-        // The last `b` bytes.
-        let n: u64 = b.parse().map_err(|_| Unsatisfiable)?;
-        if n == 0 || size == 0 {
-            return Err(Unsatisfiable);
+    let len = match body_length(&headers) {
+        Ok(n) => n,
+        Err(r) => return r,
+    };
+    let offset = match bytes_header(&headers, UPLOAD_OFFSET_HEADER) {
+        Ok(Some(o)) => o,
+        Ok(None) => return invalid("a PATCH needs Upload-Offset"),
+        Err(r) => return r,
+    };
+    let (group, record) = match owned_record(&node, &user, &file).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let conflict = |code: &str, message: String| {
+        let mut r = error(StatusCode::CONFLICT, code, message);
+        r.headers_mut()
+            .insert(UPLOAD_OFFSET_HEADER, HeaderValue::from(record.offset));
+        r
+    };
+    if record.complete() {
+        // The retry of a request that completed the file (its answer was lost).
+        if offset == record.size && len == 0 {
+            return answer(StatusCode::OK, &record, None);
         }
-        (size.saturating_sub(n), size - 1)
-    } else {
-        let start: u64 = a.parse().map_err(|_| Unsatisfiable)?;
-        let end: u64 = if b.is_empty() {
-            size.checked_sub(1).ok_or(Unsatisfiable)?
+        return conflict("complete", format!("{file} is complete"));
+    }
+    if offset != record.offset {
+        return conflict(
+            "offset_mismatch",
+            format!(
+                "Upload-Offset {offset} is not the upload's resume point {}",
+                record.offset
+            ),
+        );
+    }
+    if offset + len > record.size {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "length_mismatch",
+            format!(
+                "{len} bytes at {offset} run past the file's {} bytes",
+                record.size
+            ),
+        );
+    }
+    let _writing = match node.uploads.start(&file, node.config.files.uploads_max) {
+        Ok(w) => w,
+        Err(b) => return busy(b, &file),
+    };
+    match write(node.clone(), group, record.clone(), offset, len, body, true).await {
+        Ok(w) => answer(StatusCode::OK, &record, Some(w)),
+        Err(e) => upload_failed(e),
+    }
+}
+
+/// `HEAD /v1/files/{id}`: where the upload stands (`Upload-Offset`, `Upload-Length`) and,
+/// once complete, a download's headers without its body.
+pub async fn status(
+    State(node): State<Arc<Node>>,
+    Path(file): Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let user = match user_of(&node, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let record = match owned_record(&node, &user, &file).await {
+        Ok((_, r)) => r,
+        Err(r) => return r,
+    };
+    let mut response = Response::new(Body::empty());
+    let h = response.headers_mut();
+    h.insert(UPLOAD_OFFSET_HEADER, HeaderValue::from(record.offset));
+    h.insert(UPLOAD_LENGTH_HEADER, HeaderValue::from(record.size));
+    set(h, header::CACHE_CONTROL, "no-store".into());
+    if let Some(sha256) = &record.sha256 {
+        download_headers(h, &record, sha256, record.size);
+    }
+    response
+}
+
+/// Missing chunk indexes listed by [`local_file`], at most.
+pub const LOCAL_MISSING_LISTED_MAX: usize = 64;
+
+/// This node's own copy of a file, for operators (`GET /v1/admin/files/{id}/local`).
+#[derive(Debug, Serialize)]
+pub struct LocalFile {
+    pub node: u64,
+    pub file_id: String,
+    pub group: u64,
+    /// Whether this node hosts the file's partition.
+    pub hosted: bool,
+    /// The record as applied here.
+    pub record: Option<FileRecord>,
+    /// Chunks below the committed offset, and how many of them are here.
+    pub chunks_needed: u64,
+    pub chunks_present: u64,
+    /// The first missing ones (at most [`LOCAL_MISSING_LISTED_MAX`]).
+    pub missing: Vec<u64>,
+}
+
+/// `GET /v1/admin/files/{id}/local`: which chunks of a file this node holds, from its own
+/// applied record and chunk marks (no calls to other nodes).
+pub async fn local_file(State(node): State<Arc<Node>>, Path(file): Path<String>) -> Response {
+    if !is_file_id(&file) {
+        return not_found();
+    }
+    let group = chat_group(&node, &file);
+    let record = match chatd_chat::files::read(&node.store, group, &file) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    };
+    let present = match super::present_chunks(&node.store, group, &file) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    };
+    let needed = record.as_ref().map_or(0, |r| {
+        if r.complete() {
+            r.chunks()
         } else {
-            b.parse::<u64>()
-                .map_err(|_| Unsatisfiable)?
-                .min(size.saturating_sub(1))
-        };
-        (start, end)
-    };
-    if start >= size || end < start {
-        return Err(Unsatisfiable);
+            r.offset / u64::from(r.chunk_bytes.max(1))
+        }
+    });
+    let mut missing = Vec::new();
+    let mut have = 0;
+    if let Some(r) = &record {
+        for i in 0..needed {
+            let ok = u32::try_from(i)
+                .ok()
+                .and_then(|i| present.get(&i))
+                .is_some_and(|l| u64::from(*l) == super::repair::chunk_len(r, i));
+            if ok {
+                have += 1;
+            } else if missing.len() < LOCAL_MISSING_LISTED_MAX {
+                missing.push(i);
+            }
+        }
     }
-    Ok(Some((start, end)))
+    Json(LocalFile {
+        node: node.id,
+        file_id: file,
+        group,
+        hosted: node.registry.hosts(group),
+        record,
+        chunks_needed: needed,
+        chunks_present: have,
+        missing,
+    })
+    .into_response()
 }
 
-/// `GET /v1/files/{id}`: see the module doc. The owner may read a complete file; anyone
-/// else, and every incomplete or unknown file, gets 404.
+/// The headers of a download of `length` bytes of `record`.
+fn download_headers(h: &mut HeaderMap, record: &FileRecord, sha256: &str, length: u64) {
+    set(h, header::CONTENT_TYPE, record.mime.clone());
+    set(h, header::CONTENT_LENGTH, length.to_string());
+    set(h, header::ETAG, format!("\"{sha256}\""));
+    set(h, header::ACCEPT_RANGES, "bytes".into());
+    set(h, header::CONTENT_DISPOSITION, disposition(&record.name));
+}
+
+/// `GET /v1/files/{id}`: streamed from this node's copy of each chunk, else another
+/// replica's. The owner may read a complete file; anyone else, and every incomplete or
+/// unknown file, gets 404.
 pub async fn download(
     State(node): State<Arc<Node>>,
     Path(file): Path<String>,
     headers: HeaderMap,
 ) -> Response {
-    let Some(user) = user_of(&node, &headers).await else {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            chatd_proto::code::UNAUTHORIZED,
-            "unknown or disabled token",
-        );
+    let user = match user_of(&node, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
     };
-    if !is_file_id(&file) {
-        return not_found();
-    }
-    let group = chat_group(&node, &file);
-    let record = match node
-        .query(group, ChatQuery::File { file: file.clone() })
-        .await
-    {
-        Ok(ChatQueryReply::File(Some(r))) => r,
-        Ok(_) => return not_found(),
-        Err(e) => return propose_failed(e),
+    let (group, record) = match owned_record(&node, &user, &file).await {
+        Ok(x) => x,
+        Err(r) => return r,
     };
     let Some(sha256) = record.sha256.clone() else {
         return not_found();
     };
-    if record.owner != user {
-        return not_found();
-    }
     let etag = format!("\"{sha256}\"");
     if headers
         .get(header::IF_NONE_MATCH)
@@ -591,11 +552,7 @@ pub async fn download(
     let mut response = Response::new(body);
     *response.status_mut() = status;
     let h = response.headers_mut();
-    set(h, header::CONTENT_TYPE, record.mime.clone());
-    set(h, header::CONTENT_LENGTH, length.to_string());
-    set(h, header::ETAG, etag);
-    set(h, header::ACCEPT_RANGES, "bytes".into());
-    set(h, header::CONTENT_DISPOSITION, disposition(&record.name));
+    download_headers(h, &record, &sha256, length);
     if status == StatusCode::PARTIAL_CONTENT {
         set(
             h,
@@ -606,101 +563,11 @@ pub async fn download(
     response
 }
 
-/// `Content-Disposition` for a download of `name`: as is when it is printable ASCII, else
-/// with an ASCII stand-in and the UTF-8 name percent-encoded (RFC 6266, RFC 8187).
-fn disposition(name: &str) -> String {
-    if name.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        return format!("attachment; filename=\"{name}\"");
-    }
-    let encoded: String = name
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"!#$&+-.^_`|~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
-    format!("attachment; filename=\"file\"; filename*=UTF-8''{encoded}")
-}
-
-/// Sets header `name` to `value` (dropped if it is not a valid header value; every value
-/// set here is checked on upload or made of digits).
-fn set(h: &mut HeaderMap, name: header::HeaderName, value: String) {
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        h.insert(name, v);
-    }
-}
-
-/// The bytes `start..=end` of `record`'s file, a chunk at a time.
-fn chunks(
-    node: Arc<Node>,
-    group: u64,
-    record: FileRecord,
-    start: u64,
-    end: u64,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> {
-    let cb = u64::from(record.chunk_bytes.max(1));
-    let first = start / cb;
-    let last = end / cb;
-    futures::stream::unfold(Some(first), move |next| {
-        let (node, record) = (node.clone(), record.clone());
-        async move {
-            let i = next?;
-            if i > last {
-                return None;
-            }
-            let chunk_start = i * cb;
-            let expect = (record.size - chunk_start).min(cb) as usize;
-            let index = u32::try_from(i).ok()?;
-            match fetch_chunk(&node, group, &record.id, index, expect).await {
-                Ok(c) => {
-                    let from = start.saturating_sub(chunk_start) as usize;
-                    let to = ((end - chunk_start + 1).min(expect as u64)) as usize;
-                    let part = Bytes::from(c).slice(from..to);
-                    Some((Ok(part), Some(i + 1)))
-                }
-                Err(e) => {
-                    tracing::warn!(file = %record.id, chunk = i, error = %e, "a download broke off");
-                    Some((Err(std::io::Error::other(e)), None))
-                }
-            }
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
-
-    #[test]
-    fn ranges_are_parsed_clamped_and_refused_as_http_says() {
-        assert_eq!(parse_range(None, 10), Ok(None));
-        assert_eq!(parse_range(Some("bytes=0-3"), 10), Ok(Some((0, 3))));
-        assert_eq!(parse_range(Some("bytes=4-"), 10), Ok(Some((4, 9))));
-        assert_eq!(parse_range(Some("bytes=-3"), 10), Ok(Some((7, 9))));
-        assert_eq!(parse_range(Some("bytes=-30"), 10), Ok(Some((0, 9))));
-        assert_eq!(parse_range(Some("bytes=5-100"), 10), Ok(Some((5, 9))));
-        assert_eq!(parse_range(Some("bytes=10-"), 10), Err(Unsatisfiable));
-        assert_eq!(parse_range(Some("bytes=5-4"), 10), Err(Unsatisfiable));
-        assert_eq!(parse_range(Some("bytes=0-1,3-4"), 10), Err(Unsatisfiable));
-        assert_eq!(parse_range(Some("items=0-1"), 10), Err(Unsatisfiable));
-        assert_eq!(parse_range(Some("bytes=-0"), 10), Err(Unsatisfiable));
-        assert_eq!(parse_range(Some("bytes=0-0"), 0), Err(Unsatisfiable));
-    }
-
-    #[test]
-    fn disposition_keeps_ascii_names_and_encodes_the_others() {
-        assert_eq!(disposition("a b.pdf"), "attachment; filename=\"a b.pdf\"");
-        assert_eq!(
-            disposition("é.png"),
-            "attachment; filename=\"file\"; filename*=UTF-8''%C3%A9.png"
-        );
-        assert!(HeaderValue::from_str(&disposition("日本.txt")).is_ok());
-    }
 
     #[test]
     fn names_and_types_are_checked() {

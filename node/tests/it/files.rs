@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde_json::Value;
 
 use crate::chat::{cluster3, create_user};
@@ -328,5 +329,306 @@ async fn files_an_acknowledged_upload_survives_kill_9_of_the_node_that_took_it()
     c.wait_ready(crate::chat::READY).await;
     let r = download(&c, 1, &token, &file, None).await;
     assert_eq!(r.status(), 200);
+    assert_eq!(sha256_hex(&r.bytes().await.unwrap()), sha);
+    // Then the other replica that held it dies: nodes 1 and 3 still have every chunk
+    // (node 3 from the upload's third call or the repair loop) and serve it.
+    wait_whole(&c, &[1, 3], &file, Duration::from_secs(30)).await;
+    c.kill(2);
+    for via in [1, 3] {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let r = download(&c, via, &token, &file, None).await;
+            if r.status() == 200 {
+                assert_eq!(sha256_hex(&r.bytes().await.unwrap()), sha, "node {via}");
+                break;
+            }
+            assert_eq!(r.status(), 503, "node {via}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {via}: no leader"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Node `id`'s own copy of `file` (`/v1/admin/files/{id}/local`).
+async fn local_copy(c: &Cluster, id: u64, file: &str) -> Value {
+    c.http
+        .get(c.url(id, &format!("/v1/admin/files/{file}/local")))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// Waits until each of `nodes` holds every chunk of `file` below its committed offset.
+async fn wait_whole(c: &Cluster, nodes: &[u64], file: &str, within: Duration) {
+    let deadline = std::time::Instant::now() + within;
+    for &id in nodes {
+        loop {
+            let l = local_copy(c, id, file).await;
+            if l["record"].is_object()
+                && l["chunks_needed"].as_u64() > Some(0)
+                && l["chunks_present"] == l["chunks_needed"]
+            {
+                assert_eq!(l["missing"], serde_json::json!([]), "{l}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "node {id} lacks chunks: {l}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// `POST /v1/files` creating a resumable upload of `size` bytes (no body yet).
+async fn create_upload(c: &Cluster, via: u64, token: &str, size: u64) -> reqwest::Response {
+    c.http
+        .post(c.url(via, "/v1/files"))
+        .bearer_auth(token)
+        .header("upload-length", size)
+        .header("content-type", "video/mp4")
+        .header("x-file-name", "clip.mp4")
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn patch(
+    c: &Cluster,
+    via: u64,
+    token: &str,
+    file: &str,
+    offset: u64,
+    bytes: Vec<u8>,
+) -> reqwest::Response {
+    c.http
+        .patch(c.url(via, &format!("/v1/files/{file}")))
+        .bearer_auth(token)
+        .header("upload-offset", offset)
+        .header("content-type", "application/offset+octet-stream")
+        .body(bytes)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn head(c: &Cluster, via: u64, token: &str, file: &str) -> reqwest::Response {
+    c.http
+        .head(c.url(via, &format!("/v1/files/{file}")))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+fn header_u64(r: &reqwest::Response, name: &str) -> u64 {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {:?}", r.headers()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_a_resumable_upload_continues_at_the_committed_offset_from_any_node() {
+    let c = cluster3(&[]).await;
+    let ann = create_user(&c, 1, "ann").await;
+    let bob = create_user(&c, 1, "bob").await;
+    let mib = 1usize << 20;
+    let bytes = content(3 * mib + 5);
+    let size = bytes.len() as u64;
+    let sha = sha256_hex(&bytes);
+    let r = create_upload(&c, 1, &ann, size).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(header_u64(&r, "upload-offset"), 0);
+    let location = r.headers()["location"].to_str().unwrap().to_string();
+    let body: Value = r.json().await.unwrap();
+    let file = body["file_id"].as_str().unwrap().to_string();
+    assert_eq!(location, format!("/v1/files/{file}"));
+    assert_eq!(body["offset"], 0, "{body}");
+    assert!(
+        body.get("sha256").is_none(),
+        "incomplete: no hash yet: {body}"
+    );
+    let r = head(&c, 2, &ann, &file).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header_u64(&r, "upload-offset"), 0);
+    assert_eq!(header_u64(&r, "upload-length"), size);
+    // Someone else's upload does not exist for them.
+    assert_eq!(head(&c, 2, &bob, &file).await.status(), 404);
+    assert_eq!(patch(&c, 2, &bob, &file, 0, vec![1]).await.status(), 404);
+    // Not at the resume point: 409 with the resume point.
+    let r = patch(&c, 1, &ann, &file, 5, bytes[5..10].to_vec()).await;
+    assert_eq!(r.status(), 409);
+    assert_eq!(header_u64(&r, "upload-offset"), 0);
+    assert!(r.text().await.unwrap().contains("offset_mismatch"));
+    // No Upload-Offset: 400.
+    let r = c
+        .http
+        .patch(c.url(1, &format!("/v1/files/{file}")))
+        .bearer_auth(&ann)
+        .body(vec![1u8])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // 1.5 MiB: the whole first chunk is kept, the half chunk after it is not.
+    let r = patch(&c, 1, &ann, &file, 0, bytes[..mib + mib / 2].to_vec()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header_u64(&r, "upload-offset"), mib as u64);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["offset"], mib as u64, "{body}");
+    // Every node says the same resume point; the file is not readable yet.
+    let r = head(&c, 3, &ann, &file).await;
+    assert_eq!(header_u64(&r, "upload-offset"), mib as u64);
+    assert!(r.headers().get("etag").is_none(), "incomplete: no ETag");
+    assert_eq!(download(&c, 3, &ann, &file, None).await.status(), 404);
+    // Bytes past the declared size: 400, the resume point unchanged.
+    let mut long = bytes[mib..].to_vec();
+    long.push(0);
+    let r = patch(&c, 2, &ann, &file, mib as u64, long).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        header_u64(&head(&c, 1, &ann, &file).await, "upload-offset"),
+        mib as u64
+    );
+    // The rest, through another node: complete, hashed over the whole file.
+    let r = patch(&c, 2, &ann, &file, mib as u64, bytes[mib..].to_vec()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header_u64(&r, "upload-offset"), size);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["sha256"], sha, "{body}");
+    assert_eq!(body["mime"], "video/mp4");
+    let r = download(&c, 3, &ann, &file, None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256_hex(&r.bytes().await.unwrap()), sha);
+    // The retry of the completing request (its answer lost): the file as it is.
+    let r = patch(&c, 1, &ann, &file, size, Vec::new()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.json::<Value>().await.unwrap()["sha256"], sha);
+    // Anything else on a complete file: 409.
+    let r = patch(&c, 1, &ann, &file, 0, bytes[..10].to_vec()).await;
+    assert_eq!(r.status(), 409);
+    // HEAD of a complete file: a download's headers.
+    let r = head(&c, 1, &ann, &file).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(header_u64(&r, "upload-offset"), size);
+    assert_eq!(header_u64(&r, "content-length"), size);
+    assert_eq!(r.headers()["etag"], format!("\"{sha}\"").as_str());
+    // Over files.max_bytes by Upload-Length: 413 before anything is recorded.
+    let r = create_upload(&c, 1, &ann, (100 << 20) + 1).await;
+    assert_eq!(r.status(), 413);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_kill_9_mid_upload_resumes_from_the_acknowledged_offset_and_the_node_catches_up() {
+    let mut c = Cluster::init(3, &[]);
+    c.set_config("files", "repair_interval_ms", "300");
+    c.start_all();
+    c.wait_ready(crate::chat::READY).await;
+    let ann = create_user(&c, 1, "ann").await;
+    let mib = 1usize << 20;
+    let bytes = content(24 * mib + 77);
+    let size = bytes.len() as u64;
+    let sha = sha256_hex(&bytes);
+    let r = create_upload(&c, 1, &ann, size).await;
+    let file = r.json::<Value>().await.unwrap()["file_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // The whole body to node 1, slowly (256 KiB every 25 ms, ~10 MiB/s).
+    let slow: Vec<Result<Vec<u8>, std::io::Error>> =
+        bytes.chunks(256 << 10).map(|p| Ok(p.to_vec())).collect();
+    let body = futures::stream::iter(slow).then(|p| async move {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        p
+    });
+    let sending = tokio::spawn(
+        c.http
+            .patch(c.url(1, &format!("/v1/files/{file}")))
+            .bearer_auth(&ann)
+            .header("upload-offset", 0)
+            .header("content-length", size)
+            .body(reqwest::Body::wrap_stream(body))
+            .timeout(Duration::from_secs(120))
+            .send(),
+    );
+    // Once a resume point past 8 MiB is committed, node 1 dies mid-upload.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let before = loop {
+        let o = header_u64(&head(&c, 2, &ann, &file).await, "upload-offset");
+        if o >= 8 * mib as u64 {
+            break o;
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress: {o}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    c.kill(1);
+    let sent = sending.await.unwrap();
+    assert!(
+        sent.as_ref().map_or(true, |r| !r.status().is_success()),
+        "the interrupted request did not succeed: {sent:?}"
+    );
+    // The resume point, from another node: whole chunks, where the upload got to.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let offset = loop {
+        let r = head(&c, 2, &ann, &file).await;
+        if r.status() == 200 {
+            break header_u64(&r, "upload-offset");
+        }
+        assert_eq!(r.status(), 503);
+        assert!(std::time::Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        offset >= before && offset < size,
+        "{before} <= {offset} < {size}"
+    );
+    assert_eq!(offset % mib as u64, 0, "a whole number of chunks");
+    let r = patch(
+        &c,
+        2,
+        &ann,
+        &file,
+        offset,
+        bytes[offset as usize..].to_vec(),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{:?}", r.text().await);
+    let r = download(&c, 3, &ann, &file, None).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(sha256_hex(&r.bytes().await.unwrap()), sha);
+    // Node 1 returns without the chunks sent while it was down, and fetches them.
+    c.start(1);
+    c.wait_ready(crate::chat::READY).await;
+    wait_whole(&c, &[1, 2, 3], &file, Duration::from_secs(60)).await;
+    let metrics = c
+        .http
+        .get(c.url(1, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let repaired: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("chatd_file_chunks_repaired_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap();
+    assert!(
+        repaired >= (size - offset) / mib as u64,
+        "node 1 fetched the {} chunks after {offset}: {repaired}",
+        (size - offset).div_ceil(mib as u64)
+    );
+    eprintln!("resumed at {offset} of {size} (committed {before} at the kill); node 1 repaired {repaired} chunks");
+    let r = download(&c, 1, &ann, &file, None).await;
     assert_eq!(sha256_hex(&r.bytes().await.unwrap()), sha);
 }

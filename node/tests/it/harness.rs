@@ -201,6 +201,33 @@ impl Cluster {
         &self.nodes[(id - 1) as usize]
     }
 
+    /// Sets `key = value` in section `[section]` of every node's configuration file
+    /// (before the nodes start, or before a restart). The key must be there already
+    /// (`cluster init` writes every key).
+    pub fn set_config(&self, section: &str, key: &str, value: &str) {
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.config).expect("read config");
+            let mut current = String::new();
+            let mut found = false;
+            let out: Vec<String> = text
+                .lines()
+                .map(|l| {
+                    let t = l.trim();
+                    if t.starts_with('[') {
+                        current = t.trim_matches(['[', ']']).to_string();
+                    } else if current == section && t.split('=').next().map(str::trim) == Some(key)
+                    {
+                        found = true;
+                        return format!("{key} = {value}");
+                    }
+                    l.to_string()
+                })
+                .collect();
+            assert!(found, "no {key} in [{section}] of {}", n.config.display());
+            std::fs::write(&n.config, out.join("\n") + "\n").expect("write config");
+        }
+    }
+
     pub fn start(&mut self, id: u64) {
         self.start_with_env(id, &[]);
     }

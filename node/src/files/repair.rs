@@ -1,0 +1,241 @@
+//! Chunk repair (catch-up): a replica that missed chunks (down or partitioned during an
+//! upload, or new to a partition after a move) fetches them from the partition's other
+//! replicas. Each node runs one loop over the file records of the partitions it hosts:
+//! every chunk below a record's committed offset must be here; a missing one is fetched
+//! (`GetChunk`, one chunk per frame) and stored synced, with its mark. Resumable by
+//! construction: a chunk is stored or it is not, and the next pass starts over.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use chatd_chat::FileRecord;
+
+use super::download::fetch_remote_chunk;
+use super::present_chunks;
+use crate::node::{Node, NodeReply};
+
+/// File records read per page of one partition's scan.
+pub const REPAIR_RECORDS_PAGE: usize = 256;
+/// Chunks fetched per pass, at most: a pass that finds more missing stops there and the
+/// next one goes on (the loop's bandwidth: this many chunks per interval).
+pub const REPAIR_CHUNKS_PER_PASS_MAX: usize = 256;
+/// Complete files found whole here, remembered so a pass does not read their marks again;
+/// past this many the memory is cleared (and the next pass checks every file again).
+pub const REPAIR_VERIFIED_FILES_MAX: usize = 100_000;
+
+/// What one pass found and did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pass {
+    /// File records looked at.
+    pub files: u64,
+    /// Chunks found missing here.
+    pub missing: u64,
+    /// Chunks fetched from another replica and stored.
+    pub repaired: u64,
+    /// Chunks no other replica could give (yet).
+    pub failed: u64,
+}
+
+/// Complete files known whole here, bounded.
+#[derive(Default)]
+pub struct Verified {
+    files: HashSet<String>,
+}
+
+impl Verified {
+    fn contains(&self, file: &str) -> bool {
+        self.files.contains(file)
+    }
+
+    fn insert(&mut self, file: &str) {
+        if self.files.len() >= REPAIR_VERIFIED_FILES_MAX {
+            self.files.clear();
+        }
+        self.files.insert(file.to_string());
+    }
+
+    /// Files remembered.
+    pub fn len(&self) -> usize {
+        self.files.len()
+    }
+
+    /// Whether none is.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty()
+    }
+}
+
+/// The repair loop of one node: a pass every `files.repair_interval_ms`.
+pub async fn run(node: Weak<Node>) {
+    let interval = match node.upgrade() {
+        Some(n) => Duration::from_millis(n.config.files.repair_interval_ms.max(10)),
+        None => return,
+    };
+    let mut verified = Verified::default();
+    loop {
+        tokio::time::sleep(interval).await;
+        let Some(n) = node.upgrade() else { return };
+        let pass = pass(&n, &mut verified).await;
+        let m = &n.gateway.metrics;
+        use std::sync::atomic::Ordering::Relaxed;
+        m.file_chunks_repaired.fetch_add(pass.repaired, Relaxed);
+        m.file_chunks_missing
+            .store(pass.missing.saturating_sub(pass.repaired), Relaxed);
+        if pass.missing > 0 {
+            tracing::info!(
+                files = pass.files,
+                missing = pass.missing,
+                repaired = pass.repaired,
+                failed = pass.failed,
+                "file chunk repair pass"
+            );
+        }
+    }
+}
+
+/// One pass over the file records of every partition this node hosts.
+pub async fn pass(node: &Arc<Node>, verified: &mut Verified) -> Pass {
+    let mut out = Pass::default();
+    let mut budget = REPAIR_CHUNKS_PER_PASS_MAX;
+    for group in node.registry.groups() {
+        if group == 0 {
+            continue;
+        }
+        let mut after: Option<String> = None;
+        loop {
+            let page = match chatd_chat::files::scan(
+                &node.store,
+                group,
+                after.as_deref(),
+                REPAIR_RECORDS_PAGE,
+            ) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "file records not read for repair");
+                    break;
+                }
+            };
+            let full = page.len() == REPAIR_RECORDS_PAGE;
+            for record in &page {
+                out.files += 1;
+                if verified.contains(&record.id) {
+                    continue;
+                }
+                match repair_file(node, group, record, &mut budget, &mut out).await {
+                    Ok(true) if record.complete() => verified.insert(&record.id),
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(file = %record.id, error = %e, "file chunks not checked")
+                    }
+                }
+            }
+            after = page.last().map(|r| r.id.clone());
+            if !full {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// The length chunk `index` of `record` has.
+pub fn chunk_len(record: &FileRecord, index: u64) -> u64 {
+    let cb = u64::from(record.chunk_bytes.max(1));
+    record.size.saturating_sub(index * cb).min(cb)
+}
+
+/// Fetches the chunks of `record` below its committed offset that are not here. Returns
+/// whether every one of them is here now.
+async fn repair_file(
+    node: &Arc<Node>,
+    group: u64,
+    record: &FileRecord,
+    budget: &mut usize,
+    out: &mut Pass,
+) -> Result<bool, chatd_storage::StorageError> {
+    let cb = u64::from(record.chunk_bytes.max(1));
+    let needed = if record.complete() {
+        record.chunks()
+    } else {
+        record.offset / cb
+    };
+    let present = present_chunks(&node.store, group, &record.id)?;
+    let (mut missing, mut repaired) = (0u64, 0u64);
+    for i in 0..needed {
+        let Ok(index) = u32::try_from(i) else {
+            break;
+        };
+        let len = chunk_len(record, i);
+        if present.get(&index).is_some_and(|l| u64::from(*l) == len) {
+            continue;
+        }
+        out.missing += 1;
+        missing += 1;
+        if *budget == 0 {
+            continue;
+        }
+        *budget -= 1;
+        let bytes = match fetch_remote_chunk(node, group, &record.id, index, len as usize).await {
+            Ok(b) => b,
+            Err(e) => {
+                out.failed += 1;
+                tracing::debug!(file = %record.id, chunk = i, error = %e, "chunk not repaired");
+                continue;
+            }
+        };
+        match node.put_chunk(group, &record.id, index, &bytes).await {
+            NodeReply::Delivered => {
+                out.repaired += 1;
+                repaired += 1;
+            }
+            other => {
+                out.failed += 1;
+                tracing::warn!(file = %record.id, chunk = i, reply = ?other,
+                    "a repaired chunk was not stored");
+            }
+        }
+    }
+    Ok(missing == repaired)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(size: u64, chunk_bytes: u32) -> FileRecord {
+        FileRecord {
+            id: "f:00000000000000000000000000000001".into(),
+            owner: "u".into(),
+            size,
+            mime: "x/y".into(),
+            name: "n".into(),
+            chunk_bytes,
+            offset: size,
+            sha256: None,
+            created_ms: 0,
+        }
+    }
+
+    #[test]
+    fn chunk_lengths_end_with_the_short_last_one() {
+        let r = record(10, 4);
+        assert_eq!(chunk_len(&r, 0), 4);
+        assert_eq!(chunk_len(&r, 1), 4);
+        assert_eq!(chunk_len(&r, 2), 2);
+        assert_eq!(chunk_len(&r, 3), 0);
+    }
+
+    #[test]
+    fn the_verified_memory_is_bounded() {
+        let mut v = Verified::default();
+        for i in 0..REPAIR_VERIFIED_FILES_MAX {
+            v.insert(&format!("f:{i}"));
+        }
+        assert_eq!(v.len(), REPAIR_VERIFIED_FILES_MAX);
+        assert!(v.contains("f:0"));
+        v.insert("f:one-more");
+        assert_eq!(v.len(), 1, "cleared at the bound, then the new one kept");
+        assert!(v.contains("f:one-more") && !v.contains("f:0"));
+    }
+}
