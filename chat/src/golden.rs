@@ -42,18 +42,63 @@ fn message() -> MessageRecord {
         reply_to: Some(7),
         target: Some(5),
         edited_ts: Some(9),
+        files: Vec::new(),
     }
 }
+
+fn attachment() -> crate::Attachment {
+    crate::Attachment {
+        file_id: "f".into(),
+        name: "n".into(),
+        mime: "m".into(),
+        size: 3,
+    }
+}
+// "f" · "n" · "m" · 3
+const ATTACHMENT: &str = "0166016e016d03";
 
 #[test]
 fn golden_message_record() {
     // version 1 · "g:1" · seq 300 (varint fb 2c 01) · "al" · "text" · "hi" ·
-    // ts 1_700_000_000_000 (fd + u64 LE) · Some(7) · Some(5) · Some(9)
+    // ts 1_700_000_000_000 (fd + u64 LE) · Some(7) · Some(5) · Some(9) · no files
     pin(
         &message(),
         "0103673a31fb2c0102616c04746578740268\
-         69fd0068e5cf8b010000010701050109",
+         69fd0068e5cf8b010000010701050109 00",
     );
+    let mut with_file = message();
+    with_file.files.push(attachment());
+    pin(
+        &with_file,
+        &format!(
+            "0103673a31fb2c0102616c04746578740268\
+             69fd0068e5cf8b010000010701050109 01{ATTACHMENT}"
+        ),
+    );
+}
+
+#[test]
+fn messages_stored_before_attachments_are_read_without_files() {
+    // The layout of log format 1 (no `files`), as stored by earlier builds.
+    let old: String = "0103673a31fb2c0102616c04746578740268\
+                       69fd0068e5cf8b010000010701050109"
+        .split_whitespace()
+        .collect();
+    let bytes: Vec<u8> = (0..old.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&old[i..i + 2], 16).unwrap())
+        .collect();
+    assert_eq!(crate::decode_stored_message(&bytes).unwrap(), message());
+    // The new layout is read as it is, and neither is mistaken for the other.
+    let mut with_file = message();
+    with_file.files.push(attachment());
+    let new = chatd_codec::encode(&with_file).unwrap();
+    assert_eq!(crate::decode_stored_message(&new).unwrap(), with_file);
+    // Bytes of neither layout are refused, not guessed at.
+    assert!(crate::decode_stored_message(&bytes[..bytes.len() - 1]).is_err());
+    let mut extra = new.clone();
+    extra.push(0);
+    assert!(crate::decode_stored_message(&extra).is_err());
 }
 
 #[test]
@@ -136,7 +181,9 @@ fn golden_replies() {
 #[test]
 fn golden_events() {
     let recipients = vec!["a".to_string(), "b".to_string()];
-    let m = "03673a31fb2c0102616c0474657874026869fd0068e5cf8b010000010701050109";
+    // The message as in `golden_message_record`, no files (log format 2: the events
+    // between nodes carry the message's attachments).
+    let m = "03673a31fb2c0102616c0474657874026869fd0068e5cf8b010000010701050109 00";
     pin(
         &ChatEvent::Message {
             message: message(),
@@ -260,6 +307,20 @@ fn golden_commands_other_than_send() {
         "010d01660168",
     );
     pin(&ChatCommand::FileDrop { file: "f".into() }, "010e0166");
+    // "c" · "s" · "k" · "t" · None · ts 1 · window 2 · one attachment
+    pin(
+        &ChatCommand::SendWithFiles {
+            chat: "c".into(),
+            sender: "s".into(),
+            client_msg_id: "k".into(),
+            text: "t".into(),
+            reply_to: None,
+            ts: 1,
+            dedup_window_ms: 2,
+            files: vec![attachment()],
+        },
+        &format!("010f 0163 0173 016b 0174 00 01 02 01{ATTACHMENT}"),
+    );
 }
 
 pub(crate) fn file_record() -> crate::FileRecord {
@@ -293,6 +354,14 @@ fn golden_key_layout() {
     assert_eq!(keys::user_chat_prefix("al"), b"u\0al\0".to_vec());
     assert_eq!(keys::prefix_end(b"r\0g:1\0"), b"r\0g:1\0\xff".to_vec());
     assert_eq!(keys::file("f:1"), b"f\0f:1".to_vec());
+    assert_eq!(
+        keys::attachment("g:1", "f:1", 258),
+        b"a\0g:1\0f:1\0\0\0\0\0\0\0\x01\x02".to_vec()
+    );
+    assert_eq!(
+        keys::attachment_prefix("g:1", "f:1"),
+        b"a\0g:1\0f:1\0".to_vec()
+    );
     // Messages of a chat sort by seq (big endian), and stay inside the chat's prefix.
     assert!(keys::message("g:1", 255) < keys::message("g:1", 256));
     assert!(keys::message("g:1", u64::MAX).starts_with(b"m\0g:1\0"));

@@ -65,6 +65,17 @@ pub(crate) fn user_chat_prefix(user: &str) -> Vec<u8> {
     join(&[b"u", user.as_bytes(), b""])
 }
 
+/// The attachment index of a chat's partition: `a\0chat\0file\0seq (u64 BE)` for each
+/// message of `chat` that carries `file` (removed when the message is deleted). Who may
+/// read a file through a chat is decided from it.
+pub(crate) fn attachment(chat: &str, file: &str, seq: u64) -> Vec<u8> {
+    join(&[b"a", chat.as_bytes(), file.as_bytes(), &seq.to_be_bytes()])
+}
+/// The start of `file`'s entries in `chat`'s attachment index.
+pub(crate) fn attachment_prefix(chat: &str, file: &str) -> Vec<u8> {
+    join(&[b"a", chat.as_bytes(), file.as_bytes(), b""])
+}
+
 /// A file's record in its home partition.
 pub(crate) fn file(file: &str) -> Vec<u8> {
     join(&[b"f", file.as_bytes()])

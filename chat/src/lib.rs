@@ -21,11 +21,17 @@ use serde::{Deserialize, Serialize};
 
 pub use files::FileRecord;
 pub use model::LogRecord;
-pub use model::{ChatKind, ChatRecord, Cursor, DedupRecord, MessageRecord, Span};
-pub use read::{
-    chat_record, cursor, cursors, history, log_count, log_records, message, unread, user_chats,
-    HistoryPage, PageRequest, UNREAD_SCAN_MAX,
+pub use model::{
+    decode_stored_message, Attachment, ChatKind, ChatRecord, Cursor, DedupRecord, MessageRecord,
+    Span,
 };
+pub use read::{
+    chat_record, cursor, cursors, file_readable, history, log_count, log_records, message, unread,
+    user_chats, HistoryPage, PageRequest, UNREAD_SCAN_MAX,
+};
+
+/// Files one message may carry, at most.
+pub const MESSAGE_FILES_MAX: usize = 10;
 
 /// Default (and upper) bound of a group's members.
 pub const GROUP_MEMBERS_MAX: usize = 256;
@@ -114,6 +120,20 @@ pub enum ChatCommand {
     FileComplete { file: String, sha256: String },
     /// `file` is forgotten (a failed upload, or collected); its chunks go with it.
     FileDrop { file: String },
+    /// A message with files attached (log format 2): a [`ChatCommand::Send`] whose
+    /// message carries `files` (at most [`MESSAGE_FILES_MAX`]; the gateway checked that
+    /// each is a complete file of the sender's). Each becomes readable by whoever may read
+    /// the message.
+    SendWithFiles {
+        chat: String,
+        sender: String,
+        client_msg_id: String,
+        text: String,
+        reply_to: Option<u64>,
+        ts: u64,
+        dedup_window_ms: u64,
+        files: Vec<Attachment>,
+    },
 }
 
 /// How long a send's idempotency record answers retries unless configured otherwise: 24 h.
@@ -292,6 +312,12 @@ fn append_message(
     chat.last_seq += 1;
     message.seq = chat.last_seq;
     put(txn, &keys::message(&message.chat, message.seq), &message)?;
+    for f in &message.files {
+        txn.put(
+            &keys::attachment(&message.chat, &f.file_id, message.seq),
+            Vec::new(),
+        );
+    }
     let recipients = chat.members_at(message.seq);
     emit(
         txn,
@@ -311,6 +337,7 @@ struct Outgoing {
     text: String,
     reply_to: Option<u64>,
     ts: u64,
+    files: Vec<Attachment>,
 }
 
 /// Applies a send: the answer of an unexpired earlier send with the same key, or the next
@@ -329,7 +356,17 @@ fn send(
         text,
         reply_to,
         ts,
+        files,
     } = m;
+    if files.len() > MESSAGE_FILES_MAX {
+        return Ok(reject(
+            "too_large",
+            format!(
+                "{} files; a message carries {MESSAGE_FILES_MAX} at most",
+                files.len()
+            ),
+        ));
+    }
     let dedup_key = keys::dedup(&chat, &sender, &client_msg_id);
     let earlier = get::<DedupRecord>(txn, &dedup_key)?;
     if let Some(d) = &earlier {
@@ -374,6 +411,7 @@ fn send(
             reply_to,
             target: None,
             edited_ts: None,
+            files,
         },
     )?;
     put(txn, &keys::chat(&chat), &record)?;
@@ -483,6 +521,7 @@ fn apply_command(
                 text,
                 reply_to,
                 ts,
+                files: Vec::new(),
             },
             DEDUP_WINDOW_MS_DEFAULT,
             hint,
@@ -504,6 +543,30 @@ fn apply_command(
                 text,
                 reply_to,
                 ts,
+                files: Vec::new(),
+            },
+            dedup_window_ms,
+            hint,
+        )?,
+        ChatCommand::SendWithFiles {
+            chat,
+            sender,
+            client_msg_id,
+            text,
+            reply_to,
+            ts,
+            dedup_window_ms,
+            files,
+        } => send(
+            txn,
+            Outgoing {
+                chat,
+                sender,
+                client_msg_id,
+                text,
+                reply_to,
+                ts,
+                files,
             },
             dedup_window_ms,
             hint,
@@ -635,6 +698,7 @@ fn apply_command(
                     reply_to: None,
                     target: None,
                     edited_ts: None,
+                    files: Vec::new(),
                 },
             )?;
             if let Some(span) = record.members.get_mut(&user) {
@@ -731,6 +795,7 @@ fn join(
             reply_to: None,
             target: None,
             edited_ts: None,
+            files: Vec::new(),
         },
     )
 }
@@ -752,7 +817,11 @@ fn change_message(
         return Ok(reject("not_member", format!("{sender} is not in {chat}")));
     }
     let key = keys::message(chat, seq);
-    let Some(mut original) = get::<MessageRecord>(txn, &key)? else {
+    let stored = txn
+        .get(&key)?
+        .map(|b| decode_stored_message(&b).map_err(corrupt))
+        .transpose()?;
+    let Some(mut original) = stored else {
         return Ok(reject(
             "unknown_message",
             format!("no message {seq} in {chat}"),
@@ -770,6 +839,10 @@ fn change_message(
         None => {
             original.kind = "deleted".into();
             original.text = String::new();
+            // Its files are no longer readable through it.
+            for f in std::mem::take(&mut original.files) {
+                txn.delete(&keys::attachment(chat, &f.file_id, seq));
+            }
         }
     }
     original.edited_ts = Some(ts);
@@ -795,6 +868,7 @@ fn change_message(
             reply_to: None,
             target: Some(seq),
             edited_ts: None,
+            files: Vec::new(),
         },
     )?;
     put(txn, &keys::chat(chat), &record)?;
@@ -953,6 +1027,88 @@ mod tests {
         assert_eq!(record.last_seq, 2, "the retry wrote nothing");
         assert_eq!(rejected(&sm.send("d:a:b", "c", "k9", "x")), "not_member");
         assert_eq!(rejected(&sm.send("d:x:y", "a", "k8", "x")), "unknown_chat");
+    }
+
+    #[test]
+    fn attached_files_are_readable_by_whoever_may_read_the_message() {
+        let mut sm = Sm::new();
+        let chat = sm.group("a", &["b"]);
+        let att = |id: &str| Attachment {
+            file_id: id.into(),
+            name: "cat.png".into(),
+            mime: "image/png".into(),
+            size: 3,
+        };
+        let with_files = |key: &str, files: Vec<Attachment>| ChatCommand::SendWithFiles {
+            chat: chat.clone(),
+            sender: "a".into(),
+            client_msg_id: key.into(),
+            text: "look".into(),
+            reply_to: None,
+            ts: 1,
+            dedup_window_ms: DEDUP_WINDOW_MS_DEFAULT,
+            files,
+        };
+        let (r, events) = sm.apply(with_files("1", vec![att("f:1")]));
+        let ChatReply::Acked { seq, .. } = r else {
+            panic!("{r:?}")
+        };
+        assert!(
+            matches!(&events[0], ChatEvent::Message { message, .. } if message.files == vec![att("f:1")]),
+            "the pushed message carries its files: {events:?}"
+        );
+        assert_eq!(
+            message(&sm.store, G, &chat, seq).unwrap().unwrap().files,
+            vec![att("f:1")]
+        );
+        let readable = |sm: &Sm, user: &str, file: &str| {
+            file_readable(&sm.store, G, &chat, file, user).unwrap()
+        };
+        assert!(readable(&sm, "a", "f:1") && readable(&sm, "b", "f:1"));
+        assert!(!readable(&sm, "z", "f:1"), "not a member");
+        assert!(!readable(&sm, "b", "f:2"), "not attached here");
+        assert!(!file_readable(&sm.store, G, "g:other", "f:1", "b").unwrap());
+        // A member who joins later does not see a file sent before the join (span rules),
+        // but sees one sent after it.
+        sm.apply(ChatCommand::AddMembers {
+            chat: chat.clone(),
+            by: "a".into(),
+            users: vec!["c".into()],
+            members_max: 4,
+            ts: 2,
+        });
+        assert!(!readable(&sm, "c", "f:1"));
+        sm.apply(with_files("2", vec![att("f:1"), att("f:2")]));
+        assert!(readable(&sm, "c", "f:1") && readable(&sm, "c", "f:2"));
+        // Too many files: refused, nothing changes.
+        let many = (0..=MESSAGE_FILES_MAX)
+            .map(|i| att(&format!("f:x{i}")))
+            .collect();
+        let (r, _) = sm.apply(with_files("3", many));
+        assert_eq!(rejected(&r), "too_large");
+        assert!(!readable(&sm, "a", "f:x0"));
+        // Deleting the second message takes c's access (c's span holds only that one);
+        // b still reads f:1 through the first; deleting that one too ends it for all.
+        let (r, events) = sm.apply(ChatCommand::Delete {
+            chat: chat.clone(),
+            sender: "a".into(),
+            seq: seq + 2,
+            ts: 3,
+        });
+        assert!(matches!(r, ChatReply::Done { .. }), "{r:?}");
+        assert!(
+            matches!(&events[0], ChatEvent::Updated { message, .. } if message.files.is_empty()),
+            "a deleted message shows no files: {events:?}"
+        );
+        assert!(!readable(&sm, "c", "f:1") && !readable(&sm, "c", "f:2"));
+        assert!(readable(&sm, "b", "f:1"), "still through the first message");
+        sm.apply(ChatCommand::Delete {
+            chat: chat.clone(),
+            sender: "a".into(),
+            seq,
+            ts: 4,
+        });
+        assert!(!readable(&sm, "a", "f:1") && !readable(&sm, "b", "f:1"));
     }
 
     #[test]

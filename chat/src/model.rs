@@ -79,6 +79,59 @@ pub struct MessageRecord {
     /// For `edit` and `delete` entries: the seq they change.
     pub target: Option<u64>,
     pub edited_ts: Option<u64>,
+    /// Files attached to a `text` message (docs/files.md); empty for every other kind and
+    /// once the message is deleted. Added in log format 2: a record stored before has no
+    /// such field and is read by [`decode_stored_message`] as one without files.
+    pub files: Vec<Attachment>,
+}
+
+/// A file attached to a message: what its readers see of it (the file's record, in the
+/// file's home partition, has the rest).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub file_id: String,
+    pub name: String,
+    pub mime: String,
+    pub size: u64,
+}
+
+/// A message as stored before attachments (log format 1): [`MessageRecord`] without its
+/// last field.
+#[derive(Deserialize)]
+struct MessageRecordV1 {
+    chat: String,
+    seq: u64,
+    sender: String,
+    kind: String,
+    text: String,
+    ts: u64,
+    reply_to: Option<u64>,
+    target: Option<u64>,
+    edited_ts: Option<u64>,
+}
+
+/// Decodes a stored message of either layout. The two never overlap: bytes of the old
+/// layout end where the new one still expects the attachments' length, and bytes of the
+/// new layout have that length left over after the old one.
+pub fn decode_stored_message(bytes: &[u8]) -> Result<MessageRecord, chatd_codec::CodecError> {
+    match chatd_codec::decode::<MessageRecord>(bytes) {
+        Ok(m) => Ok(m),
+        Err(e) => match chatd_codec::decode::<MessageRecordV1>(bytes) {
+            Ok(m) => Ok(MessageRecord {
+                chat: m.chat,
+                seq: m.seq,
+                sender: m.sender,
+                kind: m.kind,
+                text: m.text,
+                ts: m.ts,
+                reply_to: m.reply_to,
+                target: m.target,
+                edited_ts: m.edited_ts,
+                files: Vec::new(),
+            }),
+            Err(_) => Err(e),
+        },
+    }
 }
 
 impl MessageRecord {

@@ -32,9 +32,47 @@ pub fn message(
     seq: u64,
 ) -> Result<Option<MessageRecord>, StorageError> {
     read_record(store, group, &keys::message(chat, seq))?
-        .map(|b| decode(&b))
+        .map(|b| decode_message(&b))
         .transpose()
 }
+
+/// A stored message, in either layout ([`crate::decode_stored_message`]).
+fn decode_message(b: &[u8]) -> Result<MessageRecord, StorageError> {
+    crate::model::decode_stored_message(b).map_err(corrupt)
+}
+
+/// Whether `user` may read `file` through `chat`: some message of `chat` that carries it
+/// (and is not deleted) is inside the user's span, the span history gives them (a member
+/// from its join on; a former member up to its leave). Reads at most
+/// `ATTACHMENT_SCAN_MAX` of the file's index entries in the chat.
+pub fn file_readable(
+    store: &Storage,
+    group: GroupId,
+    chat: &str,
+    file: &str,
+    user: &str,
+) -> Result<bool, StorageError> {
+    let Some(span) = chat_record(store, group, chat)?.and_then(|c| c.span_of(user)) else {
+        return Ok(false);
+    };
+    let prefix = keys::attachment_prefix(chat, file);
+    let rows = scan_records(
+        store,
+        group,
+        &prefix,
+        &keys::prefix_end(&prefix),
+        ATTACHMENT_SCAN_MAX,
+    )?;
+    Ok(rows.iter().any(|(k, _)| {
+        k.len() >= 8
+            && <[u8; 8]>::try_from(&k[k.len() - 8..])
+                .is_ok_and(|b| span.contains(u64::from_be_bytes(b)))
+    }))
+}
+
+/// Index entries of one file in one chat read by [`file_readable`], at most (the file
+/// attached to this many messages of one chat: plenty for any real chat).
+pub const ATTACHMENT_SCAN_MAX: usize = 4096;
 
 /// A page of history.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,7 +134,7 @@ pub fn history(
     )?;
     let messages = rows
         .iter()
-        .map(|(_, v)| decode::<MessageRecord>(v))
+        .map(|(_, v)| decode_message(v))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(HistoryPage {
         more: count > messages.len() as u64,
@@ -189,7 +227,7 @@ pub fn unread(
     )?;
     let mut n = 0;
     for (_, v) in rows {
-        let m: MessageRecord = decode(&v)?;
+        let m = decode_message(&v)?;
         if m.sender != user && m.kind == "text" {
             n += 1;
         }

@@ -38,6 +38,9 @@ pub struct DownloadArgs {
     /// Where to write it [default: the file's name in the current directory].
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+    /// The chat it was shared in (needed for a file someone else uploaded).
+    #[arg(long)]
+    pub chat: Option<String>,
 }
 
 /// A media type for `path` from its extension (the common ones; else binary).
@@ -183,13 +186,13 @@ const UPLOAD_RETRY_FIRST: Duration = Duration::from_millis(500);
 /// The file as an upload request answers it.
 #[derive(Debug, Deserialize, serde::Serialize)]
 pub(crate) struct FileState {
-    file_id: String,
-    size: u64,
-    offset: u64,
+    pub(crate) file_id: String,
+    pub(crate) size: u64,
+    pub(crate) offset: u64,
     #[serde(default)]
-    sha256: Option<String>,
-    mime: String,
-    name: String,
+    pub(crate) sha256: Option<String>,
+    pub(crate) mime: String,
+    pub(crate) name: String,
 }
 
 /// An upload's connection to one node.
@@ -529,7 +532,10 @@ fn disposition_name(value: &str) -> Option<String> {
 /// `chat-cli download FILE_ID [-o PATH]`.
 pub async fn download(cli: &Cli, args: &DownloadArgs) -> Result<String, CliError> {
     let (http, base, token) = client(cli)?;
-    let url = join(&base, &format!("v1/files/{}", args.file_id))?;
+    let mut url = join(&base, &format!("v1/files/{}", args.file_id))?;
+    if let Some(chat) = &args.chat {
+        url.query_pairs_mut().append_pair("chat", chat);
+    }
     let shown = url.to_string();
     let resp = http
         .get(url)

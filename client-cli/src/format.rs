@@ -70,6 +70,12 @@ pub fn describe(m: &MessageView) -> String {
             if m.edited_ts.is_some() {
                 s.push_str(" (edited)");
             }
+            for f in &m.files {
+                if !s.is_empty() {
+                    s.push(' ');
+                }
+                s.push_str(&attachment(f));
+            }
             s
         }
         "deleted" => "(message deleted)".to_string(),
@@ -86,6 +92,33 @@ pub fn describe(m: &MessageView) -> String {
             None => "✗ deleted a message".to_string(),
         },
         other => format!("[{other}] {}", m.text),
+    }
+}
+
+/// One attachment as history and tail show it: `📎 name (size, type) f:…`.
+pub fn attachment(f: &chatd_proto::FileView) -> String {
+    format!(
+        "📎 {} ({}, {}) {}",
+        clean(&f.name),
+        human_bytes(f.size),
+        clean(&f.mime),
+        f.file_id
+    )
+}
+
+/// `n` bytes for people: B, KiB, MiB or GiB with one decimal.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
     }
 }
 
@@ -193,6 +226,21 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
+    #[test]
+    fn attachments_are_shown_with_name_size_and_type() {
+        let mut m = msg(3);
+        m.text = "look".into();
+        m.files.push(chatd_proto::FileView {
+            file_id: "f:1".into(),
+            name: "cat.png".into(),
+            mime: "image/png".into(),
+            size: 1536,
+        });
+        assert_eq!(describe(&m), "look 📎 cat.png (1.5 KiB, image/png) f:1");
+        assert_eq!(human_bytes(5), "5 B");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+    }
+
     fn msg(seq: u64) -> MessageView {
         MessageView {
             chat: "c".into(),
@@ -204,6 +252,7 @@ mod tests {
             ts: 0,
             reply_to: None,
             edited_ts: None,
+            files: Vec::new(),
         }
     }
 

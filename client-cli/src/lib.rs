@@ -140,6 +140,8 @@ pub enum Command {
     },
     /// Upload a file (streamed, with progress) and print its id and SHA-256.
     Upload(files::UploadArgs),
+    /// Upload a file and send it to a chat, with an optional text.
+    SendFile(messaging::SendFileArgs),
     /// Download a file (streamed, with progress), checked against its SHA-256.
     Download(files::DownloadArgs),
     /// An interactive chat session in the terminal.
@@ -253,6 +255,7 @@ pub async fn execute(cli: &Cli, color: bool) -> Result<String, CliError> {
         Command::OpenDirect { user } => messaging::open_direct(cli, user).await,
         Command::CreateGroup { name, members } => messaging::create_group(cli, name, members).await,
         Command::Upload(args) => files::upload(cli, args).await,
+        Command::SendFile(args) => messaging::send_file(cli, args).await,
         Command::Download(args) => files::download(cli, args).await,
         Command::Chat(args) => session::run(cli, args).await,
         Command::Bench(args) => bench::run(cli, args).await,

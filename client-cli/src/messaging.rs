@@ -34,6 +34,24 @@ pub struct SendArgs {
     pub client_msg_id: Option<String>,
 }
 
+/// `send-file` arguments.
+#[derive(Clone, Debug, Args)]
+pub struct SendFileArgs {
+    /// The chat.
+    pub chat: String,
+    /// The file to upload and attach.
+    pub path: std::path::PathBuf,
+    /// A text to send with it.
+    #[arg(long, default_value = "")]
+    pub text: String,
+    /// Its media type [default: from the file name's extension].
+    #[arg(long)]
+    pub mime: Option<String>,
+    /// Continue an upload of this file that stopped (the id the interruption named).
+    #[arg(long, value_name = "FILE_ID")]
+    pub resume: Option<String>,
+}
+
 /// `history` arguments.
 #[derive(Clone, Debug, Args)]
 pub struct HistoryArgs {
@@ -123,7 +141,63 @@ pub async fn send(cli: &Cli, args: &SendArgs) -> Result<String, CliError> {
         .client_msg_id
         .clone()
         .unwrap_or_else(ws::new_client_msg_id);
-    let what = format!("cannot send to {}", args.chat);
+    send_message(
+        cli,
+        &args.chat,
+        text,
+        args.reply_to,
+        client_msg_id,
+        Vec::new(),
+    )
+    .await
+}
+
+/// `send-file CHAT PATH [--text T]`: uploads the file (resumable, with progress), then
+/// sends a message carrying it.
+pub async fn send_file(cli: &Cli, args: &SendFileArgs) -> Result<String, CliError> {
+    let up = crate::files::upload_file(
+        cli,
+        &args.path,
+        args.mime.as_deref(),
+        args.resume.as_deref(),
+    )
+    .await?;
+    let file = chatd_proto::FileRef {
+        file_id: up.file_id.clone(),
+        name: None,
+        mime: None,
+        size: Some(up.size),
+    };
+    let sent = send_message(
+        cli,
+        &args.chat,
+        args.text.clone(),
+        None,
+        ws::new_client_msg_id(),
+        vec![file],
+    )
+    .await?;
+    if cli.json {
+        return Ok(sent);
+    }
+    Ok(format!(
+        "{}  {}  {}\n{sent}",
+        up.file_id,
+        crate::format::human_bytes(up.size),
+        up.mime
+    ))
+}
+
+/// Sends one message and waits for its ack, retrying as [`send`] says.
+async fn send_message(
+    cli: &Cli,
+    chat: &str,
+    text: String,
+    reply_to: Option<u64>,
+    client_msg_id: String,
+    files: Vec<chatd_proto::FileRef>,
+) -> Result<String, CliError> {
+    let what = format!("cannot send to {chat}");
     let mut conn = Some(connect(cli).await?);
     let mut last_error = None;
     for attempt in 1..=SEND_ATTEMPTS {
@@ -143,10 +217,11 @@ pub async fn send(cli: &Cli, args: &SendArgs) -> Result<String, CliError> {
         let answer = c
             .request_raw(|id| ClientFrame::Send {
                 id,
-                chat: args.chat.clone(),
+                chat: chat.to_string(),
                 client_msg_id: client_msg_id.clone(),
                 text: text.clone(),
-                reply_to: args.reply_to,
+                reply_to,
+                files: files.clone(),
             })
             .await;
         let answer = match answer {

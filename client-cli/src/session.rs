@@ -125,6 +125,8 @@ struct Pending {
     chat: String,
     client_msg_id: String,
     text: String,
+    /// Files attached (uploaded before the message is queued).
+    files: Vec<chatd_proto::FileRef>,
 }
 
 /// The chat being shown.
@@ -156,6 +158,8 @@ struct Session {
     in_flight: Option<(String, Pending)>,
     screen: Screen,
     last: u64,
+    /// The command line's options, for uploads (`/file`).
+    cli: Cli,
 }
 
 enum Step {
@@ -172,6 +176,7 @@ fn help() -> Vec<String> {
         "  /group NAME USER…  create a group and switch to it",
         "  /history [N]       show N older messages (default 20)",
         "  /who               who of this chat's members is online",
+        "  /file PATH         upload a file and send it to this chat",
         "  /quit              leave (also Ctrl-D, or Ctrl-C on an empty line)",
         "anything else is sent to the current chat",
     ]
@@ -325,6 +330,7 @@ impl Session {
             chat: c.chat.clone(),
             client_msg_id: ws::new_client_msg_id(),
             text: line,
+            files: Vec::new(),
         });
         self.pump(conn).await?;
         Ok(Step::Go)
@@ -413,6 +419,11 @@ impl Session {
                 }
             }
             ("who", _) => self.who(conn).await,
+            ("file", [_, ..]) => {
+                // The path is the rest of the line (it may hold spaces).
+                let path = cmd.trim_start()["file".len()..].trim().to_string();
+                self.send_file(conn, &path).await
+            }
             _ => {
                 self.screen
                     .line(format!("unknown command /{cmd}: /help lists the commands"));
@@ -428,6 +439,36 @@ impl Session {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// `/file PATH`: uploads the file (resumable, progress on the status line), then
+    /// queues a message carrying it to the current chat.
+    async fn send_file(&mut self, conn: &mut Connection, path: &str) -> Result<(), CliError> {
+        let Some(chat) = self.current.as_ref().map(|c| c.chat.clone()) else {
+            return Err(CliError::Failed(
+                "no chat open: /open one before /file".into(),
+            ));
+        };
+        let up = crate::files::upload_file(&self.cli, std::path::Path::new(path), None, None)
+            .await
+            .map_err(|e| CliError::Failed(e.to_string()))?;
+        self.screen.line(format!(
+            "uploaded {} ({}), sending",
+            clean(&up.name),
+            crate::format::human_bytes(up.size)
+        ));
+        self.outbox.push_back(Pending {
+            chat,
+            client_msg_id: ws::new_client_msg_id(),
+            text: String::new(),
+            files: vec![chatd_proto::FileRef {
+                file_id: up.file_id,
+                name: None,
+                mime: None,
+                size: Some(up.size),
+            }],
+        });
+        self.pump(conn).await
     }
 
     /// Sends a request answered with `done` (open a direct chat, create a group) and
@@ -694,6 +735,7 @@ fn send_frame(id: &str, p: &Pending) -> ClientFrame {
         client_msg_id: p.client_msg_id.clone(),
         text: p.text.clone(),
         reply_to: None,
+        files: p.files.clone(),
     }
 }
 
@@ -753,6 +795,7 @@ pub async fn run(cli: &Cli, args: &ChatArgs) -> Result<String, CliError> {
             prompt: "[no chat] > ".to_string(),
         },
         last: args.last,
+        cli: cli.clone(),
     };
     s.screen.line(format!(
         "chat-cli: {} connected to {} · /help for commands",

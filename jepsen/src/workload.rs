@@ -341,6 +341,7 @@ impl Client {
             client_msg_id: msg.to_string(),
             text: msg.to_string(),
             reply_to: None,
+            files: Vec::new(),
         };
         if let Err(e) = self.send_frame(&frame).await {
             let mut op = self.op(Kind::Info, F::Send);

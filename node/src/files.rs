@@ -80,6 +80,85 @@ pub fn present_chunks(
     Ok(out)
 }
 
+/// The attachments of a `send`: each named file must be a complete upload of `sender`'s;
+/// a `mime` or `size` the sender gives must match it; a `name` replaces the uploaded one.
+/// Err is `(protocol error code, sentence)`.
+pub(crate) async fn attachments(
+    node: &Node,
+    sender: &str,
+    files: Vec<chatd_proto::FileRef>,
+) -> Result<Vec<chatd_chat::Attachment>, (String, String)> {
+    use chatd_proto::code;
+    if files.len() > chatd_proto::MESSAGE_FILES_MAX {
+        return Err((
+            code::TOO_LARGE.into(),
+            format!(
+                "{} files; a message carries {} at most",
+                files.len(),
+                chatd_proto::MESSAGE_FILES_MAX
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(files.len());
+    for f in files {
+        let unknown = || {
+            (
+                "unknown_file".to_string(),
+                format!("no complete upload {} of yours", f.file_id),
+            )
+        };
+        if !is_file_id(&f.file_id)
+            || out
+                .iter()
+                .any(|a: &chatd_chat::Attachment| a.file_id == f.file_id)
+        {
+            return Err((
+                code::INVALID_FIELD.into(),
+                format!("{:?} is not a file id, or is named twice", f.file_id),
+            ));
+        }
+        if let Some(n) = &f.name {
+            http::check_file_name(n)
+                .map_err(|e| (code::INVALID_FIELD.into(), format!("name {e}")))?;
+        }
+        let group = crate::gateway::chat_group(node, &f.file_id);
+        let record = match node
+            .query(
+                group,
+                crate::queries::ChatQuery::File {
+                    file: f.file_id.clone(),
+                },
+            )
+            .await
+        {
+            Ok(crate::queries::ChatQueryReply::File(Some(r))) => r,
+            Ok(_) => return Err(unknown()),
+            Err(e) => return Err((code::UNAVAILABLE.into(), e.to_string())),
+        };
+        if record.owner != sender || !record.complete() {
+            return Err(unknown());
+        }
+        if f.mime.as_ref().is_some_and(|m| *m != record.mime)
+            || f.size.is_some_and(|s| s != record.size)
+        {
+            return Err((
+                code::INVALID_FIELD.into(),
+                format!(
+                    "{} is {} bytes of {}, not what the send says",
+                    f.file_id, record.size, record.mime
+                ),
+            ));
+        }
+        out.push(chatd_chat::Attachment {
+            file_id: record.id,
+            name: f.name.unwrap_or(record.name),
+            mime: record.mime,
+            size: record.size,
+        });
+    }
+    Ok(out)
+}
+
 impl Node {
     /// Stores chunk `index` of `file` of partition `group` here, synced (a replica of
     /// `group` only). Answers `Delivered` once the chunk is on disk; `Refused` for a

@@ -158,6 +158,16 @@ fn view(m: &MessageRecord) -> MessageView {
         ts: m.ts,
         reply_to: m.reply_to.or(m.target),
         edited_ts: m.edited_ts,
+        files: m
+            .files
+            .iter()
+            .map(|f| chatd_proto::FileView {
+                file_id: f.file_id.clone(),
+                name: f.name.clone(),
+                mime: f.mime.clone(),
+                size: f.size,
+            })
+            .collect(),
     }
 }
 

@@ -40,10 +40,17 @@ fn message() -> MessageRecord {
         reply_to: Some(1),
         target: Some(1),
         edited_ts: Some(8),
+        files: vec![chatd_chat::Attachment {
+            file_id: "f".into(),
+            name: "n".into(),
+            mime: "m".into(),
+            size: 3,
+        }],
     }
 }
-// "c" · 2 · "a" · "text" · "hi" · 7 · Some(1) · Some(1) · Some(8)
-const MESSAGE: &str = "0163 02 0161 0474657874 026869 07 0101 0101 0108";
+// "c" · 2 · "a" · "text" · "hi" · 7 · Some(1) · Some(1) · Some(8) · one file ("f" · "n" ·
+// "m" · 3): messages carry their attachments between nodes since log format 2
+const MESSAGE: &str = "0163 02 0161 0474657874 026869 07 0101 0101 0108 01 0166016e016d03";
 
 #[test]
 fn golden_node_requests() {
@@ -215,6 +222,14 @@ fn golden_chat_queries() {
     pin(&ChatQuery::Members { chat: "c".into() }, "01 03 0163");
     pin(&ChatQuery::Inspect { chat: "c".into() }, "01 04 0163");
     pin(&ChatQuery::File { file: "f".into() }, "01 05 0166");
+    pin(
+        &ChatQuery::FileAccess {
+            chat: "c".into(),
+            file: "f".into(),
+            user: "u".into(),
+        },
+        "01 06 0163 0166 0175",
+    );
 }
 
 #[test]
@@ -325,4 +340,5 @@ fn golden_chat_query_replies() {
         })),
         "01 06 01 0166 016f 05 016d 016e 02 01 01 0168 09",
     );
+    pin(&ChatQueryReply::Allowed(true), "01 07 01");
 }

@@ -39,6 +39,13 @@ pub enum ChatQuery {
     Inspect { chat: String },
     /// The record of `file` (in its home partition).
     File { file: String },
+    /// Whether `user` may read `file` through `chat` (in the chat's partition): a message
+    /// of `chat` inside the user's span carries it.
+    FileAccess {
+        chat: String,
+        file: String,
+        user: String,
+    },
 }
 
 /// The admin view of a chat.
@@ -74,6 +81,8 @@ pub enum ChatQueryReply {
     },
     /// A file's record, if it exists.
     File(Option<chatd_chat::FileRecord>),
+    /// The answer to [`ChatQuery::FileAccess`].
+    Allowed(bool),
 }
 
 fn rejected(code: &str, message: impl Into<String>) -> ChatQueryReply {
@@ -202,6 +211,9 @@ fn run_inner(
         ChatQuery::File { file } => {
             ChatQueryReply::File(chatd_chat::files::read(store, group, &file)?)
         }
+        ChatQuery::FileAccess { chat, file, user } => ChatQueryReply::Allowed(
+            chatd_chat::file_readable(store, group, &chat, &file, &user)?,
+        ),
         ChatQuery::Inspect { chat } => match chatd_chat::chat_record(store, group, &chat)? {
             None => ChatQueryReply::Inspection(None),
             Some(r) => {

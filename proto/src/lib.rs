@@ -92,6 +92,10 @@ pub enum ClientFrame {
         text: String,
         #[serde(default)]
         reply_to: Option<u64>,
+        /// Files to attach: complete uploads of the sender's (at most
+        /// [`MESSAGE_FILES_MAX`]).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        files: Vec<FileRef>,
     },
     /// Replaces the text of one of the sender's messages.
     Edit {
@@ -187,6 +191,32 @@ impl ClientFrame {
     }
 }
 
+/// Files one message may carry, at most.
+pub const MESSAGE_FILES_MAX: usize = 10;
+
+/// A file named in a `send`: its id, and optionally what the sender says of it (a `name`
+/// to show instead of the uploaded one; `mime` and `size`, checked against the upload).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileRef {
+    pub file_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mime: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+}
+
+/// A file attached to a message, as its readers see it: download it with
+/// `GET /v1/files/{file_id}?chat={chat}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileView {
+    pub file_id: String,
+    pub name: String,
+    pub mime: String,
+    pub size: u64,
+}
+
 /// A message as clients see it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct MessageView {
@@ -203,6 +233,9 @@ pub struct MessageView {
     pub reply_to: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub edited_ts: Option<u64>,
+    /// Attached files (absent when none).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub files: Vec<FileView>,
 }
 
 /// One chat in a sync answer.
@@ -356,7 +389,8 @@ mod tests {
                 chat: "d:alice:bob".into(),
                 client_msg_id: "m1".into(),
                 text: "hi".into(),
-                reply_to: None
+                reply_to: None,
+                files: Vec::new(),
             }
         );
         let ack = ServerFrame::Ack {

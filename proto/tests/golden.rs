@@ -5,7 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 use chatd_proto::{
-    parse_client_frame, ChatState, ClientFrame, MessageView, PresenceView, ServerFrame,
+    parse_client_frame, ChatState, ClientFrame, FileRef, FileView, MessageView, PresenceView,
+    ServerFrame,
 };
 
 /// `json` parses to `frame` and `frame` serialises to exactly `json`.
@@ -43,6 +44,31 @@ fn golden_client_frames() {
                 client_msg_id: s("m"),
                 text: s("hi"),
                 reply_to: Some(3),
+                files: Vec::new(),
+            },
+        ),
+        (
+            r#"{"type":"send","id":"1","chat":"c","client_msg_id":"m","text":"","files":[{"file_id":"f:1"},{"file_id":"f:2","name":"n","mime":"m","size":3}]}"#,
+            ClientFrame::Send {
+                id: s("1"),
+                chat: s("c"),
+                client_msg_id: s("m"),
+                text: s(""),
+                reply_to: None,
+                files: vec![
+                    FileRef {
+                        file_id: s("f:1"),
+                        name: None,
+                        mime: None,
+                        size: None,
+                    },
+                    FileRef {
+                        file_id: s("f:2"),
+                        name: Some(s("n")),
+                        mime: Some(s("m")),
+                        size: Some(3),
+                    },
+                ],
             },
         ),
         (
@@ -162,10 +188,25 @@ fn message() -> MessageView {
         ts: 7,
         reply_to: Some(1),
         edited_ts: Some(8),
+        files: Vec::new(),
     }
 }
 
 const MESSAGE: &str = r#"{"chat":"c","seq":2,"msg_id":"c/2","sender":"a","kind":"text","text":"hi","ts":7,"reply_to":1,"edited_ts":8}"#;
+
+#[test]
+fn golden_message_with_files() {
+    let mut m = message();
+    m.files.push(FileView {
+        file_id: s("f:1"),
+        name: s("cat.png"),
+        mime: s("image/png"),
+        size: 3,
+    });
+    let json = r#"{"chat":"c","seq":2,"msg_id":"c/2","sender":"a","kind":"text","text":"hi","ts":7,"reply_to":1,"edited_ts":8,"files":[{"file_id":"f:1","name":"cat.png","mime":"image/png","size":3}]}"#;
+    assert_eq!(serde_json::to_string(&m).unwrap(), json);
+    assert_eq!(serde_json::from_str::<MessageView>(json).unwrap(), m);
+}
 
 #[test]
 fn golden_server_frames() {

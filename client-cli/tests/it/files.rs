@@ -205,3 +205,103 @@ fn upload_resume_continues_an_interrupted_upload_from_another_node() {
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
+
+#[test]
+fn send_file_shares_a_file_that_members_see_in_history_and_download_through_the_chat() {
+    use crate::messaging::json_ok;
+    let cluster = Cluster::start(3);
+    let s: Vec<String> = cluster
+        .ports
+        .iter()
+        .map(|p| format!("127.0.0.1:{p}"))
+        .collect();
+    let hal = add_user(&s[0], &cluster.token, "hal");
+    let ida = add_user(&s[0], &cluster.token, "ida");
+    let jon = add_user(&s[0], &cluster.token, "jon");
+    let g = json_ok(&[
+        "--server",
+        &s[0],
+        "--token",
+        &hal,
+        "--json",
+        "create-group",
+        "crew",
+        "ida",
+    ]);
+    let group = g["chat"].as_str().unwrap().to_string();
+    let bytes: Vec<u8> = (0..(3u32 << 19)).map(|i| (i ^ (i >> 9)) as u8).collect();
+    let input = cluster.dir.path().join("map.png");
+    std::fs::write(&input, &bytes).unwrap();
+    let sent = json_ok(&[
+        "--server",
+        &s[0],
+        "--token",
+        &hal,
+        "--json",
+        "send-file",
+        &group,
+        input.to_str().unwrap(),
+        "--text",
+        "the map",
+    ]);
+    assert_eq!(sent["type"], "ack", "{sent}");
+    // Ida sees it in history with its name, size and type.
+    let out = chat_cli(&["--server", &s[1], "--token", &ida, "history", &group]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let shown = text(&out.stdout);
+    assert!(
+        shown.contains("the map 📎 map.png (1.5 MiB, image/png) f:"),
+        "{shown}"
+    );
+    let file = shown
+        .split_whitespace()
+        .find(|w| w.starts_with("f:"))
+        .unwrap()
+        .to_string();
+    // She downloads it through the chat; without naming the chat it is not hers.
+    let output = cluster.dir.path().join("ida.png");
+    let out = chat_cli(&[
+        "--server",
+        &s[2],
+        "--token",
+        &ida,
+        "download",
+        &file,
+        "--chat",
+        &group,
+        "-o",
+        output.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(std::fs::read(&output).unwrap(), bytes);
+    let out = chat_cli(&[
+        "--server",
+        &s[2],
+        "--token",
+        &ida,
+        "download",
+        &file,
+        "-o",
+        output.to_str().unwrap(),
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    // Jon, not a member, gets nothing.
+    let out = chat_cli(&[
+        "--server",
+        &s[2],
+        "--token",
+        &jon,
+        "download",
+        &file,
+        "--chat",
+        &group,
+        "-o",
+        cluster.dir.path().join("jon.png").to_str().unwrap(),
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        text(&out.stderr).contains("unknown_file"),
+        "{}",
+        text(&out.stderr)
+    );
+}

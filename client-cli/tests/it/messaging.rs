@@ -12,7 +12,7 @@ use serde_json::Value;
 use crate::harness::{chat_cli, chat_cli_cmd, text, Cluster};
 
 /// Runs chat-cli and parses its stdout as JSON, asserting exit 0.
-fn json_ok(args: &[&str]) -> Value {
+pub(crate) fn json_ok(args: &[&str]) -> Value {
     let out = chat_cli(args);
     assert_eq!(
         out.status.code(),

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -192,17 +192,24 @@ fn name_of(headers: &HeaderMap) -> Result<String, String> {
         return Ok("file".into());
     };
     let v = std::str::from_utf8(v.as_bytes()).map_err(|_| "X-File-Name is not UTF-8")?;
+    check_file_name(v).map_err(|e| format!("X-File-Name {e}"))?;
+    Ok(v.to_string())
+}
+
+/// A file name's rule: 1 to [`FILE_NAME_BYTES_MAX`] bytes without control characters,
+/// slashes or quotes (it ends up in `Content-Disposition` and in people's file systems).
+pub fn check_file_name(v: &str) -> Result<(), String> {
     if v.is_empty()
         || v.len() > FILE_NAME_BYTES_MAX
         || v.chars()
             .any(|c| c.is_control() || matches!(c, '/' | '\\' | '"'))
     {
         return Err(format!(
-            "X-File-Name must be 1-{FILE_NAME_BYTES_MAX} bytes without control characters, \
-             slashes or quotes"
+            "must be 1-{FILE_NAME_BYTES_MAX} bytes without control characters, slashes or \
+             quotes"
         ));
     }
-    Ok(v.to_string())
+    Ok(())
 }
 
 /// A header holding a number of bytes, if present.
@@ -308,11 +315,39 @@ pub async fn upload(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bod
 
 /// The record of `file` if `user` may see it (its owner), else the answer to give.
 async fn owned_record(node: &Node, user: &str, file: &str) -> Result<(u64, FileRecord), Response> {
+    readable_record(node, user, file, None).await
+}
+
+/// The query of a download: the chat through which the reader may read the file.
+#[derive(Debug, serde::Deserialize)]
+pub struct ReadQuery {
+    pub chat: Option<String>,
+}
+
+/// The query string of a download, or the answer to a malformed one.
+fn read_query(
+    q: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Option<String>, Response> {
+    match q {
+        Ok(Query(q)) => Ok(q.chat),
+        Err(e) => Err(invalid(format!("bad query string: {e}"))),
+    }
+}
+
+/// The record of `file` if `user` may read it: its owner, or, with `chat`, a reader of a
+/// message of that chat carrying it (the chat's partition decides, by the user's span).
+/// Everything else, and a file that does not exist, is the same 404.
+async fn readable_record(
+    node: &Node,
+    user: &str,
+    file: &str,
+    chat: Option<&str>,
+) -> Result<(u64, FileRecord), Response> {
     if !is_file_id(file) {
         return Err(not_found());
     }
     let group = chat_group(node, file);
-    match node
+    let record = match node
         .query(
             group,
             ChatQuery::File {
@@ -321,7 +356,31 @@ async fn owned_record(node: &Node, user: &str, file: &str) -> Result<(u64, FileR
         )
         .await
     {
-        Ok(ChatQueryReply::File(Some(r))) if r.owner == user => Ok((group, r)),
+        Ok(ChatQueryReply::File(Some(r))) => r,
+        Ok(_) => return Err(not_found()),
+        Err(e) => return Err(unavailable(e)),
+    };
+    if record.owner == user {
+        return Ok((group, record));
+    }
+    let Some(chat) = chat else {
+        return Err(not_found());
+    };
+    if !record.complete() || chat.len() > chatd_proto::CHAT_ID_BYTES_MAX {
+        return Err(not_found());
+    }
+    match node
+        .query(
+            chat_group(node, chat),
+            ChatQuery::FileAccess {
+                chat: chat.to_string(),
+                file: file.to_string(),
+                user: user.to_string(),
+            },
+        )
+        .await
+    {
+        Ok(ChatQueryReply::Allowed(true)) => Ok((group, record)),
         Ok(_) => Err(not_found()),
         Err(e) => Err(unavailable(e)),
     }
@@ -401,13 +460,18 @@ pub async fn resume(
 pub async fn status(
     State(node): State<Arc<Node>>,
     Path(file): Path<String>,
+    query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let user = match user_of(&node, &headers).await {
         Ok(u) => u,
         Err(r) => return r,
     };
-    let record = match owned_record(&node, &user, &file).await {
+    let chat = match read_query(query) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let record = match readable_record(&node, &user, &file, chat.as_deref()).await {
         Ok((_, r)) => r,
         Err(r) => return r,
     };
@@ -501,19 +565,25 @@ fn download_headers(h: &mut HeaderMap, record: &FileRecord, sha256: &str, length
     set(h, header::CONTENT_DISPOSITION, disposition(&record.name));
 }
 
-/// `GET /v1/files/{id}`: streamed from this node's copy of each chunk, else another
-/// replica's. The owner may read a complete file; anyone else, and every incomplete or
+/// `GET /v1/files/{id}[?chat=CHAT]`: streamed from this node's copy of each chunk, else
+/// another replica's. The owner may read a complete file; with `?chat=`, so may whoever
+/// may read a message of that chat carrying it; anyone else, and every incomplete or
 /// unknown file, gets 404.
 pub async fn download(
     State(node): State<Arc<Node>>,
     Path(file): Path<String>,
+    query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
     let user = match user_of(&node, &headers).await {
         Ok(u) => u,
         Err(r) => return r,
     };
-    let (group, record) = match owned_record(&node, &user, &file).await {
+    let chat = match read_query(query) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let (group, record) = match readable_record(&node, &user, &file, chat.as_deref()).await {
         Ok(x) => x,
         Err(r) => return r,
     };

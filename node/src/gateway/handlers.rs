@@ -132,6 +132,7 @@ pub(super) async fn handle(
             client_msg_id,
             text,
             reply_to,
+            files,
         } => {
             if !id_ok(&id) || !chat_ok(&chat) {
                 return Some(err(Some(id), code::INVALID_FIELD, "bad id or chat"));
@@ -166,14 +167,31 @@ pub(super) async fn handle(
                 .messages_in
                 .fetch_add(1, Ordering::Relaxed);
             let started = Instant::now();
-            let cmd = ChatCommand::Send {
-                chat: chat.clone(),
-                sender: user.to_string(),
-                client_msg_id,
-                text,
-                reply_to,
-                ts: now_ms(),
-                dedup_window_ms: node.gateway.config.dedup_window_ms,
+            let cmd = if files.is_empty() {
+                ChatCommand::Send {
+                    chat: chat.clone(),
+                    sender: user.to_string(),
+                    client_msg_id,
+                    text,
+                    reply_to,
+                    ts: now_ms(),
+                    dedup_window_ms: node.gateway.config.dedup_window_ms,
+                }
+            } else {
+                let files = match crate::files::attachments(node, user, files).await {
+                    Ok(f) => f,
+                    Err((c, m)) => return Some(err(Some(id), &c, m)),
+                };
+                ChatCommand::SendWithFiles {
+                    chat: chat.clone(),
+                    sender: user.to_string(),
+                    client_msg_id,
+                    text,
+                    reply_to,
+                    ts: now_ms(),
+                    dedup_window_ms: node.gateway.config.dedup_window_ms,
+                    files,
+                }
             };
             let mut reply = propose_chat(node, chat_group(node, &chat), &cmd).await;
             // A direct chat's id names its two members: the first send to one that does

@@ -632,3 +632,152 @@ async fn files_kill_9_mid_upload_resumes_from_the_acknowledged_offset_and_the_no
     let r = download(&c, 1, &ann, &file, None).await;
     assert_eq!(sha256_hex(&r.bytes().await.unwrap()), sha);
 }
+
+/// `GET /v1/files/{file}?chat={chat}` as `token`: the status, and the bytes on 200.
+async fn read_via(c: &Cluster, via: u64, token: &str, file: &str, chat: &str) -> (u16, Vec<u8>) {
+    let r = c
+        .http
+        .get(c.url(via, &format!("/v1/files/{file}")))
+        .query(&[("chat", chat)])
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    (status, r.bytes().await.unwrap().to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_attached_to_a_message_are_readable_by_who_may_read_it_and_no_one_else() {
+    use crate::ws::Ws;
+    use serde_json::json;
+    let c = cluster3(&[]).await;
+    let mut t = std::collections::HashMap::new();
+    for u in ["ann", "bob", "cat", "dan"] {
+        t.insert(u, create_user(&c, 1, u).await);
+    }
+    let bytes = content((1 << 20) + 999);
+    let r = upload(&c, 1, &t["ann"], bytes.clone(), "plan.pdf").await;
+    assert_eq!(r.status(), 201);
+    let file = r.json::<Value>().await.unwrap()["file_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut ann = Ws::connect(c.node(1).api, "ann", &t["ann"]).await;
+    let mut bob = Ws::connect(c.node(2).api, "bob", &t["bob"]).await;
+    let (group, _) = ann.create_group("team", &["bob"]).await;
+    let send = |key: &str, files: Value| {
+        json!({"type": "send", "chat": group, "client_msg_id": key, "text": "the plan",
+               "files": files})
+    };
+    // Before it is shared, only ann reads it.
+    assert_eq!(read_via(&c, 2, &t["bob"], &file, &group).await.0, 404);
+    let ack = ann
+        .request(send("m1", json!([{"file_id": file, "size": bytes.len()}])))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let seq = ack["seq"].as_u64().unwrap();
+    // Bob's push and history carry the attachment, as the upload named it.
+    let pushed = bob
+        .wait_for(Duration::from_secs(10), |f| {
+            f["type"] == "message" && f["message"]["seq"] == seq
+        })
+        .await
+        .expect("bob gets the message");
+    let expect = json!([{"file_id": file, "name": "plan.pdf", "mime": "application/pdf",
+                         "size": bytes.len()}]);
+    assert_eq!(pushed["message"]["files"], expect, "{pushed}");
+    let history = bob.full_history(&group).await;
+    assert_eq!(history.last().unwrap()["files"], expect);
+    // A member reads it through the chat, from any node; not without naming the chat.
+    for via in 1..=3 {
+        let (status, got) = read_via(&c, via, &t["bob"], &file, &group).await;
+        assert_eq!(status, 200, "node {via}");
+        assert_eq!(got, bytes, "node {via}");
+    }
+    assert_eq!(download(&c, 3, &t["bob"], &file, None).await.status(), 404);
+    // A non-member, and a member of another chat, do not.
+    assert_eq!(read_via(&c, 3, &t["cat"], &file, &group).await.0, 404);
+    let mut cat = Ws::connect(c.node(3).api, "cat", &t["cat"]).await;
+    let (other, _) = cat.create_group("other", &["dan"]).await;
+    assert_eq!(read_via(&c, 3, &t["cat"], &file, &other).await.0, 404);
+    // Someone joining later does not see what was sent before the join.
+    let a = ann
+        .request(json!({"type": "add_members", "chat": group, "users": ["dan"]}))
+        .await;
+    assert_eq!(a["type"], "done", "{a}");
+    assert_eq!(read_via(&c, 1, &t["dan"], &file, &group).await.0, 404);
+    // Bad attachments: refused, nothing sent.
+    let mut bobs_file = upload(&c, 2, &t["bob"], content(10), "b.txt").await;
+    assert_eq!(bobs_file.status(), 201);
+    let bobs = bobs_file.json::<Value>().await.unwrap()["file_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    bobs_file = create_upload(&c, 1, &t["ann"], 10).await;
+    let incomplete = bobs_file.json::<Value>().await.unwrap()["file_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let too_many: Vec<Value> = (0..11).map(|_| json!({"file_id": file})).collect();
+    for (files, code) in [
+        (json!([{"file_id": bobs}]), "unknown_file"),
+        (json!([{"file_id": incomplete}]), "unknown_file"),
+        (
+            json!([{"file_id": "f:0123456789abcdef0123456789abcdef"}]),
+            "unknown_file",
+        ),
+        (json!([{"file_id": "nonsense"}]), "invalid_field"),
+        (
+            json!([{"file_id": file}, {"file_id": file}]),
+            "invalid_field",
+        ),
+        (
+            json!([{"file_id": file, "mime": "image/png"}]),
+            "invalid_field",
+        ),
+        (json!([{"file_id": file, "size": 1}]), "invalid_field"),
+        (json!([{"file_id": file, "name": "../x"}]), "invalid_field"),
+        (Value::Array(too_many), "too_large"),
+    ] {
+        let e = ann.request(send("bad", files.clone())).await;
+        assert_eq!(e["type"], "error", "{files}: {e}");
+        assert_eq!(e["code"], code, "{files}: {e}");
+    }
+    assert_eq!(
+        bob.full_history(&group).await.len(),
+        history.len() + 1,
+        "only dan's join was added"
+    );
+    // A name given at send time is what readers see.
+    let ack = ann
+        .request(send(
+            "m2",
+            json!([{"file_id": file, "name": "Plan v2.pdf"}]),
+        ))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let seq2 = ack["seq"].as_u64().unwrap();
+    let h = bob.full_history(&group).await;
+    assert_eq!(h.last().unwrap()["files"][0]["name"], "Plan v2.pdf");
+    assert_eq!(read_via(&c, 1, &t["dan"], &file, &group).await.0, 200);
+    // Deleting the messages takes the access away from the others; the owner keeps it.
+    for s in [seq, seq2] {
+        let d = ann
+            .request(json!({"type": "delete", "chat": group, "seq": s}))
+            .await;
+        assert_eq!(d["type"], "done", "{d}");
+    }
+    assert_eq!(read_via(&c, 2, &t["bob"], &file, &group).await.0, 404);
+    assert_eq!(read_via(&c, 2, &t["dan"], &file, &group).await.0, 404);
+    assert_eq!(read_via(&c, 2, &t["ann"], &file, &group).await.0, 200);
+    // A malformed query string: 400 with the error body.
+    let r = c
+        .http
+        .get(c.url(1, &format!("/v1/files/{file}?chat=%ZZ&chat=a")))
+        .bearer_auth(&t["bob"])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+}
