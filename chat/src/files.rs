@@ -114,10 +114,122 @@ pub(crate) fn complete(
 }
 
 /// `FileDrop`: forgets the file (an upload that failed, or collected). Its chunks are
-/// deleted by each replica's collection.
+/// deleted by each replica's sweep (chunks without a record).
 pub(crate) fn drop_file(txn: &mut ApplyTxn<'_>, file: &str) -> Result<ChatReply, StorageError> {
+    for (k, _) in txn.scan(
+        &crate::keys::file_chat_prefix(file),
+        &crate::keys::prefix_end(&crate::keys::file_chat_prefix(file)),
+        FILE_CHATS_MAX + 1,
+    )? {
+        txn.delete(&k);
+    }
     txn.delete(&key(file));
     Ok(ChatReply::Done { seq: 0 })
+}
+
+/// Chats one file may be attached in, at most (a send to one more is refused).
+pub const FILE_CHATS_MAX: usize = 1024;
+
+/// `FileAttach`: records that `sender` attaches `file` in `chat` at `ts`.
+pub(crate) fn attach(
+    txn: &mut ApplyTxn<'_>,
+    file: &str,
+    chat: &str,
+    sender: &str,
+    ts: u64,
+) -> Result<ChatReply, StorageError> {
+    match get::<FileRecord>(txn, &key(file))? {
+        Some(r) if r.owner == sender && r.complete() => {}
+        _ => {
+            return Ok(reject(
+                "unknown_file",
+                format!("no complete upload {file} of {sender}'s"),
+            ))
+        }
+    }
+    let k = crate::keys::file_chat(file, chat);
+    if txn.get(&k)?.is_none() {
+        let prefix = crate::keys::file_chat_prefix(file);
+        let n = txn
+            .scan(&prefix, &crate::keys::prefix_end(&prefix), FILE_CHATS_MAX)?
+            .len();
+        if n >= FILE_CHATS_MAX {
+            return Ok(reject(
+                "too_large",
+                format!("{file} is attached in {FILE_CHATS_MAX} chats already"),
+            ));
+        }
+    }
+    put(txn, &k, &ts)?;
+    Ok(ChatReply::Done { seq: 0 })
+}
+
+/// `FileDetach`: forgets the attach of `attached_ms` in `chat` (a later attach stays).
+pub(crate) fn detach(
+    txn: &mut ApplyTxn<'_>,
+    file: &str,
+    chat: &str,
+    attached_ms: u64,
+) -> Result<ChatReply, StorageError> {
+    let k = crate::keys::file_chat(file, chat);
+    if get::<u64>(txn, &k)? == Some(attached_ms) {
+        txn.delete(&k);
+    }
+    Ok(ChatReply::Done { seq: 0 })
+}
+
+/// `FileCollect`: drops the file if, at log time `ts`, it is an upload older than
+/// `upload_ttl_ms` or a complete file attached nowhere older than `unattached_ttl_ms`.
+/// Answers `Done { seq: 1 }` when it was dropped, `Done { seq: 0 }` when it stays.
+pub(crate) fn collect(
+    txn: &mut ApplyTxn<'_>,
+    file: &str,
+    ts: u64,
+    upload_ttl_ms: u64,
+    unattached_ttl_ms: u64,
+) -> Result<ChatReply, StorageError> {
+    let Some(r) = get::<FileRecord>(txn, &key(file))? else {
+        return Ok(ChatReply::Done { seq: 0 });
+    };
+    let age = ts.saturating_sub(r.created_ms);
+    let prefix = crate::keys::file_chat_prefix(file);
+    let drop = if r.complete() {
+        age >= unattached_ttl_ms
+            && txn
+                .scan(&prefix, &crate::keys::prefix_end(&prefix), 1)?
+                .is_empty()
+    } else {
+        age >= upload_ttl_ms
+    };
+    if !drop {
+        return Ok(ChatReply::Done { seq: 0 });
+    }
+    drop_file(txn, file)?;
+    Ok(ChatReply::Done { seq: 1 })
+}
+
+/// The chats `file` is attached in, with the time of the last attach in each (at most
+/// [`FILE_CHATS_MAX`]).
+pub fn attached_chats(
+    store: &chatd_storage::Storage,
+    group: chatd_raftlog::GroupId,
+    file: &str,
+) -> Result<Vec<(String, u64)>, StorageError> {
+    let prefix = crate::keys::file_chat_prefix(file);
+    chatd_raftlog::scan_records(
+        store,
+        group,
+        &prefix,
+        &crate::keys::prefix_end(&prefix),
+        FILE_CHATS_MAX,
+    )?
+    .into_iter()
+    .map(|(k, v)| {
+        let chat = String::from_utf8_lossy(&k[prefix.len()..]).into_owned();
+        let at: u64 = chatd_codec::decode(&v).map_err(crate::corrupt)?;
+        Ok((chat, at))
+    })
+    .collect()
 }
 
 /// The record of `file`, as applied on this replica.

@@ -321,6 +321,32 @@ fn golden_commands_other_than_send() {
         },
         &format!("010f 0163 0173 016b 0174 00 01 02 01{ATTACHMENT}"),
     );
+    pin(
+        &ChatCommand::FileAttach {
+            file: "f".into(),
+            chat: "c".into(),
+            sender: "s".into(),
+            ts: 4,
+        },
+        "0110 0166 0163 0173 04",
+    );
+    pin(
+        &ChatCommand::FileDetach {
+            file: "f".into(),
+            chat: "c".into(),
+            attached_ms: 4,
+        },
+        "0111 0166 0163 04",
+    );
+    pin(
+        &ChatCommand::FileCollect {
+            file: "f".into(),
+            ts: 9,
+            upload_ttl_ms: 2,
+            unattached_ttl_ms: 3,
+        },
+        "0112 0166 09 02 03",
+    );
 }
 
 pub(crate) fn file_record() -> crate::FileRecord {

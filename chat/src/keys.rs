@@ -76,6 +76,16 @@ pub(crate) fn attachment_prefix(chat: &str, file: &str) -> Vec<u8> {
     join(&[b"a", chat.as_bytes(), file.as_bytes(), b""])
 }
 
+/// A chat a file was attached in, in the file's home partition: `fc\0file\0chat` → the
+/// time of the last attach there (what collection checks the chat's index against).
+pub(crate) fn file_chat(file: &str, chat: &str) -> Vec<u8> {
+    join(&[b"fc", file.as_bytes(), chat.as_bytes()])
+}
+/// The start of `file`'s chats.
+pub(crate) fn file_chat_prefix(file: &str) -> Vec<u8> {
+    join(&[b"fc", file.as_bytes(), b""])
+}
+
 /// A file's record in its home partition.
 pub(crate) fn file(file: &str) -> Vec<u8> {
     join(&[b"f", file.as_bytes()])

@@ -26,8 +26,8 @@ pub use model::{
     Span,
 };
 pub use read::{
-    chat_record, cursor, cursors, file_readable, history, log_count, log_records, message, unread,
-    user_chats, HistoryPage, PageRequest, UNREAD_SCAN_MAX,
+    chat_record, cursor, cursors, file_carried, file_readable, history, log_count, log_records,
+    message, unread, user_chats, HistoryPage, PageRequest, UNREAD_SCAN_MAX,
 };
 
 /// Files one message may carry, at most.
@@ -133,6 +133,30 @@ pub enum ChatCommand {
         ts: u64,
         dedup_window_ms: u64,
         files: Vec<Attachment>,
+    },
+    /// `sender` attaches `file` (theirs, complete) in `chat` at `ts`: proposed to the
+    /// file's home partition before the message, so collection never misses a reference.
+    FileAttach {
+        file: String,
+        chat: String,
+        sender: String,
+        ts: u64,
+    },
+    /// No message of `chat` carries `file` any more (the collector asked the chat's
+    /// partition): the attach of `attached_ms` is forgotten (not a later one).
+    FileDetach {
+        file: String,
+        chat: String,
+        attached_ms: u64,
+    },
+    /// Collection, at log time `ts`: `file` goes if it is still an upload begun more than
+    /// `upload_ttl_ms` before, or complete, attached nowhere, and begun more than
+    /// `unattached_ttl_ms` before. Otherwise nothing changes.
+    FileCollect {
+        file: String,
+        ts: u64,
+        upload_ttl_ms: u64,
+        unattached_ttl_ms: u64,
     },
 }
 
@@ -491,6 +515,23 @@ fn apply_command(
         ChatCommand::FileProgress { file, offset } => files::progress(txn, &file, offset)?,
         ChatCommand::FileComplete { file, sha256 } => files::complete(txn, &file, sha256)?,
         ChatCommand::FileDrop { file } => files::drop_file(txn, &file)?,
+        ChatCommand::FileAttach {
+            file,
+            chat,
+            sender,
+            ts,
+        } => files::attach(txn, &file, &chat, &sender, ts)?,
+        ChatCommand::FileDetach {
+            file,
+            chat,
+            attached_ms,
+        } => files::detach(txn, &file, &chat, attached_ms)?,
+        ChatCommand::FileCollect {
+            file,
+            ts,
+            upload_ttl_ms,
+            unattached_ttl_ms,
+        } => files::collect(txn, &file, ts, upload_ttl_ms, unattached_ttl_ms)?,
         ChatCommand::Append(payload) => {
             let n: u64 = get(txn, keys::LOG_COUNT)?.unwrap_or(0) + 1;
             put(txn, keys::LOG_COUNT, &n)?;
@@ -1109,6 +1150,100 @@ mod tests {
             ts: 4,
         });
         assert!(!readable(&sm, "a", "f:1") && !readable(&sm, "b", "f:1"));
+    }
+
+    #[test]
+    fn files_are_collected_only_when_unattached_or_never_completed_past_their_ttl() {
+        let mut sm = Sm::new();
+        let record = |id: &str, complete: bool| FileRecord {
+            id: id.into(),
+            owner: "a".into(),
+            size: 4,
+            mime: "m".into(),
+            name: "n".into(),
+            chunk_bytes: 2,
+            offset: if complete { 4 } else { 2 },
+            sha256: complete.then(|| "h".to_string()),
+            created_ms: 100,
+        };
+        sm.apply(ChatCommand::FileBegin(record("f:up", false)));
+        sm.apply(ChatCommand::FileBegin(record("f:done", false)));
+        sm.apply(ChatCommand::FileProgress {
+            file: "f:done".into(),
+            offset: 4,
+        });
+        sm.apply(ChatCommand::FileComplete {
+            file: "f:done".into(),
+            sha256: "h".into(),
+        });
+        let collect = |file: &str, ts: u64| ChatCommand::FileCollect {
+            file: file.into(),
+            ts,
+            upload_ttl_ms: 50,
+            unattached_ttl_ms: 80,
+        };
+        let exists = |sm: &Sm, f: &str| files::read(&sm.store, G, f).unwrap().is_some();
+        // Attach: only the owner's complete file.
+        let attach = |file: &str, sender: &str, ts: u64| ChatCommand::FileAttach {
+            file: file.into(),
+            chat: "g:1".into(),
+            sender: sender.into(),
+            ts,
+        };
+        assert_eq!(
+            rejected(&sm.apply(attach("f:up", "a", 120)).0),
+            "unknown_file"
+        );
+        assert_eq!(
+            rejected(&sm.apply(attach("f:done", "b", 120)).0),
+            "unknown_file"
+        );
+        assert!(matches!(
+            sm.apply(attach("f:done", "a", 120)).0,
+            ChatReply::Done { .. }
+        ));
+        assert_eq!(
+            files::attached_chats(&sm.store, G, "f:done").unwrap(),
+            vec![("g:1".to_string(), 120)]
+        );
+        // Too young: both stay.
+        assert_eq!(sm.apply(collect("f:up", 149)).0, ChatReply::Done { seq: 0 });
+        assert!(exists(&sm, "f:up"));
+        // The upload past its ttl goes; the attached file stays however old.
+        assert_eq!(sm.apply(collect("f:up", 150)).0, ChatReply::Done { seq: 1 });
+        assert!(!exists(&sm, "f:up"));
+        assert_eq!(
+            sm.apply(collect("f:done", 10_000)).0,
+            ChatReply::Done { seq: 0 }
+        );
+        // A detach of an older attach does nothing; of the current one, it frees the file.
+        sm.apply(ChatCommand::FileDetach {
+            file: "f:done".into(),
+            chat: "g:1".into(),
+            attached_ms: 119,
+        });
+        assert_eq!(
+            sm.apply(collect("f:done", 10_000)).0,
+            ChatReply::Done { seq: 0 }
+        );
+        sm.apply(ChatCommand::FileDetach {
+            file: "f:done".into(),
+            chat: "g:1".into(),
+            attached_ms: 120,
+        });
+        assert_eq!(
+            sm.apply(collect("f:done", 10_000)).0,
+            ChatReply::Done { seq: 1 }
+        );
+        assert!(!exists(&sm, "f:done"));
+        assert!(files::attached_chats(&sm.store, G, "f:done")
+            .unwrap()
+            .is_empty());
+        // Collecting what is gone changes nothing.
+        assert_eq!(
+            sm.apply(collect("f:done", 10_000)).0,
+            ChatReply::Done { seq: 0 }
+        );
     }
 
     #[test]

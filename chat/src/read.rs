@@ -70,6 +70,17 @@ pub fn file_readable(
     }))
 }
 
+/// Whether some message of `chat` carries `file` (for collection).
+pub fn file_carried(
+    store: &Storage,
+    group: GroupId,
+    chat: &str,
+    file: &str,
+) -> Result<bool, StorageError> {
+    let prefix = keys::attachment_prefix(chat, file);
+    Ok(!scan_records(store, group, &prefix, &keys::prefix_end(&prefix), 1)?.is_empty())
+}
+
 /// Index entries of one file in one chat read by [`file_readable`], at most (the file
 /// attached to this many messages of one chat: plenty for any real chat).
 pub const ATTACHMENT_SCAN_MAX: usize = 4096;

@@ -149,12 +149,9 @@ pub async fn cluster_status(cli: &Cli, client: &Client, color: bool) -> Result<S
     };
     let raw = client.get_json(CLUSTER_PATH).await?;
     let mut view = parse_cluster_view(&raw).map_err(malformed)?;
-    if view.next_after.is_none() {
-        return Ok(if cli.json {
-            pretty(&raw)
-        } else {
-            render_cluster_status(&view, color)
-        });
+    file_bytes(cli, &mut view).await;
+    if view.next_after.is_none() && !cli.json {
+        return Ok(render_cluster_status(&view, color));
     }
     let mut pages = 1;
     while let Some(after) = view.next_after {
@@ -182,6 +179,30 @@ pub async fn cluster_status(cli: &Cli, client: &Client, color: bool) -> Result<S
         serde_json::to_string_pretty(&view).map_err(|e| malformed(e.to_string()))
     } else {
         Ok(render_cluster_status(&view, color))
+    }
+}
+
+/// Fills each reachable node's `file_bytes` from its own /metrics (in parallel, each
+/// bounded by the command's timeout); a node whose metrics cannot be read keeps `None`.
+async fn file_bytes(cli: &Cli, view: &mut crate::model::ClusterView) {
+    let Ok(http) = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(cli.timeout_ms))
+        .build()
+    else {
+        return;
+    };
+    let reads = view.nodes.iter().map(|n| {
+        let (http, url) = (http.clone(), format!("http://{}/metrics", n.api_addr));
+        async move {
+            let text = http.get(url).send().await.ok()?.text().await.ok()?;
+            text.lines()
+                .find_map(|l| l.strip_prefix("chatd_file_bytes "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        }
+    });
+    let got = futures::future::join_all(reads).await;
+    for (n, b) in view.nodes.iter_mut().zip(got) {
+        n.file_bytes = b;
     }
 }
 

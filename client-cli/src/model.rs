@@ -66,6 +66,10 @@ pub struct NodeView {
     /// Its membership state: joining, active, draining (absent from older servers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<String>,
+    /// Bytes of file chunks it holds (`chatd_file_bytes` of its /metrics, read by
+    /// chat-cli itself; absent when it could not be read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file_bytes: Option<u64>,
 }
 
 /// A partition (or the metadata group) in the cluster view.

@@ -150,6 +150,7 @@ pub fn nodes_table(nodes: &[NodeView]) -> Table {
         ("API", Align::Left),
         ("CLUSTER", Align::Left),
         ("REACHABLE", Align::Left),
+        ("FILES", Align::Right),
         ("ERROR", Align::Left),
     ]);
     for n in nodes {
@@ -161,6 +162,8 @@ pub fn nodes_table(nodes: &[NodeView]) -> Table {
                 n.api_addr.clone(),
                 n.cluster_addr.clone(),
                 yes_no(n.reachable).to_string(),
+                n.file_bytes
+                    .map_or_else(|| "-".to_string(), crate::format::human_bytes),
                 n.error.clone().unwrap_or_else(|| "-".to_string()),
             ],
         );

@@ -8,8 +8,8 @@ use crate::render::{partition_lag, pretty_json, render_cluster_status, summary_l
 
 const HEALTHY: &str = r#"{"cluster_id":"chatd-a04824c4cd8216b9","answered_by":1,"metadata_bootstrapped":true,
  "nodes":[
-  {"id":1,"api_addr":"127.0.0.1:7000","cluster_addr":"127.0.0.1:7001","reachable":true,"error":null},
-  {"id":2,"api_addr":"127.0.0.1:7010","cluster_addr":"127.0.0.1:7011","reachable":true,"error":null},
+  {"id":1,"api_addr":"127.0.0.1:7000","cluster_addr":"127.0.0.1:7001","reachable":true,"error":null,"file_bytes":1572864},
+  {"id":2,"api_addr":"127.0.0.1:7010","cluster_addr":"127.0.0.1:7011","reachable":true,"error":null,"file_bytes":0},
   {"id":3,"api_addr":"127.0.0.1:7020","cluster_addr":"127.0.0.1:7021","reachable":true,"error":null}],
  "partitions":[
   {"group":0,"replicas":[1,2,3],"leader":1,"term":1,"last_index":2,"committed_index":2,"applied_index":2,"healthy":true,
@@ -60,10 +60,10 @@ fn healthy_cluster_renders_aligned_tables() {
 cluster chatd-a04824c4cd8216b9  answered by node 1  metadata bootstrapped: yes
 
 NODES
-   ID  STATE  API             CLUSTER         REACHABLE  ERROR
-    1  -      127.0.0.1:7000  127.0.0.1:7001  yes        -
-    2  -      127.0.0.1:7010  127.0.0.1:7011  yes        -
-    3  -      127.0.0.1:7020  127.0.0.1:7021  yes        -
+   ID  STATE  API             CLUSTER         REACHABLE    FILES  ERROR
+    1  -      127.0.0.1:7000  127.0.0.1:7001  yes        1.5 MiB  -
+    2  -      127.0.0.1:7010  127.0.0.1:7011  yes            0 B  -
+    3  -      127.0.0.1:7020  127.0.0.1:7021  yes              -  -
 
 PARTITIONS
    GROUP  LEADER  TERM  LAST  COMMITTED  APPLIED  LAG  REPLICAS  STATUS
@@ -85,10 +85,10 @@ fn unhealthy_cluster_is_flagged() {
 cluster chatd-0000000000000042  answered by node 2  metadata bootstrapped: yes
 
 NODES
-   ID  STATE     API             CLUSTER         REACHABLE  ERROR
-    1  active    127.0.0.1:7000  127.0.0.1:7001  yes        -
-    2  active    127.0.0.1:7010  127.0.0.1:7011  yes        -
-!   3  draining  127.0.0.1:7020  127.0.0.1:7021  NO         timed out after 2s
+   ID  STATE     API             CLUSTER         REACHABLE  FILES  ERROR
+    1  active    127.0.0.1:7000  127.0.0.1:7001  yes            -  -
+    2  active    127.0.0.1:7010  127.0.0.1:7011  yes            -  -
+!   3  draining  127.0.0.1:7020  127.0.0.1:7021  NO             -  timed out after 2s
 
 REPLICA MOVES (1 in progress; rebalancer paused)
   partition 2: node 3 -> node 4

@@ -313,6 +313,23 @@ pub struct FilesSection {
     /// Each node checks, this often, that it holds every acknowledged chunk of the files
     /// of the partitions it hosts, and fetches the missing ones from another replica.
     pub repair_interval_ms: u64,
+    /// An upload not complete this long after it began is dropped (its chunks follow).
+    pub upload_ttl_ms: u64,
+    /// A complete file attached to no message this long after its upload began is
+    /// dropped.
+    pub unattached_ttl_ms: u64,
+    /// An attach older than this whose chat no longer carries the file (its messages were
+    /// deleted) is forgotten; a file attached nowhere then is dropped.
+    pub detach_grace_ms: u64,
+    /// Each node looks this often for chunks it should not keep: of files that no longer
+    /// exist (dropped, collected, a failed upload's) and of partitions it no longer hosts;
+    /// and sums the bytes it holds (`chatd_file_bytes`).
+    pub sweep_interval_ms: u64,
+    /// Chunks without a record are deleted once their newest is this old (an upload's
+    /// first chunks can reach a replica before its record does).
+    pub orphan_grace_ms: u64,
+    /// Chunks of a partition this node stopped hosting are deleted after this long.
+    pub unhosted_grace_ms: u64,
 }
 
 /// The largest `files.chunk_bytes` (a chunk is one node-to-node frame).
@@ -327,6 +344,12 @@ impl Default for FilesSection {
             progress_chunks: 8,
             uploads_max: 64,
             repair_interval_ms: 5_000,
+            upload_ttl_ms: 24 * 3_600_000,
+            unattached_ttl_ms: 24 * 3_600_000,
+            detach_grace_ms: 3_600_000,
+            sweep_interval_ms: 60_000,
+            orphan_grace_ms: 3_600_000,
+            unhosted_grace_ms: 600_000,
         }
     }
 }
@@ -503,16 +526,19 @@ impl Config {
             || f.progress_chunks == 0
             || f.uploads_max == 0
             || f.repair_interval_ms == 0
+            || f.sweep_interval_ms == 0
         {
             return Err(format!(
                 "files.chunk_bytes ({}) must be between 1 and {FILE_CHUNK_BYTES_MAX}, and \
                  files.chunks_in_flight ({}), files.progress_chunks ({}) and \
-                 files.uploads_max ({}), files.repair_interval_ms ({}) at least 1",
+                 files.uploads_max ({}), files.repair_interval_ms ({}) and \
+                 files.sweep_interval_ms ({}) at least 1",
                 f.chunk_bytes,
                 f.chunks_in_flight,
                 f.progress_chunks,
                 f.uploads_max,
-                f.repair_interval_ms
+                f.repair_interval_ms,
+                f.sweep_interval_ms
             ));
         }
         let l = &self.lifecycle;

@@ -10,6 +10,7 @@ use chatd_storage::{Batch, Cf};
 
 use crate::node::{Node, NodeReply};
 
+pub mod collect;
 mod download;
 pub mod http;
 pub mod repair;
@@ -50,12 +51,62 @@ pub fn chunk_key(group: u64, file: &str, index: u32) -> Vec<u8> {
     k
 }
 
-/// The high bit of a chunk index marks the chunk's **mark**: a small key written with the
-/// chunk in one synced batch, `group | file | (MARK_BIT | index)` to the chunk's length
-/// (4 bytes, BE). It sorts after every chunk of its file and inside its group's range, and
-/// stays inline in the SST files: which chunks a replica holds is read from the marks
-/// without loading a chunk (RocksDB's iterators load blob values).
-pub const CHUNK_MARK_BIT: u32 = 1 << 31;
+/// The byte after the group in a mark's key: marks sort after every chunk of their group
+/// (file ids start with `f:`), inside the group's range.
+pub const MARK_TAG: u8 = 0xff;
+
+/// Bytes of a mark's value: the chunk's length (u32 BE) and when it was stored here (ms
+/// since the epoch, u64 BE).
+pub const MARK_VALUE_BYTES: usize = 12;
+
+/// The key of chunk `index`'s **mark**: `group (8, BE) | 0xff | file id (34) | index (4,
+/// BE)`, written with the chunk in one synced batch. Marks of a group are together after
+/// its chunks and stay inline in the SST files (12-byte values), so which chunks a replica
+/// holds, and since when, is read without loading a chunk (RocksDB's iterators load blob
+/// values), and one range delete of the group still removes everything.
+pub fn mark_key(group: u64, file: &str, index: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(8 + 1 + file.len() + 4);
+    k.extend_from_slice(&group.to_be_bytes());
+    k.push(MARK_TAG);
+    k.extend_from_slice(file.as_bytes());
+    k.extend_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// A mark's value: `len` bytes stored at `stored_ms`.
+pub fn mark_value(len: u32, stored_ms: u64) -> [u8; MARK_VALUE_BYTES] {
+    let mut v = [0u8; MARK_VALUE_BYTES];
+    v[..4].copy_from_slice(&len.to_be_bytes());
+    v[4..].copy_from_slice(&stored_ms.to_be_bytes());
+    v
+}
+
+/// One chunk as its mark says: (file, index, length, stored at ms).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mark {
+    pub file: String,
+    pub index: u32,
+    pub len: u32,
+    pub stored_ms: u64,
+}
+
+/// Reads a mark's key and value (of group `group`); `None` for bytes this code did not
+/// write.
+pub fn parse_mark(group: u64, key: &[u8], value: &[u8]) -> Option<Mark> {
+    let rest = key.strip_prefix(&group.to_be_bytes()[..])?;
+    let rest = rest.strip_prefix(&[MARK_TAG][..])?;
+    if rest.len() != FILE_ID_BYTES + 4 || value.len() != MARK_VALUE_BYTES {
+        return None;
+    }
+    let file = std::str::from_utf8(&rest[..FILE_ID_BYTES]).ok()?;
+    let index = u32::from_be_bytes(rest[FILE_ID_BYTES..].try_into().ok()?);
+    Some(Mark {
+        file: file.to_string(),
+        index,
+        len: u32::from_be_bytes(value[..4].try_into().ok()?),
+        stored_ms: u64::from_be_bytes(value[4..].try_into().ok()?),
+    })
+}
 
 /// The chunks of `file` this node holds: index → length, from their marks.
 pub fn present_chunks(
@@ -63,17 +114,13 @@ pub fn present_chunks(
     group: u64,
     file: &str,
 ) -> Result<std::collections::BTreeMap<u32, u32>, chatd_storage::StorageError> {
-    let from = chunk_key(group, file, CHUNK_MARK_BIT);
-    let mut to = chunk_key(group, file, u32::MAX);
+    let from = mark_key(group, file, 0);
+    let mut to = mark_key(group, file, u32::MAX);
     to.push(0);
     let mut out = std::collections::BTreeMap::new();
     store.scan_with(Cf::Blobs, &from, &to, |k, v| {
-        let tail = k.len().saturating_sub(4);
-        if let (Ok(i), Ok(len)) = (<[u8; 4]>::try_from(&k[tail..]), <[u8; 4]>::try_from(v)) {
-            out.insert(
-                u32::from_be_bytes(i) & !CHUNK_MARK_BIT,
-                u32::from_be_bytes(len),
-            );
+        if let Some(m) = parse_mark(group, k, v) {
+            out.insert(m.index, m.len);
         }
         true
     })?;
@@ -86,6 +133,7 @@ pub fn present_chunks(
 pub(crate) async fn attachments(
     node: &Node,
     sender: &str,
+    chat: &str,
     files: Vec<chatd_proto::FileRef>,
 ) -> Result<Vec<chatd_chat::Attachment>, (String, String)> {
     use chatd_proto::code;
@@ -149,6 +197,19 @@ pub(crate) async fn attachments(
                 ),
             ));
         }
+        // Recorded in the file's partition before the message exists: collection never
+        // sees a file carried by a message as attached nowhere.
+        let attach = chatd_chat::ChatCommand::FileAttach {
+            file: record.id.clone(),
+            chat: chat.to_string(),
+            sender: sender.to_string(),
+            ts: crate::gateway::now_ms(),
+        };
+        match upload::propose_file(node, group, &attach).await {
+            Ok(()) => {}
+            Err(upload::UploadError::Rejected { code, message }) => return Err((code, message)),
+            Err(e) => return Err((code::UNAVAILABLE.into(), e.to_string())),
+        }
         out.push(chatd_chat::Attachment {
             file_id: record.id,
             name: f.name.unwrap_or(record.name),
@@ -189,8 +250,8 @@ impl Node {
             w.put(Cf::Blobs, &chunk_key(group, file, index), bytes);
             w.put(
                 Cf::Blobs,
-                &chunk_key(group, file, index | CHUNK_MARK_BIT),
-                &len.to_be_bytes(),
+                &mark_key(group, file, index),
+                &mark_value(len, crate::gateway::now_ms()),
             );
         }
         match self.store.write_synced(b).await {
@@ -248,6 +309,26 @@ mod tests {
         assert!(a < chunk_key(1, &id, 256), "indexes compare as numbers");
         assert!(a < chunk_key(2, &id, 0), "a group's chunks are together");
         assert!(check_chunk_request(&id, FILE_CHUNKS_MAX).is_err());
+        // Marks: after every chunk of the group, before the next group; read back.
+        let m = mark_key(1, &id, 2);
+        assert!(chunk_key(1, &id, u32::MAX) < m && m < chunk_key(2, &id, 0));
+        assert!(mark_key(1, &id, 1) < m && m < mark_key(1, &id, 256));
+        let v = mark_value(1000, 77);
+        assert_eq!(
+            parse_mark(1, &m, &v),
+            Some(Mark {
+                file: id.clone(),
+                index: 2,
+                len: 1000,
+                stored_ms: 77
+            })
+        );
+        assert_eq!(parse_mark(2, &m, &v), None, "another group's key");
+        assert_eq!(
+            parse_mark(1, &m, &v[..4]),
+            None,
+            "a value this code did not write"
+        );
         assert!(check_chunk_request(&id, FILE_CHUNKS_MAX - 1).is_ok());
     }
 }

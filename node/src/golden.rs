@@ -230,6 +230,13 @@ fn golden_chat_queries() {
         },
         "01 06 0163 0166 0175",
     );
+    pin(
+        &ChatQuery::FileCarried {
+            chat: "c".into(),
+            file: "f".into(),
+        },
+        "01 07 0163 0166",
+    );
 }
 
 #[test]

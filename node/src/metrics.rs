@@ -75,6 +75,11 @@ pub struct Metrics {
     pub file_chunks_repaired: AtomicU64,
     /// File chunks the last repair pass found missing here and did not repair.
     pub file_chunks_missing: AtomicU64,
+    /// File chunks, and their bytes, this node holds (as of the last sweep).
+    pub file_chunks: AtomicU64,
+    pub file_bytes: AtomicU64,
+    /// Files collection dropped (by this node, as the leader of their partition).
+    pub files_collected: AtomicU64,
     /// Offline notifications the webhook accepted.
     pub notifications_sent: AtomicU64,
     /// Offline notifications dropped: the webhook refused TLS, or every attempt failed.
@@ -208,6 +213,27 @@ impl Metrics {
             self.file_chunks_repaired
                 .load(Ordering::Relaxed)
                 .to_string(),
+        );
+        metric(
+            &mut out,
+            "chatd_file_chunks",
+            "File chunks this node holds (as of its last sweep).",
+            "gauge",
+            self.file_chunks.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            &mut out,
+            "chatd_file_bytes",
+            "Bytes of file chunks this node holds: its disk use for files (as of its last sweep).",
+            "gauge",
+            self.file_bytes.load(Ordering::Relaxed).to_string(),
+        );
+        metric(
+            &mut out,
+            "chatd_files_collected_total",
+            "Files dropped by collection (unattached, unfinished or unreferenced past their ttl).",
+            "counter",
+            self.files_collected.load(Ordering::Relaxed).to_string(),
         );
         metric(
             &mut out,

@@ -46,6 +46,8 @@ pub enum ChatQuery {
         file: String,
         user: String,
     },
+    /// Whether some message of `chat` carries `file` (collection); answered `Allowed`.
+    FileCarried { chat: String, file: String },
 }
 
 /// The admin view of a chat.
@@ -214,6 +216,9 @@ fn run_inner(
         ChatQuery::FileAccess { chat, file, user } => ChatQueryReply::Allowed(
             chatd_chat::file_readable(store, group, &chat, &file, &user)?,
         ),
+        ChatQuery::FileCarried { chat, file } => {
+            ChatQueryReply::Allowed(chatd_chat::file_carried(store, group, &chat, &file)?)
+        }
         ChatQuery::Inspect { chat } => match chatd_chat::chat_record(store, group, &chat)? {
             None => ChatQueryReply::Inspection(None),
             Some(r) => {

@@ -48,7 +48,7 @@ fn golden_client_frames() {
             },
         ),
         (
-            r#"{"type":"send","id":"1","chat":"c","client_msg_id":"m","text":"","files":[{"file_id":"f:1"},{"file_id":"f:2","name":"n","mime":"m","size":3}]}"#,
+            r#"{"type":"send","id":"1","chat":"c","client_msg_id":"m","text":"","reply_to":null,"files":[{"file_id":"f:1"},{"file_id":"f:2","name":"n","mime":"m","size":3}]}"#,
             ClientFrame::Send {
                 id: s("1"),
                 chat: s("c"),

@@ -502,6 +502,9 @@ pub struct LocalFile {
     /// Chunks below the committed offset, and how many of them are here.
     pub chunks_needed: u64,
     pub chunks_present: u64,
+    /// Chunks of the file held here at all (with or without a record: before the sweep
+    /// deletes a dropped file's).
+    pub chunks_held: u64,
     /// The first missing ones (at most [`LOCAL_MISSING_LISTED_MAX`]).
     pub missing: Vec<u64>,
 }
@@ -551,6 +554,7 @@ pub async fn local_file(State(node): State<Arc<Node>>, Path(file): Path<String>)
         record,
         chunks_needed: needed,
         chunks_present: have,
+        chunks_held: present.len() as u64,
         missing,
     })
     .into_response()

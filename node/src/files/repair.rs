@@ -35,6 +35,8 @@ pub struct Pass {
     pub repaired: u64,
     /// Chunks no other replica could give (yet).
     pub failed: u64,
+    /// What collection did (on the partitions this node leads).
+    pub collected: super::collect::Collected,
 }
 
 /// Complete files known whole here, bounded.
@@ -73,6 +75,8 @@ pub async fn run(node: Weak<Node>) {
         None => return,
     };
     let mut verified = Verified::default();
+    let mut sweeper = super::collect::Sweeper::default();
+    let mut swept_at: Option<std::time::Instant> = None;
     loop {
         tokio::time::sleep(interval).await;
         let Some(n) = node.upgrade() else { return };
@@ -82,6 +86,21 @@ pub async fn run(node: Weak<Node>) {
         m.file_chunks_repaired.fetch_add(pass.repaired, Relaxed);
         m.file_chunks_missing
             .store(pass.missing.saturating_sub(pass.repaired), Relaxed);
+        m.files_collected.fetch_add(pass.collected.dropped, Relaxed);
+        let sweep_every = Duration::from_millis(n.config.files.sweep_interval_ms);
+        if swept_at.is_none_or(|t| t.elapsed() >= sweep_every) {
+            swept_at = Some(std::time::Instant::now());
+            let s = sweeper.sweep(&n).await;
+            m.file_chunks.store(s.chunks, Relaxed);
+            m.file_bytes.store(s.bytes, Relaxed);
+            if s.orphan_files + s.unhosted_groups > 0 {
+                tracing::info!(
+                    orphan_files = s.orphan_files,
+                    unhosted_groups = s.unhosted_groups,
+                    "file sweep deleted chunks"
+                );
+            }
+        }
         if pass.missing > 0 {
             tracing::info!(
                 files = pass.files,
@@ -98,10 +117,12 @@ pub async fn run(node: Weak<Node>) {
 pub async fn pass(node: &Arc<Node>, verified: &mut Verified) -> Pass {
     let mut out = Pass::default();
     let mut budget = REPAIR_CHUNKS_PER_PASS_MAX;
+    let mut collect_budget = super::collect::COLLECT_PROPOSALS_PER_PASS_MAX;
     for group in node.registry.groups() {
         if group == 0 {
             continue;
         }
+        let leads = node.registry.leads(group);
         let mut after: Option<String> = None;
         loop {
             let page = match chatd_chat::files::scan(
@@ -119,6 +140,16 @@ pub async fn pass(node: &Arc<Node>, verified: &mut Verified) -> Pass {
             let full = page.len() == REPAIR_RECORDS_PAGE;
             for record in &page {
                 out.files += 1;
+                if leads {
+                    super::collect::collect_record(
+                        node,
+                        group,
+                        record,
+                        &mut collect_budget,
+                        &mut out.collected,
+                    )
+                    .await;
+                }
                 if verified.contains(&record.id) {
                     continue;
                 }

@@ -178,7 +178,7 @@ pub(super) async fn handle(
                     dedup_window_ms: node.gateway.config.dedup_window_ms,
                 }
             } else {
-                let files = match crate::files::attachments(node, user, files).await {
+                let files = match crate::files::attachments(node, user, &chat, files).await {
                     Ok(f) => f,
                     Err((c, m)) => return Some(err(Some(id), &c, m)),
                 };

@@ -781,3 +781,143 @@ async fn files_attached_to_a_message_are_readable_by_who_may_read_it_and_no_one_
         .unwrap();
     assert_eq!(r.status(), 400);
 }
+
+/// A metric of node `id` (0 when absent).
+async fn metric(c: &Cluster, id: u64, name: &str) -> u64 {
+    let text = c
+        .http
+        .get(c.url(id, "/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until `check` holds, or fails with `what`.
+async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    while !check().await {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_unfinished_unattached_and_unreferenced_files_are_collected_with_their_chunks() {
+    use crate::ws::Ws;
+    use serde_json::json;
+    let mut c = Cluster::init(3, &[]);
+    for (k, v) in [
+        ("repair_interval_ms", "200"),
+        ("sweep_interval_ms", "300"),
+        ("upload_ttl_ms", "2000"),
+        ("unattached_ttl_ms", "2000"),
+        ("detach_grace_ms", "500"),
+        ("orphan_grace_ms", "300"),
+    ] {
+        c.set_config("files", k, v);
+    }
+    c.start_all();
+    c.wait_ready(crate::chat::READY).await;
+    let ann = create_user(&c, 1, "ann").await;
+    let bob = create_user(&c, 1, "bob").await;
+    let mib = 1usize << 20;
+    let id_of = |v: Value| v["file_id"].as_str().unwrap().to_string();
+    let kept = id_of(
+        upload(&c, 1, &ann, content(2 * mib), "kept.bin")
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    let lonely = id_of(
+        upload(&c, 2, &ann, content(mib + 1), "lonely.bin")
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    let unfinished = id_of(
+        create_upload(&c, 3, &ann, 3 * mib as u64)
+            .await
+            .json()
+            .await
+            .unwrap(),
+    );
+    let r = patch(&c, 3, &ann, &unfinished, 0, content(mib)).await;
+    assert_eq!(r.status(), 200);
+    let mut ws = Ws::connect(c.node(1).api, "ann", &ann).await;
+    let (group, _) = ws.create_group("g", &["bob"]).await;
+    let ack = ws
+        .request(
+            json!({"type": "send", "chat": group, "client_msg_id": "m", "text": "",
+                        "files": [{"file_id": kept}]}),
+        )
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let seq = ack["seq"].as_u64().unwrap();
+    // Every node's sweep counts what it holds.
+    eventually(Duration::from_secs(20), "file bytes counted", || async {
+        metric(&c, 1, "chatd_file_bytes").await >= (4 * mib + 1) as u64
+    })
+    .await;
+    // Past the ttls: the unattached file and the unfinished upload go, records and
+    // chunks; the attached one stays.
+    eventually(
+        Duration::from_secs(30),
+        "unattached and unfinished dropped",
+        || async {
+            download(&c, 1, &ann, &lonely, None).await.status() == 404
+                && head(&c, 1, &ann, &unfinished).await.status() == 404
+        },
+    )
+    .await;
+    for file in [&lonely, &unfinished] {
+        for id in 1..=3 {
+            let what = format!("node {id} deletes the chunks of {file}");
+            eventually(Duration::from_secs(20), &what, || async {
+                local_copy(&c, id, file).await["chunks_held"] == 0
+            })
+            .await;
+        }
+    }
+    let (status, got) = read_via(&c, 2, &bob, &kept, &group).await;
+    assert_eq!(status, 200);
+    assert_eq!(got, content(2 * mib));
+    let collected: u64 = {
+        let mut n = 0;
+        for id in 1..=3 {
+            n += metric(&c, id, "chatd_files_collected_total").await;
+        }
+        n
+    };
+    assert_eq!(collected, 2, "two files collected, once each");
+    // The message is deleted: no message carries the file, so it goes too.
+    let d = ws
+        .request(json!({"type": "delete", "chat": group, "seq": seq}))
+        .await;
+    assert_eq!(d["type"], "done", "{d}");
+    eventually(
+        Duration::from_secs(30),
+        "the unreferenced file dropped",
+        || async { download(&c, 1, &ann, &kept, None).await.status() == 404 },
+    )
+    .await;
+    for id in 1..=3 {
+        eventually(Duration::from_secs(20), "no file bytes left", || async {
+            metric(&c, id, "chatd_file_bytes").await == 0
+                && local_copy(&c, id, &kept).await["chunks_held"] == 0
+        })
+        .await;
+    }
+}
