@@ -272,11 +272,14 @@ impl Uploader<'_> {
     }
 
     /// `PATCH` the bytes from `offset` to the end.
+    /// `hash`, when given, is fed every byte sent (the caller's hash of the file, for a
+    /// request from offset 0).
     async fn patch(
         &self,
         file: &str,
         offset: u64,
         progress: &std::sync::Arc<std::sync::Mutex<Progress>>,
+        hash: Option<std::sync::Arc<std::sync::Mutex<ring::digest::Context>>>,
     ) -> Result<FileState, Attempt> {
         use tokio::io::AsyncSeekExt;
         let url = self.url(file).map_err(Attempt::Fatal)?;
@@ -303,6 +306,9 @@ impl Uploader<'_> {
             if let Ok(p) = &piece {
                 if let Ok(mut g) = counted.lock() {
                     g.add(p.len() as u64);
+                }
+                if let Some(Ok(mut h)) = hash.as_ref().map(|h| h.lock()) {
+                    h.update(p);
                 }
             }
             piece
@@ -373,12 +379,11 @@ async fn file_sha256(path: &Path) -> Result<String, CliError> {
         let p = p.map_err(|e| CliError::Usage(format!("cannot read {}: {e}", path.display())))?;
         hash.update(&p);
     }
-    Ok(hash
-        .finish()
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
+    Ok(hex(hash.finish().as_ref()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Uploads `path` (resumable): creates the upload unless `resume` names one, then sends
@@ -409,9 +414,12 @@ pub(crate) async fn upload_file(
         path,
         size,
     };
-    // The local bytes' hash, to compare with what the cluster stored (read while the
-    // first request is prepared: the page cache serves the upload after it).
-    let local_sha = file_sha256(path).await?;
+    // The local bytes' hash, to compare with what the cluster stored: taken from the bytes
+    // as they are sent when one request sends the whole file, else read again at the end.
+    let whole_hash = std::sync::Arc::new(std::sync::Mutex::new(ring::digest::Context::new(
+        &ring::digest::SHA256,
+    )));
+    let mut hashed_whole = false;
     let mut done = None;
     let (file, mut offset) = match resume {
         Some(f) => {
@@ -448,8 +456,13 @@ pub(crate) async fn upload_file(
         }
         // At `offset == size` this is the empty PATCH that completes a file whose bytes
         // are all stored (or returns it, when the completing request lost its answer).
-        match up.patch(&file, offset, &progress).await {
-            Ok(st) if st.sha256.is_some() => break Ok(st),
+        let first = offset == 0 && attempt == 0;
+        let hash = first.then(|| whole_hash.clone());
+        match up.patch(&file, offset, &progress, hash).await {
+            Ok(st) if st.sha256.is_some() => {
+                hashed_whole = first;
+                break Ok(st);
+            }
             Ok(st) if st.offset > offset => offset = st.offset,
             Ok(st) => {
                 if attempt == UPLOAD_RETRIES_MAX {
@@ -479,6 +492,17 @@ pub(crate) async fn upload_file(
     if let Ok(g) = progress.lock() {
         g.finish();
     }
+    let local_sha = match (&result, hashed_whole) {
+        (Ok(_), true) => {
+            let ctx = whole_hash
+                .lock()
+                .map(|c| c.clone())
+                .map_err(|_| CliError::Failed("the hash was lost".into()))?;
+            hex(ctx.finish().as_ref())
+        }
+        (Ok(_), false) => file_sha256(path).await?,
+        (Err(_), _) => String::new(),
+    };
     match result {
         Ok(st) => match &st.sha256 {
             Some(h) if *h == local_sha => Ok(st),

@@ -48,11 +48,17 @@ pub enum AnomalyKind {
     StaleRead,
     /// A receipt cursor went down.
     ReceiptBackwards,
+    /// An acknowledged upload answered as unknown (404, `unknown_file`) or missing from a
+    /// final download.
+    FileLost,
+    /// A file whose bytes differ from what was sent: an acknowledged hash unlike the
+    /// upload's, or a download hashing to something else.
+    FileCorrupt,
 }
 
 impl AnomalyKind {
     /// Every kind, in report order.
-    pub const ALL: [AnomalyKind; 8] = [
+    pub const ALL: [AnomalyKind; 10] = [
         AnomalyKind::Lost,
         AnomalyKind::Duplicate,
         AnomalyKind::Inconsistent,
@@ -61,6 +67,8 @@ impl AnomalyKind {
         AnomalyKind::Unexpected,
         AnomalyKind::StaleRead,
         AnomalyKind::ReceiptBackwards,
+        AnomalyKind::FileLost,
+        AnomalyKind::FileCorrupt,
     ];
 }
 
@@ -229,6 +237,136 @@ pub struct Results {
     pub fault_errors: Vec<String>,
     /// Membership changes: counts and durations.
     pub membership: MembershipReport,
+    /// The file workload.
+    pub files: FileStats,
+}
+
+/// What the file workload did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct FileStats {
+    /// Uploads invoked, acknowledged, refused, of unknown outcome.
+    pub uploads: u64,
+    pub uploads_ok: u64,
+    pub uploads_failed: u64,
+    pub uploads_info: u64,
+    /// Messages acknowledged that attach a file.
+    pub attached: u64,
+    /// Downloads during the run that completed, and final downloads (files × nodes).
+    pub downloads_ok: u64,
+    pub final_downloads: u64,
+}
+
+/// Checks the file operations: every acknowledged upload's hash is the one sent, every
+/// download of it reads that hash, none is ever unknown, and every node returns it whole
+/// after the faults are healed.
+fn check_files(ops: &[Op], r: &mut Report, res: &mut Results) {
+    let mut sent: HashMap<&str, (&str, u64)> = HashMap::new(); // process → (sha, op)
+    let mut send_file: HashMap<&str, &str> = HashMap::new(); // process → file of a send
+    let mut acked: HashMap<&str, (&str, u64)> = HashMap::new(); // file → (sha, op)
+    let mut finals: HashMap<&str, u64> = HashMap::new();
+    for op in ops {
+        let (Some(kind), Some(f)) = (op.kind, op.f) else {
+            continue;
+        };
+        let process = op.process.as_str();
+        match (f, kind) {
+            (F::Upload, Kind::Invoke) => {
+                res.files.uploads += 1;
+                if let Some(sha) = &op.sha256 {
+                    sent.insert(process, (sha, op.index));
+                }
+            }
+            (F::Upload, Kind::Ok) => {
+                res.files.uploads_ok += 1;
+                let (Some(file), Some(sha)) = (&op.file, &op.sha256) else {
+                    continue;
+                };
+                if let Some((want, inv)) = sent.remove(process) {
+                    if want != sha {
+                        r.add(
+                            AnomalyKind::FileCorrupt,
+                            file,
+                            format!("upload acknowledged as {sha}, the bytes sent hash to {want}"),
+                            vec![inv, op.index],
+                        );
+                    }
+                    acked.insert(file, (want, op.index));
+                }
+            }
+            (F::Upload, Kind::Fail) => res.files.uploads_failed += 1,
+            (F::Upload, Kind::Info) => res.files.uploads_info += 1,
+            (F::Send, Kind::Invoke) => {
+                match &op.file {
+                    Some(f) => send_file.insert(process, f),
+                    None => send_file.remove(process),
+                };
+            }
+            (F::Send, Kind::Ok) if send_file.contains_key(process) => {
+                res.files.attached += 1;
+            }
+            (F::Send, Kind::Fail) => {
+                let refused_unknown = op
+                    .error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("unknown_file"));
+                if let (true, Some(file)) = (refused_unknown, send_file.get(process)) {
+                    if let Some((_, up)) = acked.get(file) {
+                        r.add(
+                            AnomalyKind::FileLost,
+                            file,
+                            "an acknowledged upload was unknown when attached".into(),
+                            vec![*up, op.index],
+                        );
+                    }
+                }
+            }
+            (F::Download | F::FinalDownload, Kind::Ok | Kind::Fail) => {
+                let Some(file) = op.file.as_deref() else {
+                    continue;
+                };
+                let Some((want, up)) = acked.get(file) else {
+                    continue;
+                };
+                if kind == Kind::Ok {
+                    if f == F::Download {
+                        res.files.downloads_ok += 1;
+                    } else {
+                        res.files.final_downloads += 1;
+                        *finals.entry(file).or_insert(0) += 1;
+                    }
+                    if op.sha256.as_deref() != Some(*want) {
+                        r.add(
+                            AnomalyKind::FileCorrupt,
+                            file,
+                            format!(
+                                "read {} from node {}, acknowledged {want}",
+                                op.sha256.as_deref().unwrap_or("nothing"),
+                                op.node.unwrap_or(0)
+                            ),
+                            vec![*up, op.index],
+                        );
+                    }
+                } else if op.error.as_deref().is_some_and(|e| e.starts_with("404")) {
+                    r.add(
+                        AnomalyKind::FileLost,
+                        file,
+                        format!(
+                            "node {} answered 404 for an acknowledged upload",
+                            op.node.unwrap_or(0)
+                        ),
+                        vec![*up, op.index],
+                    );
+                } else if f == F::FinalDownload {
+                    res.incomplete.push(format!(
+                        "final download of {file} from node {} failed: {}",
+                        op.node.unwrap_or(0),
+                        op.error.as_deref().unwrap_or("?")
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 impl Results {
@@ -824,6 +962,7 @@ pub fn check(ops: &[Op]) -> Results {
         }
     }
     res.incomplete = final_failures;
+    check_files(ops, &mut r, &mut res);
     res.messages_acked = msg_seq
         .keys()
         .filter(|(chat, m)| {
@@ -842,6 +981,77 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::history::Cursor;
+
+    #[test]
+    fn files_acknowledged_must_read_back_whole_from_every_node() {
+        let op = |process: &str, kind: Kind, f: F, file: Option<&str>, sha: Option<&str>| {
+            let mut o = Op::new(process, kind, f);
+            o.file = file.map(str::to_string);
+            o.sha256 = sha.map(str::to_string);
+            o.node = Some(1);
+            o
+        };
+        let mut h = H::new();
+        h.push(op("c1", Kind::Invoke, F::Upload, None, Some("aa")))
+            .push(op("c1", Kind::Ok, F::Upload, Some("f:1"), Some("aa")))
+            .push(op("c1", Kind::Invoke, F::Download, Some("f:1"), None))
+            .push(op("c1", Kind::Ok, F::Download, Some("f:1"), Some("aa")))
+            .push(op("c2", Kind::Invoke, F::Upload, None, Some("bb")))
+            .push(op("c2", Kind::Info, F::Upload, None, None))
+            .push(op(
+                "final-1",
+                Kind::Invoke,
+                F::FinalDownload,
+                Some("f:1"),
+                None,
+            ))
+            .push(op(
+                "final-1",
+                Kind::Ok,
+                F::FinalDownload,
+                Some("f:1"),
+                Some("aa"),
+            ));
+        let res = check(&h.ops);
+        assert_eq!(res.anomalies(), 0, "{:?}", res.examples);
+        assert_eq!(
+            (
+                res.files.uploads,
+                res.files.uploads_ok,
+                res.files.uploads_info
+            ),
+            (2, 1, 1)
+        );
+        assert_eq!((res.files.downloads_ok, res.files.final_downloads), (1, 1));
+        // Other bytes read back, and an acknowledged file answered 404: both found.
+        let mut bad = H::new();
+        bad.push(op("c1", Kind::Invoke, F::Upload, None, Some("aa")))
+            .push(op("c1", Kind::Ok, F::Upload, Some("f:1"), Some("aa")))
+            .push(op("c1", Kind::Invoke, F::Download, Some("f:1"), None))
+            .push(op("c1", Kind::Ok, F::Download, Some("f:1"), Some("ab")))
+            .push(op(
+                "final-2",
+                Kind::Invoke,
+                F::FinalDownload,
+                Some("f:1"),
+                None,
+            ));
+        let mut lost = op("final-2", Kind::Fail, F::FinalDownload, Some("f:1"), None);
+        lost.error = Some("404 {\"code\":\"unknown_file\"}".into());
+        bad.push(lost);
+        // An upload acknowledged with a hash unlike the bytes sent.
+        bad.push(op("c3", Kind::Invoke, F::Upload, None, Some("cc")))
+            .push(op("c3", Kind::Ok, F::Upload, Some("f:3"), Some("cd")));
+        let res = check(&bad.ops);
+        assert_eq!(
+            res.counts[&AnomalyKind::FileCorrupt],
+            2,
+            "{:?}",
+            res.examples
+        );
+        assert_eq!(res.counts[&AnomalyKind::FileLost], 1);
+        assert!(!res.valid);
+    }
 
     /// Builds histories by hand; times advance 1 ms per op unless set.
     struct H {

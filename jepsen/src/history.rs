@@ -45,6 +45,13 @@ pub enum F {
     FinalRead,
     /// A fault starts (`invoke`) or is healed (`ok`); `fault` describes it.
     Fault,
+    /// Upload a file of `size` bytes hashing to `sha256` (invoke); `ok` carries the `file`
+    /// id and the SHA-256 the node answered.
+    Upload,
+    /// Download own `file`; `ok` carries the SHA-256 of the bytes read, `fail` the status.
+    Download,
+    /// The download of an acknowledged file from one node after the faults are healed.
+    FinalDownload,
 }
 
 /// One log entry as read.
@@ -123,6 +130,15 @@ pub struct Op {
     /// Why it failed or is unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A file's id (uploads, downloads, and sends that attach it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
+    /// A file's SHA-256 (what was sent, what the node answered, what was read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// A file's size in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
 }
 
 impl Op {
@@ -229,6 +245,11 @@ impl History {
     pub fn full(&self) -> bool {
         let inner = self.inner.lock();
         inner.ops.len() >= self.ops_max
+    }
+
+    /// The operations recorded so far (a copy; at most `ops_max`).
+    pub fn snapshot(&self) -> Vec<Op> {
+        self.inner.lock().ops.clone()
     }
 
     /// Flushes the file and returns the operations.

@@ -177,6 +177,18 @@ fn summary(r: &Results) -> String {
         "longest write gap of one chat: {:.0} ms ({}, from {:.1} s)\n",
         r.longest_chat_gap_ms, r.longest_chat_gap_chat, r.longest_chat_gap_at_s
     ));
+    let f = &r.files;
+    s.push_str(&format!(
+        "files: {} uploads ({} acknowledged, {} refused, {} unknown), {} attached, {} \
+         downloads checked, {} final downloads (files x nodes)\n",
+        f.uploads,
+        f.uploads_ok,
+        f.uploads_failed,
+        f.uploads_info,
+        f.attached,
+        f.downloads_ok,
+        f.final_downloads
+    ));
     s
 }
 

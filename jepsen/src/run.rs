@@ -285,6 +285,7 @@ async fn run_on(
         .await??;
     }
     workload::final_reads(&setup, &history).await;
+    workload::final_downloads(&setup, &history).await;
     let ops = history
         .finish()
         .map_err(|e| anyhow::anyhow!("cannot write the history: {e}"))?;

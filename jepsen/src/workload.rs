@@ -31,6 +31,35 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const FINAL_READ_ATTEMPTS_MAX: u32 = 30;
 /// Entries per history page.
 const PAGE: u32 = chatd_proto::HISTORY_PAGE_MAX;
+/// Longest wait for one upload or download (a few MiB over loopback, under faults).
+pub const FILE_OP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Sizes of the workload's files, in bytes: from a fraction of a chunk to a few chunks
+/// (chunks are 1 MiB), so short last chunks and multi-chunk files both occur.
+pub const FILE_BYTES_MIN: usize = 16 << 10;
+/// See [`FILE_BYTES_MIN`].
+pub const FILE_BYTES_MAX: usize = (5 << 20) / 2;
+
+/// Deterministic bytes of a workload file (`seed`, `len`), different in every chunk.
+pub fn file_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// SHA-256 in lowercase hex.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// The nodes clients may connect to, `(node id, API host:port)` by id: a node is listed
 /// once it is an active member and unlisted when its removal begins (clients already
@@ -157,7 +186,7 @@ fn is_definite_refusal(code: &str) -> bool {
             | code::TOO_LARGE
             | code::FORBIDDEN
             | code::MALFORMED
-    )
+    ) || code == "unknown_file"
 }
 
 fn entry(m: &MessageView) -> Entry {
@@ -190,6 +219,10 @@ struct Client {
     session: u64,
     /// Highest seq delivered per chat on this session (for receipts).
     seen: HashMap<String, u64>,
+    /// For uploads and downloads.
+    http: reqwest::Client,
+    /// This client's acknowledged uploads: (file id, SHA-256).
+    files: Vec<(String, String)>,
 }
 
 impl Client {
@@ -327,10 +360,11 @@ impl Client {
     }
 
     /// One attempt of sending `msg` to `chat`. `true` when settled (acked or refused).
-    async fn send(&mut self, chat: &str, msg: &str, n: u64) -> bool {
+    async fn send(&mut self, chat: &str, msg: &str, n: u64, file: Option<&str>) -> bool {
         let mut inv = self.op(Kind::Invoke, F::Send);
         inv.chat = Some(chat.to_string());
         inv.msg = Some(msg.to_string());
+        inv.file = file.map(str::to_string);
         if !self.history.record(inv) {
             return true;
         }
@@ -341,7 +375,15 @@ impl Client {
             client_msg_id: msg.to_string(),
             text: msg.to_string(),
             reply_to: None,
-            files: Vec::new(),
+            files: file
+                .map(|f| chatd_proto::FileRef {
+                    file_id: f.to_string(),
+                    name: None,
+                    mime: None,
+                    size: None,
+                })
+                .into_iter()
+                .collect(),
         };
         if let Err(e) = self.send_frame(&frame).await {
             let mut op = self.op(Kind::Info, F::Send);
@@ -383,8 +425,114 @@ impl Client {
         let mut op = self.op(kind, F::Send);
         op.seq = seq;
         op.error = error;
+        op.file = file.map(str::to_string);
         self.history.record(op);
         settled
+    }
+
+    /// The HTTP base of the node this client uses.
+    fn http_base(&self) -> Option<String> {
+        self.setup
+            .nodes
+            .get(self.node)
+            .map(|a| format!("http://{a}"))
+    }
+
+    /// Uploads a file of this client's; its id and SHA-256 when acknowledged.
+    async fn upload(&mut self, rng: &mut StdRng) -> Option<(String, String)> {
+        let len = rng.gen_range(FILE_BYTES_MIN..=FILE_BYTES_MAX);
+        let bytes = file_bytes(rng.gen(), len);
+        let sha = sha256_hex(&bytes);
+        let mut inv = self.op(Kind::Invoke, F::Upload);
+        inv.sha256 = Some(sha.clone());
+        inv.size = Some(len as u64);
+        if !self.history.record(inv) {
+            return None;
+        }
+        let base = self.http_base()?;
+        let token = self.setup.users[self.k - 1].1.clone();
+        let sent = self
+            .http
+            .post(format!("{base}/v1/files"))
+            .bearer_auth(token)
+            .header("content-type", "application/octet-stream")
+            .header("x-file-name", format!("{}.bin", self.name))
+            .body(bytes)
+            .timeout(FILE_OP_TIMEOUT)
+            .send()
+            .await;
+        let mut acked = None;
+        let op = match sent {
+            Ok(r) if r.status().as_u16() == 201 => match r.json::<serde_json::Value>().await {
+                Ok(v) => {
+                    let id = v["file_id"].as_str().unwrap_or_default().to_string();
+                    let got = v["sha256"].as_str().unwrap_or_default().to_string();
+                    let mut op = self.op(Kind::Ok, F::Upload);
+                    op.file = Some(id.clone());
+                    op.sha256 = Some(got.clone());
+                    acked = Some((id, got));
+                    op
+                }
+                Err(e) => {
+                    let mut op = self.op(Kind::Info, F::Upload);
+                    op.error = Some(format!("answer not read: {e}"));
+                    op
+                }
+            },
+            Ok(r) => {
+                let status = r.status().as_u16();
+                let body = r.text().await.unwrap_or_default();
+                // 5xx: not stored on a majority, or not known; anything else: refused.
+                let kind = if status >= 500 {
+                    Kind::Info
+                } else {
+                    Kind::Fail
+                };
+                if status >= 500 {
+                    self.drop_conn();
+                }
+                let mut op = self.op(kind, F::Upload);
+                op.error = Some(format!("{status} {body}"));
+                op
+            }
+            Err(e) => {
+                self.drop_conn();
+                let mut op = self.op(Kind::Info, F::Upload);
+                op.error = Some(e.to_string());
+                op
+            }
+        };
+        self.history.record(op);
+        if let Some(a) = &acked {
+            self.files.push(a.clone());
+        }
+        acked
+    }
+
+    /// Downloads one of this client's acknowledged files and records the hash read.
+    async fn download(&mut self, rng: &mut StdRng) {
+        if self.files.is_empty() {
+            return;
+        }
+        let (file, _) = self.files[rng.gen_range(0..self.files.len())].clone();
+        let mut inv = self.op(Kind::Invoke, F::Download);
+        inv.file = Some(file.clone());
+        if !self.history.record(inv) {
+            return;
+        }
+        let Some(base) = self.http_base() else {
+            return;
+        };
+        let token = self.setup.users[self.k - 1].1.clone();
+        let (kind, sha, error) = fetch_file(&self.http, &base, &token, &file).await;
+        if kind == Kind::Info {
+            self.drop_conn();
+        }
+        let mut op = self.op(kind, F::Download);
+        op.file = Some(file);
+        op.sha256 = sha;
+        op.error = error;
+        self.history.record(op);
     }
 
     async fn read(&mut self, chat: &str, n: u64) {
@@ -527,13 +675,15 @@ pub async fn run_client(
         conn: None,
         session: 0,
         seen: HashMap::new(),
+        http: reqwest::Client::new(),
+        files: Vec::new(),
     };
     let period = Duration::from_secs_f64(1.0 / spec.rate.max(0.01));
     let mut next_at = Instant::now();
     let mut counter: u64 = 0;
     let mut msg_n: u64 = 0;
-    // The message being sent (chat, msg, attempts so far).
-    let mut retry: Option<(String, String, u32)> = None;
+    // The message being sent (chat, msg, attempts so far, the file it attaches).
+    let mut retry: Option<(String, String, u32, Option<String>)> = None;
     while Instant::now() < spec.until && !stop.load(Ordering::Relaxed) && !c.history.full() {
         c.idle(next_at).await;
         next_at = (next_at + period).max(Instant::now() - period * 4);
@@ -557,18 +707,26 @@ pub async fn run_client(
         let chat = setup.chats[rng.gen_range(0..setup.chats.len())].clone();
         let roll: f64 = rng.gen();
         if retry.is_some() || roll < 0.75 {
-            let (chat, msg, attempts) = retry.take().unwrap_or_else(|| {
+            let (chat, msg, attempts, file) = retry.take().unwrap_or_else(|| {
                 msg_n += 1;
-                (chat.clone(), format!("c{}-{msg_n}", spec.k), 0)
+                (chat.clone(), format!("c{}-{msg_n}", spec.k), 0, None)
             });
-            let settled = c.send(&chat, &msg, counter).await;
+            let settled = c.send(&chat, &msg, counter, file.as_deref()).await;
             if !settled && attempts + 1 < SEND_ATTEMPTS_MAX {
-                retry = Some((chat, msg, attempts + 1));
+                retry = Some((chat, msg, attempts + 1, file));
             }
         } else if roll < 0.87 {
             c.read(&chat, counter).await;
-        } else if roll < 0.95 {
+        } else if roll < 0.93 {
             c.sync(counter).await;
+        } else if roll < 0.95 {
+            // A file, then (next) a message that attaches it.
+            if let Some((file, _)) = c.upload(&mut rng).await {
+                msg_n += 1;
+                retry = Some((chat, format!("c{}-{msg_n}", spec.k), 0, Some(file)));
+            }
+        } else if roll < 0.97 {
+            c.download(&mut rng).await;
         } else {
             c.receipt(&chat).await;
         }
@@ -621,6 +779,91 @@ pub async fn final_reads(setup: &Setup, history: &History) {
             let mut op = op;
             op.chat = Some(chat.clone());
             op.node = Some(node);
+            history.record(op);
+        }
+    }
+}
+
+/// Downloads `file` from `base` as the holder of `token`: (ok with the SHA-256 read, fail
+/// with the status for a definite answer, info when no answer came).
+async fn fetch_file(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    file: &str,
+) -> (Kind, Option<String>, Option<String>) {
+    let got = http
+        .get(format!("{base}/v1/files/{file}"))
+        .bearer_auth(token)
+        .timeout(FILE_OP_TIMEOUT)
+        .send()
+        .await;
+    match got {
+        Ok(r) if r.status().as_u16() == 200 => match r.bytes().await {
+            Ok(b) => (Kind::Ok, Some(sha256_hex(&b)), None),
+            Err(e) => (Kind::Info, None, Some(format!("body: {e}"))),
+        },
+        Ok(r) => {
+            let status = r.status().as_u16();
+            let body = r.text().await.unwrap_or_default();
+            let kind = if status >= 500 {
+                Kind::Info
+            } else {
+                Kind::Fail
+            };
+            (kind, None, Some(format!("{status} {body}")))
+        }
+        Err(e) => (Kind::Info, None, Some(e.to_string())),
+    }
+}
+
+/// Downloads every acknowledged upload from every node of the directory as its uploader
+/// (each a `final_download` of process `final-<node id>`). Retries (bounded) while a node
+/// recovers; a 404 is final.
+pub async fn final_downloads(setup: &Setup, history: &History) {
+    let http = reqwest::Client::new();
+    let acked: Vec<(usize, String)> = history
+        .snapshot()
+        .iter()
+        .filter(|o| o.is(Kind::Ok, F::Upload))
+        .filter_map(|o| {
+            let k: usize = o.process.strip_prefix('c')?.parse().ok()?;
+            Some((k, o.file.clone()?))
+        })
+        .collect();
+    for (id, addr) in setup.nodes.list() {
+        let process = format!("final-{id}");
+        let base = format!("http://{addr}");
+        for (k, file) in &acked {
+            let Some((_, token)) = setup.users.get(k - 1) else {
+                continue;
+            };
+            let mut inv = Op::new(&process, Kind::Invoke, F::FinalDownload);
+            inv.file = Some(file.clone());
+            inv.node = Some(id as u64);
+            history.record(inv);
+            let mut last = (Kind::Info, None, None);
+            for _ in 0..FINAL_READ_ATTEMPTS_MAX {
+                last = fetch_file(&http, &base, token, file).await;
+                if last.0 != Kind::Info {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            let (kind, sha, error) = last;
+            let mut op = Op::new(
+                &process,
+                if kind == Kind::Ok {
+                    Kind::Ok
+                } else {
+                    Kind::Fail
+                },
+                F::FinalDownload,
+            );
+            op.file = Some(file.clone());
+            op.node = Some(id as u64);
+            op.sha256 = sha;
+            op.error = error;
             history.record(op);
         }
     }

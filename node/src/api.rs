@@ -66,6 +66,10 @@ pub fn router(node: Arc<Node>) -> Router {
                 .head(crate::files::http::status)
                 .patch(crate::files::http::resume),
         )
+        .route(
+            "/v1/files/{id}/thumbnail",
+            get(crate::files::http::thumbnail),
+        )
         .merge(admin)
         .layer(DefaultBodyLimit::max(RECORD_BYTES_MAX))
         .with_state(node)

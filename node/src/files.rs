@@ -14,6 +14,7 @@ pub mod collect;
 mod download;
 pub mod http;
 pub mod repair;
+pub mod thumbnail;
 pub mod upload;
 
 /// File ids: `f:` and 32 lowercase hex digits (128 random bits).

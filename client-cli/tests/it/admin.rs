@@ -97,10 +97,14 @@ fn cluster_status_against_a_real_node() {
         format!("cluster {cluster_id}  answered by node 1  metadata bootstrapped: yes")
     );
     assert!(table.contains("\nNODES\n   ID  STATE   API  "), "{table}");
-    assert!(table.contains(&format!(
-        "\n    1  active  {server}  127.0.0.1:{}  yes        -\n",
-        node.ports[0] + 1
-    )));
+    // FILES: the node's chatd_file_bytes, read from its /metrics (nothing stored yet).
+    assert!(
+        table.contains(&format!(
+            "\n    1  active  {server}  127.0.0.1:{}  yes            0 B  -\n",
+            node.ports[0] + 1
+        )),
+        "{table}"
+    );
     assert!(
         table.contains(
             "\nPARTITIONS\n   GROUP  LEADER  TERM  LAST  COMMITTED  APPLIED  LAG  REPLICAS  STATUS\n"

@@ -258,9 +258,11 @@ fn sweep_blocking(node: &Node, unhosted_since: &mut HashMap<u64, Instant>) -> Sw
                         &mark_key(group, &file, 0),
                         &mark_key(group, &file, u32::MAX),
                     );
-                    // The last index's pair (the ranges' ends are exclusive).
+                    // The last index's pair (the ranges' ends are exclusive), and the
+                    // thumbnail made of it.
                     w.delete(Cf::Blobs, &chunk_key(group, &file, u32::MAX));
                     w.delete(Cf::Blobs, &mark_key(group, &file, u32::MAX));
+                    w.delete(Cf::Blobs, &super::thumbnail::thumbnail_key(group, &file));
                 }
                 match node.store.write(b) {
                     Ok(()) => {

@@ -486,6 +486,98 @@ pub async fn status(
     response
 }
 
+/// Thumbnails being made on this node ([`super::thumbnail::THUMBNAILS_IN_FLIGHT_MAX`]).
+static THUMBNAILS: tokio::sync::Semaphore =
+    tokio::sync::Semaphore::const_new(super::thumbnail::THUMBNAILS_IN_FLIGHT_MAX);
+
+/// `GET /v1/files/{id}/thumbnail[?chat=CHAT]`: who may read the file may read its
+/// thumbnail. Made on first request on each node, then served from its own copy.
+pub async fn thumbnail(
+    State(node): State<Arc<Node>>,
+    Path(file): Path<String>,
+    query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    use super::thumbnail::{decode_stored, encode_stored, has_thumbnail, make, thumbnail_key};
+    let user = match user_of(&node, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let chat = match read_query(query) {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let (group, record) = match readable_record(&node, &user, &file, chat.as_deref()).await {
+        Ok(x) => x,
+        Err(r) => return r,
+    };
+    let Some(sha256) = record.sha256.clone() else {
+        return not_found();
+    };
+    let none = |why: &str| error(StatusCode::NOT_FOUND, "no_thumbnail", why.to_string());
+    if !has_thumbnail(&record) {
+        return none("only PNG, JPEG, GIF and WebP images up to 32 MiB have a thumbnail");
+    }
+    let key = thumbnail_key(group, &file);
+    let stored = node
+        .store
+        .get(chatd_storage::Cf::Blobs, &key)
+        .ok()
+        .flatten()
+        .and_then(|v| decode_stored(&v));
+    let thumb = match stored {
+        Some(t) => t,
+        None => {
+            let Ok(_permit) = THUMBNAILS.acquire().await else {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "shutting down",
+                );
+            };
+            let mut bytes = Vec::with_capacity(record.size as usize);
+            for i in 0..record.chunks() {
+                let len = super::repair::chunk_len(&record, i) as usize;
+                let Ok(index) = u32::try_from(i) else {
+                    return not_found();
+                };
+                match super::download::fetch_chunk(&node, group, &file, index, len).await {
+                    Ok(c) => bytes.extend_from_slice(&c),
+                    Err(e) => {
+                        return error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            chatd_proto::code::UNAVAILABLE,
+                            e,
+                        )
+                    }
+                }
+            }
+            let made = tokio::task::spawn_blocking(move || make(&bytes)).await;
+            let t = match made {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => return none(&e.to_string()),
+                Err(e) => {
+                    return error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+                }
+            };
+            let mut b = chatd_storage::Batch::new();
+            node.store
+                .batch(&mut b)
+                .put(chatd_storage::Cf::Blobs, &key, &encode_stored(&t));
+            if let Err(e) = node.store.write(b) {
+                tracing::warn!(file, error = %e, "a thumbnail was not kept");
+            }
+            t
+        }
+    };
+    let mut response = Response::new(Body::from(thumb.bytes));
+    let h = response.headers_mut();
+    set(h, header::CONTENT_TYPE, thumb.mime.to_string());
+    set(h, header::ETAG, format!("\"{sha256}-thumbnail\""));
+    set(h, header::CACHE_CONTROL, "private, max-age=86400".into());
+    response
+}
+
 /// Missing chunk indexes listed by [`local_file`], at most.
 pub const LOCAL_MISSING_LISTED_MAX: usize = 64;
 

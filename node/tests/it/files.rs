@@ -921,3 +921,70 @@ async fn files_unfinished_unattached_and_unreferenced_files_are_collected_with_t
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_images_get_a_320px_thumbnail_others_none() {
+    let c = cluster3(&[]).await;
+    let ann = create_user(&c, 1, "ann").await;
+    let bob = create_user(&c, 1, "bob").await;
+    // A 1200 x 900 photo-like PNG (no alpha), over a megabyte: two chunks.
+    let img = image::RgbImage::from_fn(1200, 900, |x, y| {
+        image::Rgb([(x * 7 + y) as u8, (y * 3) as u8, ((x ^ y) * 13) as u8])
+    });
+    let mut png = Vec::new();
+    image::DynamicImage::from(img)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    assert!(png.len() > 1 << 20, "{} bytes", png.len());
+    let up = |bytes: Vec<u8>, mime: &'static str| {
+        let c = &c;
+        let ann = ann.clone();
+        async move {
+            let r = c
+                .http
+                .post(c.url(1, "/v1/files"))
+                .bearer_auth(&ann)
+                .header("content-type", mime)
+                .body(bytes)
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 201);
+            r.json::<Value>().await.unwrap()["file_id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    let photo = up(png, "image/png").await;
+    let thumb = |via: u64, token: String, file: String| {
+        let c = &c;
+        async move {
+            c.http
+                .get(c.url(via, &format!("/v1/files/{file}/thumbnail")))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    for via in [2, 3, 2] {
+        let r = thumb(via, ann.clone(), photo.clone()).await;
+        assert_eq!(r.status(), 200, "node {via}");
+        assert_eq!(r.headers()["content-type"], "image/jpeg");
+        let t = image::load_from_memory(&r.bytes().await.unwrap()).unwrap();
+        assert_eq!((t.width(), t.height()), (320, 240), "node {via}");
+    }
+    // The same access as the file: not someone else's.
+    assert_eq!(thumb(1, bob.clone(), photo.clone()).await.status(), 404);
+    // A video has none; an "image" that is not one has none; both said.
+    let video = up(content(5000), "video/mp4").await;
+    let r = thumb(1, ann.clone(), video).await;
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("no_thumbnail"));
+    let fake = up(content(5000), "image/png").await;
+    let r = thumb(1, ann.clone(), fake).await;
+    assert_eq!(r.status(), 404);
+    assert!(r.text().await.unwrap().contains("no_thumbnail"));
+}
