@@ -100,7 +100,7 @@ fn cluster_status_against_a_real_node() {
     // FILES: the node's chatd_file_bytes, read from its /metrics (nothing stored yet).
     assert!(
         table.contains(&format!(
-            "\n    1  active  {server}  127.0.0.1:{}  yes            0 B  -\n",
+            "\n    1  active  {server}  127.0.0.1:{}  yes          0 B  -\n",
             node.ports[0] + 1
         )),
         "{table}"

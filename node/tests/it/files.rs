@@ -988,3 +988,78 @@ async fn files_images_get_a_320px_thumbnail_others_none() {
     assert_eq!(r.status(), 404);
     assert!(r.text().await.unwrap().contains("no_thumbnail"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_follow_their_partitions_when_replicas_move_to_a_new_node() {
+    let mut c = Cluster::init(3, &[]);
+    let tune = |c: &Cluster| {
+        for (k, v) in [
+            ("repair_interval_ms", "200"),
+            ("sweep_interval_ms", "300"),
+            ("unhosted_grace_ms", "1000"),
+        ] {
+            c.set_config("files", k, v);
+        }
+    };
+    tune(&c);
+    c.start_all();
+    c.wait_ready(crate::chat::READY).await;
+    let ann = create_user(&c, 1, "ann").await;
+    // Files over many of the 16 partitions, one to three chunks each.
+    let mut files = Vec::new();
+    for i in 0..20usize {
+        let bytes = content((i % 3) * (1 << 20) + 1000 + i);
+        let r = upload(&c, 1 + (i as u64 % 3), &ann, bytes.clone(), "f.bin").await;
+        assert_eq!(r.status(), 201);
+        files.push((
+            r.json::<Value>().await.unwrap()["file_id"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            bytes,
+        ));
+    }
+    // A fourth node joins; the rebalancer moves replicas to it.
+    c.add_node(4, &[]).expect("add-node");
+    tune(&c);
+    c.start(4);
+    c.wait_ready(crate::chat::READY).await;
+    // In the end every file's chunks are exactly on its partition's replicas: whole on
+    // each of the three (node 4 included for the partitions it took), and gone from the
+    // node each moved replica left.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut settled = true;
+        let mut on_4 = 0;
+        for (file, _) in &files {
+            let mut hosts = 0;
+            for id in 1..=4 {
+                let l = local_copy(&c, id, file).await;
+                if l["hosted"] == true {
+                    hosts += 1;
+                    on_4 += usize::from(id == 4);
+                    settled &= l["record"].is_object()
+                        && l["chunks_present"] == l["chunks_needed"]
+                        && l["chunks_held"] == l["chunks_needed"];
+                } else {
+                    settled &= l["chunks_held"] == 0;
+                }
+            }
+            settled &= hosts == 3;
+        }
+        if settled && on_4 > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "chunks did not follow the partitions (node 4 hosts {on_4} of the files)"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // And every file reads back whole from the new node.
+    for (file, bytes) in &files {
+        let r = download(&c, 4, &ann, file, None).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.bytes().await.unwrap().as_ref(), bytes.as_slice());
+    }
+}
