@@ -499,20 +499,9 @@ pub async fn thumbnail(
     headers: HeaderMap,
 ) -> Response {
     use super::thumbnail::{decode_stored, encode_stored, has_thumbnail, make, thumbnail_key};
-    let user = match user_of(&node, &headers).await {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    let chat = match read_query(query) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let (group, record) = match readable_record(&node, &user, &file, chat.as_deref()).await {
+    let (group, record, sha256) = match complete_readable(&node, &headers, &file, query).await {
         Ok(x) => x,
         Err(r) => return r,
-    };
-    let Some(sha256) = record.sha256.clone() else {
-        return not_found();
     };
     let none = |why: &str| error(StatusCode::NOT_FOUND, "no_thumbnail", why.to_string());
     if !has_thumbnail(&record) {
@@ -661,6 +650,23 @@ fn download_headers(h: &mut HeaderMap, record: &FileRecord, sha256: &str, length
     set(h, header::CONTENT_DISPOSITION, disposition(&record.name));
 }
 
+/// The complete file a read request names, if its user may read it: (group, record,
+/// SHA-256), else the answer to give.
+async fn complete_readable(
+    node: &Node,
+    headers: &HeaderMap,
+    file: &str,
+    query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<(u64, FileRecord, String), Response> {
+    let user = user_of(node, headers).await?;
+    let chat = read_query(query)?;
+    let (group, record) = readable_record(node, &user, file, chat.as_deref()).await?;
+    match record.sha256.clone() {
+        Some(sha) => Ok((group, record, sha)),
+        None => Err(not_found()),
+    }
+}
+
 /// `GET /v1/files/{id}[?chat=CHAT]`: streamed from this node's copy of each chunk, else
 /// another replica's. The owner may read a complete file; with `?chat=`, so may whoever
 /// may read a message of that chat carrying it; anyone else, and every incomplete or
@@ -671,20 +677,9 @@ pub async fn download(
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let user = match user_of(&node, &headers).await {
-        Ok(u) => u,
-        Err(r) => return r,
-    };
-    let chat = match read_query(query) {
-        Ok(c) => c,
-        Err(r) => return r,
-    };
-    let (group, record) = match readable_record(&node, &user, &file, chat.as_deref()).await {
+    let (group, record, sha256) = match complete_readable(&node, &headers, &file, query).await {
         Ok(x) => x,
         Err(r) => return r,
-    };
-    let Some(sha256) = record.sha256.clone() else {
-        return not_found();
     };
     let etag = format!("\"{sha256}\"");
     if headers

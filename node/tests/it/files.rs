@@ -215,19 +215,7 @@ async fn truncated_upload(
 
 /// `chatd_file_chunks_stored_total` of node `id`.
 async fn chunks_stored(c: &Cluster, id: u64) -> u64 {
-    let text = c
-        .http
-        .get(c.url(id, "/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("chatd_file_chunks_stored_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no chunk counter in node {id}'s metrics"))
+    metric(c, id, "chatd_file_chunks_stored_total").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
