@@ -8,7 +8,8 @@
 #   bench/files.sh [SIZE_MIB ...]        (default: 1 100)
 #
 # CHATD_BIN, CHAT_CLI (default: $CARGO_TARGET_DIR/debug/…); MAX_MIB raises the nodes'
-# files.max_bytes (default 100 MiB) for larger files. Every process it starts is
+# files.max_bytes (default 100 MiB) for larger files; UPLOADER=curl uploads with one
+# plain POST instead of `chat-cli upload` (resumable: POST + PATCH, hashing locally). Every process it starts is
 # stopped by PID and its directory removed on exit.
 set -euo pipefail
 
@@ -68,9 +69,16 @@ for mib in "${sizes[@]}"; do
   declare -a before=()
   for i in 0 1 2; do before[$i]=$(rss "${pids[$i]}"); done
   t2=$(now)
-  out=$("$cli" --server "127.0.0.1:$port" --token "$token" upload "$dir/in.bin" 2>/dev/null)
+  if [[ "${UPLOADER:-chat-cli}" == curl ]]; then
+    # One-shot POST (no resume, no client-side hash): the server's path alone.
+    id=$(curl -sS -X POST -H "Authorization: Bearer $token" -T "$dir/in.bin" \
+      -H 'content-type: application/octet-stream' "http://127.0.0.1:$port/v1/files" |
+      python3 -c 'import json,sys; print(json.load(sys.stdin)["file_id"])')
+  else
+    out=$("$cli" --server "127.0.0.1:$port" --token "$token" upload "$dir/in.bin" 2>/dev/null)
+    id=$(echo "$out" | awk '{print $1}')
+  fi
   t3=$(now)
-  id=$(echo "$out" | awk '{print $1}')
   "$cli" --server "127.0.0.1:$((port + 10))" --token "$token" download "$id" -o "$dir/out.bin" >/dev/null 2>&1
   t4=$(now)
   cmp -s "$dir/in.bin" "$dir/out.bin" || { echo "downloaded bytes differ" >&2; exit 1; }

@@ -127,6 +127,8 @@ pub struct StorageSection {
     pub background_jobs: i32,
     pub wal_buffered: bool,
     pub sync_queue_writes_max: usize,
+    /// Blob garbage collection of file chunks (docs/files.md, "Space").
+    pub blob_gc: bool,
 }
 
 impl Default for StorageSection {
@@ -139,6 +141,7 @@ impl Default for StorageSection {
             background_jobs: 2,
             wal_buffered: true,
             sync_queue_writes_max: 65_536,
+            blob_gc: false,
         }
     }
 }

@@ -43,6 +43,7 @@ impl SectionOptions for StorageSection {
             background_jobs: self.background_jobs,
             wal_buffered: self.wal_buffered,
             sync_queue_writes_max: self.sync_queue_writes_max,
+            blob_gc: self.blob_gc,
         }
     }
 }

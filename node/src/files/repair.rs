@@ -5,7 +5,7 @@
 //! (`GetChunk`, one chunk per frame) and stored synced, with its mark. Resumable by
 //! construction: a chunk is stored or it is not, and the next pass starts over.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -39,10 +39,15 @@ pub struct Pass {
     pub collected: super::collect::Collected,
 }
 
-/// Complete files known whole here, bounded.
+/// Complete files known whole here, bounded; and what the last pass saw of the others.
 #[derive(Default)]
 pub struct Verified {
     files: HashSet<String>,
+    /// File → (committed offset, complete) as the previous pass saw it. A file is
+    /// repaired only once a pass sees it as the one before did: an upload under way (its
+    /// last replica a few chunks behind the majority, its own calls still coming) is left
+    /// to finish, so repair never races the upload for the same chunks.
+    last_seen: HashMap<String, (u64, bool)>,
 }
 
 impl Verified {
@@ -116,6 +121,7 @@ pub async fn run(node: Weak<Node>) {
 /// One pass over the file records of every partition this node hosts.
 pub async fn pass(node: &Arc<Node>, verified: &mut Verified) -> Pass {
     let mut out = Pass::default();
+    let mut seen_now: HashMap<String, (u64, bool)> = HashMap::new();
     let mut budget = REPAIR_CHUNKS_PER_PASS_MAX;
     let mut collect_budget = super::collect::COLLECT_PROPOSALS_PER_PASS_MAX;
     for group in node.registry.groups() {
@@ -153,6 +159,14 @@ pub async fn pass(node: &Arc<Node>, verified: &mut Verified) -> Pass {
                 if verified.contains(&record.id) {
                     continue;
                 }
+                let state = (record.offset, record.complete());
+                let settled = verified.last_seen.get(&record.id) == Some(&state);
+                if seen_now.len() < REPAIR_VERIFIED_FILES_MAX {
+                    seen_now.insert(record.id.clone(), state);
+                }
+                if !settled {
+                    continue;
+                }
                 match repair_file(node, group, record, &mut budget, &mut out).await {
                     Ok(true) if record.complete() => verified.insert(&record.id),
                     Ok(_) => {}
@@ -167,6 +181,7 @@ pub async fn pass(node: &Arc<Node>, verified: &mut Verified) -> Pass {
             }
         }
     }
+    verified.last_seen = seen_now;
     out
 }
 
