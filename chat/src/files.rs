@@ -42,6 +42,90 @@ impl FileRecord {
     }
 }
 
+/// Where a complete file's bytes are (docs/files.md "Dedup by content").
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Content {
+    /// Not yet entered in its content's index: its own chunks hold its bytes.
+    #[default]
+    Unregistered,
+    /// The first file with these bytes: its chunks hold them for every holder.
+    Canonical,
+    /// The same bytes as this canonical file, whose chunks are read instead; its own
+    /// chunks are deleted.
+    Alias(String),
+    /// Kept apart (the index refused it): its own chunks hold its bytes.
+    Own,
+}
+
+/// A file's state beside its record (kept apart so that records and the log's
+/// `FileBegin`s keep their layout); the default is not stored.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileState {
+    pub content: Content,
+    /// When its owner let it go (collected): no one may read or attach it any more; the
+    /// record stays only while it is a canonical file other holders read.
+    pub released_ms: Option<u64>,
+}
+
+impl FileState {
+    /// The file whose chunks hold this one's bytes, and whether that is another one.
+    pub fn source<'a>(&'a self, own: &'a str) -> &'a str {
+        match &self.content {
+            Content::Alias(c) => c,
+            _ => own,
+        }
+    }
+}
+
+fn state_key(file: &str) -> Vec<u8> {
+    crate::keys::file_state(file)
+}
+
+fn get_state(txn: &ApplyTxn<'_>, file: &str) -> Result<FileState, StorageError> {
+    Ok(get::<FileState>(txn, &state_key(file))?.unwrap_or_default())
+}
+
+fn put_state(txn: &mut ApplyTxn<'_>, file: &str, state: &FileState) -> Result<(), StorageError> {
+    if *state == FileState::default() {
+        txn.delete(&state_key(file));
+        Ok(())
+    } else {
+        put(txn, &state_key(file), state)
+    }
+}
+
+/// `FileContent`: what the content index answered for a complete file; set once, on a
+/// file still held (a released or unknown one changes nothing).
+pub(crate) fn set_content(
+    txn: &mut ApplyTxn<'_>,
+    file: &str,
+    content: Content,
+) -> Result<ChatReply, StorageError> {
+    match get::<FileRecord>(txn, &key(file))? {
+        Some(r) if r.complete() => {}
+        _ => return Ok(reject("unknown_file", format!("no complete file {file}"))),
+    }
+    let mut state = get_state(txn, file)?;
+    if state.released_ms.is_some() {
+        return Ok(reject("unknown_file", format!("{file} was released")));
+    }
+    if state.content == content {
+        return Ok(ChatReply::Done { seq: 0 });
+    }
+    if state.content != Content::Unregistered {
+        return Ok(reject(
+            "conflict",
+            format!("{file}'s content is {:?} already", state.content),
+        ));
+    }
+    if content == Content::Alias(file.to_string()) {
+        return Ok(reject("invalid_field", "a file cannot alias itself"));
+    }
+    state.content = content;
+    put_state(txn, file, &state)?;
+    Ok(ChatReply::Done { seq: 0 })
+}
+
 pub(crate) fn key(file: &str) -> Vec<u8> {
     crate::keys::file(file)
 }
@@ -124,6 +208,7 @@ pub(crate) fn drop_file(txn: &mut ApplyTxn<'_>, file: &str) -> Result<ChatReply,
         txn.delete(&k);
     }
     txn.delete(&key(file));
+    txn.delete(&state_key(file));
     Ok(ChatReply::Done { seq: 0 })
 }
 
@@ -139,7 +224,9 @@ pub(crate) fn attach(
     ts: u64,
 ) -> Result<ChatReply, StorageError> {
     match get::<FileRecord>(txn, &key(file))? {
-        Some(r) if r.owner == sender && r.complete() => {}
+        Some(r)
+            if r.owner == sender && r.complete() && get_state(txn, file)?.released_ms.is_none() => {
+        }
         _ => {
             return Ok(reject(
                 "unknown_file",
@@ -178,9 +265,10 @@ pub(crate) fn detach(
     Ok(ChatReply::Done { seq: 0 })
 }
 
-/// `FileCollect`: drops the file if, at log time `ts`, it is an upload older than
-/// `upload_ttl_ms` or a complete file attached nowhere older than `unattached_ttl_ms`.
-/// Answers `Done { seq: 1 }` when it was dropped, `Done { seq: 0 }` when it stays.
+/// `FileCollect`: at log time `ts`, drops an upload older than `upload_ttl_ms`
+/// (`Done { seq: 1 }`) and releases a complete file attached nowhere older than
+/// `unattached_ttl_ms` (`Done { seq: 2 }`: no one reads or attaches it any more; the
+/// collector drops it once its content's index lets it go). `Done { seq: 0 }`: it stays.
 pub(crate) fn collect(
     txn: &mut ApplyTxn<'_>,
     file: &str,
@@ -191,6 +279,9 @@ pub(crate) fn collect(
     let Some(r) = get::<FileRecord>(txn, &key(file))? else {
         return Ok(ChatReply::Done { seq: 0 });
     };
+    if get_state(txn, file)?.released_ms.is_some() {
+        return Ok(ChatReply::Done { seq: 2 });
+    }
     let age = ts.saturating_sub(r.created_ms);
     let prefix = crate::keys::file_chat_prefix(file);
     let drop = if r.complete() {
@@ -203,6 +294,16 @@ pub(crate) fn collect(
     };
     if !drop {
         return Ok(ChatReply::Done { seq: 0 });
+    }
+    if r.complete() {
+        // Its bytes may be another holder's too: released here, dropped once its
+        // content's index lets it go (the collector's next steps).
+        let mut state = get_state(txn, file)?;
+        if state.released_ms.is_none() {
+            state.released_ms = Some(ts);
+            put_state(txn, file, &state)?;
+        }
+        return Ok(ChatReply::Done { seq: 2 });
     }
     drop_file(txn, file)?;
     Ok(ChatReply::Done { seq: 1 })
@@ -241,6 +342,18 @@ pub fn read(
     chatd_raftlog::read_record(store, group, &key(file))?
         .map(|b| chatd_codec::decode(&b).map_err(crate::corrupt))
         .transpose()
+}
+
+/// The state of `file` beside its record, as applied on this replica.
+pub fn read_state(
+    store: &chatd_storage::Storage,
+    group: chatd_raftlog::GroupId,
+    file: &str,
+) -> Result<FileState, StorageError> {
+    Ok(chatd_raftlog::read_record(store, group, &state_key(file))?
+        .map(|b| chatd_codec::decode(&b).map_err(crate::corrupt))
+        .transpose()?
+        .unwrap_or_default())
 }
 
 /// Up to `limit` file records of `group` as applied on this replica, in id order, starting

@@ -176,6 +176,12 @@ fn golden_replies() {
         "010209666f7262696464656e026e6f",
     );
     pin(&ChatReply::Appended { seq: 4 }, "010304");
+    pin(
+        &ChatReply::Content {
+            canonical: Some("f".into()),
+        },
+        "0104 01 0166",
+    );
 }
 
 #[test]
@@ -347,6 +353,69 @@ fn golden_commands_other_than_send() {
         },
         "0112 0166 09 02 03",
     );
+    pin(
+        &ChatCommand::FileContent {
+            file: "f".into(),
+            content: crate::Content::Alias("g".into()),
+        },
+        "0113 0166 02 0167",
+    );
+    pin(
+        &ChatCommand::FileContent {
+            file: "f".into(),
+            content: crate::Content::Canonical,
+        },
+        "0113 0166 01",
+    );
+    pin(
+        &ChatCommand::ContentHold {
+            sha256: "h".into(),
+            file: "f".into(),
+        },
+        "0114 0168 0166",
+    );
+    pin(
+        &ChatCommand::ContentRelease {
+            sha256: "h".into(),
+            file: "f".into(),
+            ts: 7,
+        },
+        "0115 0168 0166 07",
+    );
+    pin(
+        &ChatCommand::QuotaCharge {
+            user: "u".into(),
+            file: "f".into(),
+            bytes: 5,
+            quota_bytes: 9,
+            ts: 7,
+        },
+        "0116 0175 0166 05 09 07",
+    );
+    pin(
+        &ChatCommand::QuotaRefund {
+            user: "u".into(),
+            file: "f".into(),
+        },
+        "0117 0175 0166",
+    );
+    // What stays beside the commands: a file's state, a content entry, a charge, a use.
+    pin(
+        &crate::FileState {
+            content: crate::Content::Canonical,
+            released_ms: Some(3),
+        },
+        "01 01 0103",
+    );
+    pin(
+        &crate::content::ContentEntry {
+            canonical: "f".into(),
+            holders: 2,
+        },
+        "01 0166 02",
+    );
+    pin(&crate::quota::Charge { bytes: 5, ts: 7 }, "01 05 07");
+    pin(&crate::quota::QuotaUsage { bytes: 5, files: 1 }, "01 05 01");
 }
 
 pub(crate) fn file_record() -> crate::FileRecord {
@@ -388,6 +457,12 @@ fn golden_key_layout() {
         keys::attachment_prefix("g:1", "f:1"),
         b"a\0g:1\0f:1\0".to_vec()
     );
+    assert_eq!(keys::file_state("f:1"), b"fs\0f:1".to_vec());
+    assert_eq!(keys::content("ab"), b"ci\0ab".to_vec());
+    assert_eq!(keys::content_holder("ab", "f:1"), b"ch\0ab\0f:1".to_vec());
+    assert_eq!(keys::content_released("ab", "f:1"), b"ct\0ab\0f:1".to_vec());
+    assert_eq!(keys::quota_usage("al"), b"qu\0al".to_vec());
+    assert_eq!(keys::quota_charge("al", "f:1"), b"qf\0al\0f:1".to_vec());
     // Messages of a chat sort by seq (big endian), and stay inside the chat's prefix.
     assert!(keys::message("g:1", 255) < keys::message("g:1", 256));
     assert!(keys::message("g:1", u64::MAX).starts_with(b"m\0g:1\0"));

@@ -91,6 +91,38 @@ pub(crate) fn file(file: &str) -> Vec<u8> {
     join(&[b"f", file.as_bytes()])
 }
 
+/// A file's state beside its record (docs/files.md "Dedup by content"): `fs\0file` ->
+/// [`crate::files::FileState`], absent while it is the default.
+pub(crate) fn file_state(file: &str) -> Vec<u8> {
+    join(&[b"fs", file.as_bytes()])
+}
+
+/// The content index, in the content's partition (`1 + fnv1a64("c:" + sha256) % P`):
+/// `ci\0sha256` -> [`crate::content::ContentEntry`] (the canonical file, its holders).
+pub(crate) fn content(sha256: &str) -> Vec<u8> {
+    join(&[b"ci", sha256.as_bytes()])
+}
+/// A holder of a content: `ch\0sha256\0file`.
+pub(crate) fn content_holder(sha256: &str, file: &str) -> Vec<u8> {
+    join(&[b"ch", sha256.as_bytes(), file.as_bytes()])
+}
+/// A file that let a content go, and may never hold it again: `ct\0sha256\0file` -> ms.
+pub(crate) fn content_released(sha256: &str, file: &str) -> Vec<u8> {
+    join(&[b"ct", sha256.as_bytes(), file.as_bytes()])
+}
+
+/// A user's storage use, in the user's partition (`1 + fnv1a64("u:" + user) % P`):
+/// `qu\0user` -> [`crate::quota::QuotaUsage`].
+pub(crate) fn quota_usage(user: &str) -> Vec<u8> {
+    join(&[b"qu", user.as_bytes()])
+}
+/// One charge: `qf\0user\0file` -> [`crate::quota::Charge`].
+pub(crate) fn quota_charge(user: &str, file: &str) -> Vec<u8> {
+    join(&[b"qf", user.as_bytes(), file.as_bytes()])
+}
+/// The start of every charge of a partition.
+pub(crate) const QUOTA_CHARGES_START: &[u8] = b"qf\0";
+
 /// The smallest key greater than every key starting with `prefix`.
 pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     let mut end = prefix.to_vec();

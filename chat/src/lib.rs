@@ -6,11 +6,13 @@
 //! receipt cursors. `chat` knows chats and the raftlog `Applier` interface; it knows
 //! nothing of WebSockets, QUIC or RocksDB.
 
+pub mod content;
 pub mod files;
 #[cfg(test)]
 mod golden;
 mod keys;
 mod model;
+pub mod quota;
 mod read;
 
 use std::collections::{BTreeMap, HashMap};
@@ -19,7 +21,7 @@ use chatd_raftlog::{Applier, ApplyTxn, GroupId};
 use chatd_storage::StorageError;
 use serde::{Deserialize, Serialize};
 
-pub use files::FileRecord;
+pub use files::{Content, FileRecord, FileState};
 pub use model::LogRecord;
 pub use model::{
     decode_stored_message, Attachment, ChatKind, ChatRecord, Cursor, DedupRecord, MessageRecord,
@@ -158,6 +160,31 @@ pub enum ChatCommand {
         upload_ttl_ms: u64,
         unattached_ttl_ms: u64,
     },
+    /// What the content index answered for `file` (complete): set once.
+    FileContent {
+        file: String,
+        content: files::Content,
+    },
+    /// `file` (complete, hashing to `sha256`) holds that content, in the content's
+    /// partition (answers [`ChatReply::Content`]).
+    ContentHold { sha256: String, file: String },
+    /// `file` lets the content go at `ts`, for good (answers [`ChatReply::Content`]).
+    ContentRelease {
+        sha256: String,
+        file: String,
+        ts: u64,
+    },
+    /// `user` holds `file` of `bytes` from `ts`, within `quota_bytes` (in the user's
+    /// partition).
+    QuotaCharge {
+        user: String,
+        file: String,
+        bytes: u64,
+        quota_bytes: u64,
+        ts: u64,
+    },
+    /// `file` no longer counts for `user`.
+    QuotaRefund { user: String, file: String },
 }
 
 /// How long a send's idempotency record answers retries unless configured otherwise: 24 h.
@@ -186,6 +213,8 @@ pub enum ChatReply {
     Rejected { code: String, message: String },
     /// Foundation log answer.
     Appended { seq: u64 },
+    /// The content index's answer: the canonical file of the content, if any.
+    Content { canonical: Option<String> },
 }
 
 /// What delivery needs to know after a batch is applied.
@@ -532,6 +561,19 @@ fn apply_command(
             upload_ttl_ms,
             unattached_ttl_ms,
         } => files::collect(txn, &file, ts, upload_ttl_ms, unattached_ttl_ms)?,
+        ChatCommand::FileContent { file, content } => files::set_content(txn, &file, content)?,
+        ChatCommand::ContentHold { sha256, file } => content::hold(txn, &sha256, &file)?,
+        ChatCommand::ContentRelease { sha256, file, ts } => {
+            content::release(txn, &sha256, &file, ts)?
+        }
+        ChatCommand::QuotaCharge {
+            user,
+            file,
+            bytes,
+            quota_bytes,
+            ts,
+        } => quota::charge(txn, &user, &file, bytes, quota_bytes, ts)?,
+        ChatCommand::QuotaRefund { user, file } => quota::refund(txn, &user, &file)?,
         ChatCommand::Append(payload) => {
             let n: u64 = get(txn, keys::LOG_COUNT)?.unwrap_or(0) + 1;
             put(txn, keys::LOG_COUNT, &n)?;

@@ -310,11 +310,36 @@ fn files_are_collected_only_when_unattached_or_never_completed_past_their_ttl() 
         chat: "g:1".into(),
         attached_ms: 120,
     });
+    // A complete file is released (its bytes may be another holder's too), not dropped:
+    // no one may attach it any more; collecting it again says the same.
     assert_eq!(
         sm.apply(collect("f:done", 10_000)).0,
-        ChatReply::Done { seq: 1 }
+        ChatReply::Done { seq: 2 }
     );
+    assert!(exists(&sm, "f:done"));
+    assert_eq!(
+        files::read_state(&sm.store, G, "f:done")
+            .unwrap()
+            .released_ms,
+        Some(10_000)
+    );
+    assert_eq!(
+        rejected(&sm.apply(attach("f:done", "a", 10_001)).0),
+        "unknown_file"
+    );
+    assert_eq!(
+        sm.apply(collect("f:done", 10_002)).0,
+        ChatReply::Done { seq: 2 }
+    );
+    // The collector drops it once its content lets it go.
+    sm.apply(ChatCommand::FileDrop {
+        file: "f:done".into(),
+    });
     assert!(!exists(&sm, "f:done"));
+    assert_eq!(
+        files::read_state(&sm.store, G, "f:done").unwrap(),
+        FileState::default()
+    );
     assert!(files::attached_chats(&sm.store, G, "f:done")
         .unwrap()
         .is_empty());
@@ -323,6 +348,145 @@ fn files_are_collected_only_when_unattached_or_never_completed_past_their_ttl() 
         sm.apply(collect("f:done", 10_000)).0,
         ChatReply::Done { seq: 0 }
     );
+}
+
+#[test]
+fn the_content_index_keeps_the_canonical_file_while_any_holder_is_left() {
+    let mut sm = Sm::new();
+    let hold = |file: &str| ChatCommand::ContentHold {
+        sha256: "h".into(),
+        file: file.into(),
+    };
+    let release = |file: &str| ChatCommand::ContentRelease {
+        sha256: "h".into(),
+        file: file.into(),
+        ts: 7,
+    };
+    let canonical = |c: Option<&str>| ChatReply::Content {
+        canonical: c.map(str::to_string),
+    };
+    // The first holder is canonical; the next ones read it; a retry answers the same.
+    assert_eq!(sm.apply(hold("f:a")).0, canonical(Some("f:a")));
+    assert_eq!(sm.apply(hold("f:b")).0, canonical(Some("f:a")));
+    assert_eq!(sm.apply(hold("f:b")).0, canonical(Some("f:a")));
+    assert_eq!(sm.apply(hold("f:c")).0, canonical(Some("f:a")));
+    let of = |sm: &Sm, f: &str| content::read_of(&sm.store, G, "h", f).unwrap();
+    assert!(of(&sm, "f:b").held && !of(&sm, "f:b").released);
+    // The canonical file's owner lets go: it stays canonical for the others.
+    assert_eq!(sm.apply(release("f:a")).0, canonical(Some("f:a")));
+    assert_eq!(sm.apply(release("f:a")).0, canonical(Some("f:a")));
+    let a = of(&sm, "f:a");
+    assert!(a.released && !a.held && a.canonical.as_deref() == Some("f:a"));
+    // A hold arriving after its release is refused: it never becomes canonical again.
+    assert_eq!(sm.apply(hold("f:a")).0, canonical(None));
+    assert_eq!(sm.apply(release("f:b")).0, canonical(Some("f:a")));
+    // The last holder goes: the entry with it.
+    assert_eq!(sm.apply(release("f:c")).0, canonical(None));
+    assert_eq!(of(&sm, "f:a").canonical, None);
+    // The same bytes uploaded later start a new entry.
+    assert_eq!(sm.apply(hold("f:d")).0, canonical(Some("f:d")));
+    // A file that never held it releasing it changes nothing but its own tombstone.
+    assert_eq!(sm.apply(release("f:e")).0, canonical(Some("f:d")));
+    assert_eq!(sm.apply(hold("f:e")).0, canonical(None));
+    assert_eq!(sm.apply(hold("f:f")).0, canonical(Some("f:d")));
+}
+
+#[test]
+fn a_file_records_its_content_once_and_only_while_held() {
+    let mut sm = Sm::new();
+    let record = FileRecord {
+        id: "f:x".into(),
+        owner: "a".into(),
+        size: 2,
+        mime: "m".into(),
+        name: "n".into(),
+        chunk_bytes: 2,
+        offset: 0,
+        sha256: None,
+        created_ms: 1,
+    };
+    sm.apply(ChatCommand::FileBegin(record));
+    let set = |c: Content| ChatCommand::FileContent {
+        file: "f:x".into(),
+        content: c,
+    };
+    assert_eq!(
+        rejected(&sm.apply(set(Content::Canonical)).0),
+        "unknown_file",
+        "not complete yet"
+    );
+    sm.apply(ChatCommand::FileProgress {
+        file: "f:x".into(),
+        offset: 2,
+    });
+    sm.apply(ChatCommand::FileComplete {
+        file: "f:x".into(),
+        sha256: "h".into(),
+    });
+    assert_eq!(
+        rejected(&sm.apply(set(Content::Alias("f:x".into()))).0),
+        "invalid_field"
+    );
+    let alias = Content::Alias("f:y".into());
+    assert_eq!(sm.apply(set(alias.clone())).0, ChatReply::Done { seq: 0 });
+    assert_eq!(sm.apply(set(alias.clone())).0, ChatReply::Done { seq: 0 });
+    assert_eq!(rejected(&sm.apply(set(Content::Own)).0), "conflict");
+    let state = files::read_state(&sm.store, G, "f:x").unwrap();
+    assert_eq!(state.content, alias);
+    assert_eq!(state.source("f:x"), "f:y");
+}
+
+#[test]
+fn quotas_charge_each_file_once_refuse_past_the_limit_and_refund() {
+    let mut sm = Sm::new();
+    let charge = |file: &str, bytes: u64| ChatCommand::QuotaCharge {
+        user: "a".into(),
+        file: file.into(),
+        bytes,
+        quota_bytes: 10,
+        ts: 5,
+    };
+    let usage = |sm: &Sm| quota::usage(&sm.store, G, "a").unwrap();
+    assert_eq!(sm.apply(charge("f:1", 6)).0, ChatReply::Done { seq: 0 });
+    assert_eq!(sm.apply(charge("f:1", 6)).0, ChatReply::Done { seq: 0 });
+    assert_eq!(usage(&sm), quota::QuotaUsage { bytes: 6, files: 1 });
+    // At the bound exactly: allowed; one byte past it: refused, nothing changes.
+    assert_eq!(sm.apply(charge("f:2", 4)).0, ChatReply::Done { seq: 0 });
+    assert_eq!(rejected(&sm.apply(charge("f:3", 1)).0), "quota_exceeded");
+    assert_eq!(
+        usage(&sm),
+        quota::QuotaUsage {
+            bytes: 10,
+            files: 2
+        }
+    );
+    // Another user's quota is their own.
+    sm.apply(ChatCommand::QuotaCharge {
+        user: "b".into(),
+        file: "f:9".into(),
+        bytes: 10,
+        quota_bytes: 10,
+        ts: 5,
+    });
+    let listed = quota::charges(&sm.store, G, None, 10).unwrap();
+    let names: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|c| (c.user.as_str(), c.file.as_str()))
+        .collect();
+    assert_eq!(names, vec![("a", "f:1"), ("a", "f:2"), ("b", "f:9")]);
+    assert_eq!(
+        quota::charges(&sm.store, G, Some(("a", "f:2")), 10).unwrap()[0].file,
+        "f:9"
+    );
+    // Refunds are idempotent and free room.
+    let refund = ChatCommand::QuotaRefund {
+        user: "a".into(),
+        file: "f:1".into(),
+    };
+    sm.apply(refund.clone());
+    sm.apply(refund);
+    assert_eq!(usage(&sm), quota::QuotaUsage { bytes: 4, files: 1 });
+    assert_eq!(sm.apply(charge("f:3", 6)).0, ChatReply::Done { seq: 0 });
 }
 
 #[test]

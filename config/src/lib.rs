@@ -303,6 +303,10 @@ pub struct FilesSection {
     /// Largest file a user may upload, in bytes (an upload announcing more is refused with
     /// 413 before its body is read).
     pub max_bytes: u64,
+    /// Bytes of files one user may hold at once (uploads under way count their declared
+    /// size; every file counts in full, deduplicated or not). An upload that would pass it
+    /// is refused with 413 `quota_exceeded` before its body is read.
+    pub user_quota_bytes: u64,
     /// Bytes per chunk: the unit stored on each replica, synced and acknowledged.
     pub chunk_bytes: u32,
     /// Chunks of one upload sent to the replicas and not yet on a majority, at most.
@@ -342,6 +346,7 @@ impl Default for FilesSection {
     fn default() -> Self {
         Self {
             max_bytes: 100 << 20,
+            user_quota_bytes: 10 << 30,
             chunk_bytes: 1 << 20,
             chunks_in_flight: 4,
             progress_chunks: 8,

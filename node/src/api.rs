@@ -60,6 +60,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/ws", get(websocket))
         .route("/v1/files", post(crate::files::http::upload))
+        .route("/v1/quota", get(crate::files::http::quota))
         .route(
             "/v1/files/{id}",
             get(crate::files::http::download)

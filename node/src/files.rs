@@ -11,6 +11,7 @@ use chatd_storage::{Batch, Cf};
 use crate::node::{Node, NodeReply};
 
 pub mod collect;
+pub mod dedup;
 mod download;
 pub mod http;
 pub mod repair;
@@ -128,6 +129,12 @@ pub fn present_chunks(
     Ok(out)
 }
 
+/// Whether a file's own chunks must be kept: not when its bytes are another file's (an
+/// alias: the sweep deletes them, repair does not fetch them).
+pub fn keeps_chunks(state: &chatd_chat::FileState) -> bool {
+    !matches!(state.content, chatd_chat::Content::Alias(_))
+}
+
 /// The attachments of a `send`: each named file must be a complete upload of `sender`'s;
 /// a `mime` or `size` the sender gives must match it; a `name` replaces the uploaded one.
 /// Err is `(protocol error code, sentence)`.
@@ -171,20 +178,20 @@ pub(crate) async fn attachments(
                 .map_err(|e| (code::INVALID_FIELD.into(), format!("name {e}")))?;
         }
         let group = crate::gateway::chat_group(node, &f.file_id);
-        let record = match node
+        let (record, state) = match node
             .query(
                 group,
-                crate::queries::ChatQuery::File {
+                crate::queries::ChatQuery::FileEntry {
                     file: f.file_id.clone(),
                 },
             )
             .await
         {
-            Ok(crate::queries::ChatQueryReply::File(Some(r))) => r,
+            Ok(crate::queries::ChatQueryReply::FileEntry(Some(r))) => r,
             Ok(_) => return Err(unknown()),
             Err(e) => return Err((code::UNAVAILABLE.into(), e.to_string())),
         };
-        if record.owner != sender || !record.complete() {
+        if record.owner != sender || !record.complete() || state.released_ms.is_some() {
             return Err(unknown());
         }
         if f.mime.as_ref().is_some_and(|m| *m != record.mime)

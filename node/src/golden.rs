@@ -237,6 +237,15 @@ fn golden_chat_queries() {
         },
         "01 07 0163 0166",
     );
+    pin(&ChatQuery::FileEntry { file: "f".into() }, "01 08 0166");
+    pin(
+        &ChatQuery::ContentOf {
+            sha256: "h".into(),
+            file: "f".into(),
+        },
+        "01 09 0168 0166",
+    );
+    pin(&ChatQuery::Quota { user: "u".into() }, "01 0a 0175");
 }
 
 #[test]
@@ -348,4 +357,17 @@ fn golden_chat_query_replies() {
         "01 06 01 0166 016f 05 016d 016e 02 01 01 0168 09",
     );
     pin(&ChatQueryReply::Allowed(true), "01 07 01");
+    pin(&ChatQueryReply::FileEntry(None), "01 08 00");
+    pin(
+        &ChatQueryReply::ContentOf(chatd_chat::content::ContentOf {
+            canonical: Some("f".into()),
+            held: true,
+            released: false,
+        }),
+        "01 09 01 0166 01 00",
+    );
+    pin(
+        &ChatQueryReply::Quota(chatd_chat::quota::QuotaUsage { bytes: 5, files: 1 }),
+        "01 0a 05 01",
+    );
 }

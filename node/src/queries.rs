@@ -48,6 +48,12 @@ pub enum ChatQuery {
     },
     /// Whether some message of `chat` carries `file` (collection); answered `Allowed`.
     FileCarried { chat: String, file: String },
+    /// The record of `file` with its state (dedup, release), in its home partition.
+    FileEntry { file: String },
+    /// What the content index of `sha256` says for `file` (in the content's partition).
+    ContentOf { sha256: String, file: String },
+    /// What `user` holds against the quota (in the user's partition).
+    Quota { user: String },
 }
 
 /// The admin view of a chat.
@@ -85,6 +91,12 @@ pub enum ChatQueryReply {
     File(Option<chatd_chat::FileRecord>),
     /// The answer to [`ChatQuery::FileAccess`].
     Allowed(bool),
+    /// A file's record and state, if it exists.
+    FileEntry(Option<(chatd_chat::FileRecord, chatd_chat::FileState)>),
+    /// The answer to [`ChatQuery::ContentOf`].
+    ContentOf(chatd_chat::content::ContentOf),
+    /// The answer to [`ChatQuery::Quota`].
+    Quota(chatd_chat::quota::QuotaUsage),
 }
 
 fn rejected(code: &str, message: impl Into<String>) -> ChatQueryReply {
@@ -216,6 +228,19 @@ fn run_inner(
         ChatQuery::FileAccess { chat, file, user } => ChatQueryReply::Allowed(
             chatd_chat::file_readable(store, group, &chat, &file, &user)?,
         ),
+        ChatQuery::FileEntry { file } => match chatd_chat::files::read(store, group, &file)? {
+            None => ChatQueryReply::FileEntry(None),
+            Some(r) => {
+                let state = chatd_chat::files::read_state(store, group, &file)?;
+                ChatQueryReply::FileEntry(Some((r, state)))
+            }
+        },
+        ChatQuery::ContentOf { sha256, file } => {
+            ChatQueryReply::ContentOf(chatd_chat::content::read_of(store, group, &sha256, &file)?)
+        }
+        ChatQuery::Quota { user } => {
+            ChatQueryReply::Quota(chatd_chat::quota::usage(store, group, &user)?)
+        }
         ChatQuery::FileCarried { chat, file } => {
             ChatQueryReply::Allowed(chatd_chat::file_carried(store, group, &chat, &file)?)
         }

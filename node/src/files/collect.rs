@@ -3,13 +3,16 @@
 //! * **Records**, by the leader of each file's home partition, during the repair pass: an
 //!   upload never completed within `files.upload_ttl_ms`, and a complete file attached to
 //!   no message within `files.unattached_ttl_ms` of its upload, are dropped
-//!   (`FileCollect`, which checks again at apply time, so a concurrent attach wins). An
+//!   (`FileCollect`, which checks again at apply time, so a concurrent attach wins; a
+//!   complete file is released first and dropped once its content lets it go, see
+//!   `dedup`). An
 //!   attach older than `files.detach_grace_ms` whose chat no longer carries the file (its
 //!   messages were deleted) is forgotten (`FileDetach`); the file then counts as attached
 //!   nowhere.
 //! * **Chunks**, by every node, every `files.sweep_interval_ms`: chunks of files that have
-//!   no record here (dropped, collected, failed, or put after the drop) once their newest
-//!   mark is older than `files.orphan_grace_ms`; every chunk of a partition this node has
+//!   no record here (dropped, collected, failed, or put after the drop), or whose bytes
+//!   are another file's (dedup), once their newest mark is older than
+//!   `files.orphan_grace_ms`; every chunk of a partition this node has
 //!   not hosted for `files.unhosted_grace_ms`. The sweep also sums what this node holds
 //!   (`chatd_file_bytes`, `chatd_file_chunks`).
 
@@ -17,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Instant;
 
-use chatd_chat::{ChatCommand, FileRecord};
+use chatd_chat::{ChatCommand, Content, FileRecord, FileState};
 use chatd_storage::{Batch, Cf};
 
 use super::upload::propose_file;
@@ -39,10 +42,13 @@ pub struct Collected {
 }
 
 /// Collection of one record of a partition this node leads; `budget` counts proposals.
+/// Also takes the file's cross-partition steps on (docs/files.md): a complete file not yet
+/// in its content's index is registered, a released one settled.
 pub async fn collect_record(
     node: &Arc<Node>,
     group: u64,
     record: &FileRecord,
+    state: &FileState,
     budget: &mut usize,
     out: &mut Collected,
 ) {
@@ -50,6 +56,11 @@ pub async fn collect_record(
     let now = now_ms();
     let age = now.saturating_sub(record.created_ms);
     if *budget == 0 {
+        return;
+    }
+    if state.released_ms.is_some() {
+        *budget -= 1;
+        settle(node, group, record, state, out).await;
         return;
     }
     let collect = ChatCommand::FileCollect {
@@ -61,9 +72,20 @@ pub async fn collect_record(
     if !record.complete() {
         if age >= cfg.upload_ttl_ms {
             *budget -= 1;
-            propose_collect(node, group, &collect, out).await;
+            if propose_collect(node, group, &collect).await == Some(DROPPED) {
+                out.dropped += 1;
+                super::dedup::refund(node, &record.owner, &record.id).await;
+            }
         }
         return;
+    }
+    if state.content == Content::Unregistered {
+        if let Some(sha256) = &record.sha256 {
+            *budget -= 1;
+            if let Err(e) = super::dedup::register(node, group, &record.id, sha256).await {
+                tracing::debug!(file = %record.id, error = %e, "content not registered yet");
+            }
+        }
     }
     let chats = match chatd_chat::files::attached_chats(&node.store, group, &record.id) {
         Ok(c) => c,
@@ -73,9 +95,18 @@ pub async fn collect_record(
         }
     };
     if chats.is_empty() {
-        if age >= cfg.unattached_ttl_ms {
+        if age >= cfg.unattached_ttl_ms && *budget > 0 {
             *budget -= 1;
-            propose_collect(node, group, &collect, out).await;
+            if propose_collect(node, group, &collect).await == Some(RELEASED) {
+                // Released: it no longer counts for its owner, whatever becomes of its
+                // bytes.
+                super::dedup::refund(node, &record.owner, &record.id).await;
+                let released = FileState {
+                    released_ms: Some(now),
+                    ..state.clone()
+                };
+                settle(node, group, record, &released, out).await;
+            }
         }
         return;
     }
@@ -108,24 +139,44 @@ pub async fn collect_record(
     }
 }
 
-async fn propose_collect(node: &Node, group: u64, cmd: &ChatCommand, out: &mut Collected) {
+/// `FileCollect`'s answer (`Done { seq }`) when it dropped an upload.
+const DROPPED: u64 = 1;
+/// `FileCollect`'s answer when it released a complete file.
+const RELEASED: u64 = 2;
+
+/// Proposes a `FileCollect`; its answer's `seq` (0: the file stays), `None` if not known.
+async fn propose_collect(node: &Node, group: u64, cmd: &ChatCommand) -> Option<u64> {
     let bytes = match chatd_codec::encode(cmd) {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "collect command not encoded");
-            return;
+            return None;
         }
     };
     match node.propose(group, bytes).await {
-        Ok(reply) => {
-            if matches!(
-                chatd_codec::decode::<chatd_chat::ChatReply>(&reply.response),
-                Ok(chatd_chat::ChatReply::Done { seq: 1 })
-            ) {
-                out.dropped += 1;
-            }
+        Ok(reply) => match chatd_codec::decode::<chatd_chat::ChatReply>(&reply.response) {
+            Ok(chatd_chat::ChatReply::Done { seq }) => Some(seq),
+            _ => None,
+        },
+        Err(e) => {
+            tracing::debug!(group, error = %e, "collect not committed");
+            None
         }
-        Err(e) => tracing::debug!(group, error = %e, "collect not committed"),
+    }
+}
+
+/// Takes a released file a step on ([`super::dedup::settle_released`]).
+async fn settle(
+    node: &Node,
+    group: u64,
+    record: &FileRecord,
+    state: &FileState,
+    out: &mut Collected,
+) {
+    match super::dedup::settle_released(node, group, record, state).await {
+        Ok(true) => out.dropped += 1,
+        Ok(false) => {}
+        Err(e) => tracing::debug!(file = %record.id, error = %e, "a released file not settled"),
     }
 }
 
@@ -241,9 +292,16 @@ fn sweep_blocking(node: &Node, unhosted_since: &mut HashMap<u64, Instant>) -> Sw
             unhosted_since.remove(&group);
         }
         for (file, (newest, chunks, bytes)) in files {
+            // Not needed: no record (dropped, failed), or its bytes are another file's.
+            let unneeded = || match chatd_chat::files::read(&node.store, group, &file) {
+                Ok(None) => true,
+                Ok(Some(_)) => chatd_chat::files::read_state(&node.store, group, &file)
+                    .is_ok_and(|s| !super::keeps_chunks(&s)),
+                Err(_) => false,
+            };
             let orphan = node.registry.hosts(group)
                 && now.saturating_sub(newest) >= cfg.orphan_grace_ms
-                && matches!(chatd_chat::files::read(&node.store, group, &file), Ok(None));
+                && unneeded();
             if orphan {
                 let mut b = Batch::new();
                 {

@@ -15,7 +15,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chatd_chat::FileRecord;
+use chatd_chat::{FileRecord, FileState};
 use serde::Serialize;
 
 use super::download::{chunks, disposition, parse_range, set, Unsatisfiable};
@@ -283,6 +283,15 @@ pub async fn upload(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bod
         Err(b) => return busy(b, &file),
     };
     let group = chat_group(&node, &file);
+    // Charged before the record exists: a file never holds bytes its owner was not
+    // charged for (a charge whose file never came is refunded by the reconciler).
+    match super::dedup::charge(&node, &user, &file, size).await {
+        Ok(()) => {}
+        Err(UploadError::Rejected { code, message }) if code == "quota_exceeded" => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, &code, message)
+        }
+        Err(e) => return upload_failed(e),
+    }
     let record = FileRecord {
         id: file.clone(),
         owner: user,
@@ -301,6 +310,7 @@ pub async fn upload(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bod
     )
     .await
     {
+        super::dedup::refund(&node, &record.owner, &file).await;
         return upload_failed(e);
     }
     if len == 0 && size > 0 {
@@ -315,7 +325,9 @@ pub async fn upload(State(node): State<Arc<Node>>, headers: HeaderMap, body: Bod
 
 /// The record of `file` if `user` may see it (its owner), else the answer to give.
 async fn owned_record(node: &Node, user: &str, file: &str) -> Result<(u64, FileRecord), Response> {
-    readable_record(node, user, file, None).await
+    readable_record(node, user, file, None)
+        .await
+        .map(|(group, record, _)| (group, record))
 }
 
 /// The query of a download: the chat through which the reader may read the file.
@@ -336,32 +348,36 @@ fn read_query(
 
 /// The record of `file` if `user` may read it: its owner, or, with `chat`, a reader of a
 /// message of that chat carrying it (the chat's partition decides, by the user's span).
-/// Everything else, and a file that does not exist, is the same 404.
+/// Everything else, a file that does not exist and one its owner let go (collected) are
+/// the same 404.
 async fn readable_record(
     node: &Node,
     user: &str,
     file: &str,
     chat: Option<&str>,
-) -> Result<(u64, FileRecord), Response> {
+) -> Result<(u64, FileRecord, FileState), Response> {
     if !is_file_id(file) {
         return Err(not_found());
     }
     let group = chat_group(node, file);
-    let record = match node
+    let (record, state) = match node
         .query(
             group,
-            ChatQuery::File {
+            ChatQuery::FileEntry {
                 file: file.to_string(),
             },
         )
         .await
     {
-        Ok(ChatQueryReply::File(Some(r))) => r,
+        Ok(ChatQueryReply::FileEntry(Some(r))) => r,
         Ok(_) => return Err(not_found()),
         Err(e) => return Err(unavailable(e)),
     };
+    if state.released_ms.is_some() {
+        return Err(not_found());
+    }
     if record.owner == user {
-        return Ok((group, record));
+        return Ok((group, record, state));
     }
     let Some(chat) = chat else {
         return Err(not_found());
@@ -380,7 +396,7 @@ async fn readable_record(
         )
         .await
     {
-        Ok(ChatQueryReply::Allowed(true)) => Ok((group, record)),
+        Ok(ChatQueryReply::Allowed(true)) => Ok((group, record, state)),
         Ok(_) => Err(not_found()),
         Err(e) => Err(unavailable(e)),
     }
@@ -472,7 +488,7 @@ pub async fn status(
         Err(r) => return r,
     };
     let record = match readable_record(&node, &user, &file, chat.as_deref()).await {
-        Ok((_, r)) => r,
+        Ok((_, r, _)) => r,
         Err(r) => return r,
     };
     let mut response = Response::new(Body::empty());
@@ -499,10 +515,17 @@ pub async fn thumbnail(
     headers: HeaderMap,
 ) -> Response {
     use super::thumbnail::{decode_stored, encode_stored, has_thumbnail, make, thumbnail_key};
-    let (group, record, sha256) = match complete_readable(&node, &headers, &file, query).await {
+    let Readable {
+        record,
+        sha256,
+        source_group: group,
+        source,
+    } = match complete_readable(&node, &headers, &file, query).await {
         Ok(x) => x,
         Err(r) => return r,
     };
+    // Made of, and kept with, the bytes' own file (once for every alias of it).
+    let file = source.id.clone();
     let none = |why: &str| error(StatusCode::NOT_FOUND, "no_thumbnail", why.to_string());
     if !has_thumbnail(&record) {
         return none("only PNG, JPEG, GIF and WebP images up to 32 MiB have a thumbnail");
@@ -525,8 +548,8 @@ pub async fn thumbnail(
                 );
             };
             let mut bytes = Vec::with_capacity(record.size as usize);
-            for i in 0..record.chunks() {
-                let len = super::repair::chunk_len(&record, i) as usize;
+            for i in 0..source.chunks() {
+                let len = super::repair::chunk_len(&source, i) as usize;
                 let Ok(index) = u32::try_from(i) else {
                     return not_found();
                 };
@@ -567,6 +590,42 @@ pub async fn thumbnail(
     response
 }
 
+/// What `GET /v1/quota` answers.
+#[derive(Debug, Serialize)]
+pub struct Quota {
+    pub user: String,
+    /// Bytes of the user's files (uploads under way count their declared size).
+    pub used_bytes: u64,
+    pub files: u64,
+    /// `files.user_quota_bytes` of the node that answers.
+    pub quota_bytes: u64,
+}
+
+/// `GET /v1/quota`: what the token's user holds against the quota.
+pub async fn quota(State(node): State<Arc<Node>>, headers: HeaderMap) -> Response {
+    let user = match user_of(&node, &headers).await {
+        Ok(u) => u,
+        Err(r) => return r,
+    };
+    let group = super::dedup::user_group(&node, &user);
+    let q = ChatQuery::Quota { user: user.clone() };
+    match node.query(group, q).await {
+        Ok(ChatQueryReply::Quota(u)) => Json(Quota {
+            user,
+            used_bytes: u.bytes,
+            files: u.files,
+            quota_bytes: node.config.files.user_quota_bytes,
+        })
+        .into_response(),
+        Ok(other) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("unexpected {other:?}"),
+        ),
+        Err(e) => unavailable(e),
+    }
+}
+
 /// Missing chunk indexes listed by [`local_file`], at most.
 pub const LOCAL_MISSING_LISTED_MAX: usize = 64;
 
@@ -580,6 +639,8 @@ pub struct LocalFile {
     pub hosted: bool,
     /// The record as applied here.
     pub record: Option<FileRecord>,
+    /// Its state as applied here: where its bytes are (dedup), whether it was released.
+    pub state: FileState,
     /// Chunks below the committed offset, and how many of them are here.
     pub chunks_needed: u64,
     pub chunks_present: u64,
@@ -601,12 +662,18 @@ pub async fn local_file(State(node): State<Arc<Node>>, Path(file): Path<String>)
         Ok(r) => r,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
     };
+    let state = match chatd_chat::files::read_state(&node.store, group, &file) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
+    };
     let present = match super::present_chunks(&node.store, group, &file) {
         Ok(p) => p,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, "storage", e.to_string()),
     };
     let needed = record.as_ref().map_or(0, |r| {
-        if r.complete() {
+        if !super::keeps_chunks(&state) {
+            0
+        } else if r.complete() {
             r.chunks()
         } else {
             r.offset / u64::from(r.chunk_bytes.max(1))
@@ -633,6 +700,7 @@ pub async fn local_file(State(node): State<Arc<Node>>, Path(file): Path<String>)
         group,
         hosted: node.registry.hosts(group),
         record,
+        state,
         chunks_needed: needed,
         chunks_present: have,
         chunks_held: present.len() as u64,
@@ -650,20 +718,62 @@ fn download_headers(h: &mut HeaderMap, record: &FileRecord, sha256: &str, length
     set(h, header::CONTENT_DISPOSITION, disposition(&record.name));
 }
 
-/// The complete file a read request names, if its user may read it: (group, record,
-/// SHA-256), else the answer to give.
+/// A complete file a read request may read.
+struct Readable {
+    /// Its own record (name, type, size, hash).
+    record: FileRecord,
+    sha256: String,
+    /// Where its bytes are: its own partition and record, or, for a file whose bytes are
+    /// stored once for several (an alias), the canonical file's.
+    source_group: u64,
+    source: FileRecord,
+}
+
+/// The complete file a read request names, if its user may read it, else the answer to
+/// give.
 async fn complete_readable(
     node: &Node,
     headers: &HeaderMap,
     file: &str,
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<(u64, FileRecord, String), Response> {
+) -> Result<Readable, Response> {
     let user = user_of(node, headers).await?;
     let chat = read_query(query)?;
-    let (group, record) = readable_record(node, &user, file, chat.as_deref()).await?;
-    match record.sha256.clone() {
-        Some(sha) => Ok((group, record, sha)),
-        None => Err(not_found()),
+    let (group, record, state) = readable_record(node, &user, file, chat.as_deref()).await?;
+    let Some(sha256) = record.sha256.clone() else {
+        return Err(not_found());
+    };
+    let canonical = state.source(&record.id);
+    if canonical == record.id {
+        return Ok(Readable {
+            source: record.clone(),
+            record,
+            sha256,
+            source_group: group,
+        });
+    }
+    // The canonical file's record stays while this one holds its content.
+    let source_group = chat_group(node, canonical);
+    let q = ChatQuery::File {
+        file: canonical.to_string(),
+    };
+    match node.query(source_group, q).await {
+        Ok(ChatQueryReply::File(Some(source)))
+            if source.sha256.as_deref() == Some(sha256.as_str()) && source.size == record.size =>
+        {
+            Ok(Readable {
+                record,
+                sha256,
+                source_group,
+                source,
+            })
+        }
+        Ok(_) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{file}'s bytes are {canonical}'s, which is missing or differs"),
+        )),
+        Err(e) => Err(unavailable(e)),
     }
 }
 
@@ -677,7 +787,12 @@ pub async fn download(
     query: Result<Query<ReadQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Response {
-    let (group, record, sha256) = match complete_readable(&node, &headers, &file, query).await {
+    let Readable {
+        record,
+        sha256,
+        source_group,
+        source,
+    } = match complete_readable(&node, &headers, &file, query).await {
         Ok(x) => x,
         Err(r) => return r,
     };
@@ -708,7 +823,7 @@ pub async fn download(
     let body = if length == 0 {
         Body::empty()
     } else {
-        Body::from_stream(chunks(node.clone(), group, record.clone(), start, end))
+        Body::from_stream(chunks(node.clone(), source_group, source, start, end))
     };
     let mut response = Response::new(body);
     *response.status_mut() = status;

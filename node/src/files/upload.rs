@@ -165,6 +165,14 @@ pub async fn write(
                         },
                     )
                     .await?;
+                    // Dedup needs no answer of the upload's: off its path (the repair
+                    // pass registers a file this misses).
+                    let (node, file, sha256) = (node.clone(), record.id.clone(), sha256.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = super::dedup::register(&node, group, &file, &sha256).await {
+                            tracing::debug!(file, error = %e, "content not registered yet");
+                        }
+                    });
                 }
                 Ok(Written {
                     offset: acked,
@@ -175,14 +183,18 @@ pub async fn write(
                 let kept = if keep_on_failure {
                     commit_progress(&node, group, &record.id, acked).await
                 } else {
-                    propose_file(
+                    let dropped = propose_file(
                         &node,
                         group,
                         &ChatCommand::FileDrop {
                             file: record.id.clone(),
                         },
                     )
-                    .await
+                    .await;
+                    if dropped.is_ok() {
+                        super::dedup::refund(&node, &record.owner, &record.id).await;
+                    }
+                    dropped
                 };
                 if let Err(k) = kept {
                     tracing::warn!(file = %record.id, error = %k,

@@ -11,7 +11,7 @@ use crate::chat::{cluster3, create_user};
 use crate::harness::Cluster;
 
 /// Deterministic bytes that differ in every chunk (a chunk mixed up would show).
-fn content(len: usize) -> Vec<u8> {
+pub(crate) fn content(len: usize) -> Vec<u8> {
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     (0..len)
         .map(|_| {
@@ -23,12 +23,12 @@ fn content(len: usize) -> Vec<u8> {
         .collect()
 }
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, bytes);
     d.as_ref().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-async fn upload(
+pub(crate) async fn upload(
     c: &Cluster,
     via: u64,
     token: &str,
@@ -47,7 +47,7 @@ async fn upload(
         .unwrap()
 }
 
-async fn download(
+pub(crate) async fn download(
     c: &Cluster,
     via: u64,
     token: &str,
@@ -157,7 +157,12 @@ async fn files_upload_on_one_node_download_identical_from_every_node_with_ranges
 
 /// Sends only the headers of an upload (a declared length, or chunked encoding), waits
 /// for the answer, and returns its status: what the node decides before reading a body.
-async fn headers_only_upload(c: &Cluster, via: u64, token: &str, length: Option<u64>) -> u16 {
+pub(crate) async fn headers_only_upload(
+    c: &Cluster,
+    via: u64,
+    token: &str,
+    length: Option<u64>,
+) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = c.node(via).api;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -183,7 +188,7 @@ async fn headers_only_upload(c: &Cluster, via: u64, token: &str, length: Option<
 
 /// Sends an upload announcing `length` bytes but only `sent` of them, half-closes, and
 /// returns the answer's status and text.
-async fn truncated_upload(
+pub(crate) async fn truncated_upload(
     c: &Cluster,
     via: u64,
     token: &str,
@@ -341,7 +346,7 @@ async fn files_an_acknowledged_upload_survives_kill_9_of_the_node_that_took_it()
 }
 
 /// Node `id`'s own copy of `file` (`/v1/admin/files/{id}/local`).
-async fn local_copy(c: &Cluster, id: u64, file: &str) -> Value {
+pub(crate) async fn local_copy(c: &Cluster, id: u64, file: &str) -> Value {
     c.http
         .get(c.url(id, &format!("/v1/admin/files/{file}/local")))
         .send()
@@ -375,7 +380,12 @@ async fn wait_whole(c: &Cluster, nodes: &[u64], file: &str, within: Duration) {
 }
 
 /// `POST /v1/files` creating a resumable upload of `size` bytes (no body yet).
-async fn create_upload(c: &Cluster, via: u64, token: &str, size: u64) -> reqwest::Response {
+pub(crate) async fn create_upload(
+    c: &Cluster,
+    via: u64,
+    token: &str,
+    size: u64,
+) -> reqwest::Response {
     c.http
         .post(c.url(via, "/v1/files"))
         .bearer_auth(token)
@@ -622,7 +632,13 @@ async fn files_kill_9_mid_upload_resumes_from_the_acknowledged_offset_and_the_no
 }
 
 /// `GET /v1/files/{file}?chat={chat}` as `token`: the status, and the bytes on 200.
-async fn read_via(c: &Cluster, via: u64, token: &str, file: &str, chat: &str) -> (u16, Vec<u8>) {
+pub(crate) async fn read_via(
+    c: &Cluster,
+    via: u64,
+    token: &str,
+    file: &str,
+    chat: &str,
+) -> (u16, Vec<u8>) {
     let r = c
         .http
         .get(c.url(via, &format!("/v1/files/{file}")))
@@ -771,7 +787,7 @@ async fn files_attached_to_a_message_are_readable_by_who_may_read_it_and_no_one_
 }
 
 /// A metric of node `id` (0 when absent).
-async fn metric(c: &Cluster, id: u64, name: &str) -> u64 {
+pub(crate) async fn metric(c: &Cluster, id: u64, name: &str) -> u64 {
     let text = c
         .http
         .get(c.url(id, "/metrics"))
@@ -788,7 +804,7 @@ async fn metric(c: &Cluster, id: u64, name: &str) -> u64 {
 }
 
 /// Waits until `check` holds, or fails with `what`.
-async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
+pub(crate) async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,

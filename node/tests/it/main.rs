@@ -10,6 +10,7 @@ mod demo;
 mod drain;
 mod failover;
 mod files;
+mod files_shared;
 mod harness;
 mod membership;
 mod replication;
