@@ -7,7 +7,8 @@
 //! Each step is one command of one partition, idempotent, so the collector can repeat
 //! it after any failure: `ContentHold` (a complete file enters), `ContentRelease` (a
 //! file that its owner let go leaves, for good: a hold of it arriving late is refused,
-//! so a dropped file never becomes canonical again).
+//! so a dropped file never becomes canonical again; the tombstone that refuses it is
+//! kept for [`CONTENT_TOMBSTONE_TTL_MS`] and then swept by later releases).
 
 use chatd_raftlog::ApplyTxn;
 use chatd_storage::StorageError;
@@ -17,6 +18,14 @@ use crate::{get, keys, put, ChatReply};
 
 /// Holders of one content, at most: a file past it keeps its own bytes (`Content::Own`).
 pub const CONTENT_HOLDERS_MAX: u64 = 1 << 20;
+
+/// How long a release's tombstone is kept (log time): far longer than any hold can be on
+/// its way (a hold is proposed for a file not yet released, and a proposal commits or is
+/// lost within an election), so a late hold always finds it.
+pub const CONTENT_TOMBSTONE_TTL_MS: u64 = 24 * 3_600_000;
+/// Expired tombstones one release removes, at most: each release adds one, so the
+/// expired backlog only shrinks.
+pub const CONTENT_TOMBSTONES_SWEPT_PER_RELEASE_MAX: usize = 8;
 
 /// A content as its index records it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -85,9 +94,15 @@ pub(crate) fn release(
     file: &str,
     ts: u64,
 ) -> Result<ChatReply, StorageError> {
+    sweep_tombstones(txn, ts)?;
     let tomb = keys::content_released(sha256, file);
     if txn.get(&tomb)?.is_none() {
         put(txn, &tomb, &ts)?;
+        let expires_ms = ts.saturating_add(CONTENT_TOMBSTONE_TTL_MS);
+        txn.put(
+            &keys::content_released_expiry(expires_ms, &tomb),
+            Vec::new(),
+        );
     }
     let mut entry = get::<ContentEntry>(txn, &keys::content(sha256))?;
     let holder = keys::content_holder(sha256, file);
@@ -106,6 +121,30 @@ pub(crate) fn release(
     Ok(ChatReply::Content {
         canonical: entry.map(|e| e.canonical),
     })
+}
+
+/// Removes up to [`CONTENT_TOMBSTONES_SWEPT_PER_RELEASE_MAX`] tombstones expired at log
+/// time `now_ms`, oldest first.
+fn sweep_tombstones(txn: &mut ApplyTxn<'_>, now_ms: u64) -> Result<(), StorageError> {
+    let start = keys::CONTENT_RELEASED_EXPIRY_START;
+    for (k, _) in txn.scan(
+        start,
+        keys::CONTENT_RELEASED_EXPIRY_END,
+        CONTENT_TOMBSTONES_SWEPT_PER_RELEASE_MAX,
+    )? {
+        let Some(at) = k
+            .get(start.len()..start.len() + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        else {
+            break; // not written by this code
+        };
+        if u64::from_be_bytes(at) > now_ms {
+            break;
+        }
+        txn.delete(&k[start.len() + 8..]);
+        txn.delete(&k);
+    }
+    Ok(())
 }
 
 /// What the index of `sha256`, as applied on this replica, says for `file`.

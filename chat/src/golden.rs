@@ -461,6 +461,10 @@ fn golden_key_layout() {
     assert_eq!(keys::content("ab"), b"ci\0ab".to_vec());
     assert_eq!(keys::content_holder("ab", "f:1"), b"ch\0ab\0f:1".to_vec());
     assert_eq!(keys::content_released("ab", "f:1"), b"ct\0ab\0f:1".to_vec());
+    assert_eq!(
+        keys::content_released_expiry(258, b"ct\0ab\0f:1"),
+        b"cx\0\0\0\0\0\0\0\x01\x02ct\0ab\0f:1".to_vec()
+    );
     assert_eq!(keys::quota_usage("al"), b"qu\0al".to_vec());
     assert_eq!(keys::quota_charge("al", "f:1"), b"qf\0al\0f:1".to_vec());
     // Messages of a chat sort by seq (big endian), and stay inside the chat's prefix.

@@ -111,6 +111,14 @@ pub(crate) fn content_released(sha256: &str, file: &str) -> Vec<u8> {
     join(&[b"ct", sha256.as_bytes(), file.as_bytes()])
 }
 
+/// The expiry index of those: `cx\0` · expiry (ms, u64 BE) · the tombstone's key.
+pub(crate) fn content_released_expiry(expires_ms: u64, tomb: &[u8]) -> Vec<u8> {
+    [b"cx\0".as_slice(), &expires_ms.to_be_bytes(), tomb].concat()
+}
+/// The start and end of that index.
+pub(crate) const CONTENT_RELEASED_EXPIRY_START: &[u8] = b"cx\0";
+pub(crate) const CONTENT_RELEASED_EXPIRY_END: &[u8] = b"cx\x01";
+
 /// A user's storage use, in the user's partition (`1 + fnv1a64("u:" + user) % P`):
 /// `qu\0user` -> [`crate::quota::QuotaUsage`].
 pub(crate) fn quota_usage(user: &str) -> Vec<u8> {

@@ -392,6 +392,50 @@ fn the_content_index_keeps_the_canonical_file_while_any_holder_is_left() {
 }
 
 #[test]
+fn release_tombstones_expire_by_log_time_a_bounded_number_per_release() {
+    let mut sm = Sm::new();
+    let release = |sha: &str, file: &str, ts: u64| ChatCommand::ContentRelease {
+        sha256: sha.into(),
+        file: file.into(),
+        ts,
+    };
+    let n = content::CONTENT_TOMBSTONES_SWEPT_PER_RELEASE_MAX + 2;
+    for i in 0..n {
+        sm.apply(release("h", &format!("f:{i}"), 10 + i as u64));
+    }
+    let tombs = |sm: &Sm| sm.records(b"ct\0").len();
+    assert_eq!(tombs(&sm), n);
+    assert_eq!(sm.records(b"cx\0").len(), n);
+    // Not yet expired: kept (a late hold is refused).
+    sm.apply(release(
+        "k",
+        "f:x",
+        10 + content::CONTENT_TOMBSTONE_TTL_MS - 1,
+    ));
+    assert_eq!(tombs(&sm), n + 1);
+    assert_eq!(
+        sm.apply(ChatCommand::ContentHold {
+            sha256: "h".into(),
+            file: "f:0".into()
+        })
+        .0,
+        ChatReply::Content { canonical: None }
+    );
+    // Every one expired: a release removes at most the bound, oldest first, and adds its
+    // own; the next one removes the rest.
+    let late = 100 + content::CONTENT_TOMBSTONE_TTL_MS * 2;
+    sm.apply(release("k", "f:y", late));
+    assert_eq!(
+        tombs(&sm),
+        n + 2 - content::CONTENT_TOMBSTONES_SWEPT_PER_RELEASE_MAX
+    );
+    sm.apply(release("k", "f:z", late));
+    assert_eq!(tombs(&sm), 2, "only the two recent ones are left");
+    assert_eq!(sm.records(b"cx\0").len(), 2);
+    assert!(content::read_of(&sm.store, G, "k", "f:z").unwrap().released);
+}
+
+#[test]
 fn a_file_records_its_content_once_and_only_while_held() {
     let mut sm = Sm::new();
     let record = FileRecord {
