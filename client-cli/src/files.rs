@@ -553,6 +553,37 @@ fn disposition_name(value: &str) -> Option<String> {
         .then(|| name.to_string())
 }
 
+/// `chat-cli quota`: what the user holds against the quota (`GET /v1/quota`).
+pub async fn quota(cli: &Cli) -> Result<String, CliError> {
+    let (http, base, token) = client(cli)?;
+    let url = join(&base, "v1/quota")?;
+    let shown = url.to_string();
+    let resp = http
+        .get(url)
+        .bearer_auth(&token)
+        .send()
+        .await
+        .map_err(unreachable(&shown))?;
+    if !resp.status().is_success() {
+        return Err(failed(&shown, resp).await);
+    }
+    let v: serde_json::Value = resp
+        .json()
+        .await
+        .map_err(|e| CliError::Failed(format!("{shown}: {e}")))?;
+    if cli.json {
+        return Ok(format!("{v}\n"));
+    }
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    Ok(format!(
+        "{}: {} of {} in {} file(s)\n",
+        v["user"].as_str().unwrap_or("?"),
+        crate::format::human_bytes(n("used_bytes")),
+        crate::format::human_bytes(n("quota_bytes")),
+        n("files")
+    ))
+}
+
 /// `chat-cli download FILE_ID [-o PATH]`.
 pub async fn download(cli: &Cli, args: &DownloadArgs) -> Result<String, CliError> {
     let (http, base, token) = client(cli)?;

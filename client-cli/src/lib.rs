@@ -144,6 +144,8 @@ pub enum Command {
     SendFile(messaging::SendFileArgs),
     /// Download a file (streamed, with progress), checked against its SHA-256.
     Download(files::DownloadArgs),
+    /// Show the bytes your files take against your quota.
+    Quota,
     /// An interactive chat session in the terminal.
     Chat(session::ChatArgs),
     /// Load-generate over real WebSockets and verify every delivery (admin token).
@@ -257,6 +259,7 @@ pub async fn execute(cli: &Cli, color: bool) -> Result<String, CliError> {
         Command::Upload(args) => files::upload(cli, args).await,
         Command::SendFile(args) => messaging::send_file(cli, args).await,
         Command::Download(args) => files::download(cli, args).await,
+        Command::Quota => files::quota(cli).await,
         Command::Chat(args) => session::run(cli, args).await,
         Command::Bench(args) => bench::run(cli, args).await,
         Command::BenchIdle(args) => idle::run(cli, args).await,

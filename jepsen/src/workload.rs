@@ -39,6 +39,26 @@ pub const FILE_BYTES_MIN: usize = 16 << 10;
 /// See [`FILE_BYTES_MIN`].
 pub const FILE_BYTES_MAX: usize = (5 << 20) / 2;
 
+/// Contents that every client uploads now and then, besides its own: the cluster stores
+/// each once (dedup), so downloads of most of them read another upload's chunks, under
+/// the same faults.
+pub const SHARED_CONTENTS: u64 = 4;
+
+/// The seed and length of an upload's bytes: one of the [`SHARED_CONTENTS`] half the time,
+/// else bytes of its own.
+pub fn upload_content(rng: &mut StdRng) -> (u64, usize) {
+    if rng.gen_bool(0.5) {
+        let s = rng.gen_range(0..SHARED_CONTENTS);
+        let span = (FILE_BYTES_MAX - FILE_BYTES_MIN) as u64;
+        (s, FILE_BYTES_MIN + ((s * 7_919 * 1_021) % span) as usize)
+    } else {
+        (
+            rng.gen_range(SHARED_CONTENTS..u64::MAX),
+            rng.gen_range(FILE_BYTES_MIN..=FILE_BYTES_MAX),
+        )
+    }
+}
+
 /// Deterministic bytes of a workload file (`seed`, `len`), different in every chunk.
 pub fn file_bytes(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed | 1;
@@ -440,8 +460,8 @@ impl Client {
 
     /// Uploads a file of this client's; its id and SHA-256 when acknowledged.
     async fn upload(&mut self, rng: &mut StdRng) -> Option<(String, String)> {
-        let len = rng.gen_range(FILE_BYTES_MIN..=FILE_BYTES_MAX);
-        let bytes = file_bytes(rng.gen(), len);
+        let (seed, len) = upload_content(rng);
+        let bytes = file_bytes(seed, len);
         let sha = sha256_hex(&bytes);
         let mut inv = self.op(Kind::Invoke, F::Upload);
         inv.sha256 = Some(sha.clone());

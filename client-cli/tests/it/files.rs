@@ -56,6 +56,13 @@ fn upload_on_one_node_and_download_from_another_gives_the_same_bytes() {
         !cluster.dir.path().join("back.png.part").exists(),
         "the partial file is renamed"
     );
+    // The upload counts against the user's quota.
+    let out = chat_cli(&["--server", &s[1], "--token", &token, "quota"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout).trim(),
+        "fay: 2.5 MiB of 10.0 GiB in 1 file(s)"
+    );
     // An unknown id: the node's 404, said, and no file left behind.
     let missing = cluster.dir.path().join("missing.bin");
     let out = chat_cli(&[
