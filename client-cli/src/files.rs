@@ -553,20 +553,30 @@ fn disposition_name(value: &str) -> Option<String> {
         .then(|| name.to_string())
 }
 
-/// `chat-cli quota`: what the user holds against the quota (`GET /v1/quota`).
-pub async fn quota(cli: &Cli) -> Result<String, CliError> {
-    let (http, base, token) = client(cli)?;
-    let url = join(&base, "v1/quota")?;
+/// `GET url` with the user's token: the answer (and the URL as shown) when it is a
+/// success, else the node's error.
+async fn get_ok(
+    http: &reqwest::Client,
+    url: reqwest::Url,
+    token: &str,
+) -> Result<(reqwest::Response, String), CliError> {
     let shown = url.to_string();
     let resp = http
         .get(url)
-        .bearer_auth(&token)
+        .bearer_auth(token)
         .send()
         .await
         .map_err(unreachable(&shown))?;
     if !resp.status().is_success() {
         return Err(failed(&shown, resp).await);
     }
+    Ok((resp, shown))
+}
+
+/// `chat-cli quota`: what the user holds against the quota (`GET /v1/quota`).
+pub async fn quota(cli: &Cli) -> Result<String, CliError> {
+    let (http, base, token) = client(cli)?;
+    let (resp, shown) = get_ok(&http, join(&base, "v1/quota")?, &token).await?;
     let v: serde_json::Value = resp
         .json()
         .await
@@ -591,16 +601,7 @@ pub async fn download(cli: &Cli, args: &DownloadArgs) -> Result<String, CliError
     if let Some(chat) = &args.chat {
         url.query_pairs_mut().append_pair("chat", chat);
     }
-    let shown = url.to_string();
-    let resp = http
-        .get(url)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .map_err(unreachable(&shown))?;
-    if !resp.status().is_success() {
-        return Err(failed(&shown, resp).await);
-    }
+    let (resp, shown) = get_ok(&http, url, &token).await?;
     let header = |name: reqwest::header::HeaderName| {
         resp.headers()
             .get(name)

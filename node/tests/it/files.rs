@@ -803,6 +803,24 @@ pub(crate) async fn metric(c: &Cluster, id: u64, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Creates a group of the session's user and `member` and sends `file` there: the group
+/// and the message's seq.
+pub(crate) async fn share_in_group(
+    ws: &mut crate::ws::Ws,
+    member: &str,
+    file: &str,
+) -> (String, u64) {
+    let (group, _) = ws.create_group("g", &[member]).await;
+    let ack = ws
+        .request(
+            serde_json::json!({"type": "send", "chat": group, "client_msg_id": "m",
+                                    "text": "", "files": [{"file_id": file}]}),
+        )
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    (group, ack["seq"].as_u64().unwrap())
+}
+
 /// Waits until `check` holds, or fails with `what`.
 pub(crate) async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F)
 where
@@ -861,15 +879,7 @@ async fn files_unfinished_unattached_and_unreferenced_files_are_collected_with_t
     let r = patch(&c, 3, &ann, &unfinished, 0, content(mib)).await;
     assert_eq!(r.status(), 200);
     let mut ws = Ws::connect(c.node(1).api, "ann", &ann).await;
-    let (group, _) = ws.create_group("g", &["bob"]).await;
-    let ack = ws
-        .request(
-            json!({"type": "send", "chat": group, "client_msg_id": "m", "text": "",
-                        "files": [{"file_id": kept}]}),
-        )
-        .await;
-    assert_eq!(ack["type"], "ack", "{ack}");
-    let seq = ack["seq"].as_u64().unwrap();
+    let (group, seq) = share_in_group(&mut ws, "bob", &kept).await;
     // Every node's sweep counts what it holds.
     eventually(Duration::from_secs(20), "file bytes counted", || async {
         metric(&c, 1, "chatd_file_bytes").await >= (4 * mib + 1) as u64

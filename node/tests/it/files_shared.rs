@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use crate::chat::create_user;
 use crate::files::{
     content, create_upload, download, eventually, headers_only_upload, local_copy, metric,
-    read_via, sha256_hex, truncated_upload, upload,
+    read_via, sha256_hex, share_in_group, truncated_upload, upload,
 };
 use crate::harness::Cluster;
 
@@ -82,15 +82,7 @@ async fn files_the_same_bytes_uploaded_twice_are_stored_once_while_anyone_may_re
     let b = file_id(upload(&c, 2, &bob, bytes.clone(), "bob.pdf").await).await;
     // Bob shares his with Cat.
     let mut ws = crate::ws::Ws::connect(c.node(2).api, "bob", &bob).await;
-    let (group, _) = ws.create_group("g", &["cat"]).await;
-    let ack = ws
-        .request(
-            json!({"type": "send", "chat": group, "client_msg_id": "m", "text": "",
-                        "files": [{"file_id": b}]}),
-        )
-        .await;
-    assert_eq!(ack["type"], "ack", "{ack}");
-    let seq = ack["seq"].as_u64().unwrap();
+    let (group, seq) = share_in_group(&mut ws, "cat", &b).await;
     // Bob's file reads Ann's chunks; its own go on every node.
     eventually(
         Duration::from_secs(20),
