@@ -190,6 +190,7 @@ fn golden_node_requests() {
         },
         "01 0e 03 03663a31 02",
     );
+    pin(&NodeRequest::RepairFiles { group: 3 }, "01 0f 03");
 }
 
 #[test]
@@ -296,6 +297,7 @@ fn golden_node_replies() {
         "01 09 01 01ab",
     );
     pin(&NodeReply::Chunk(None), "01 09 00");
+    pin(&NodeReply::FilesMissing(3), "01 0a 03");
 }
 
 #[test]

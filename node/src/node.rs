@@ -118,6 +118,11 @@ pub enum NodeRequest {
         file: String,
         index: u32,
     },
+    /// The receiver (a new replica of `group`) fetches, now, the chunks it lacks of the
+    /// group's files as it has applied them, at most `REPAIR_CHUNKS_PER_CALL_MAX`; answers
+    /// `FilesMissing` with how many it still lacks. A move waits for 0 before the replica
+    /// that leaves stops being a voter (files/repair.rs).
+    RepairFiles { group: GroupId },
 }
 
 /// Groups one status page lists at most: every group of the largest cluster allowed
@@ -152,6 +157,8 @@ pub enum NodeReply {
     Refused(String),
     /// A chunk as the receiver stores it (`None`: it has none).
     Chunk(Option<serde_bytes::ByteBuf>),
+    /// The answer to `RepairFiles`: chunks the receiver still lacks.
+    FilesMissing(u64),
 }
 
 /// One node's view of its groups.
@@ -753,6 +760,15 @@ impl Node {
                 bytes,
             } => self.put_chunk(group, &file, index, &bytes).await,
             NodeRequest::GetChunk { group, file, index } => self.get_chunk(group, &file, index),
+            NodeRequest::RepairFiles { group } => {
+                if !self.registry.hosts(group) {
+                    return NodeReply::NotLeader { leader: None };
+                }
+                match crate::files::repair::repair_group(self, group).await {
+                    Ok(missing) => NodeReply::FilesMissing(missing),
+                    Err(e) => NodeReply::Failed(format!("file records not read: {e}")),
+                }
+            }
             NodeRequest::Status => NodeReply::Status(self.local_status().await),
             NodeRequest::StatusPage { after, limit } => {
                 NodeReply::Status(self.local_status_page(after, limit as usize).await)

@@ -492,6 +492,16 @@ async fn step(
         ms = started.elapsed().as_millis() as u64,
         "rebalance: learner added"
     );
+    // File chunks are not in the log: the new replica fetches the ones it lacks before
+    // the leaving one stops being a voter (a chunk acknowledged by a majority of the old
+    // set is then on the new replica, or on a replica that stays).
+    files_caught_up(node, group, mv.add).await?;
+    tracing::info!(
+        group,
+        add = mv.add,
+        ms = started.elapsed().as_millis() as u64,
+        "rebalance: file chunks caught up"
+    );
     // The replica that leaves hands its leadership over first: clients see a handover,
     // not an election.
     if node.leader_of(group).await == Some(mv.remove) {
@@ -512,6 +522,38 @@ async fn step(
     );
     Ok(())
 }
+
+/// Asks `to` (a new replica of `group`) to fetch the file chunks it lacks until it lacks
+/// none, within [`MOVE_CATCH_UP_MS_MAX`].
+async fn files_caught_up(node: &Node, group: GroupId, to: NodeId) -> Result<(), String> {
+    let addr = node
+        .peer(to)
+        .ok_or_else(|| format!("node {to} has no address"))?
+        .cluster_addr;
+    let started = Instant::now();
+    loop {
+        let reply = node
+            .call(
+                addr,
+                &NodeRequest::RepairFiles { group },
+                Duration::from_millis(MOVE_CATCH_UP_MS_MAX),
+            )
+            .await;
+        let left = match reply {
+            Ok(NodeReply::FilesMissing(0)) => return Ok(()),
+            Ok(NodeReply::FilesMissing(n)) => format!("{n} chunks missing"),
+            Ok(other) => format!("{other:?}"),
+            Err(e) => e.to_string(),
+        };
+        if started.elapsed() >= Duration::from_millis(MOVE_CATCH_UP_MS_MAX) {
+            return Err(format!("file chunks on node {to} not caught up: {left}"));
+        }
+        tokio::time::sleep(Duration::from_millis(MOVE_FILES_RETRY_MS)).await;
+    }
+}
+
+/// The wait between two `RepairFiles` calls of a move.
+pub const MOVE_FILES_RETRY_MS: u64 = 300;
 
 /// On `group`'s leader, wherever it is: makes `voters` the voters once the new ones caught
 /// up, and removes the learners in `drop`.

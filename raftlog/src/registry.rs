@@ -793,7 +793,8 @@ impl Registry {
     }
 
     /// Stops `group` on this node and deletes its log, state and snapshots (its replica
-    /// moved elsewhere). A group not hosted is only purged from the store.
+    /// moved elsewhere); its file chunks stay for the file sweep. A group not hosted is
+    /// only purged from the store.
     pub async fn remove_group(&self, group: GroupId) -> Result<(), RaftlogError> {
         let hosted = self.groups.write().remove(&group);
         if let Some(h) = hosted {
@@ -810,8 +811,11 @@ impl Registry {
             let mut batch = chatd_storage::Batch::new();
             {
                 let mut w = store.batch(&mut batch);
+                // File chunks (`Blobs`) are not the log's: the node's file sweep deletes a
+                // partition's chunks once it has not hosted it for a grace period, so the
+                // new replicas can still fetch from here whatever they lack.
                 for cf in chatd_storage::Cf::ALL {
-                    if cf != chatd_storage::Cf::NodeMeta {
+                    if cf != chatd_storage::Cf::NodeMeta && cf != chatd_storage::Cf::Blobs {
                         w.delete_range(cf, &from, &to);
                     }
                 }

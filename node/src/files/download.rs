@@ -31,18 +31,26 @@ pub(crate) async fn fetch_chunk(
     fetch_remote_chunk(node, group, file, index, expect).await
 }
 
-/// Chunk `index` of `file` (`expect` bytes) from another replica of `group`: the first
-/// that has it.
+/// Chunk `index` of `file` (`expect` bytes) from another node: the replicas of `group`
+/// first, then every other node (a replica that moved away keeps its chunks for
+/// `files.unhosted_grace_ms`): the first that has it.
 pub(crate) async fn fetch_remote_chunk(
-    node: &Arc<Node>,
+    node: &Node,
     group: u64,
     file: &str,
     index: u32,
     expect: usize,
 ) -> Result<Vec<u8>, String> {
-    let replicas = node.partition_replicas(group).unwrap_or_default();
+    let mut order = node.partition_replicas(group).unwrap_or_default();
+    if let Some(m) = node.meta.membership() {
+        for (id, n) in &m.nodes {
+            if !order.contains(id) && n.state != chatd_membership::NodeState::Removed {
+                order.push(*id);
+            }
+        }
+    }
     let mut tried = Vec::new();
-    for r in replicas.into_iter().filter(|r| *r != node.id) {
+    for r in order.into_iter().filter(|r| *r != node.id) {
         let Some(p) = node.peer(r) else {
             continue;
         };

@@ -205,6 +205,35 @@ pub async fn pass(node: &Arc<Node>, verified: &mut Verified) -> Pass {
     out
 }
 
+/// Chunks one `RepairFiles` call fetches, at most (the mover calls again).
+pub const REPAIR_CHUNKS_PER_CALL_MAX: usize = 1024;
+
+/// Fetches, now, the chunks this node lacks of `group`'s files (as applied here), at most
+/// [`REPAIR_CHUNKS_PER_CALL_MAX`]; returns how many it still lacks. Unlike the loop's
+/// pass, it does not wait for a file to settle: a move calls it on its new replica before
+/// the leaving one stops being a voter, so that no chunk is left only on a replica that
+/// goes.
+pub async fn repair_group(node: &Node, group: u64) -> Result<u64, chatd_storage::StorageError> {
+    let mut out = Pass::default();
+    let mut budget = REPAIR_CHUNKS_PER_CALL_MAX;
+    let mut after: Option<String> = None;
+    loop {
+        let page =
+            chatd_chat::files::scan(&node.store, group, after.as_deref(), REPAIR_RECORDS_PAGE)?;
+        for record in &page {
+            let state = chatd_chat::files::read_state(&node.store, group, &record.id)?;
+            if super::keeps_chunks(&state) {
+                repair_file(node, group, record, &mut budget, &mut out).await?;
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == REPAIR_RECORDS_PAGE => after = Some(last.id.clone()),
+            _ => break,
+        }
+    }
+    Ok(out.missing.saturating_sub(out.repaired))
+}
+
 /// The length chunk `index` of `record` has.
 pub fn chunk_len(record: &FileRecord, index: u64) -> u64 {
     let cb = u64::from(record.chunk_bytes.max(1));
@@ -214,7 +243,7 @@ pub fn chunk_len(record: &FileRecord, index: u64) -> u64 {
 /// Fetches the chunks of `record` below its committed offset that are not here. Returns
 /// whether every one of them is here now.
 async fn repair_file(
-    node: &Arc<Node>,
+    node: &Node,
     group: u64,
     record: &FileRecord,
     budget: &mut usize,
