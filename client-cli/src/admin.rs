@@ -236,8 +236,10 @@ pub async fn users(
                 return Ok(pretty(&raw));
             }
             eprintln!(
-                "chat-cli: created user {}; its token (shown only this once) follows",
-                clean(&created.user)
+                "chat-cli: created user {}; its token (shown only this once) follows.\n\
+                 chat-cli: in a browser: {}",
+                clean(&created.user),
+                sign_in_link(client.base(), &created.token)
             );
             Ok(format!("{}\n", created.token))
         }
@@ -290,6 +292,16 @@ pub async fn users(
             Ok(format!("user {} disabled\n", clean(&row.user)))
         }
     }
+}
+
+/// The web client's sign-in link for `token` at the node `base` (the token in the
+/// fragment: it never reaches a server log; the page moves it to the tab's storage).
+pub fn sign_in_link(base: &reqwest::Url, token: &str) -> String {
+    let mut u = base.clone();
+    u.set_path("/");
+    u.set_query(None);
+    u.set_fragment(Some(&format!("token={token}")));
+    u.to_string()
 }
 
 /// The refusals of `rotate-token` in the CLI's terms (still exit 1).
@@ -602,6 +614,15 @@ pub async fn rebalance(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn sign_in_links_carry_the_token_in_the_fragment() {
+        let base = reqwest::Url::parse("http://127.0.0.1:7000/x?y=1").unwrap();
+        assert_eq!(
+            sign_in_link(&base, "abc"),
+            "http://127.0.0.1:7000/#token=abc"
+        );
+    }
 
     #[test]
     fn paths_are_encoded() {

@@ -55,6 +55,11 @@ pub fn router(node: Arc<Node>) -> Router {
         )
         .layer(middleware::from_fn_with_state(node.clone(), require_admin));
     Router::new()
+        .route("/", get(crate::web::asset))
+        .route("/app.css", get(crate::web::asset))
+        .route("/js/{file}", get(crate::web::asset))
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
+        .route("/v1/nodes", get(crate::web::nodes))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
@@ -72,6 +77,7 @@ pub fn router(node: Arc<Node>) -> Router {
             get(crate::files::http::thumbnail),
         )
         .merge(admin)
+        .layer(middleware::from_fn(crate::web::cors))
         .layer(DefaultBodyLimit::max(RECORD_BYTES_MAX))
         .with_state(node)
 }
@@ -291,7 +297,7 @@ struct NodeOut {
     preferred_leader_of: usize,
 }
 
-fn node_state_name(s: chatd_membership::NodeState) -> &'static str {
+pub(crate) fn node_state_name(s: chatd_membership::NodeState) -> &'static str {
     match s {
         chatd_membership::NodeState::Joining => "joining",
         chatd_membership::NodeState::Active => "active",

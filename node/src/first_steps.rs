@@ -44,6 +44,7 @@ impl CliName {
 pub fn text(what: &str, admin_token: &Path, server: &str, cli: &CliName) -> String {
     let token = std::path::absolute(admin_token).unwrap_or_else(|_| admin_token.to_path_buf());
     let cli = cli.command();
+    let web = server.to_string();
     let server = if server == DEFAULT_SERVER {
         String::new()
     } else {
@@ -59,8 +60,12 @@ pub fn text(what: &str, admin_token: &Path, server: &str, cli: &CliName) -> Stri
          CHATD_TOKEN=$alice {cli} send d:alice:bob \"hi bob\"   # the first send opens the chat\n  \
          CHATD_TOKEN=$bob {cli} chat d:alice:bob              # interactive: /help\n\
          \n\
+         Or in a browser: http://{web}/ (sign in with a token; `admin users add` also\n\
+         prints a sign-in link).\n\
+         \n\
          README.md (\"First steps\") has more. This is printed once, at the first start.\n",
         token = token.display(),
+        web = web,
     )
 }
 

@@ -247,6 +247,13 @@ fn golden_chat_queries() {
         "01 09 0168 0166",
     );
     pin(&ChatQuery::Quota { user: "u".into() }, "01 0a 0175");
+    pin(
+        &ChatQuery::Cursors {
+            chat: "c".into(),
+            user: "u".into(),
+        },
+        "01 0b 0163 0175",
+    );
 }
 
 #[test]
@@ -371,5 +378,9 @@ fn golden_chat_query_replies() {
     pin(
         &ChatQueryReply::Quota(chatd_chat::quota::QuotaUsage { bytes: 5, files: 1 }),
         "01 0a 05 01",
+    );
+    pin(
+        &ChatQueryReply::Cursors(vec![("u".into(), 7, 5)]),
+        "01 0b 01 0175 07 05",
     );
 }

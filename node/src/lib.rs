@@ -26,3 +26,4 @@ pub mod receipts;
 pub mod run;
 pub mod sessions;
 pub mod systemd;
+pub mod web;

@@ -54,6 +54,8 @@ pub enum ChatQuery {
     ContentOf { sha256: String, file: String },
     /// What `user` holds against the quota (in the user's partition).
     Quota { user: String },
+    /// The cursors of `chat`'s current members, for `user` (a current member).
+    Cursors { chat: String, user: String },
 }
 
 /// The admin view of a chat.
@@ -97,6 +99,8 @@ pub enum ChatQueryReply {
     ContentOf(chatd_chat::content::ContentOf),
     /// The answer to [`ChatQuery::Quota`].
     Quota(chatd_chat::quota::QuotaUsage),
+    /// The answer to [`ChatQuery::Cursors`]: (user, delivered, read), sorted by user.
+    Cursors(Vec<(String, u64, u64)>),
 }
 
 fn rejected(code: &str, message: impl Into<String>) -> ChatQueryReply {
@@ -228,6 +232,31 @@ fn run_inner(
         ChatQuery::FileAccess { chat, file, user } => ChatQueryReply::Allowed(
             chatd_chat::file_readable(store, group, &chat, &file, &user)?,
         ),
+        ChatQuery::Cursors { chat, user } => {
+            let Some(record) = chatd_chat::chat_record(store, group, &chat)? else {
+                return Ok(rejected(
+                    chatd_proto::code::UNKNOWN_CHAT,
+                    format!("no chat {chat}"),
+                ));
+            };
+            if !record.is_member(&user) {
+                return Ok(rejected(
+                    chatd_proto::code::NOT_MEMBER,
+                    format!("{user} is not a member of {chat}"),
+                ));
+            }
+            let all = chatd_chat::cursors(store, group, &chat)?;
+            ChatQueryReply::Cursors(
+                record
+                    .current_members()
+                    .into_iter()
+                    .map(|u| {
+                        let c = all.get(&u).copied().unwrap_or_default();
+                        (u, c.delivered, c.read)
+                    })
+                    .collect(),
+            )
+        }
         ChatQuery::FileEntry { file } => match chatd_chat::files::read(store, group, &file)? {
             None => ChatQueryReply::FileEntry(None),
             Some(r) => {

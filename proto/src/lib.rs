@@ -165,6 +165,10 @@ pub enum ClientFrame {
     Subscribe { id: String, users: Vec<String> },
     /// The caller is typing in `chat` (ephemeral, rate-limited, never stored).
     Typing { chat: String },
+    /// The cursors of every current member of `chat` (the caller must be one): what
+    /// `receipt` pushes say from then on, for a client that starts (or restarts) without
+    /// them.
+    Cursors { id: String, chat: String },
 }
 
 impl ClientFrame {
@@ -182,7 +186,8 @@ impl ClientFrame {
             | ClientFrame::History { id, .. }
             | ClientFrame::Sync { id, .. }
             | ClientFrame::Presence { id, .. }
-            | ClientFrame::Subscribe { id, .. } => Some(id),
+            | ClientFrame::Subscribe { id, .. }
+            | ClientFrame::Cursors { id, .. } => Some(id),
             ClientFrame::Ping { id } => id.as_deref(),
             ClientFrame::Auth { .. } | ClientFrame::Receipt { .. } | ClientFrame::Typing { .. } => {
                 None
@@ -250,6 +255,14 @@ pub struct ChatState {
     pub delivered: u64,
     pub read: u64,
     pub unread: u64,
+}
+
+/// One member's cursors in a chat (answer to `cursors`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CursorView {
+    pub user: String,
+    pub delivered: u64,
+    pub read: u64,
 }
 
 /// Presence of one user.
@@ -322,6 +335,12 @@ pub enum ServerFrame {
     Presence { presence: PresenceView },
     /// Someone is typing.
     Typing { chat: String, user: String },
+    /// Answer to cursors: every current member's cursors in `chat`, sorted by user.
+    Cursors {
+        id: String,
+        chat: String,
+        cursors: Vec<CursorView>,
+    },
     /// A request failed; nothing changed. `id` is the request's id when it had one.
     Error {
         #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -355,6 +374,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, (&'static str, Stri
         "presence",
         "subscribe",
         "typing",
+        "cursors",
     ];
     if !KNOWN.contains(&kind) {
         return Err((code::UNKNOWN_TYPE, format!("unknown frame type {kind:?}")));
@@ -404,6 +424,28 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&ack).unwrap(),
             r#"{"type":"ack","id":"1","chat":"d:alice:bob","seq":1,"msg_id":"d:alice:bob/1","ts":5,"duplicate":false}"#
+        );
+        let f = parse_client_frame(r#"{"type":"cursors","id":"2","chat":"g:1"}"#).unwrap();
+        assert_eq!(
+            f,
+            ClientFrame::Cursors {
+                id: "2".into(),
+                chat: "g:1".into()
+            }
+        );
+        assert_eq!(f.request_id(), Some("2"));
+        let answer = ServerFrame::Cursors {
+            id: "2".into(),
+            chat: "g:1".into(),
+            cursors: vec![CursorView {
+                user: "bob".into(),
+                delivered: 7,
+                read: 5,
+            }],
+        };
+        assert_eq!(
+            serde_json::to_string(&answer).unwrap(),
+            r#"{"type":"cursors","id":"2","chat":"g:1","cursors":[{"user":"bob","delivered":7,"read":5}]}"#
         );
     }
 

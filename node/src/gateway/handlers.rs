@@ -425,6 +425,32 @@ pub(super) async fn handle(
                 Err(e) => err(Some(id), code::UNAVAILABLE, e.to_string()),
             }
         }
+        ClientFrame::Cursors { id, chat } => {
+            if !chat_ok(&chat) {
+                return Some(err(Some(id), code::INVALID_FIELD, "bad chat"));
+            }
+            let q = ChatQuery::Cursors {
+                chat: chat.clone(),
+                user: user.to_string(),
+            };
+            match node.query(chat_group(node, &chat), q).await {
+                Ok(ChatQueryReply::Cursors(rows)) => ServerFrame::Cursors {
+                    id,
+                    chat,
+                    cursors: rows
+                        .into_iter()
+                        .map(|(user, delivered, read)| chatd_proto::CursorView {
+                            user,
+                            delivered,
+                            read,
+                        })
+                        .collect(),
+                },
+                Ok(ChatQueryReply::Rejected { code, message }) => err(Some(id), &code, message),
+                Ok(other) => err(Some(id), code::INTERNAL, format!("unexpected {other:?}")),
+                Err(e) => err(Some(id), code::UNAVAILABLE, e.to_string()),
+            }
+        }
         ClientFrame::Sync { id, after, limit } => {
             if after.as_deref().is_some_and(|a| !chat_ok(a)) {
                 return Some(err(
