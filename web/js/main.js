@@ -662,16 +662,7 @@ async function newDirect() {
     title: "New direct chat",
     fields: [{ id: "user", label: "User id" }],
     ok: "Open",
-    check: async (v) => {
-      if (!v.user) return "Enter a user id.";
-      try {
-        const d = await S.conn.request({ type: "open_direct", user: v.user });
-        v.chat = d.chat;
-        return null;
-      } catch (e) {
-        return explain(e);
-      }
-    },
+    check: (v) => (v.user ? requestCheck(v, { type: "open_direct", user: v.user }) : "Enter a user id."),
   });
   if (!v) return;
   const c = chatOf(v.chat);
@@ -680,6 +671,18 @@ async function newDirect() {
   c.known = true;
   watchPresence();
   openChat(v.chat);
+}
+
+// A dialog's check that sends `frame`: null (the dialog closes) once it is done, with
+// the answer's chat in `v.chat`; else the refusal, said in the dialog.
+async function requestCheck(v, frame) {
+  try {
+    const d = await S.conn.request(frame);
+    v.chat = d.chat;
+    return null;
+  } catch (e) {
+    return explain(e);
+  }
 }
 
 function userList(text) {
@@ -691,15 +694,7 @@ async function newGroup() {
     title: "New group",
     fields: [{ id: "name", label: "Name" }, { id: "members", label: "Members (user ids, comma-separated)" }],
     ok: "Create",
-    check: async (v) => {
-      try {
-        const d = await S.conn.request({ type: "create_group", name: v.name, members: userList(v.members) });
-        v.chat = d.chat;
-        return null;
-      } catch (e) {
-        return explain(e);
-      }
-    },
+    check: (v) => requestCheck(v, { type: "create_group", name: v.name, members: userList(v.members) }),
   });
   if (!v) return;
   const c = chatOf(v.chat);
@@ -748,15 +743,7 @@ async function members() {
     fields: canChange ? [{ id: "add", label: "Add people (user ids)" }] : [],
     body,
     ok: canChange ? "Add" : "",
-    check: async (v) => {
-      if (!v.add) return "Enter user ids to add.";
-      try {
-        await S.conn.request({ type: "add_members", chat: c.id, users: userList(v.add) });
-        return null;
-      } catch (e) {
-        return explain(e);
-      }
-    },
+    check: (v) => (v.add ? requestCheck(v, { type: "add_members", chat: c.id, users: userList(v.add) }) : "Enter user ids to add."),
   });
   if (v) watchPresence();
 }
