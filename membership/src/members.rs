@@ -28,6 +28,18 @@ pub enum NodeState {
     Removed,
 }
 
+impl NodeState {
+    /// Its name in the HTTP APIs and chat-cli: `joining`, `active`, `draining`, `removed`.
+    pub fn name(self) -> &'static str {
+        match self {
+            NodeState::Joining => "joining",
+            NodeState::Active => "active",
+            NodeState::Draining => "draining",
+            NodeState::Removed => "removed",
+        }
+    }
+}
+
 /// A node as group 0 stores it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {

@@ -297,15 +297,6 @@ struct NodeOut {
     preferred_leader_of: usize,
 }
 
-pub(crate) fn node_state_name(s: chatd_membership::NodeState) -> &'static str {
-    match s {
-        chatd_membership::NodeState::Joining => "joining",
-        chatd_membership::NodeState::Active => "active",
-        chatd_membership::NodeState::Draining => "draining",
-        chatd_membership::NodeState::Removed => "removed",
-    }
-}
-
 /// The rebalancer as group 0 and this node see it.
 async fn rebalance_status(State(node): State<Arc<Node>>) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
@@ -393,7 +384,7 @@ async fn list_nodes(State(node): State<Arc<Node>>) -> Response {
         .values()
         .map(|n| NodeOut {
             id: n.info.id,
-            state: node_state_name(n.state),
+            state: n.state.name(),
             api_addr: n.info.api_addr.clone(),
             cluster_addr: n.info.cluster_addr.clone(),
             replicas: m.hosted_by(n.info.id).len(),
@@ -1105,7 +1096,7 @@ async fn cluster_status(
         let state = membership
             .as_ref()
             .and_then(|m| m.state_of(*id))
-            .map_or("unknown", node_state_name)
+            .map_or("unknown", chatd_membership::NodeState::name)
             .to_string();
         nodes.push(NodeView {
             state,

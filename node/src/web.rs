@@ -126,7 +126,7 @@ fn node_addrs(node: &Node) -> Vec<PublicNode> {
         .map(|n| PublicNode {
             id: n.info.id,
             api_addr: n.info.api_addr.clone(),
-            state: crate::api::node_state_name(n.state),
+            state: n.state.name(),
         })
         .collect()
 }
