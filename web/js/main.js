@@ -189,6 +189,27 @@ async function syncAll() {
 
 // ---------- sending ----------
 
+// Unacknowledged sends survive a reload of the tab (sessionStorage): they are resent with
+// their client_msg_id on the next `ready`, which the server deduplicates.
+function savePending() {
+  const rows = [...S.pending].map(([id, p]) => [id, { chat: p.chat, text: p.text, files: p.files, failed: p.failed || null, ts: p.ts }]);
+  try {
+    sessionStorage.setItem("chatd.pending", JSON.stringify(rows));
+  } catch {
+    /* storage full or off: kept in memory only */
+  }
+}
+
+function loadPending() {
+  try {
+    for (const [id, p] of JSON.parse(sessionStorage.getItem("chatd.pending") || "[]")) {
+      S.pending.set(id, { ...p, failed: p.failed || undefined });
+    }
+  } catch {
+    /* nothing usable */
+  }
+}
+
 function newClientMsgId() {
   const r = crypto.getRandomValues(new Uint32Array(3));
   return `w-${Date.now().toString(36)}-${[...r].map((x) => x.toString(36)).join("")}`;
@@ -203,6 +224,7 @@ async function sendPending(id) {
   try {
     const ack = await S.conn.request(frame);
     S.pending.delete(id);
+    savePending();
     const c = chatOf(p.chat);
     if (!c.msgs.has(ack.seq)) {
       store(c, { chat: p.chat, seq: ack.seq, msg_id: ack.msg_id, sender: S.me, kind: "text", text: p.text, ts: ack.ts, files: p.files.length ? p.files : undefined });
@@ -214,6 +236,7 @@ async function sendPending(id) {
       if (e.code !== "disconnected") setTimeout(() => sendPending(id), 1500);
     } else {
       p.failed = explain(e);
+      savePending();
       toast(p.failed);
     }
   }
@@ -232,6 +255,7 @@ async function submit() {
   if (!c || !text.trim()) return;
   const id = newClientMsgId();
   S.pending.set(id, { chat: c.id, text, files: [], ts: Date.now() });
+  savePending();
   input.value = "";
   autosize();
   renderMessages({ bottom: true });
@@ -250,6 +274,7 @@ async function attach(list) {
       });
       const id = newClientMsgId();
       S.pending.set(id, { chat: c.id, text: "", files: [{ file_id: up.file_id, name: file.name }], ts: Date.now() });
+      savePending();
       renderMessages({ bottom: true });
       sendPending(id);
     } catch (e) {
@@ -534,7 +559,7 @@ function pendingView(id, p) {
   if (p.failed) {
     meta.append(
       el("span", { class: "error", text: `not sent: ${p.failed}` }),
-      el("button", { type: "button", text: "Dismiss", onclick: () => { S.pending.delete(id); renderMessages(); renderList(); } }),
+      el("button", { type: "button", text: "Dismiss", onclick: () => { S.pending.delete(id); savePending(); renderMessages(); renderList(); } }),
     );
   } else {
     meta.append(el("span", { class: "status", "data-status": "sending", text: "sending…" }));
@@ -879,6 +904,7 @@ function boot() {
     }
   });
   $("signout").addEventListener("click", () => {
+    sessionStorage.removeItem("chatd.pending");
     sessionStorage.removeItem("chatd.token");
     localStorage.removeItem("chatd.token");
     location.hash = "";
@@ -902,6 +928,7 @@ function boot() {
     if (c) sendReceipt(c);
     if (document.visibilityState === "visible" && S.conn) syncAll();
   });
+  loadPending();
   const t = savedToken();
   if (t) start(t);
   else showSignin();

@@ -411,6 +411,9 @@ async fn web_history_scrolls_back_500_and_a_drained_nodes_page_catches_up_exactl
     // shows exactly once.
     let node2 = c.node(2).api.to_string();
     c.signal(2, "TERM");
+    // Bob writes as the drain begins: stored once, whichever node takes it.
+    b.type_into("#input", &format!("bob during drain{ENTER}"))
+        .await;
     let mut expect = sent.clone();
     for i in 1..=5 {
         let t = format!("during drain {i}");
@@ -427,7 +430,32 @@ async fn web_history_scrolls_back_500_and_a_drained_nodes_page_catches_up_exactl
     )
     .await;
     shows_text(&b, "during drain 5").await;
-    assert_eq!(texts(&b).await, expect, "nothing lost, nothing twice");
+    b.until(
+        "bob's message acknowledged",
+        WAIT,
+        "return !document.querySelector('#messages .pending')
+             && [...document.querySelectorAll('#messages .msg.mine .text')]
+                  .some(e => e.textContent === 'bob during drain');",
+        json!([]),
+    )
+    .await;
+    let got = texts(&b).await;
+    let bobs = got.iter().filter(|t| *t == "bob during drain").count();
+    assert_eq!(bobs, 1, "bob's message once: {got:?}");
+    let others: Vec<String> = got
+        .into_iter()
+        .filter(|t| t != "bob during drain")
+        .collect();
+    assert_eq!(others, expect, "nothing lost, nothing twice");
+    let stored = ws.full_history(&chat).await;
+    assert_eq!(
+        stored
+            .iter()
+            .filter(|m| m["text"] == "bob during drain")
+            .count(),
+        1,
+        "stored once"
+    );
     assert!(c.wait_exit(2, Duration::from_secs(30)).is_some());
     b.quit().await;
 }
