@@ -34,6 +34,7 @@ export class Conn {
     this.timer = null;
     this.pinger = null;
     this.upSince = 0;
+    this.forced = null;
   }
 
   get node() {
@@ -50,6 +51,19 @@ export class Conn {
     clearTimeout(this.timer);
     clearInterval(this.pinger);
     if (this.ws) this.ws.close(1000, "bye");
+  }
+
+  // Moves to `node` (one of `nodes`) now.
+  switchTo(node) {
+    if (node === this.node && this.ws) return;
+    this.forced = node;
+    if (this.ws) this.ws.close(1000, "switching node");
+    else {
+      clearTimeout(this.timer);
+      this.index = Math.max(0, this.nodes.indexOf(node));
+      this.forced = null;
+      this.open();
+    }
   }
 
   setNodes(nodes) {
@@ -115,6 +129,14 @@ export class Conn {
         return;
       }
       if (Date.now() - this.upSince > STABLE_AFTER_MS && ready) this.attempt = 0;
+      if (this.forced) {
+        // The person chose a node.
+        this.index = Math.max(0, this.nodes.indexOf(this.forced));
+        this.forced = null;
+        this.attempt = 0;
+        this.retry(true);
+        return;
+      }
       // A drain (1001) or a node that never answered: another node first, at once.
       this.index += 1;
       this.retry(ev.code === 1001);

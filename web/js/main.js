@@ -24,6 +24,7 @@ const S = {
   watched: new Set(),
   typedAt: new Map(),
   syncing: false,
+  nodeList: [],
 };
 
 // ---------- chats and messages ----------
@@ -791,7 +792,8 @@ async function knownNodes(node) {
   try {
     const r = await fetch(`${location.protocol}//${node}/v1/nodes`);
     if (!r.ok) return;
-    const nodes = (await r.json()).filter((n) => n.state === "active").map((n) => n.api_addr);
+    S.nodeList = await r.json();
+    const nodes = S.nodeList.filter((n) => n.state === "active").map((n) => n.api_addr);
     const own = location.host;
     const list = [own, ...nodes.filter((a) => a !== own)];
     S.conn.setNodes(list);
@@ -902,6 +904,29 @@ function boot() {
     } catch (e) {
       toast(explain(e));
     }
+  });
+  $("nodes-button").addEventListener("click", async () => {
+    menu.hidden = true;
+    if (!S.conn) return;
+    const list = el("ul", { "aria-label": "Nodes" });
+    for (const n of S.nodeList || []) {
+      const here = n.api_addr === S.conn.node;
+      list.append(
+        el(
+          "li",
+          {},
+          el("span", { text: `node ${n.id} · ${n.api_addr}` }),
+          el("span", { class: "muted", text: here ? "connected" : n.state }),
+          here || n.state !== "active"
+            ? null
+            : el("button", { type: "button", text: "Use", "data-node": n.api_addr, onclick: () => {
+                S.conn.switchTo(n.api_addr);
+                closeDialog();
+              } }),
+        ),
+      );
+    }
+    await ask({ title: "Nodes of this cluster", body: [list], ok: "" });
   });
   $("signout").addEventListener("click", () => {
     sessionStorage.removeItem("chatd.pending");

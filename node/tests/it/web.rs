@@ -238,6 +238,29 @@ async fn web_two_people_on_two_nodes_chat_see_marks_and_a_third_sees_only_its_sp
     )
     .await;
 
+    // Ann moves to node 3 from the menu's list of nodes and goes on.
+    let node3 = c.node(3).api.to_string();
+    a.click("#menu-button").await;
+    a.click("#nodes-button").await;
+    a.click(&format!("#dialog button[data-node='{node3}']"))
+        .await;
+    a.until(
+        "connected to node 3",
+        WAIT,
+        "const s = document.getElementById('conn-state');
+         return s.dataset.state === 'up' && s.dataset.node === arguments[0];",
+        json!([node3]),
+    )
+    .await;
+    a.type_into("#input", &format!("from node 3{ENTER}")).await;
+    k.until(
+        "cat reads what ann sent from node 3",
+        WAIT,
+        "return [...document.querySelectorAll('#messages .msg .text')]
+             .some(e => e.textContent === 'from node 3');",
+        json!([]),
+    )
+    .await;
     // Screenshots: desktop and phone width.
     let dir = shots_dir();
     a.screenshot(&dir.join("desktop-group.png")).await;
