@@ -16,6 +16,7 @@ pub mod checker;
 pub mod cluster;
 pub mod history;
 pub mod http;
+pub mod lazyfs;
 pub mod nemesis;
 pub mod report;
 pub mod run;
