@@ -3,14 +3,21 @@
 //! kill -9, SIGSTOP/SIGCONT, SIGTERM (the drain path) and restart; network partitions
 //! with an iptables chain of this run; membership changes: nodes added with
 //! `chatd cluster add-node` (node id i on 127.0.0.(10+i), ids never reused) and removed
-//! through the admin API. Everything is undone on drop: paused processes are continued,
-//! every process is killed by its pid and reaped, the chain is removed.
+//! through the admin API; with [`Cluster::enable_disks`], each node's data directory on a
+//! [`LazyFs`] disk (power cuts, disk faults); with [`Cluster::enable_clocks`], each node
+//! under libfaketime with a clock file the nemesis writes. Everything is undone on drop:
+//! paused processes are continued, every process is killed by its pid and reaped, the
+//! disks are unmounted, the chain is removed.
 
 use std::fs::{File, OpenOptions};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use crate::lazyfs::{CutReport, DiskOptions, DiskStats, Fault, LazyFs};
 
 /// How long a node may take to answer `/readyz` 200 after a start.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -134,6 +141,10 @@ pub struct Node {
     child: Option<Child>,
     state: NodeState,
     standing: Standing,
+    /// Its lazy disk, mounted at its data directory (when disks are enabled).
+    disk: Option<LazyFs>,
+    /// Its libfaketime clock file (when clocks are enabled).
+    clock: Option<PathBuf>,
 }
 
 impl Node {
@@ -161,6 +172,11 @@ impl Node {
     pub fn data_dir(&self) -> Option<PathBuf> {
         self.config.parent().map(|d| d.join("data"))
     }
+
+    /// The backing directory of its lazy disk (`disk` beside its config).
+    pub fn disk_dir(&self) -> Option<PathBuf> {
+        self.config.parent().map(|d| d.join("disk"))
+    }
 }
 
 /// The cluster of a run.
@@ -179,6 +195,10 @@ pub struct Cluster {
     base_port: u16,
     /// The iptables chain of this run, once created.
     chain: Option<String>,
+    /// Nodes get lazy disks (also nodes added later).
+    disks: bool,
+    /// libfaketime, preloaded into every node (clock faults).
+    faketime: Option<PathBuf>,
 }
 
 /// The address of node `id` (1-based, at most [`NODE_IDS_MAX`]).
@@ -305,6 +325,8 @@ impl Cluster {
                 child: None,
                 state: NodeState::Down,
                 standing: Standing::Member,
+                disk: None,
+                clock: None,
             })
             .collect();
         Ok(Cluster {
@@ -315,6 +337,8 @@ impl Cluster {
             ca_dir: out,
             base_port,
             chain: None,
+            disks: false,
+            faketime: None,
         })
     }
 
@@ -375,7 +399,15 @@ impl Cluster {
             child: None,
             state: NodeState::Down,
             standing: Standing::Member,
+            disk: None,
+            clock: None,
         });
+        if self.disks {
+            self.mount_disk(id)?;
+        }
+        if self.faketime.is_some() {
+            self.make_clock(id)?;
+        }
         Ok(id)
     }
 
@@ -392,6 +424,11 @@ impl Cluster {
             return Err(ClusterError::Invalid(format!(
                 "node {id} is running: kill it before wiping its disk"
             )));
+        }
+        if let Some(disk) = node.disk.as_mut() {
+            return disk
+                .wipe()
+                .map_err(|e| command_error(format!("wipe node {id}'s disk"), e));
         }
         match node.data_dir() {
             Some(d) if d.exists() => std::fs::remove_dir_all(&d)
@@ -497,9 +534,15 @@ impl Cluster {
     /// Starts node `id` (appending to its log).
     pub fn start(&mut self, id: usize) -> Result<(), ClusterError> {
         let chatd = self.chatd.clone();
+        let faketime = self.faketime.clone();
         let node = self.node(id)?;
-        if node.child.is_some() {
-            return Ok(());
+        if let Some(child) = node.child.as_mut() {
+            // Running: nothing to do. Exited by itself (a disk failure stops a node): reaped
+            // and started again.
+            if !matches!(child.try_wait(), Ok(Some(_))) {
+                return Ok(());
+            }
+            node.child = None;
         }
         if node.standing != Standing::Member {
             return Err(ClusterError::Invalid(format!(
@@ -512,11 +555,20 @@ impl Cluster {
             .open(&node.log)
             .map_err(|e| command_error(format!("open {}", node.log.display()), e))?;
         let err = log.try_clone().map_err(|e| command_error("dup log", e))?;
-        let child = Command::new(&chatd)
-            .arg("run")
+        let mut cmd = Command::new(&chatd);
+        cmd.arg("run")
             .arg("--config")
             .arg(&node.config)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info");
+        if let (Some(lib), Some(clock)) = (&faketime, &node.clock) {
+            // The wall clock only (CLOCK_REALTIME): timers and timeouts run on the
+            // monotonic clock, as a host's NTP step leaves them.
+            cmd.env("LD_PRELOAD", lib)
+                .env("FAKETIME_TIMESTAMP_FILE", clock)
+                .env("FAKETIME_NO_CACHE", "1")
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(err)
@@ -689,7 +741,7 @@ impl Cluster {
         }
     }
 
-    /// Continues paused nodes, kills every node, removes the chain.
+    /// Continues paused nodes, kills every node, unmounts the disks, removes the chain.
     pub fn teardown(&mut self) {
         for id in 1..=self.nodes.len() {
             if self.nodes[id - 1].state == NodeState::Paused {
@@ -697,7 +749,121 @@ impl Cluster {
             }
             let _ = self.kill(id);
         }
+        for n in &mut self.nodes {
+            drop(n.disk.take());
+        }
         self.disable_partitions();
+    }
+
+    /// Puts every node's data directory (and every node added later) on a lazy disk.
+    /// Before the nodes start.
+    pub fn enable_disks(&mut self) -> Result<(), ClusterError> {
+        self.disks = true;
+        for id in 1..=self.nodes.len() {
+            self.mount_disk(id)?;
+        }
+        Ok(())
+    }
+
+    fn mount_disk(&mut self, id: usize) -> Result<(), ClusterError> {
+        let node = self.node(id)?;
+        if node.disk.is_some() {
+            return Ok(());
+        }
+        let (Some(backing), Some(data)) = (node.disk_dir(), node.data_dir()) else {
+            return Err(ClusterError::Invalid(format!("node {id} has no directory")));
+        };
+        let disk = LazyFs::mount(&backing, &data, DiskOptions::default())
+            .map_err(|e| command_error(format!("mount node {id}'s lazy disk"), e))?;
+        node.disk = Some(disk);
+        Ok(())
+    }
+
+    /// Power cut: kill -9 every node of `ids` (all first, then the disks), then each
+    /// disk loses what was not synced (`tear`: the last written page may be torn).
+    pub fn power_cut(
+        &mut self,
+        ids: &[usize],
+        tear: bool,
+        rng: &mut impl Rng,
+    ) -> Result<Vec<(usize, CutReport)>, ClusterError> {
+        for id in ids {
+            self.kill(*id)?;
+        }
+        let mut out = Vec::new();
+        for id in ids {
+            let node = self.node(*id)?;
+            let disk = node
+                .disk
+                .as_mut()
+                .ok_or_else(|| ClusterError::Invalid(format!("node {id} has no lazy disk")))?;
+            let r = disk
+                .cut(tear, rng)
+                .map_err(|e| command_error(format!("power cut of node {id}"), e))?;
+            out.push((*id, r));
+        }
+        Ok(out)
+    }
+
+    /// Arms (or with the default, clears) a fault on node `id`'s disk.
+    pub fn disk_fault(&mut self, id: usize, fault: Fault) -> Result<(), ClusterError> {
+        let node = self.node(id)?;
+        let disk = node
+            .disk
+            .as_ref()
+            .ok_or_else(|| ClusterError::Invalid(format!("node {id} has no lazy disk")))?;
+        disk.set_fault(fault);
+        Ok(())
+    }
+
+    /// Node `id`'s disk counters.
+    pub fn disk_stats(&mut self, id: usize) -> Option<DiskStats> {
+        self.node(id).ok()?.disk.as_ref().map(LazyFs::stats)
+    }
+
+    /// Whether node `id`'s process is alive (not exited by itself).
+    pub fn alive(&mut self, id: usize) -> bool {
+        let Ok(node) = self.node(id) else {
+            return false;
+        };
+        match node.child.as_mut() {
+            None => false,
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+        }
+    }
+
+    /// Starts every node (and every node added later) under libfaketime `lib`, each with
+    /// its own clock file (`+0` at first). Before the nodes start.
+    pub fn enable_clocks(&mut self, lib: &Path) -> Result<(), ClusterError> {
+        self.faketime = Some(lib.to_path_buf());
+        for id in 1..=self.nodes.len() {
+            self.make_clock(id)?;
+        }
+        Ok(())
+    }
+
+    fn make_clock(&mut self, id: usize) -> Result<(), ClusterError> {
+        let dir = self.dir.join("clocks");
+        std::fs::create_dir_all(&dir).map_err(|e| command_error("mkdir clocks", e))?;
+        self.node(id)?.clock = Some(dir.join(format!("node-{id}")));
+        self.set_clock(id, 0)
+    }
+
+    /// Sets node `id`'s wall clock to real time + `offset_ms` (read by libfaketime on its
+    /// next clock call; the file is replaced whole, never read half-written).
+    pub fn set_clock(&mut self, id: usize, offset_ms: i64) -> Result<(), ClusterError> {
+        let node = self.node(id)?;
+        let Some(clock) = node.clock.clone() else {
+            return Err(ClusterError::Invalid(format!(
+                "node {id} has no clock file"
+            )));
+        };
+        write_clock(&clock, offset_ms)
+    }
+
+    /// Node `id`'s clock file.
+    pub fn clock_file(&mut self, id: usize) -> Option<PathBuf> {
+        self.node(id).ok()?.clock.clone()
     }
 }
 
@@ -705,6 +871,29 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// Writes a libfaketime offset (`+1.5s`, `-7200s`) to `clock`, atomically.
+pub fn write_clock(clock: &Path, offset_ms: i64) -> Result<(), ClusterError> {
+    let tmp = clock.with_extension("tmp");
+    let sign = if offset_ms < 0 { '-' } else { '+' };
+    let abs = offset_ms.unsigned_abs();
+    let text = format!("{sign}{}.{:03}s\n", abs / 1000, abs % 1000);
+    std::fs::write(&tmp, text)
+        .and_then(|()| std::fs::rename(&tmp, clock))
+        .map_err(|e| command_error(format!("write {}", clock.display()), e))
+}
+
+/// libfaketime's multi-threaded library, where Debian's `faketime` package puts it.
+pub fn faketime_lib() -> Option<PathBuf> {
+    [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+        "/usr/lib/faketime/libfaketimeMT.so.1",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.is_file())
 }
 
 /// Whether iptables can be used here (installed, and we may change rules).

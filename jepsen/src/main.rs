@@ -38,8 +38,9 @@ struct TestArgs {
     /// Seconds of workload (faults start only in the first 80%).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(5..=86_400))]
     time_limit: u64,
-    /// Faults, comma-separated; `mixed` = every fault but rolling-restart (membership
-    /// changes included); `none`.
+    /// Faults, comma-separated; `mixed` = every process and network fault but
+    /// rolling-restart (membership changes included); `all` = mixed + power-cut,
+    /// power-cut-all, disk-error, clock; `none`.
     #[arg(long, default_value = "mixed", value_delimiter = ',')]
     nemesis: Vec<String>,
     /// Seed of the schedule and of the clients' choices [default: from the clock].
@@ -84,9 +85,10 @@ fn faults(names: &[String]) -> anyhow::Result<Vec<FaultKind>> {
         match n.trim() {
             "none" => {}
             "mixed" => out.extend(FaultKind::MIXED),
+            "all" => out.extend(FaultKind::ALL),
             other => out.push(
                 FaultKind::from_str(other, true)
-                    .map_err(|_| anyhow::anyhow!("unknown fault {other:?}; known: mixed, none, kill, kill-leader, pause, pause-leader, partition-one, partition-leader, majority-minority, bridge, rolling-restart, membership"))?,
+                    .map_err(|_| anyhow::anyhow!("unknown fault {other:?}; known: mixed, all, none, kill, kill-leader, pause, pause-leader, partition-one, partition-leader, majority-minority, bridge, rolling-restart, membership, power-cut, power-cut-all, disk-error, clock"))?,
             ),
         }
     }

@@ -10,8 +10,11 @@
 //! another fault came since the last, and the schedule goes on while a removal's replicas
 //! move, so moves run under kills, pauses and partitions.
 //!
-//! Room is left for lost unsynced writes (power-cut semantics): they come with the issue
-//! that adds them to chatd.
+//! Disk and clock faults: `power-cut` (one node) and `power-cut-all` (every member at
+//! once) kill -9 and then make each disk lose what was not synced ([`crate::lazyfs`]);
+//! `disk-error` arms EIO or ENOSPC on one node's disk, which must then stop (fail-stop)
+//! rather than run on; `clock` jumps one node's wall clock (libfaketime) forwards or
+//! backwards by 1 s to 6 h, or strobes it, and sets it right when healed.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -22,8 +25,11 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::cluster::{Cluster, NodeState, Standing, NODE_IDS_MAX, READY_TIMEOUT, STOP_TIMEOUT};
+use crate::cluster::{
+    write_clock, Cluster, NodeState, Standing, NODE_IDS_MAX, READY_TIMEOUT, STOP_TIMEOUT,
+};
 use crate::history::{History, Kind, Op, F};
+use crate::lazyfs::{CutReport, Fault};
 use crate::workload::NodeDirectory;
 
 /// Most nodes in the cluster at any time: members, a leaving node, and a dead node not
@@ -43,6 +49,15 @@ pub const REMOVE_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long a tombstoned live node may take to drain and exit by itself before it is
 /// killed (it learns of its removal within chatd's 30 s grace).
 pub const REMOVED_EXIT_TIMEOUT: Duration = Duration::from_secs(45);
+/// How long a node whose disk returned errors may take to stop once the fault is healed
+/// before it counts as having run on.
+pub const DISK_FAILURE_STOP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Largest clock jump of the `clock` nemesis (6 h); the smallest is 1 s.
+pub const CLOCK_JUMP_MS_MAX: u64 = 6 * 3600 * 1000;
+/// Smallest clock jump of the `clock` nemesis.
+pub const CLOCK_JUMP_MS_MIN: u64 = 1000;
+/// How often a strobed clock flips between real time and the offset (ms, range).
+const STROBE_FLIP_MS: (u64, u64) = (20, 200);
 /// How often a removal in progress is checked.
 const PENDING_POLL_EVERY: Duration = Duration::from_millis(500);
 
@@ -71,6 +86,14 @@ pub enum FaultKind {
     /// A membership change: add a node; remove a live node (adding one first at 3 nodes);
     /// or replace one (kill -9, wipe its disk, add a fresh node, remove the old one dead).
     Membership,
+    /// kill -9 one node and drop what its disk had not synced; restart when healed.
+    PowerCut,
+    /// kill -9 every member at once and drop what each disk had not synced.
+    PowerCutAll,
+    /// EIO on write, EIO on fsync, or ENOSPC on one node's disk; the node must stop.
+    DiskError,
+    /// Jump one node's wall clock forwards or backwards (1 s to 6 h), or strobe it.
+    Clock,
 }
 
 impl FaultKind {
@@ -85,6 +108,35 @@ impl FaultKind {
         FaultKind::Bridge,
         FaultKind::Membership,
     ];
+
+    /// Every fault: the mixed ones, power cuts, disk errors and clocks.
+    pub const ALL: [FaultKind; 12] = [
+        FaultKind::Kill,
+        FaultKind::KillLeader,
+        FaultKind::Pause,
+        FaultKind::PartitionOne,
+        FaultKind::PartitionLeader,
+        FaultKind::MajorityMinority,
+        FaultKind::Bridge,
+        FaultKind::Membership,
+        FaultKind::PowerCut,
+        FaultKind::PowerCutAll,
+        FaultKind::DiskError,
+        FaultKind::Clock,
+    ];
+
+    /// Whether it needs lazy disks (FUSE, root).
+    pub fn needs_disks(self) -> bool {
+        matches!(
+            self,
+            FaultKind::PowerCut | FaultKind::PowerCutAll | FaultKind::DiskError
+        )
+    }
+
+    /// Whether it needs libfaketime.
+    pub fn needs_clock(self) -> bool {
+        self == FaultKind::Clock
+    }
 
     /// Whether it needs iptables.
     pub fn needs_iptables(self) -> bool {
@@ -161,9 +213,71 @@ enum Plan {
 /// What a fault did, to undo it.
 enum Undo {
     Restart(usize),
+    RestartAll(Vec<usize>),
     Resume(usize),
     Heal,
+    /// Clear node `id`'s disk fault; `before`: its injected errors when armed.
+    ClearDisk {
+        id: usize,
+        before: u64,
+    },
+    /// Set node `id`'s clock right (stopping its strobe first).
+    Clock {
+        id: usize,
+        strobe: Option<Strobe>,
+    },
     Nothing,
+}
+
+/// A thread flipping a node's clock file between real time and an offset.
+struct Strobe {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Strobe {
+    fn start(clock: std::path::PathBuf, offset_ms: i64, flip: Duration) -> Strobe {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut on = true;
+            while !flag.load(Ordering::Relaxed) {
+                let _ = write_clock(&clock, if on { offset_ms } else { 0 });
+                on = !on;
+                std::thread::sleep(flip);
+            }
+        });
+        Strobe { stop, thread }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
+}
+
+/// ` (lost 12 pages, 3 namespace changes undone, torn 1536 B)`.
+fn describe_cut(reports: &[(usize, CutReport)]) -> String {
+    let pages: usize = reports.iter().map(|(_, r)| r.pages_lost).sum();
+    let ops: usize = reports.iter().map(|(_, r)| r.ops_undone).sum();
+    let torn: usize = reports.iter().map(|(_, r)| r.torn_bytes).sum();
+    let mut s = format!(" (lost {pages} unsynced pages, {ops} namespace changes undone");
+    if torn > 0 {
+        s.push_str(&format!(", torn {torn} B"));
+    }
+    s.push(')');
+    s
+}
+
+/// `1h02m`, `45.2s`.
+fn human_ms(ms: u64) -> String {
+    if ms >= 3_600_000 {
+        format!("{}h{:02}m", ms / 3_600_000, (ms % 3_600_000) / 60_000)
+    } else if ms >= 60_000 {
+        format!("{}m{:02}s", ms / 60_000, (ms % 60_000) / 1000)
+    } else {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    }
 }
 
 /// Ids of the members that are up (not paused or down, not leaving or removed).
@@ -338,6 +452,111 @@ impl Nemesis {
                     )
                 })
             }
+            FaultKind::PowerCut => match pick(rng) {
+                Some(id) => {
+                    let tear = rng.gen_bool(0.5);
+                    c.power_cut(&[id], tear, rng).map(|r| {
+                        (
+                            format!("power cut n{id}{}", describe_cut(&r)),
+                            Undo::Restart(id),
+                        )
+                    })
+                }
+                None => Ok(("power cut: no node up".into(), Undo::Nothing)),
+            },
+            FaultKind::PowerCutAll => {
+                // Every member, paused or not (leaving nodes are no target).
+                let ids = c.ids(Standing::Member);
+                let tear = rng.gen_bool(0.5);
+                c.power_cut(&ids, tear, rng).map(|r| {
+                    (
+                        format!("power cut of every node {ids:?}{}", describe_cut(&r)),
+                        Undo::RestartAll(ids.clone()),
+                    )
+                })
+            }
+            FaultKind::DiskError => match pick(rng) {
+                Some(id) => {
+                    let (fault, what) = match rng.gen_range(0..3) {
+                        0 => (
+                            Fault {
+                                write: Some(libc::EIO),
+                                sync: None,
+                            },
+                            "EIO on every write",
+                        ),
+                        1 => (
+                            Fault {
+                                write: Some(libc::ENOSPC),
+                                sync: None,
+                            },
+                            "ENOSPC on every write",
+                        ),
+                        _ => (
+                            Fault {
+                                write: None,
+                                sync: Some(libc::EIO),
+                            },
+                            "EIO on every fsync",
+                        ),
+                    };
+                    let before = c.disk_stats(id).map_or(0, |s| s.injected_errors);
+                    c.disk_fault(id, fault).map(|()| {
+                        (
+                            format!("disk error n{id}: {what}"),
+                            Undo::ClearDisk { id, before },
+                        )
+                    })
+                }
+                None => Ok(("disk error: no node up".into(), Undo::Nothing)),
+            },
+            FaultKind::Clock => match pick(rng) {
+                Some(id) => {
+                    // Log-uniform between 1 s and 6 h: seconds as often as hours.
+                    let (lo, hi) = (
+                        (CLOCK_JUMP_MS_MIN as f64).ln(),
+                        (CLOCK_JUMP_MS_MAX as f64).ln(),
+                    );
+                    let magnitude = rng.gen_range(lo..hi).exp() as u64;
+                    let signed = i64::try_from(magnitude).unwrap_or(i64::MAX);
+                    match rng.gen_range(0..3) {
+                        0 => c.set_clock(id, signed).map(|()| {
+                            (
+                                format!("clock n{id} +{}", human_ms(magnitude)),
+                                Undo::Clock { id, strobe: None },
+                            )
+                        }),
+                        1 => c.set_clock(id, -signed).map(|()| {
+                            (
+                                format!("clock n{id} -{}", human_ms(magnitude)),
+                                Undo::Clock { id, strobe: None },
+                            )
+                        }),
+                        _ => {
+                            let offset = if rng.gen_bool(0.5) { signed } else { -signed };
+                            let flip = Duration::from_millis(
+                                rng.gen_range(STROBE_FLIP_MS.0..=STROBE_FLIP_MS.1),
+                            );
+                            match c.clock_file(id) {
+                                Some(file) => Ok((
+                                    format!(
+                                        "clock n{id} strobe 0 <-> {}{} every {} ms",
+                                        if offset < 0 { "-" } else { "+" },
+                                        human_ms(magnitude),
+                                        flip.as_millis()
+                                    ),
+                                    Undo::Clock {
+                                        id,
+                                        strobe: Some(Strobe::start(file, offset, flip)),
+                                    },
+                                )),
+                                None => Ok(("clock: no clock file".into(), Undo::Nothing)),
+                            }
+                        }
+                    }
+                }
+                None => Ok(("clock: no node up".into(), Undo::Nothing)),
+            },
             FaultKind::RollingRestart => Ok(("rolling restart".into(), Undo::Nothing)),
             FaultKind::Membership => Ok(("membership".into(), Undo::Nothing)),
         };
@@ -351,11 +570,52 @@ impl Nemesis {
         let mut c = self.cluster.lock();
         let r = match undo {
             Undo::Restart(id) => c.start(id),
+            Undo::RestartAll(ids) => ids.iter().try_for_each(|id| c.start(*id)),
             Undo::Resume(id) => c.resume(id),
             Undo::Heal => c.heal(),
+            Undo::ClearDisk { id, before } => return self.clear_disk(&mut c, id, before),
+            Undo::Clock { id, strobe } => {
+                if let Some(s) = strobe {
+                    s.stop();
+                }
+                c.set_clock(id, 0)
+            }
             Undo::Nothing => Ok(()),
         };
         r.err().map(|e| e.to_string())
+    }
+
+    /// Clears node `id`'s disk fault. A node its disk failed must have stopped (within
+    /// [`DISK_FAILURE_STOP_TIMEOUT`]); it is started again. An error if it ran on.
+    fn clear_disk(&self, c: &mut Cluster, id: usize, before: u64) -> Option<String> {
+        if let Err(e) = c.disk_fault(id, Fault::default()) {
+            return Some(e.to_string());
+        }
+        let errors = c
+            .disk_stats(id)
+            .map_or(0, |s| s.injected_errors.saturating_sub(before));
+        let deadline = Instant::now() + DISK_FAILURE_STOP_TIMEOUT;
+        while errors > 0 && c.alive(id) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let ran_on = errors > 0 && c.alive(id);
+        tracing_line(&format!(
+            "n{id}: {errors} injected disk errors; {}",
+            if ran_on {
+                "it RAN ON"
+            } else if errors > 0 {
+                "it stopped (fail-stop)"
+            } else {
+                "it wrote nothing meanwhile"
+            }
+        ));
+        let restarted = c.start(id).err().map(|e| e.to_string());
+        if ran_on {
+            return Some(format!(
+                "n{id} ran on after {errors} injected disk errors (it must stop)"
+            ));
+        }
+        restarted
     }
 
     /// SIGTERM, wait for the exit, restart and wait ready: node after node.
@@ -456,6 +716,10 @@ impl Nemesis {
         {
             let mut c = self.cluster.lock();
             let _ = c.heal();
+            for id in c.in_cluster() {
+                let _ = c.disk_fault(id, Fault::default());
+                let _ = c.set_clock(id, 0);
+            }
             for id in c.ids(Standing::Member) {
                 match c.nodes[id - 1].state() {
                     NodeState::Paused => {

@@ -151,13 +151,39 @@ pub async fn test(spec: &TestSpec, stop: Arc<AtomicBool>) -> anyhow::Result<Outc
         }
         cluster::remove_stale_chains();
     }
-    let cluster = Cluster::init(
+    let needs_disks = spec.faults.iter().any(|f| f.needs_disks());
+    if needs_disks {
+        if !crate::lazyfs::usable() {
+            bail!(
+                "the faults {:?} need FUSE (/dev/fuse, as root) for the lazy disks; it is not usable here",
+                spec.faults
+            );
+        }
+        let stale = crate::lazyfs::remove_stale_mounts();
+        if stale > 0 {
+            nemesis::tracing_line(&format!("detached {stale} lazy disks left by dead runs"));
+        }
+    }
+    let faketime = if spec.faults.iter().any(|f| f.needs_clock()) {
+        Some(cluster::faketime_lib().context(
+            "the clock fault needs libfaketime (Debian package `faketime`); it is not installed",
+        )?)
+    } else {
+        None
+    };
+    let mut cluster = Cluster::init(
         &spec.chatd,
         &spec.dir,
         spec.nodes,
         spec.base_port,
         spec.partitions,
     )?;
+    if needs_disks {
+        cluster.enable_disks()?;
+    }
+    if let Some(lib) = &faketime {
+        cluster.enable_clocks(lib)?;
+    }
     let cluster = Arc::new(Mutex::new(cluster));
     let outcome = run_on(spec, &cluster, stop).await;
     {
@@ -167,6 +193,7 @@ pub async fn test(spec: &TestSpec, stop: Arc<AtomicBool>) -> anyhow::Result<Outc
             for n in &c.nodes {
                 if let Some(dir) = n.config.parent() {
                     let _ = std::fs::remove_dir_all(dir.join("data"));
+                    let _ = std::fs::remove_dir_all(dir.join("disk"));
                 }
             }
         }

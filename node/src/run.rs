@@ -85,6 +85,20 @@ pub fn init_tracing(config: &Config) {
     };
 }
 
+/// Exit status of a node stopped by its disk failing (the process aborts: 134, SIGABRT).
+/// Fail-stop: after a failed write or sync the node cannot trust what its log holds
+/// beyond what was synced, so it stops at once rather than run on or retry the sync;
+/// systemd restarts it (`Restart=on-failure`) and the restart recovers from the disk.
+fn stop_on_disk_failure(op: &'static str, cause: &str) {
+    tracing::error!(
+        op,
+        cause,
+        "the disk failed: stopping this node at once (fail-stop); a restart recovers \
+         what was synced, and the cluster goes on without it meanwhile"
+    );
+    std::process::abort();
+}
+
 /// Logs a failed notification; systemd being unreachable never stops the node.
 fn sd_log(result: Result<(), crate::systemd::NotifyError>) {
     if let Err(e) = result {
@@ -102,6 +116,14 @@ pub async fn run(path: &Path) -> anyhow::Result<()> {
     let mut signals = Signals::install()?;
     let config = Config::load(path)?;
     init_tracing(&config);
+    chatd_storage::on_disk_failure(stop_on_disk_failure);
+    #[cfg(debug_assertions)]
+    if chatd_storage::ack_before_sync() {
+        tracing::error!(
+            "CHATD_TEST_ACK_BEFORE_SYNC=1: writes are acknowledged BEFORE they are synced; \
+             a deliberately broken build for fault-injection tests, never for real data"
+        );
+    }
     let lifecycle = config.lifecycle.clone();
     let sd = Notifier::from_env();
     if sd.enabled() {

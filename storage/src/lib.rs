@@ -10,6 +10,8 @@
 mod golden;
 mod identity;
 mod syncer;
+#[cfg(debug_assertions)]
+pub use syncer::ack_before_sync;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -99,9 +101,37 @@ pub enum StorageError {
 }
 
 fn rocks(op: &'static str) -> impl FnOnce(rocksdb::Error) -> StorageError {
-    move |e| StorageError::Rocks {
-        op,
-        cause: e.into_string(),
+    move |e| {
+        disk_failed_if(op, &e);
+        StorageError::Rocks {
+            op,
+            cause: e.into_string(),
+        }
+    }
+}
+
+/// What the process does when its disk fails: set once, by the binary, at start.
+static DISK_FAILURE: std::sync::OnceLock<fn(&'static str, &str)> = std::sync::OnceLock::new();
+
+/// Sets what happens when RocksDB reports an I/O error or corruption on any read, write
+/// or sync (EIO, ENOSPC, a failed fdatasync): `handler(op, cause)`. chatd stops the
+/// process at once (fail-stop): after a failed sync the kernel may have dropped the
+/// unsynced pages, so running on, or retrying the sync, could acknowledge writes that
+/// are not on disk ("fsyncgate"); a restart recovers from what was synced. Without a
+/// handler (tests, tools) the error is only returned. The first handler set wins.
+pub fn on_disk_failure(handler: fn(&'static str, &str)) {
+    let _ = DISK_FAILURE.set(handler);
+}
+
+/// Calls the disk-failure handler if `e` is one (an I/O error or corruption).
+fn disk_failed_if(op: &'static str, e: &rocksdb::Error) {
+    if matches!(
+        e.kind(),
+        rocksdb::ErrorKind::IOError | rocksdb::ErrorKind::Corruption
+    ) {
+        if let Some(h) = DISK_FAILURE.get() {
+            h(op, e.as_ref());
+        }
     }
 }
 

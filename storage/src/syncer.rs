@@ -53,6 +53,24 @@ impl Syncer {
     }
 }
 
+/// The WAL's fdatasync. A debug build (never the release binary) can be told to skip it
+/// and acknowledge anyway (`CHATD_TEST_ACK_BEFORE_SYNC=1`): the deliberately broken build
+/// chatd-jepsen's power cuts must catch.
+fn sync_wal(db: &rocksdb::DB) -> Result<(), rocksdb::Error> {
+    #[cfg(debug_assertions)]
+    if ack_before_sync() {
+        return db.flush_wal(false);
+    }
+    db.flush_wal(true)
+}
+
+/// Whether the broken-build switch is on (debug builds only; read once).
+#[cfg(debug_assertions)]
+pub fn ack_before_sync() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("CHATD_TEST_ACK_BEFORE_SYNC").as_deref() == Ok("1"))
+}
+
 /// How long the syncer waits for more writes once several are already waiting.
 pub(crate) const SYNC_LINGER_US: u64 = 200;
 
@@ -80,7 +98,10 @@ fn run(db: Weak<Inner>, rx: Receiver<DurableCallback>, stats: Arc<Stats>) {
         // Every write whose callback is in `pending` returned before its callback was
         // queued, so it is in the WAL buffer now and this one sync covers all of them.
         let result = match db.upgrade() {
-            Some(inner) => inner.db.flush_wal(true).map_err(|e| e.into_string()),
+            Some(inner) => sync_wal(&inner.db).map_err(|e| {
+                crate::disk_failed_if("sync_wal", &e);
+                e.into_string()
+            }),
             None => Err("storage is shut down".to_string()),
         };
         stats.syncs.fetch_add(1, Ordering::Relaxed);
