@@ -28,6 +28,53 @@ enum Cmd {
         /// The history file.
         history: PathBuf,
     },
+    /// Print one Markdown table row per run directory (RELIABILITY.md's table): nemesis,
+    /// duration, ops, acked, anomalies, longest unavailability, verdict.
+    Table {
+        /// Run directories (each with results.json and history.jsonl).
+        runs: Vec<PathBuf>,
+    },
+}
+
+/// One RELIABILITY.md row for the run in `dir`.
+fn table_row(dir: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(dir.join("results.json"))
+        .with_context(|| format!("no results.json in {}", dir.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&text)?;
+    let (p, r) = (&doc["params"], &doc["results"]);
+    let faults: Vec<String> = p["faults"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let ops = std::fs::read_to_string(dir.join("history.jsonl"))
+        .map(|h| h.lines().count())
+        .unwrap_or(0);
+    let anomalies: u64 = r["counts"]
+        .as_object()
+        .map(|m| m.values().filter_map(serde_json::Value::as_u64).sum())
+        .unwrap_or(0);
+    let faults_run = r["windows"].as_array().map_or(0, Vec::len);
+    Ok(format!(
+        "| {} | {} s, {} nodes, seed {} | {} faults | {ops} | {} of {} sends | {anomalies} | {:.0} ms | {} |",
+        if faults.is_empty() { "none".to_string() } else { faults.join(", ") }
+            + if p["ack_before_sync"].as_bool() == Some(true) {
+                " (**broken build**: acks before the sync)"
+            } else {
+                ""
+            },
+        p["time_limit_s"],
+        p["nodes"],
+        p["seed"],
+        faults_run,
+        r["messages_acked"],
+        r["sends_invoked"],
+        r["longest_unavailable_ms"].as_f64().unwrap_or(0.0),
+        if r["valid"].as_bool() == Some(true) { "VALID" } else { "INVALID" },
+    ))
 }
 
 #[derive(clap::Args)]
@@ -224,6 +271,7 @@ async fn test(args: TestArgs) -> anyhow::Result<bool> {
         base_port: args.base_port,
         keep_data: args.keep_data,
         partitions: args.partitions,
+        ack_before_sync: std::env::var("CHATD_TEST_ACK_BEFORE_SYNC").as_deref() == Ok("1"),
     };
     eprintln!(
         "chatd-jepsen: {} nodes, {} s, faults {:?}, seed {seed}, run dir {}",
@@ -266,6 +314,14 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.cmd {
             Cmd::Test(args) => test(args).await,
+            Cmd::Table { runs } => {
+                println!("| nemesis | run | faults | ops | acked | anomalies | longest unavailability | verdict |");
+                println!("|---|---|---|---|---|---|---|---|");
+                for dir in runs {
+                    println!("{}", table_row(&dir)?);
+                }
+                Ok(true)
+            }
             Cmd::Check { history } => {
                 let ops = chatd_jepsen::history::load(&history)?;
                 let r = chatd_jepsen::checker::check(&ops);

@@ -53,6 +53,9 @@ pub struct TestSpec {
     pub keep_data: bool,
     /// Partitions of the cluster.
     pub partitions: u32,
+    /// The nodes run the deliberately broken build (`CHATD_TEST_ACK_BEFORE_SYNC=1` in
+    /// this process's environment, which they inherit): recorded in results.json.
+    pub ack_before_sync: bool,
 }
 
 /// What a run produced.

@@ -40,6 +40,7 @@ fn run_one(kind: FaultKind, seed: u64, base_port: u16) -> (f64, std::path::PathB
         base_port,
         keep_data: false,
         partitions: 64,
+        ack_before_sync: false,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let outcome = runtime

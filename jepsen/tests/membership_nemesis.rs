@@ -36,6 +36,7 @@ fn membership_changes_under_load_lose_nothing() {
         base_port: 27_500,
         keep_data: false,
         partitions: 64,
+        ack_before_sync: false,
     };
     let started = std::time::Instant::now();
     let runtime = tokio::runtime::Runtime::new().unwrap();

@@ -33,6 +33,7 @@ fn rolling_restart_under_load_loses_nothing() {
         base_port: 27_300,
         keep_data: false,
         partitions: 64,
+        ack_before_sync: false,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let outcome = runtime

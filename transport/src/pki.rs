@@ -22,8 +22,11 @@ pub const NODE_SERVER_NAME: &str = "chatd-node";
 
 /// Validity of the CA and of issued certificates (10 years).
 const VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Certificates start being valid this long before "now" to tolerate clock skew.
-const BACKDATE: Duration = Duration::from_secs(3600);
+/// Certificates start being valid this long before "now" to tolerate clock skew: a node
+/// whose wall clock is behind (up to this much) still accepts the certificates of a
+/// cluster made a moment ago. Two days: chatd-jepsen's clock nemesis jumps clocks back
+/// by up to 6 hours, and an operator's broken NTP by as much.
+const BACKDATE: Duration = Duration::from_secs(2 * 24 * 3600);
 /// Longest accepted DNS name (RFC 1035).
 const DNS_NAME_LEN_MAX: usize = 253;
 
@@ -547,6 +550,22 @@ mod tests {
             });
         assert!(ca_key_id.is_some());
         assert_eq!(authority_key_id, ca_key_id);
+    }
+
+    #[test]
+    fn certificates_are_valid_from_two_days_back() {
+        // A node whose wall clock is hours behind still accepts a cluster made just now.
+        let ca = ClusterCa::generate("unit").unwrap();
+        let node = parsed(&ca.issue_node(1, &[]).unwrap().cert_pem);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        for cert in [node, parsed(ca.cert_pem())] {
+            let from = cert.validity().not_before.timestamp();
+            assert!(from <= now - 47 * 3600, "valid only from {from}, now {now}");
+            assert!(from >= now - 49 * 3600, "valid from {from}, now {now}");
+        }
     }
 
     #[test]
