@@ -154,8 +154,24 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| StorageIOError::write_vote(&e).into())
     }
 
+    /// Read once, when the group starts (openraft's initial state). A committed vote comes
+    /// back *uncommitted*, so no replica resumes a leadership after a restart without a new
+    /// election. openraft would restore a leader whose own committed vote it reads at once,
+    /// in the same term; but a leader's entries count as committed once a majority of
+    /// *followers* synced them, before its own sync, so after every node lost power at once
+    /// it can come back with a shorter log than its followers, propose new entries under the
+    /// same log ids as theirs (which they keep as already present), and answer reads from
+    /// a commit index that misses acknowledged writes (chatd-jepsen's `power-cut-all`
+    /// found the stale reads). An uncommitted vote for the same leader in the same term
+    /// keeps every promise this replica made (it grants no other vote in that term) and
+    /// still accepts that leader's messages; the group elects a leader in a new term,
+    /// which only a replica with every committed entry can win.
     async fn read_vote(&mut self) -> Result<Option<Vote<NodeId>>, StorageError> {
-        self.read_meta(META_VOTE)
+        let vote: Option<Vote<NodeId>> = self.read_meta(META_VOTE)?;
+        Ok(vote.map(|mut v| {
+            v.committed = false;
+            v
+        }))
     }
 
     /// Recorded without a sync: a stale committed id after a crash only means re-learning it
@@ -319,5 +335,21 @@ mod suite {
     #[test]
     fn openraft_storage_suite_passes_with_the_tail() {
         Suite::test_all(Builder).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_committed_vote_reads_back_uncommitted_so_no_restart_resumes_leading() {
+        let (_dir, mut log, _sm) = Builder.build().await.unwrap();
+        let mut leader = Vote::new(3, 1);
+        leader.commit();
+        log.save_vote(&leader).await.unwrap();
+        let read = log.read_vote().await.unwrap().unwrap();
+        assert!(!read.is_committed());
+        // The same term and the same leader: every promise kept, no other vote granted.
+        assert_eq!(read, Vote::new(3, 1));
+        assert!(leader > read, "the leader's messages are still accepted");
+        // An uncommitted vote is stored as it is.
+        log.save_vote(&Vote::new(4, 2)).await.unwrap();
+        assert_eq!(log.read_vote().await.unwrap(), Some(Vote::new(4, 2)));
     }
 }
