@@ -60,7 +60,11 @@ fn table_row(dir: &std::path::Path) -> anyhow::Result<String> {
     let faults_run = r["windows"].as_array().map_or(0, Vec::len);
     Ok(format!(
         "| {} | {} s, {} nodes, seed {} | {} faults | {ops} | {} of {} sends | {anomalies} | {:.0} ms | {} |",
-        if faults.is_empty() { "none".to_string() } else { faults.join(", ") }
+        match faults.len() {
+            0 => "none".to_string(),
+            n if n == FaultKind::ALL.len() => "all".to_string(),
+            _ => faults.join(", "),
+        }
             + if p["ack_before_sync"].as_bool() == Some(true) {
                 " (**broken build**: acks before the sync)"
             } else {

@@ -251,6 +251,48 @@ async fn hold_elections_until_heard(
     gate.apply(&raft, &elections_off);
 }
 
+/// Campaigns once, at start-up, a replica that last voted for itself: as soon as most of
+/// the group's voters (itself included) are heard alive, so the campaign can be answered
+/// (after a whole-cluster restart its peers start alongside it), within `hold`; then the
+/// start-up hold and the usual timers take over. One campaign, in the term after its
+/// vote's: it cannot unseat a leader elected meanwhile (that leader's term is at least
+/// as high), so a restarted old leader never disrupts the group.
+async fn campaign_at_start(
+    raft: Raft,
+    group: GroupId,
+    node_id: NodeId,
+    liveness: Arc<Liveness>,
+    hold: std::time::Duration,
+) {
+    let deadline = tokio::time::Instant::now() + hold;
+    loop {
+        let (voters, leader) = {
+            let m = raft.metrics();
+            let m = m.borrow();
+            let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+            (voters, m.current_leader)
+        };
+        if leader.is_some() {
+            return;
+        }
+        let alive = liveness.snapshot();
+        let up = voters
+            .iter()
+            .filter(|v| **v == node_id || alive.get(v).is_some_and(|l| l.alive))
+            .count();
+        if up * 2 > voters.len() {
+            if let Err(e) = raft.trigger().elect().await {
+                tracing::debug!(group, error = %e, "campaign at start-up not started");
+            }
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(ELECTION_HOLD_POLL_MS)).await;
+    }
+}
+
 impl Registry {
     /// A registry for node `node_id`, its store, and its QUIC endpoint.
     pub fn new(
@@ -362,9 +404,27 @@ impl Registry {
         )
         .await
         .map_err(|e| start(e.to_string()))?;
+        // Whose vote this replica last gave: a replica that voted for itself (it led the
+        // group, or was campaigning) before the restart campaigns at once instead of
+        // waiting out the start-up hold. It no longer resumes leading by itself
+        // (`LogStore::read_vote`), and after a whole-cluster restart no leader exists for
+        // the hold to wait for; the election (a new term) is won only with a complete log.
+        let voted_for_self =
+            raft.metrics().borrow().vote.leader_id().voted_for() == Some(self.node_id);
         let heard_from_leader = Arc::new(AtomicBool::new(false));
         let gate = Arc::new(ElectionGate::new(clock));
         raft.runtime_config().elect(false);
+        if voted_for_self {
+            tokio::spawn(campaign_at_start(
+                raft.clone(),
+                group,
+                self.node_id,
+                self.links.ctx().liveness.clone(),
+                std::time::Duration::from_millis(
+                    self.config.election_timeout_max.saturating_mul(2),
+                ),
+            ));
+        }
         tokio::spawn(hold_elections_until_heard(
             raft.clone(),
             heard_from_leader.clone(),
