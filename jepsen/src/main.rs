@@ -62,7 +62,7 @@ fn table_row(dir: &std::path::Path) -> anyhow::Result<String> {
         "| {} | {} s, {} nodes, seed {} | {} faults | {ops} | {} of {} sends | {anomalies} | {:.0} ms | {} |",
         match faults.len() {
             0 => "none".to_string(),
-            n if n == FaultKind::ALL.len() => "all".to_string(),
+            n if n == FaultKind::all().len() => "all".to_string(),
             _ => faults.join(", "),
         }
             + if p["ack_before_sync"].as_bool() == Some(true) {
@@ -136,7 +136,7 @@ fn faults(names: &[String]) -> anyhow::Result<Vec<FaultKind>> {
         match n.trim() {
             "none" => {}
             "mixed" => out.extend(FaultKind::MIXED),
-            "all" => out.extend(FaultKind::ALL),
+            "all" => out.extend(FaultKind::all()),
             other => out.push(
                 FaultKind::from_str(other, true)
                     .map_err(|_| anyhow::anyhow!("unknown fault {other:?}; known: mixed, all, none, kill, kill-leader, pause, pause-leader, partition-one, partition-leader, majority-minority, bridge, rolling-restart, membership, power-cut, power-cut-all, disk-error, clock"))?,

@@ -109,21 +109,23 @@ impl FaultKind {
         FaultKind::Membership,
     ];
 
-    /// Every fault: the mixed ones, power cuts, disk errors and clocks.
-    pub const ALL: [FaultKind; 12] = [
-        FaultKind::Kill,
-        FaultKind::KillLeader,
-        FaultKind::Pause,
-        FaultKind::PartitionOne,
-        FaultKind::PartitionLeader,
-        FaultKind::MajorityMinority,
-        FaultKind::Bridge,
-        FaultKind::Membership,
+    /// The disk and clock faults (with the mixed ones: `all`).
+    pub const DISK_AND_CLOCK: [FaultKind; 4] = [
         FaultKind::PowerCut,
         FaultKind::PowerCutAll,
         FaultKind::DiskError,
         FaultKind::Clock,
     ];
+
+    /// Every fault but the rolling restart: the mixed ones, power cuts, disk errors and
+    /// clocks.
+    pub fn all() -> Vec<FaultKind> {
+        Self::MIXED
+            .iter()
+            .chain(Self::DISK_AND_CLOCK.iter())
+            .copied()
+            .collect()
+    }
 
     /// Whether it needs lazy disks (FUSE, root).
     pub fn needs_disks(self) -> bool {

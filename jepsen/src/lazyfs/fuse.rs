@@ -69,6 +69,11 @@ impl LazyFuse {
     }
 }
 
+/// A request's file offset (negative ones are invalid).
+fn offset_of(offset: i64) -> Result<u64, Errno> {
+    u64::try_from(offset).map_err(|_| libc::EINVAL)
+}
+
 fn empty(r: Result<(), Errno>, reply: ReplyEmpty) {
     match r {
         Ok(()) => reply.ok(),
@@ -207,12 +212,9 @@ impl Filesystem for LazyFuse {
         _lock_owner: Option<u64>,
         reply: ReplyData,
     ) {
-        let Ok(offset) = u64::try_from(offset) else {
-            reply.error(libc::EINVAL);
-            return;
-        };
         let len = usize::try_from(size).unwrap_or(0);
-        match self.disk.lock().read(ino, offset, len) {
+        let r = offset_of(offset).and_then(|o| self.disk.lock().read(ino, o, len));
+        match r {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
         }
@@ -230,11 +232,8 @@ impl Filesystem for LazyFuse {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        let Ok(offset) = u64::try_from(offset) else {
-            reply.error(libc::EINVAL);
-            return;
-        };
-        match self.disk.lock().write(fh, offset, data) {
+        let r = offset_of(offset).and_then(|o| self.disk.lock().write(fh, o, data));
+        match r {
             Ok(n) => reply.written(u32::try_from(n).unwrap_or(u32::MAX)),
             Err(e) => reply.error(e),
         }
