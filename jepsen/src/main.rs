@@ -58,6 +58,15 @@ fn table_row(dir: &std::path::Path) -> anyhow::Result<String> {
         .map(|m| m.values().filter_map(serde_json::Value::as_u64).sum())
         .unwrap_or(0);
     let faults_run = r["windows"].as_array().map_or(0, Vec::len);
+    let fault_errors = r["fault_errors"].as_array().map_or(0, Vec::len);
+    let mut verdict = String::from(if r["valid"].as_bool() == Some(true) {
+        "VALID"
+    } else {
+        "INVALID"
+    });
+    if fault_errors > 0 {
+        verdict.push_str(&format!(" ({fault_errors} fault errors)"));
+    }
     Ok(format!(
         "| {} | {} s, {} nodes, seed {} | {} faults | {ops} | {} of {} sends | {anomalies} | {:.0} ms | {} |",
         match faults.len() {
@@ -77,7 +86,7 @@ fn table_row(dir: &std::path::Path) -> anyhow::Result<String> {
         r["messages_acked"],
         r["sends_invoked"],
         r["longest_unavailable_ms"].as_f64().unwrap_or(0.0),
-        if r["valid"].as_bool() == Some(true) { "VALID" } else { "INVALID" },
+        verdict,
     ))
 }
 
