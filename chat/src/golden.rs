@@ -15,12 +15,12 @@ use crate::{
     MessageRecord, ReceiptUpdate, Span,
 };
 
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Asserts `value` encodes to `golden` (hex) and decodes back equal.
-fn pin<T>(value: &T, golden: &str)
+pub(crate) fn pin<T>(value: &T, golden: &str)
 where
     T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
 {

@@ -137,3 +137,32 @@ pub(crate) fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     end.push(0xff);
     end
 }
+
+/// An E2E chat's state (its epoch), in the chat's partition: `e2\0chat` ->
+/// [`crate::e2e::E2eState`].
+pub(crate) fn e2e(chat: &str) -> Vec<u8> {
+    join(&[b"e2", chat.as_bytes()])
+}
+
+/// An E2E device's record, in its user's partition: `kd\0user\0device` ->
+/// [`crate::e2e::DeviceRecord`].
+pub(crate) fn device(user: &str, device: &str) -> Vec<u8> {
+    join(&[b"kd", user.as_bytes(), device.as_bytes()])
+}
+/// The start of `user`'s devices.
+pub(crate) fn device_prefix(user: &str) -> Vec<u8> {
+    join(&[b"kd", user.as_bytes(), b""])
+}
+/// One stored KeyPackage: `kp\0user\0device\0index (u64 BE)` -> [`crate::e2e::KeyPackage`].
+pub(crate) fn key_package(user: &str, device: &str, index: u64) -> Vec<u8> {
+    join(&[
+        b"kp",
+        user.as_bytes(),
+        device.as_bytes(),
+        &index.to_be_bytes(),
+    ])
+}
+/// The start of a device's KeyPackages.
+pub(crate) fn key_package_prefix(user: &str, device: &str) -> Vec<u8> {
+    join(&[b"kp", user.as_bytes(), device.as_bytes(), b""])
+}

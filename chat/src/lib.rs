@@ -7,6 +7,9 @@
 //! nothing of WebSockets, QUIC or RocksDB.
 
 pub mod content;
+pub mod e2e;
+#[cfg(test)]
+mod e2e_tests;
 pub mod files;
 #[cfg(test)]
 mod golden;
@@ -185,6 +188,37 @@ pub enum ChatCommand {
     },
     /// `file` no longer counts for `user`.
     QuotaRefund { user: String, file: String },
+    /// Creates the E2E chat `chat` with `creator` in it, at epoch 0 (`crate::e2e`).
+    CreateE2e {
+        chat: String,
+        creator: String,
+        name: String,
+        direct: bool,
+        ts: u64,
+    },
+    /// An opaque MLS message in an E2E chat (answers like a send).
+    E2eSend(e2e::E2eMessage),
+    /// KeyPackages of `user`'s `device`, in the user's partition (answers `Devices`).
+    KeyPackagesPut {
+        user: String,
+        device: String,
+        packages: Vec<e2e::KeyPackage>,
+        last_resort: Option<e2e::KeyPackage>,
+        bounds: e2e::KeyPackageBounds,
+        ts: u64,
+    },
+    /// One KeyPackage of each device of `user`, handed out once (answers `KeyPackages`).
+    KeyPackagesClaim {
+        user: String,
+        bounds: e2e::KeyPackageBounds,
+        ts: u64,
+    },
+    /// Forgets `user`'s `device` and its KeyPackages.
+    RetireDevice {
+        user: String,
+        device: String,
+        bounds: e2e::KeyPackageBounds,
+    },
 }
 
 /// How long a send's idempotency record answers retries unless configured otherwise: 24 h.
@@ -215,6 +249,10 @@ pub enum ChatReply {
     Appended { seq: u64 },
     /// The content index's answer: the canonical file of the content, if any.
     Content { canonical: Option<String> },
+    /// E2E devices (after an upload: the uploading one; after a retire: none).
+    Devices(Vec<e2e::DeviceInfo>),
+    /// Claimed KeyPackages: (device, base64 KeyPackage).
+    KeyPackages(Vec<(String, String)>),
 }
 
 /// What delivery needs to know after a batch is applied.
@@ -420,22 +458,21 @@ fn send(
             ),
         ));
     }
-    let dedup_key = keys::dedup(&chat, &sender, &client_msg_id);
-    let earlier = get::<DedupRecord>(txn, &dedup_key)?;
-    if let Some(d) = &earlier {
-        if !d.expired_at(ts) {
-            return Ok(ChatReply::Acked {
-                seq: d.seq,
-                ts: d.ts,
-                duplicate: true,
-            });
-        }
-    }
+    let dedup = match dedup_check(txn, &chat, &sender, &client_msg_id, ts)? {
+        Ok(d) => d,
+        Err(duplicate) => return Ok(duplicate),
+    };
     let Some(mut record) = get::<ChatRecord>(txn, &keys::chat(&chat))? else {
         return Ok(reject("unknown_chat", format!("no chat {chat}")));
     };
     if !record.is_member(&sender) {
         return Ok(reject("not_member", format!("{sender} is not in {chat}")));
+    }
+    if record.kind.is_e2e() {
+        return Ok(reject(
+            "forbidden",
+            format!("{chat} is end-to-end encrypted: it takes e2e_send only"),
+        ));
     }
     if let Some(r) = reply_to {
         if r == 0 || r > record.last_seq {
@@ -444,12 +481,6 @@ fn send(
                 format!("no message {r} in {chat}"),
             ));
         }
-    }
-    sweep_expired_dedup(txn, ts, hint)?;
-    if let Some(d) = earlier {
-        // Expired but maybe not swept yet: its index entry goes now, so a later sweep
-        // never removes the record this send writes under the same key.
-        txn.delete(&keys::dedup_expiry(d.expires_ms, &dedup_key));
     }
     let seq = append_message(
         txn,
@@ -468,25 +499,75 @@ fn send(
         },
     )?;
     put(txn, &keys::chat(&chat), &record)?;
-    let expires_ms = ts.saturating_add(dedup_window_ms);
+    dedup_store(txn, dedup, seq, ts, dedup_window_ms, hint)?;
+    Ok(ChatReply::Acked {
+        seq,
+        ts,
+        duplicate: false,
+    })
+}
+
+/// A send's idempotency key and the record stored under it, if any (expired).
+pub(crate) struct Dedup {
+    key: Vec<u8>,
+    earlier: Option<DedupRecord>,
+}
+
+/// The first step of every send: `Err` with the original's ack for a retry within its
+/// window, else the key to record the send under.
+pub(crate) fn dedup_check(
+    txn: &ApplyTxn<'_>,
+    chat: &str,
+    sender: &str,
+    client_msg_id: &str,
+    ts: u64,
+) -> Result<Result<Dedup, ChatReply>, StorageError> {
+    let key = keys::dedup(chat, sender, client_msg_id);
+    let earlier = get::<DedupRecord>(txn, &key)?;
+    if let Some(d) = &earlier {
+        if !d.expired_at(ts) {
+            return Ok(Err(ChatReply::Acked {
+                seq: d.seq,
+                ts: d.ts,
+                duplicate: true,
+            }));
+        }
+    }
+    Ok(Ok(Dedup { key, earlier }))
+}
+
+/// The last step of a stored send: up to [`DEDUP_EXPIRED_SWEEP_PER_SEND_MAX`] expired
+/// records swept, and the send's record (answering retries with `seq` until `ts` +
+/// `window_ms`) written with its expiry index entry.
+pub(crate) fn dedup_store(
+    txn: &mut ApplyTxn<'_>,
+    dedup: Dedup,
+    seq: u64,
+    ts: u64,
+    window_ms: u64,
+    hint: &mut SweepHint,
+) -> Result<(), StorageError> {
+    sweep_expired_dedup(txn, ts, hint)?;
+    if let Some(d) = dedup.earlier {
+        // Expired but maybe not swept yet: its index entry goes now, so a later sweep
+        // never removes the record this send writes under the same key.
+        txn.delete(&keys::dedup_expiry(d.expires_ms, &dedup.key));
+    }
+    let expires_ms = ts.saturating_add(window_ms);
     put(
         txn,
-        &dedup_key,
+        &dedup.key,
         &DedupRecord {
             seq,
             ts,
             expires_ms,
         },
     )?;
-    txn.put(&keys::dedup_expiry(expires_ms, &dedup_key), Vec::new());
+    txn.put(&keys::dedup_expiry(expires_ms, &dedup.key), Vec::new());
     if let Some(from) = &mut hint.expiries_from_ms {
         *from = (*from).min(expires_ms);
     }
-    Ok(ChatReply::Acked {
-        seq,
-        ts,
-        duplicate: false,
-    })
+    Ok(())
 }
 
 /// Removes up to [`DEDUP_EXPIRED_SWEEP_PER_SEND_MAX`] dedup records that expired at log
@@ -574,6 +655,30 @@ fn apply_command(
             ts,
         } => quota::charge(txn, &user, &file, bytes, quota_bytes, ts)?,
         ChatCommand::QuotaRefund { user, file } => quota::refund(txn, &user, &file)?,
+        ChatCommand::CreateE2e {
+            chat,
+            creator,
+            name,
+            direct,
+            ts,
+        } => e2e::create(txn, &chat, &creator, name, direct, ts)?,
+        ChatCommand::E2eSend(m) => e2e::send(txn, m, hint)?,
+        ChatCommand::KeyPackagesPut {
+            user,
+            device,
+            packages,
+            last_resort,
+            bounds,
+            ts,
+        } => e2e::put_key_packages(txn, &user, &device, packages, last_resort, bounds, ts)?,
+        ChatCommand::KeyPackagesClaim { user, bounds, ts } => {
+            e2e::claim_key_packages(txn, &user, bounds, ts)?
+        }
+        ChatCommand::RetireDevice {
+            user,
+            device,
+            bounds,
+        } => e2e::retire_device(txn, &user, &device, bounds)?,
         ChatCommand::Append(payload) => {
             let n: u64 = get(txn, keys::LOG_COUNT)?.unwrap_or(0) + 1;
             put(txn, keys::LOG_COUNT, &n)?;
@@ -734,7 +839,7 @@ fn apply_command(
             members_max,
             ts,
         } => {
-            let mut record = match group_changed_by(txn, &chat, &by)? {
+            let mut record = match group_changed_by(txn, &chat, &by, false)? {
                 Ok(r) => r,
                 Err(rejected) => return Ok(rejected),
             };
@@ -758,7 +863,7 @@ fn apply_command(
             ChatReply::Done { seq }
         }
         ChatCommand::RemoveMember { chat, by, user, ts } => {
-            let mut record = match group_changed_by(txn, &chat, &by)? {
+            let mut record = match group_changed_by(txn, &chat, &by, by == user)? {
                 Ok(r) => r,
                 Err(rejected) => return Ok(rejected),
             };
@@ -831,17 +936,24 @@ fn apply_command(
     })
 }
 
-/// The group `chat` if `by` may change its membership (exists, is a group, `by` is in it);
-/// otherwise the rejection to answer.
+/// The group `chat` if `by` may change its membership (exists, is a group, `by` is in it;
+/// of an E2E group only by leaving it, `leaving`); otherwise the rejection to answer.
 fn group_changed_by(
     txn: &ApplyTxn<'_>,
     chat: &str,
     by: &str,
+    leaving: bool,
 ) -> Result<Result<ChatRecord, ChatReply>, StorageError> {
     let Some(record) = get::<ChatRecord>(txn, &keys::chat(chat))? else {
         return Ok(Err(reject("unknown_chat", format!("no chat {chat}"))));
     };
-    if record.kind != ChatKind::Group {
+    if record.kind == ChatKind::E2eGroup && !leaving {
+        return Ok(Err(reject(
+            "forbidden",
+            "members of an end-to-end encrypted chat change by commit (e2e_send)",
+        )));
+    }
+    if record.kind != ChatKind::Group && record.kind != ChatKind::E2eGroup {
         return Ok(Err(reject(
             "forbidden",
             "members of a direct chat cannot change",
@@ -854,7 +966,7 @@ fn group_changed_by(
 }
 
 /// Adds `user` to `record` with a join entry; returns the entry's seq.
-fn join(
+pub(crate) fn join(
     txn: &mut ApplyTxn<'_>,
     record: &mut ChatRecord,
     by: &str,
@@ -910,10 +1022,12 @@ fn change_message(
             format!("no message {seq} in {chat}"),
         ));
     };
-    if original.sender != sender || original.kind != "text" {
+    let changeable = original.kind == "text"
+        || (original.kind == e2e::MlsKind::Application.entry_kind() && text.is_none());
+    if original.sender != sender || !changeable {
         return Ok(reject(
             "forbidden",
-            "only the sender edits or deletes a text message",
+            "only the sender edits or deletes a text message (or deletes an E2E one)",
         ));
     }
     let kind = if text.is_some() { "edit" } else { "delete" };

@@ -4,11 +4,32 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-/// Direct (two users, fixed) or group.
+/// Direct (two users, fixed) or group; E2E chats (appended: the codec writes variant
+/// indexes) carry opaque MLS messages and change members by commit only (`crate::e2e`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChatKind {
     Direct,
     Group,
+    /// An end-to-end encrypted group.
+    E2eGroup,
+    /// An end-to-end encrypted chat of at most two members.
+    E2eDirect,
+}
+
+impl ChatKind {
+    /// True for the E2E kinds.
+    pub fn is_e2e(self) -> bool {
+        matches!(self, ChatKind::E2eGroup | ChatKind::E2eDirect)
+    }
+    /// The protocol's name of the kind (`ChatState.kind`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChatKind::Direct => "direct",
+            ChatKind::Group => "group",
+            ChatKind::E2eGroup => "e2e",
+            ChatKind::E2eDirect => "e2e_direct",
+        }
+    }
 }
 
 /// The seqs a member may see: from its join entry to its leave entry (inclusive).
@@ -71,7 +92,10 @@ pub struct MessageRecord {
     pub chat: String,
     pub seq: u64,
     pub sender: String,
-    /// `text`, `join`, `leave`, `edit`, `delete`, or `deleted` (a deleted text message).
+    /// `text`, `join`, `leave`, `edit`, `delete`, or `deleted` (a deleted text or
+    /// `mls_application` message); in E2E chats `mls_application`, `mls_commit`,
+    /// `mls_proposal`, `mls_welcome`, whose `text` is the sender's base64 of the opaque
+    /// MLS message and whose `target` is the MLS epoch (`crate::e2e`).
     pub kind: String,
     pub text: String,
     pub ts: u64,

@@ -4,9 +4,9 @@ use chatd_storage::{NodeIdentity, Storage, StorageOptions};
 
 const G: GroupId = 3;
 
-struct Sm {
+pub(crate) struct Sm {
     _dir: tempfile::TempDir,
-    store: Storage,
+    pub(crate) store: Storage,
     index: u64,
     /// Kept from one apply to the next, as `ChatApplier` keeps it.
     hint: SweepHint,
@@ -15,7 +15,7 @@ struct Sm {
 }
 
 impl Sm {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = Storage::open(
             dir.path(),
@@ -35,7 +35,7 @@ impl Sm {
         }
     }
 
-    fn apply(&mut self, cmd: ChatCommand) -> (ChatReply, Vec<ChatEvent>) {
+    pub(crate) fn apply(&mut self, cmd: ChatCommand) -> (ChatReply, Vec<ChatEvent>) {
         self.index += 1;
         let mut txn = ApplyTxn::standalone(G, &self.store);
         if self.forget_hint {
@@ -51,7 +51,7 @@ impl Sm {
         (reply, events)
     }
 
-    fn send(&mut self, chat: &str, sender: &str, key: &str, text: &str) -> ChatReply {
+    pub(crate) fn send(&mut self, chat: &str, sender: &str, key: &str, text: &str) -> ChatReply {
         self.send_at(chat, sender, key, text, 1, DEDUP_WINDOW_MS_DEFAULT)
     }
 
@@ -77,7 +77,7 @@ impl Sm {
     }
 
     /// Every stored record of the partition under `prefix`.
-    fn records(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    pub(crate) fn records(&self, prefix: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
         chatd_raftlog::scan_records(
             &self.store,
             G,
@@ -88,7 +88,7 @@ impl Sm {
         .unwrap()
     }
 
-    fn group(&mut self, creator: &str, members: &[&str]) -> String {
+    pub(crate) fn group(&mut self, creator: &str, members: &[&str]) -> String {
         let chat = "g:1".to_string();
         let (r, _) = self.apply(ChatCommand::CreateGroup {
             chat: chat.clone(),
@@ -103,7 +103,7 @@ impl Sm {
     }
 }
 
-fn rejected(r: &ChatReply) -> &str {
+pub(crate) fn rejected(r: &ChatReply) -> &str {
     match r {
         ChatReply::Rejected { code, .. } => code,
         other => panic!("expected a rejection, got {other:?}"),

@@ -253,6 +253,7 @@ mod tests {
             reply_to: None,
             edited_ts: None,
             files: Vec::new(),
+            epoch: None,
         }
     }
 

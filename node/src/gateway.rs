@@ -24,6 +24,7 @@ use crate::queries::{ChatQuery, ChatQueryReply};
 use crate::receipts::{ReceiptQueue, RECEIPT_QUEUE_MAX};
 use chatd_raftlog::NodeId;
 
+mod e2e;
 mod handlers;
 use handlers::handle;
 
@@ -148,6 +149,8 @@ pub fn now_ms() -> u64 {
 }
 
 fn view(m: &MessageRecord) -> MessageView {
+    // E2E entries keep their MLS epoch in `target` (chatd_chat::e2e).
+    let e2e = m.kind.starts_with("mls_");
     MessageView {
         chat: m.chat.clone(),
         seq: m.seq,
@@ -156,7 +159,12 @@ fn view(m: &MessageRecord) -> MessageView {
         kind: m.kind.clone(),
         text: m.text.clone(),
         ts: m.ts,
-        reply_to: m.reply_to.or(m.target),
+        reply_to: if e2e {
+            m.reply_to
+        } else {
+            m.reply_to.or(m.target)
+        },
+        epoch: if e2e { m.target } else { None },
         edited_ts: m.edited_ts,
         files: m
             .files
@@ -434,7 +442,9 @@ pub async fn run_delivery(node: Weak<Node>, mut rx: mpsc::Receiver<(u64, Vec<Cha
                 else {
                     continue;
                 };
-                if message.kind != "text" {
+                // An E2E message's text is ciphertext: its notification says who, not what.
+                let e2e = message.kind == chatd_chat::e2e::MlsKind::Application.entry_kind();
+                if message.kind != "text" && !e2e {
                     continue;
                 }
                 for r in recipients.iter().filter(|r| **r != message.sender) {
@@ -443,7 +453,11 @@ pub async fn run_delivery(node: Weak<Node>, mut rx: mpsc::Receiver<(u64, Vec<Cha
                             user: r.clone(),
                             sender: message.sender.clone(),
                             chat: message.chat.clone(),
-                            text: message.text.clone(),
+                            text: if e2e {
+                                "(encrypted message)".into()
+                            } else {
+                                message.text.clone()
+                            },
                         });
                     }
                 }

@@ -56,6 +56,13 @@ pub enum ChatQuery {
     Quota { user: String },
     /// The cursors of `chat`'s current members, for `user` (a current member).
     Cursors { chat: String, user: String },
+    /// `user`'s E2E devices and their KeyPackages left at `now_ms` (in the user's
+    /// partition).
+    Devices {
+        user: String,
+        bounds: chatd_chat::e2e::KeyPackageBounds,
+        now_ms: u64,
+    },
 }
 
 /// The admin view of a chat.
@@ -101,6 +108,8 @@ pub enum ChatQueryReply {
     Quota(chatd_chat::quota::QuotaUsage),
     /// The answer to [`ChatQuery::Cursors`]: (user, delivered, read), sorted by user.
     Cursors(Vec<(String, u64, u64)>),
+    /// The answer to [`ChatQuery::Devices`].
+    Devices(Vec<chatd_chat::e2e::DeviceInfo>),
 }
 
 fn rejected(code: &str, message: impl Into<String>) -> ChatQueryReply {
@@ -199,10 +208,7 @@ fn run_inner(
                     cursor.read,
                 )?;
                 out.push(chatd_proto::ChatState {
-                    kind: match record.kind {
-                        chatd_chat::ChatKind::Direct => "direct".into(),
-                        chatd_chat::ChatKind::Group => "group".into(),
-                    },
+                    kind: record.kind.as_str().into(),
                     name: record.name.clone(),
                     members: record.current_members(),
                     last_seq: visible_last,
@@ -273,6 +279,13 @@ fn run_inner(
         ChatQuery::FileCarried { chat, file } => {
             ChatQueryReply::Allowed(chatd_chat::file_carried(store, group, &chat, &file)?)
         }
+        ChatQuery::Devices {
+            user,
+            bounds,
+            now_ms,
+        } => ChatQueryReply::Devices(chatd_chat::e2e::device_infos(
+            store, group, &user, bounds, now_ms,
+        )?),
         ChatQuery::Inspect { chat } => match chatd_chat::chat_record(store, group, &chat)? {
             None => ChatQueryReply::Inspection(None),
             Some(r) => {
@@ -281,10 +294,7 @@ fn run_inner(
                     .map(|(u, c)| (u, c.delivered, c.read))
                     .collect();
                 ChatQueryReply::Inspection(Some(ChatInspection {
-                    kind: match r.kind {
-                        chatd_chat::ChatKind::Direct => "direct".into(),
-                        chatd_chat::ChatKind::Group => "group".into(),
-                    },
+                    kind: r.kind.as_str().into(),
                     name: r.name,
                     creator: r.creator,
                     created_ts: r.created_ts,

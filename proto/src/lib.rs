@@ -29,6 +29,32 @@ pub const PRESENCE_USERS_MAX: usize = 256;
 /// Most members added in one request.
 pub const ADD_MEMBERS_MAX: usize = 256;
 
+/// End-to-end encrypted chats (MLS, RFC 9420; docs/protocol.md §15). The server stores and
+/// orders opaque MLS messages; these bound what it stores.
+pub mod e2e {
+    /// Largest MLS message (`data`, and a commit's `welcome`), in bytes before base64. A
+    /// frame carries both within [`super::FRAME_BYTES_MAX`], so a commit with a welcome
+    /// has about as much again between them.
+    pub const DATA_BYTES_MAX: usize = 46_000;
+    /// Largest KeyPackage, in bytes before base64.
+    pub const KEY_PACKAGE_BYTES_MAX: usize = 2_048;
+    /// Most KeyPackages in one upload.
+    pub const KEY_PACKAGES_PER_UPLOAD_MAX: usize = 20;
+    /// Most unclaimed KeyPackages a device holds on the server (the last-resort one aside).
+    pub const KEY_PACKAGES_PER_DEVICE_MAX: usize = 100;
+    /// Most devices (with KeyPackages) per user.
+    pub const DEVICES_PER_USER_MAX: usize = 5;
+    /// Most members (users) of an E2E chat: with every member's devices, what one welcome
+    /// (which carries the group's ratchet tree) fits in one frame.
+    pub const GROUP_MEMBERS_MAX: usize = 20;
+    /// Longest device id (1-32 of A-Z a-z 0-9 _ . : -).
+    pub const DEVICE_ID_BYTES_MAX: usize = 32;
+    /// Latest expiry of a KeyPackage, from the upload: 90 days.
+    pub const KEY_PACKAGE_LIFETIME_MS_MAX: u64 = 90 * 24 * 3600 * 1000;
+    /// The kinds of MLS message an `e2e_send` carries.
+    pub const KINDS: [&str; 3] = ["application", "commit", "proposal"];
+}
+
 /// WebSocket close codes chatd uses (4000–4999 are application codes).
 pub mod close {
     /// The token was missing, malformed or wrong.
@@ -71,6 +97,11 @@ pub mod code {
     pub const SERVER_FULL: &str = "server_full";
     pub const OUTCOME_UNKNOWN: &str = "outcome_unknown";
     pub const INTERNAL: &str = "internal";
+    /// An E2E commit for an epoch the chat has left: another commit won it. Process the
+    /// chat's log and commit again on the new epoch.
+    pub const STALE_EPOCH: &str = "stale_epoch";
+    /// A per-user or per-device bound is reached (devices, KeyPackages).
+    pub const LIMIT_REACHED: &str = "limit_reached";
 }
 
 /// Frames a client sends.
@@ -169,6 +200,80 @@ pub enum ClientFrame {
     /// `receipt` pushes say from then on, for a client that starts (or restarts) without
     /// them.
     Cursors { id: String, chat: String },
+    /// Creates an end-to-end encrypted chat with the caller as its only member (epoch 0);
+    /// members join by commit (`e2e_send` with `add`). `direct`: at most two members.
+    CreateE2e {
+        id: String,
+        #[serde(default)]
+        name: String,
+        #[serde(default)]
+        direct: bool,
+    },
+    /// An opaque MLS message in an E2E chat (base64 `data`), stored in the chat's one order
+    /// and answered with `ack` like `send` (same dedup by `client_msg_id`). `kind`:
+    /// `application`, `commit` or `proposal`. A `commit` must name the chat's current
+    /// `epoch` (else `stale_epoch`), may carry the `welcome` for the devices it adds and
+    /// changes the chat's members: `add` joins users, `remove` removes them, in the same
+    /// log entry group.
+    E2eSend {
+        id: String,
+        chat: String,
+        client_msg_id: String,
+        kind: String,
+        epoch: u64,
+        data: String,
+        #[serde(default)]
+        welcome: Option<String>,
+        #[serde(default)]
+        add: Vec<String>,
+        #[serde(default)]
+        remove: Vec<String>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        files: Vec<FileRef>,
+    },
+    /// Stores KeyPackages of the caller's `device` (others claim them to add it to E2E
+    /// chats); answers `devices` with the device's state.
+    KeyPackagesUpload {
+        id: String,
+        device: String,
+        packages: Vec<KeyPackageUpload>,
+        /// Replaces the device's last-resort KeyPackage: handed out when no other is left,
+        /// and never consumed.
+        #[serde(default)]
+        last_resort: Option<KeyPackageUpload>,
+    },
+    /// Takes one KeyPackage of each device of `user` (each handed out once); answers
+    /// `key_packages`.
+    KeyPackagesClaim { id: String, user: String },
+    /// The E2E devices of `user` and their unclaimed KeyPackages; answers `devices`.
+    Devices { id: String, user: String },
+    /// Forgets the caller's `device` and its KeyPackages; answers `devices`.
+    RetireDevice { id: String, device: String },
+}
+
+/// A KeyPackage to store: base64 of its MLS encoding and when it expires (ms since the
+/// epoch; it is never handed out after).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPackageUpload {
+    pub data: String,
+    pub expires: u64,
+}
+
+/// One device's E2E state on the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceView {
+    pub device: String,
+    /// Unclaimed, unexpired KeyPackages (the last-resort one not counted).
+    pub available: u64,
+    pub last_resort: bool,
+}
+
+/// A claimed KeyPackage.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimedKeyPackage {
+    pub device: String,
+    pub data: String,
 }
 
 impl ClientFrame {
@@ -187,7 +292,13 @@ impl ClientFrame {
             | ClientFrame::Sync { id, .. }
             | ClientFrame::Presence { id, .. }
             | ClientFrame::Subscribe { id, .. }
-            | ClientFrame::Cursors { id, .. } => Some(id),
+            | ClientFrame::Cursors { id, .. }
+            | ClientFrame::CreateE2e { id, .. }
+            | ClientFrame::E2eSend { id, .. }
+            | ClientFrame::KeyPackagesUpload { id, .. }
+            | ClientFrame::KeyPackagesClaim { id, .. }
+            | ClientFrame::Devices { id, .. }
+            | ClientFrame::RetireDevice { id, .. } => Some(id),
             ClientFrame::Ping { id } => id.as_deref(),
             ClientFrame::Auth { .. } | ClientFrame::Receipt { .. } | ClientFrame::Typing { .. } => {
                 None
@@ -241,13 +352,17 @@ pub struct MessageView {
     /// Attached files (absent when none).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub files: Vec<FileView>,
+    /// E2E entries (`mls_*` kinds): the MLS epoch the sender gave (for `mls_commit`, the
+    /// epoch it moves the chat from; for `mls_welcome`, the epoch it joins at).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub epoch: Option<u64>,
 }
 
 /// One chat in a sync answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ChatState {
     pub chat: String,
-    /// `direct` or `group`.
+    /// `direct`, `group`, `e2e` (an end-to-end encrypted group) or `e2e_direct`.
     pub kind: String,
     pub name: String,
     pub members: Vec<String>,
@@ -341,6 +456,18 @@ pub enum ServerFrame {
         chat: String,
         cursors: Vec<CursorView>,
     },
+    /// Answer to key_packages_upload, devices and retire_device: E2E devices of `user`.
+    Devices {
+        id: String,
+        user: String,
+        devices: Vec<DeviceView>,
+    },
+    /// Answer to key_packages_claim: one KeyPackage per device of `user` that had one.
+    KeyPackages {
+        id: String,
+        user: String,
+        packages: Vec<ClaimedKeyPackage>,
+    },
     /// A request failed; nothing changed. `id` is the request's id when it had one.
     Error {
         #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -375,6 +502,12 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, (&'static str, Stri
         "subscribe",
         "typing",
         "cursors",
+        "create_e2e",
+        "e2e_send",
+        "key_packages_upload",
+        "key_packages_claim",
+        "devices",
+        "retire_device",
     ];
     if !KNOWN.contains(&kind) {
         return Err((code::UNKNOWN_TYPE, format!("unknown frame type {kind:?}")));

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 use chatd_proto::{
-    parse_client_frame, ChatState, ClientFrame, FileRef, FileView, MessageView, PresenceView,
-    ServerFrame,
+    parse_client_frame, ChatState, ClaimedKeyPackage, ClientFrame, DeviceView, FileRef, FileView,
+    KeyPackageUpload, MessageView, PresenceView, ServerFrame,
 };
 
 /// `json` parses to `frame` and `frame` serialises to exactly `json`.
@@ -189,6 +189,7 @@ fn message() -> MessageView {
         reply_to: Some(1),
         edited_ts: Some(8),
         files: Vec::new(),
+        epoch: None,
     }
 }
 
@@ -320,4 +321,125 @@ fn golden_server_frames() {
         },
         r#"{"type":"error","id":"1","code":"forbidden","message":"no"}"#,
     );
+}
+
+#[test]
+fn golden_e2e_frames() {
+    let cases = [
+        (
+            r#"{"type":"create_e2e","id":"1","name":"n","direct":true}"#,
+            ClientFrame::CreateE2e {
+                id: s("1"),
+                name: s("n"),
+                direct: true,
+            },
+        ),
+        (
+            r#"{"type":"e2e_send","id":"2","chat":"e:1","client_msg_id":"m","kind":"commit","epoch":3,"data":"AQ==","welcome":"Ag==","add":["b"],"remove":["c"],"files":[{"file_id":"f"}]}"#,
+            ClientFrame::E2eSend {
+                id: s("2"),
+                chat: s("e:1"),
+                client_msg_id: s("m"),
+                kind: s("commit"),
+                epoch: 3,
+                data: s("AQ=="),
+                welcome: Some(s("Ag==")),
+                add: vec![s("b")],
+                remove: vec![s("c")],
+                files: vec![FileRef {
+                    file_id: s("f"),
+                    name: None,
+                    mime: None,
+                    size: None,
+                }],
+            },
+        ),
+        (
+            r#"{"type":"key_packages_upload","id":"3","device":"phone","packages":[{"data":"AQ==","expires":9}],"last_resort":{"data":"Ag==","expires":10}}"#,
+            ClientFrame::KeyPackagesUpload {
+                id: s("3"),
+                device: s("phone"),
+                packages: vec![KeyPackageUpload {
+                    data: s("AQ=="),
+                    expires: 9,
+                }],
+                last_resort: Some(KeyPackageUpload {
+                    data: s("Ag=="),
+                    expires: 10,
+                }),
+            },
+        ),
+        (
+            r#"{"type":"key_packages_claim","id":"4","user":"b"}"#,
+            ClientFrame::KeyPackagesClaim {
+                id: s("4"),
+                user: s("b"),
+            },
+        ),
+        (
+            r#"{"type":"devices","id":"5","user":"b"}"#,
+            ClientFrame::Devices {
+                id: s("5"),
+                user: s("b"),
+            },
+        ),
+        (
+            r#"{"type":"retire_device","id":"6","device":"phone"}"#,
+            ClientFrame::RetireDevice {
+                id: s("6"),
+                device: s("phone"),
+            },
+        ),
+    ];
+    for (json, frame) in cases {
+        pin_client(json, frame);
+    }
+    // The optional fields may be left out.
+    assert_eq!(
+        parse_client_frame(r#"{"type":"e2e_send","id":"2","chat":"e:1","client_msg_id":"m","kind":"application","epoch":3,"data":"AQ=="}"#).unwrap(),
+        ClientFrame::E2eSend {
+            id: s("2"),
+            chat: s("e:1"),
+            client_msg_id: s("m"),
+            kind: s("application"),
+            epoch: 3,
+            data: s("AQ=="),
+            welcome: None,
+            add: vec![],
+            remove: vec![],
+            files: vec![],
+        }
+    );
+    pin_server(
+        ServerFrame::Devices {
+            id: s("5"),
+            user: s("b"),
+            devices: vec![DeviceView {
+                device: s("phone"),
+                available: 4,
+                last_resort: true,
+            }],
+        },
+        r#"{"type":"devices","id":"5","user":"b","devices":[{"device":"phone","available":4,"last_resort":true}]}"#,
+    );
+    pin_server(
+        ServerFrame::KeyPackages {
+            id: s("4"),
+            user: s("b"),
+            packages: vec![ClaimedKeyPackage {
+                device: s("phone"),
+                data: s("AQ=="),
+            }],
+        },
+        r#"{"type":"key_packages","id":"4","user":"b","packages":[{"device":"phone","data":"AQ=="}]}"#,
+    );
+    let mut m = message();
+    m.kind = s("mls_commit");
+    m.text = s("AQ==");
+    m.reply_to = None;
+    m.edited_ts = None;
+    m.epoch = Some(3);
+    let json = r#"{"chat":"c","seq":2,"msg_id":"c/2","sender":"a","kind":"mls_commit","text":"AQ==","ts":7,"epoch":3}"#;
+    assert_eq!(serde_json::to_string(&m).unwrap(), json);
+    assert_eq!(serde_json::from_str::<MessageView>(json).unwrap(), m);
 }

@@ -4,7 +4,7 @@
 
 use super::*;
 
-fn propose_error(id: Option<String>, e: ProposeError) -> ServerFrame {
+pub(super) fn propose_error(id: Option<String>, e: ProposeError) -> ServerFrame {
     match e {
         ProposeError::Unknown { .. } => err(id, code::OUTCOME_UNKNOWN, e.to_string()),
         ProposeError::Overloaded { .. } => err(id, code::RATE_LIMITED, e.to_string()),
@@ -13,7 +13,7 @@ fn propose_error(id: Option<String>, e: ProposeError) -> ServerFrame {
 }
 
 /// Proposes a chat command to `group` and decodes its reply.
-async fn propose_chat(
+pub(super) async fn propose_chat(
     node: &Node,
     group: u64,
     cmd: &ChatCommand,
@@ -30,7 +30,7 @@ async fn propose_chat(
 }
 
 /// Records `chat` in each user's chat index (idempotent; retried by the next change).
-async fn index_chat(node: &Node, chat: &str, users: &[String]) {
+pub(super) async fn index_chat(node: &Node, chat: &str, users: &[String]) {
     for u in users {
         let cmd = ChatCommand::IndexChat {
             user: u.clone(),
@@ -94,7 +94,7 @@ fn direct_peer(chat: &str, user: &str) -> Option<String> {
     Some(if user == a { b } else { a }.to_string())
 }
 
-async fn check_users(node: &Node, users: &[String]) -> Result<(), (String, String)> {
+pub(super) async fn check_users(node: &Node, users: &[String]) -> Result<(), (String, String)> {
     for u in users {
         if !valid_id(u, chatd_proto::USER_ID_BYTES_MAX) || !node.user_enabled_caught_up(u).await {
             return Err((code::UNKNOWN_USER.into(), format!("no user {u:?}")));
@@ -531,6 +531,12 @@ pub(super) async fn handle(
                 users: node.gateway.presence_of(&users),
             }
         }
+        f @ (ClientFrame::CreateE2e { .. }
+        | ClientFrame::E2eSend { .. }
+        | ClientFrame::KeyPackagesUpload { .. }
+        | ClientFrame::KeyPackagesClaim { .. }
+        | ClientFrame::Devices { .. }
+        | ClientFrame::RetireDevice { .. }) => super::e2e::handle(node, user, f).await,
         ClientFrame::Typing { chat } => {
             if !chat_ok(&chat) {
                 return Some(err(None, code::INVALID_FIELD, "bad chat"));
