@@ -14,6 +14,7 @@ pub mod admin;
 pub mod bench;
 pub mod client;
 pub mod config;
+pub mod e2e;
 pub mod editor;
 pub mod files;
 pub mod format;
@@ -131,6 +132,8 @@ pub enum Command {
         /// The other user.
         user: String,
     },
+    /// End-to-end encrypted chats (MLS): this device, its chats and messages.
+    E2e(e2e::E2eArgs),
     /// Create a group with you and the given members and print its id.
     CreateGroup {
         /// The group's name.
@@ -256,6 +259,7 @@ pub async fn execute(cli: &Cli, color: bool) -> Result<String, CliError> {
         Command::Presence { users } => messaging::presence(cli, users, color).await,
         Command::OpenDirect { user } => messaging::open_direct(cli, user).await,
         Command::CreateGroup { name, members } => messaging::create_group(cli, name, members).await,
+        Command::E2e(args) => e2e::run(cli, args).await,
         Command::Upload(args) => files::upload(cli, args).await,
         Command::SendFile(args) => messaging::send_file(cli, args).await,
         Command::Download(args) => files::download(cli, args).await,

@@ -29,7 +29,7 @@ pub const PRESENCE_USERS_MAX: usize = 256;
 /// Most members added in one request.
 pub const ADD_MEMBERS_MAX: usize = 256;
 
-/// End-to-end encrypted chats (MLS, RFC 9420; docs/protocol.md §15). The server stores and
+/// End-to-end encrypted chats (MLS, RFC 9420; docs/protocol.md §20). The server stores and
 /// orders opaque MLS messages; these bound what it stores.
 pub mod e2e {
     /// Largest MLS message (`data`, and a commit's `welcome`), in bytes before base64. A

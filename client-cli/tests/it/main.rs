@@ -3,6 +3,7 @@
 
 mod admin;
 mod bench;
+mod e2e;
 mod files;
 mod harness;
 mod messaging;

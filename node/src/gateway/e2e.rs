@@ -1,4 +1,4 @@
-//! The E2E frames (docs/protocol.md §15): creating an E2E chat, storing opaque MLS
+//! The E2E frames (docs/protocol.md §20): creating an E2E chat, storing opaque MLS
 //! messages in its log, and the KeyPackages of each user's devices. The gateway checks
 //! ids, sizes and base64; the chat state machine (`chatd_chat::e2e`) checks everything that
 //! depends on state (membership, the epoch, the per-device bounds). Nothing here decrypts.
