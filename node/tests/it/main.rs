@@ -12,6 +12,7 @@ mod cursors;
 mod dedup;
 mod demo;
 mod drain;
+mod e2e;
 mod failover;
 mod files;
 mod files_shared;
