@@ -233,6 +233,80 @@ fn state_key(state: &Path, create: bool) -> Result<StoreKey, CliError> {
     Ok(StoreKey::from_bytes(key))
 }
 
+/// This user's E2E device for `chat-cli chat`, if one is set up (the state file of
+/// `CHAT_CLI_E2E_STATE`, else the default one): `Ok(None)` when there is none.
+pub fn session_device(user: &str) -> Result<Option<Device>, CliError> {
+    let path = match std::env::var_os("CHAT_CLI_E2E_STATE").filter(|p| !p.is_empty()) {
+        Some(p) => PathBuf::from(p),
+        None => default_state(user)?,
+    };
+    if !path.exists() {
+        return Ok(None);
+    }
+    let key = state_key(&path, false)?;
+    let dev = Device::open(&path, &key).map_err(e2e_error)?;
+    if dev.user() != user {
+        return Err(CliError::Usage(format!(
+            "{} is {}'s device, not {user}'s",
+            path.display(),
+            dev.user()
+        )));
+    }
+    Ok(Some(dev))
+}
+
+/// Feeds one log entry of an E2E chat to the device (entries that are not MLS messages,
+/// and those at or below its cursor, change nothing).
+pub fn feed(dev: &mut Device, m: &chatd_proto::MessageView) -> Result<Option<Event>, CliError> {
+    let Some(kind) = m.kind.strip_prefix("mls_").and_then(Kind::parse) else {
+        return Ok(None);
+    };
+    let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&m.text) else {
+        return Ok(None);
+    };
+    dev.process(&m.chat, m.seq, &m.sender, kind, &bytes, m.ts)
+        .map(Some)
+        .map_err(e2e_error)
+}
+
+/// The text of a decrypted message as one line: its text and its files' names.
+pub fn line_of(plaintext: &[u8]) -> String {
+    let p = Payload::parse(plaintext);
+    let mut text = p.text;
+    for f in &p.files {
+        text.push_str(&format!(
+            " [📎 {} {}]",
+            f.name,
+            crate::format::human_bytes(f.size)
+        ));
+    }
+    text
+}
+
+/// Encrypts `text` for `chat` as chat-cli's payload: (epoch, base64 MLS message).
+pub fn seal_text(dev: &mut Device, chat: &str, text: &str) -> Result<(u64, String), CliError> {
+    seal_payload(
+        dev,
+        chat,
+        &Payload {
+            text: text.to_string(),
+            files: Vec::new(),
+        },
+    )
+}
+
+/// Encrypts `payload` for `chat`: (epoch, base64 MLS message).
+pub fn seal_payload(
+    dev: &mut Device,
+    chat: &str,
+    payload: &Payload,
+) -> Result<(u64, String), CliError> {
+    let plain = serde_json::to_vec(payload)
+        .map_err(|e| CliError::Failed(format!("cannot encode the message: {e}")))?;
+    let out = dev.encrypt(chat, &plain).map_err(e2e_error)?;
+    Ok((out.epoch, b64(&out.data)))
+}
+
 /// A connection and this device.
 struct Session {
     conn: Connection,
@@ -883,7 +957,10 @@ async fn send(
 }
 
 /// Encrypts the file at `path` with a fresh key and uploads the ciphertext.
-async fn seal_file(cli: &Cli, path: &Path) -> Result<(SealedFile, chatd_proto::FileRef), CliError> {
+pub async fn seal_file(
+    cli: &Cli,
+    path: &Path,
+) -> Result<(SealedFile, chatd_proto::FileRef), CliError> {
     let meta = std::fs::metadata(path)
         .map_err(|e| CliError::Usage(format!("cannot open {}: {e}", path.display())))?;
     if meta.len() > FILE_BYTES_MAX {

@@ -91,6 +91,19 @@ pub fn describe(m: &MessageView) -> String {
             Some(r) => format!("✗ deleted #{r}"),
             None => "✗ deleted a message".to_string(),
         },
+        // E2E entries: ciphertext, shown as what they are (`chat-cli e2e read` and
+        // `chat-cli chat` with this device's E2E state decrypt them).
+        "mls_application" => {
+            let pad = m.text.bytes().rev().take_while(|b| *b == b'=').count();
+            let bytes = (m.text.len() / 4 * 3).saturating_sub(pad);
+            format!("🔒 encrypted message ({bytes} bytes)")
+        }
+        "mls_commit" => match m.epoch {
+            Some(e) => format!("🔒 group keys changed (epoch {e} → {})", e + 1),
+            None => "🔒 group keys changed".to_string(),
+        },
+        "mls_welcome" => "🔒 welcome for the added devices".to_string(),
+        "mls_proposal" => "🔒 proposal".to_string(),
         other => format!("[{other}] {}", m.text),
     }
 }
@@ -317,5 +330,18 @@ mod tests {
         // The last page says nothing more: what is held is handed out.
         let (out, more) = f.page(vec![], false);
         assert_eq!((seqs(&out), more), (vec![9], false));
+    }
+
+    #[test]
+    fn e2e_entries_say_what_they_are_never_their_base64() {
+        let mut m = msg(3);
+        m.kind = "mls_application".into();
+        m.text = "QUJDREVGR0g=".into();
+        assert_eq!(describe(&m), "🔒 encrypted message (8 bytes)");
+        m.kind = "mls_commit".into();
+        m.epoch = Some(4);
+        assert_eq!(describe(&m), "🔒 group keys changed (epoch 4 → 5)");
+        m.kind = "mls_welcome".into();
+        assert!(!describe(&m).contains("QUJD"));
     }
 }

@@ -491,6 +491,21 @@ pub async fn sync_chats(conn: &mut Connection) -> Result<Vec<ChatState>, CliErro
 
 /// A chat's name for people: the group name, or `with <other user>` for a direct chat.
 pub fn chat_title(c: &ChatState, me: &str) -> String {
+    if c.kind.starts_with("e2e") {
+        // End-to-end encrypted: marked, named by its members when it has no name.
+        let others: Vec<&str> = c
+            .members
+            .iter()
+            .map(String::as_str)
+            .filter(|m| *m != me)
+            .collect();
+        let name = if c.name.is_empty() {
+            format!("with {}", others.join(", "))
+        } else {
+            c.name.clone()
+        };
+        return format!("🔒 {name}");
+    }
     if c.kind == "direct" {
         let other = c
             .chat

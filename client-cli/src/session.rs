@@ -127,6 +127,9 @@ struct Pending {
     text: String,
     /// Files attached (uploaded before the message is queued).
     files: Vec<chatd_proto::FileRef>,
+    /// In an E2E chat: the epoch and base64 MLS message `text` was encrypted to (sent as
+    /// `e2e_send`; `text` never leaves this process).
+    sealed: Option<(u64, String)>,
 }
 
 /// The chat being shown.
@@ -160,6 +163,9 @@ struct Session {
     last: u64,
     /// The command line's options, for uploads (`/file`).
     cli: Cli,
+    /// This user's E2E device, if one is set up: E2E chats are decrypted and sent
+    /// encrypted with it.
+    e2e: Option<chatd_e2e::Device>,
 }
 
 enum Step {
@@ -221,14 +227,53 @@ impl Session {
 
     fn message_line(&self, m: &MessageView) -> String {
         let mine = m.sender == self.me;
-        let mark = if mine && m.kind == "text" { " ✓" } else { "" };
+        let sent = m.kind == "text" || m.kind == "mls_application";
+        let mark = if mine && sent { " ✓" } else { "" };
         format!(
             "{} #{} {}: {}{mark}",
             format_clock(m.ts),
             m.seq,
             clean(&m.sender),
-            clean(&describe(m))
+            clean(&self.describe(m))
         )
+    }
+
+    /// What an entry says: an E2E message decrypted by this device when it could.
+    fn describe(&self, m: &MessageView) -> String {
+        if m.kind == "mls_application" {
+            if let Some(dev) = &self.e2e {
+                if let Some(d) = dev.history(&m.chat).iter().find(|d| d.seq == m.seq) {
+                    return format!("🔒 {}", crate::e2e::line_of(&d.text));
+                }
+                if dev.processed_seq(&m.chat) >= m.seq {
+                    return "🔒 (cannot decrypt on this device)".to_string();
+                }
+            }
+        }
+        describe(m)
+    }
+
+    /// Feeds E2E entries, in seq order, to this device (and saves it).
+    fn decrypt(&mut self, ms: &[MessageView]) {
+        let Some(dev) = self.e2e.as_mut() else {
+            return;
+        };
+        let mut fed = false;
+        for m in ms.iter().filter(|m| m.kind.starts_with("mls_")) {
+            match crate::e2e::feed(dev, m) {
+                Ok(e) => fed |= e.is_some(),
+                Err(e) => {
+                    self.screen.line(format!("✗ e2e: {e}"));
+                    break;
+                }
+            }
+        }
+        if fed {
+            if let Err(e) = dev.save() {
+                self.screen
+                    .line(format!("✗ e2e: cannot save this device's state: {e}"));
+            }
+        }
     }
 
     /// Prints messages of the current chat and reports them read.
@@ -236,6 +281,7 @@ impl Session {
         if ms.is_empty() {
             return Ok(());
         }
+        self.decrypt(ms);
         let lines: Vec<String> = ms.iter().map(|m| self.message_line(m)).collect();
         self.screen.print(&lines);
         let me = self.me.clone();
@@ -270,6 +316,17 @@ impl Session {
         }
         self.chats = sync_chats(conn).await?;
         let state = self.chats.iter().find(|c| c.chat == chat).cloned();
+        // An E2E chat: the device processes everything after what it processed, in
+        // order, before the last messages are shown (they are read from its history).
+        if let Some(cursor) = self
+            .e2e
+            .as_ref()
+            .filter(|_| chat.starts_with("e:"))
+            .map(|d| d.processed_seq(chat))
+        {
+            let (all, _) = read_history(conn, chat, None, Some(cursor), None).await?;
+            self.decrypt(&all);
+        }
         let (messages, _) = read_history(conn, chat, None, None, Some(last.max(1))).await?;
         let shown: Vec<MessageView> = if last == 0 {
             Vec::new()
@@ -326,11 +383,30 @@ impl Session {
             ));
             return Ok(Step::Go);
         }
+        let chat = c.chat.clone();
+        let sealed = if chat.starts_with("e:") {
+            let Some(dev) = self.e2e.as_mut() else {
+                self.screen.line(
+                    "✗ not sent: this chat is end-to-end encrypted and this device has no E2E state (chat-cli e2e init)",
+                );
+                return Ok(Step::Go);
+            };
+            match crate::e2e::seal_text(dev, &chat, &line) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    self.screen.line(format!("✗ not sent: {e}"));
+                    return Ok(Step::Go);
+                }
+            }
+        } else {
+            None
+        };
         self.outbox.push_back(Pending {
-            chat: c.chat.clone(),
+            chat,
             client_msg_id: ws::new_client_msg_id(),
             text: line,
             files: Vec::new(),
+            sealed,
         });
         self.pump(conn).await?;
         Ok(Step::Go)
@@ -449,6 +525,34 @@ impl Session {
                 "no chat open: /open one before /file".into(),
             ));
         };
+        if chat.starts_with("e:") {
+            // Encrypted with a key of its own, which travels inside the E2E message.
+            let Some(_) = self.e2e.as_ref() else {
+                return Err(CliError::Failed(
+                    "this chat is end-to-end encrypted and this device has no E2E state".into(),
+                ));
+            };
+            let (sealed, file_ref) =
+                crate::e2e::seal_file(&self.cli, std::path::Path::new(path)).await?;
+            let payload = crate::e2e::Payload {
+                text: String::new(),
+                files: vec![sealed],
+            };
+            let dev = self
+                .e2e
+                .as_mut()
+                .ok_or_else(|| CliError::Failed("no E2E state".into()))?;
+            let sealed = crate::e2e::seal_payload(dev, &chat, &payload)?;
+            self.screen.line("uploaded the encrypted file, sending");
+            self.outbox.push_back(Pending {
+                chat,
+                client_msg_id: ws::new_client_msg_id(),
+                text: String::new(),
+                files: vec![file_ref],
+                sealed: Some(sealed),
+            });
+            return self.pump(conn).await;
+        }
         let up = crate::files::upload_file(&self.cli, std::path::Path::new(path), None, None)
             .await
             .map_err(|e| CliError::Failed(e.to_string()))?;
@@ -467,6 +571,7 @@ impl Session {
                 mime: None,
                 size: Some(up.size),
             }],
+            sealed: None,
         });
         self.pump(conn).await
     }
@@ -729,6 +834,20 @@ impl Session {
 }
 
 fn send_frame(id: &str, p: &Pending) -> ClientFrame {
+    if let Some((epoch, data)) = &p.sealed {
+        return ClientFrame::E2eSend {
+            id: id.to_string(),
+            chat: p.chat.clone(),
+            client_msg_id: p.client_msg_id.clone(),
+            kind: "application".into(),
+            epoch: *epoch,
+            data: data.clone(),
+            welcome: None,
+            add: Vec::new(),
+            remove: Vec::new(),
+            files: p.files.clone(),
+        };
+    }
     ClientFrame::Send {
         id: id.to_string(),
         chat: p.chat.clone(),
@@ -796,7 +915,14 @@ pub async fn run(cli: &Cli, args: &ChatArgs) -> Result<String, CliError> {
         },
         last: args.last,
         cli: cli.clone(),
+        e2e: None,
     };
+    match crate::e2e::session_device(&s.me) {
+        Ok(dev) => s.e2e = dev,
+        Err(e) => s.screen.line(format!(
+            "chat-cli: E2E chats stay encrypted in this session: {e}"
+        )),
+    }
     s.screen.line(format!(
         "chat-cli: {} connected to {} · /help for commands",
         clean(&s.me),

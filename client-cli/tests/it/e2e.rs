@@ -385,6 +385,37 @@ fn e2e_group_across_three_nodes_keeps_plaintext_off_the_servers() {
         assert!(texts.contains(&secret(&format!("converged-{}", w.name.replace('/', "-")))));
     }
 
+    // `chat-cli chat` on Bob's laptop: the E2E chat is marked, its messages decrypted with
+    // this device's state, and what Bob types goes out encrypted.
+    let typed = secret("typed-in-chat");
+    let mut session = bob
+        .cmd(
+            &["chat", &chat, "--last", "5"],
+            &[("CHAT_CLI_E2E_STATE", bob.state.to_str().unwrap())],
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    session
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{typed}\n").as_bytes())
+        .unwrap();
+    let out = session.wait_with_output().unwrap();
+    let shown = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{shown}\n{}", text(&out.stderr));
+    assert!(shown.contains("🔒"), "the E2E chat is not marked: {shown}");
+    let erin_said = secret("converged-erin-laptop");
+    assert!(
+        shown.contains(&erin_said),
+        "not decrypted in the session: {shown}"
+    );
+    assert!(shown.contains(&format!("{typed} ✓")), "{shown}");
+    assert!(alice.texts(&chat).contains(&typed));
+
     // A plaintext control: a plain group's message is found where E2E ones must not be.
     let plain_marker = format!("plain-control-{tag}");
     let group = crate::messaging::json_ok(&[
@@ -432,6 +463,7 @@ fn e2e_group_across_three_nodes_keeps_plaintext_off_the_servers() {
         .map(|w| secret(w))
         .collect();
     secrets.push(file_secret.clone());
+    secrets.push(typed.clone());
     secrets.push("the plans".into());
     for w in [&alice, &bob, &dave, &erin] {
         secrets.push(secret(&format!("converged-{}", w.name.replace('/', "-"))));
