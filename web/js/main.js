@@ -33,7 +33,7 @@ function chatOf(id) {
   let c = S.chats.get(id);
   if (!c) {
     c = {
-      id, kind: id.startsWith("d:") ? "direct" : "group", name: "", members: [],
+      id, kind: id.startsWith("d:") ? "direct" : id.startsWith("e:") ? "e2e" : "group", name: "", members: [],
       last_seq: 0, delivered: 0, read: 0, unread: 0,
       msgs: new Map(), H: 0, lo: 0, moreBefore: false, loadingOlder: false,
       cursors: new Map(), joins: new Map(), lastTs: 0, lastText: "", typing: new Map(),
@@ -46,7 +46,24 @@ function chatOf(id) {
   return c;
 }
 
+// End-to-end encrypted chats (MLS): this client holds no keys, so it marks them and shows
+// what their entries are, never their ciphertext (docs/protocol.md section 20).
+function isE2e(c) {
+  return c.kind === "e2e" || c.kind === "e2e_direct";
+}
+
+const E2E_KINDS = {
+  mls_application: "🔒 Encrypted message",
+  mls_commit: "🔒 Group keys changed",
+  mls_welcome: "🔒 Welcome for new devices",
+  mls_proposal: "🔒 Proposal",
+};
+
 function title(c) {
+  if (isE2e(c)) {
+    const others = c.members.filter((u) => u !== S.me);
+    return `🔒 ${c.name || (others.length ? others.join(", ") : "Encrypted chat")}`;
+  }
   if (c.kind === "direct") {
     const other = c.id.slice(2).split(":").find((u) => u !== S.me);
     return other || c.id;
@@ -74,6 +91,10 @@ function store(c, m) {
     if (fresh && !c.members.includes(m.text)) c.members = [...c.members, m.text].sort();
   } else if (fresh && m.kind === "leave") {
     c.members = c.members.filter((u) => u !== m.text);
+  }
+  if (m.kind === "mls_application" && m.ts >= c.lastTs) {
+    c.lastTs = m.ts;
+    c.lastText = `${m.sender === S.me ? "You" : m.sender}: ${E2E_KINDS[m.kind]}`;
   }
   if ((m.kind === "text" || m.kind === "join" || m.kind === "leave") && m.ts >= c.lastTs) {
     c.lastTs = m.ts;
@@ -524,6 +545,9 @@ function fileView(c, f) {
 }
 
 function messageView(c, m) {
+  if (E2E_KINDS[m.kind]) {
+    return el("li", { class: "system e2e", "data-seq": m.seq, text: `${m.sender}: ${E2E_KINDS[m.kind]}` });
+  }
   if (m.kind === "join" || m.kind === "leave") {
     return el("li", { class: "system", "data-seq": m.seq, text: `${m.text} ${m.kind === "join" ? "joined" : "left"}` });
   }
@@ -655,6 +679,11 @@ function openChat(id, { keepFocus = false } = {}) {
     $("notice").textContent = c.members.length || c.msgs.size ? "You are no longer a member of this chat: you can read what you saw." : `You are not a member of ${id}.`;
   }
   $("composer").hidden = c.known && !member;
+  if (isE2e(c)) {
+    $("notice").textContent = "End-to-end encrypted: its messages are read and sent with a device that holds the chat's keys (chat-cli e2e). This browser holds none.";
+    $("notice").hidden = false;
+    $("composer").hidden = true;
+  }
   if (!c.known && !c.catching) catchUp(c).then(() => {
     if (S.open === id && !c.msgs.size && !c.members.includes(S.me)) {
       $("notice").textContent = `You are not a member of ${id}.`;

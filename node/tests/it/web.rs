@@ -2,7 +2,8 @@
 //! chromium-driver, over WebDriver) against a real 3-node cluster: two people on two nodes
 //! chat and see their marks move, a third sees only its span of a group, history scrolls
 //! back 500 messages, a drained node's page moves to another node and shows what was sent
-//! meanwhile exactly once, attachments show thumbnails, and errors are said plainly.
+//! meanwhile exactly once, attachments show thumbnails, errors are said plainly, and E2E
+//! chats (whose keys a browser does not hold) are marked and never show their ciphertext.
 //! Screenshots of the main screens are saved (see [`shots_dir`]).
 
 use std::path::PathBuf;
@@ -589,4 +590,61 @@ async fn web_attachments_show_thumbnails_and_errors_are_said_plainly() {
 
 async fn shots(b: &Browser, name: &str) {
     b.screenshot(&shots_dir().join(name)).await;
+}
+
+/// An E2E chat in the browser, which holds no MLS keys: it is marked, its entries say what
+/// they are (never their base64), and there is no composer to send plaintext into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_marks_e2e_chats_and_never_shows_their_ciphertext() {
+    let c = cluster(&[]).await;
+    let ann = create_user(&c, 1, "ann").await;
+    let bob = create_user(&c, 1, "bob").await;
+    let mut ws = Ws::connect(c.node(1).api, "ann", &ann).await;
+    let done = ws
+        .request(json!({"type": "create_e2e", "name": "", "direct": true}))
+        .await;
+    let chat = done["chat"].as_str().unwrap().to_string();
+    // "secret-ciphertext" in base64: what must never be shown.
+    let data = "c2VjcmV0LWNpcGhlcnRleHQ=";
+    let commit = ws
+        .request(
+            json!({"type": "e2e_send", "chat": chat, "client_msg_id": "c0",
+            "kind": "commit", "epoch": 0, "data": data, "welcome": data, "add": ["bob"]}),
+        )
+        .await;
+    assert_eq!(commit["type"], "ack", "{commit}");
+    let app = ws
+        .request(
+            json!({"type": "e2e_send", "chat": chat, "client_msg_id": "m1",
+            "kind": "application", "epoch": 1, "data": data}),
+        )
+        .await;
+    assert_eq!(app["type"], "ack", "{app}");
+    let d = Driver::start().await;
+    let b = d.browser(1280, 800).await;
+    sign_in(&b, &c, 2, "bob", &bob).await;
+    b.click(&format!("#chat-list button[data-chat='{chat}']"))
+        .await;
+    b.until(
+        "the encrypted message shown as such",
+        WAIT,
+        "return [...document.querySelectorAll('#messages li.e2e')]
+             .some(e => e.textContent === 'ann: 🔒 Encrypted message');",
+        json!([]),
+    )
+    .await;
+    let page = b.js("return document.body.innerText;", json!([])).await;
+    let page = page.as_str().unwrap();
+    assert!(!page.contains(data), "ciphertext shown: {page}");
+    assert!(page.contains("🔒 ann"), "the chat is not marked: {page}");
+    assert!(page.contains("End-to-end encrypted"), "{page}");
+    let composer_hidden = b
+        .js(
+            "return document.getElementById('composer').hidden;",
+            json!([]),
+        )
+        .await;
+    assert_eq!(composer_hidden, json!(true));
+    b.screenshot(&shots_dir().join("e2e-chat.png")).await;
+    b.quit().await;
 }
