@@ -256,6 +256,35 @@ fn the_cache_writes_back_at_its_bound() {
 }
 
 #[test]
+fn the_journal_commits_at_its_bound() {
+    // At its bound the journal commits by itself (a journal that never fills: ext4's
+    // periodic commit), so namespace changes that were never synced survive a cut once
+    // that many followed; those after the commit are undone.
+    let journal_ops_max = 8;
+    let mut m = Mounted::new(DiskOptions {
+        journal_ops_max,
+        ..DiskOptions::default()
+    });
+    for i in 0..journal_ops_max + 2 {
+        std::fs::create_dir(m.p(&format!("d{i}"))).unwrap();
+    }
+    let r = m.cut(false);
+    assert_eq!(r.ops_undone, 2, "{r:?}");
+    for i in 0..journal_ops_max {
+        assert!(
+            m.p(&format!("d{i}")).is_dir(),
+            "d{i} was committed at the bound"
+        );
+    }
+    for i in journal_ops_max..journal_ops_max + 2 {
+        assert!(
+            !m.p(&format!("d{i}")).exists(),
+            "d{i} came after the commit"
+        );
+    }
+}
+
+#[test]
 fn a_torn_cut_keeps_whole_sectors_of_the_last_page() {
     let mut m = Mounted::new(DiskOptions::default());
     let p = m.p("t");
