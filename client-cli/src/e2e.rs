@@ -30,6 +30,8 @@ pub const COMMIT_ATTEMPTS_MAX: u32 = 8;
 /// Attempts of one `e2e_send` after a lost connection or `unavailable` (the same
 /// `client_msg_id` and bytes each time).
 pub const SEND_ATTEMPTS_MAX: u32 = 4;
+/// Room left in a commit's frame for its other fields (ids, users).
+pub const COMMIT_FRAME_OVERHEAD_BYTES: usize = 2048;
 /// Largest file `e2e send --file` encrypts (it is encrypted in memory).
 pub const FILE_BYTES_MAX: u64 = 256 << 20;
 /// Tests only: milliseconds to wait between building a commit and sending it (at most
@@ -129,6 +131,19 @@ pub enum E2eCommand {
         /// Where to write it [default: its name, in the current directory].
         #[arg(short, long)]
         output: Option<PathBuf>,
+    },
+    /// What MLS costs this machine: a group of N devices made in this process (no server),
+    /// its commits and welcome, and messages encrypted and decrypted.
+    Bench {
+        /// Devices in the group (2-200).
+        #[arg(long, default_value_t = 20)]
+        devices: usize,
+        /// Messages encrypted and decrypted.
+        #[arg(long, default_value_t = 200)]
+        messages: usize,
+        /// Bytes of each message.
+        #[arg(long, default_value_t = 100)]
+        message_bytes: usize,
     },
     /// Forget one of your devices (and its KeyPackages) on the server.
     RetireDevice {
@@ -341,6 +356,54 @@ async fn open(cli: &Cli, args: &E2eArgs) -> Result<Session, CliError> {
 /// Runs an `e2e` command.
 pub async fn run(cli: &Cli, args: &E2eArgs) -> Result<String, CliError> {
     match &args.command {
+        E2eCommand::Bench {
+            devices,
+            messages,
+            message_bytes,
+        } => {
+            let dir = tempfile::tempdir()
+                .map_err(|e| CliError::Failed(format!("cannot make a temporary directory: {e}")))?;
+            let (d, m, b) = (*devices, *messages, *message_bytes);
+            let r = tokio::task::spawn_blocking(move || {
+                let r = chatd_e2e::bench::run(dir.path(), d, m, b);
+                drop(dir);
+                r
+            })
+            .await
+            .map_err(|e| CliError::Failed(format!("the bench failed: {e}")))?
+            .map_err(e2e_error)?;
+            if cli.json {
+                return json(&r);
+            }
+            Ok(format!(
+                "MLS_128_DHKEMX25519_AES128GCM_SHA256_Ed25519, {} devices, {} messages of {} bytes\n\
+                 KeyPackage                     {:>9} bytes\n\
+                 add {} devices (one commit)    {:>9.1} ms   commit {} bytes, welcome {} bytes\n\
+                 join from the welcome          {:>9.2} ms per device\n\
+                 key update commit              {:>9.2} ms   {} bytes; processed in {:.2} ms\n\
+                 encrypt (state saved each)     {:>9.3} ms   p99 {:.3} ms; {} bytes on the wire\n\
+                 decrypt                        {:>9.3} ms\n\
+                 state file                     {:>9} bytes, saved in {:.2} ms\n",
+                r.devices,
+                r.messages,
+                r.message_bytes,
+                r.key_package_bytes,
+                r.devices - 1,
+                r.add_commit_ms,
+                r.add_commit_bytes,
+                r.welcome_bytes,
+                r.join_ms,
+                r.update_commit_ms,
+                r.update_commit_bytes,
+                r.update_process_ms,
+                r.encrypt_ms,
+                r.encrypt_p99_ms,
+                r.ciphertext_bytes,
+                r.decrypt_ms,
+                r.state_file_bytes,
+                r.save_ms,
+            ))
+        }
         E2eCommand::Init { device } => init(cli, args, device).await,
         E2eCommand::Refresh => {
             let mut s = open(cli, args).await?;
@@ -772,13 +835,11 @@ async fn commit(
     make: impl Fn(&mut Device) -> Result<chatd_e2e::Commit, E2eError>,
     add: &[String],
     remove: &[String],
-) -> Result<u64, CliError> {
+) -> Result<u64, CommitError> {
     for _ in 0..COMMIT_ATTEMPTS_MAX {
         catch_up(s, chat).await?;
         if !s.dev.has_group(chat) {
-            return Err(CliError::Failed(format!(
-                "this device is not in {chat}'s group"
-            )));
+            return Err(CliError::Failed(format!("this device is not in {chat}'s group")).into());
         }
         // A commit of an earlier run that never reached the log (or it would have been
         // merged by the catch-up) is dropped.
@@ -786,6 +847,11 @@ async fn commit(
             s.dev.discard_pending(chat);
         }
         let c = make(&mut s.dev).map_err(e2e_error)?;
+        if !fits_in_a_frame(&c) {
+            s.dev.discard_pending(chat);
+            s.dev.save().map_err(e2e_error)?;
+            return Err(CommitError::TooLarge);
+        }
         if let Some(ms) = std::env::var(TEST_COMMIT_DELAY_ENV)
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
@@ -811,7 +877,8 @@ async fn commit(
                 if s.dev.epoch(chat) != Some(c.epoch + 1) {
                     return Err(CliError::Failed(format!(
                         "the commit at seq {seq} was stored but this device did not apply it"
-                    )));
+                    ))
+                    .into());
                 }
                 return Ok(seq);
             }
@@ -823,12 +890,49 @@ async fn commit(
                 s.dev.discard_pending(chat);
                 s.dev.save().map_err(e2e_error)?;
             }
-            Err(SendError::Other(e)) => return Err(e),
+            Err(SendError::Other(e)) => return Err(e.into()),
         }
     }
     Err(CliError::Failed(format!(
         "{COMMIT_ATTEMPTS_MAX} commits to {chat} lost their epoch to others; try again"
-    )))
+    ))
+    .into())
+}
+
+/// Why a commit was not stored.
+enum CommitError {
+    /// The commit and its welcome do not fit in one frame: add fewer devices at once.
+    TooLarge,
+    Cli(CliError),
+}
+
+impl From<CliError> for CommitError {
+    fn from(e: CliError) -> Self {
+        CommitError::Cli(e)
+    }
+}
+
+impl From<CommitError> for CliError {
+    fn from(e: CommitError) -> Self {
+        match e {
+            CommitError::TooLarge => CliError::Failed(
+                "the commit and its welcome do not fit in one frame (64 KiB)".into(),
+            ),
+            CommitError::Cli(e) => e,
+        }
+    }
+}
+
+/// Whether a commit's `e2e_send` is within the protocol's bounds (base64 of each part, the
+/// whole frame with room for its other fields).
+fn fits_in_a_frame(c: &chatd_e2e::Commit) -> bool {
+    use chatd_proto::e2e::DATA_BYTES_MAX;
+    let welcome = c.welcome.as_ref().map_or(0, Vec::len);
+    let b64_len = |n: usize| n.div_ceil(3) * 4;
+    c.data.len() <= DATA_BYTES_MAX
+        && welcome <= DATA_BYTES_MAX
+        && b64_len(c.data.len()) + b64_len(welcome) + COMMIT_FRAME_OVERHEAD_BYTES
+            <= chatd_proto::FRAME_BYTES_MAX
 }
 
 /// The current members of `chat` on the server.
@@ -902,10 +1006,29 @@ async fn add(s: &mut Session, chat: &str, users: &[String]) -> Result<u64, CliEr
                 .map_err(|e| {
                     CliError::Failed(format!("{user}/{}: bad KeyPackage: {e}", p.device))
                 })?;
-            packages.push(bytes);
+            packages.push((user.clone(), bytes));
         }
     }
-    commit(s, chat, |d| d.add(chat, &packages), users, &[]).await
+    // As many devices per commit as fit in a frame with the welcome (which carries the
+    // whole ratchet tree): all at once, else halves, and so on.
+    let mut batch = packages.len();
+    let mut done = 0;
+    let mut last_seq = 0;
+    while done < packages.len() {
+        let part = &packages[done..(done + batch).min(packages.len())];
+        let kps: Vec<Vec<u8>> = part.iter().map(|(_, kp)| kp.clone()).collect();
+        let mut joining: Vec<String> = part.iter().map(|(u, _)| u.clone()).collect();
+        joining.dedup();
+        match commit(s, chat, |d| d.add(chat, &kps), &joining, &[]).await {
+            Ok(seq) => {
+                last_seq = seq;
+                done += part.len();
+            }
+            Err(CommitError::TooLarge) if batch > 1 => batch = batch.div_ceil(2),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(last_seq)
 }
 
 async fn remove(s: &mut Session, chat: &str, users: &[String]) -> Result<u64, CliError> {
@@ -917,7 +1040,7 @@ async fn remove(s: &mut Session, chat: &str, users: &[String]) -> Result<u64, Cl
         .cloned()
         .collect();
     let users = users.to_vec();
-    commit(s, chat, move |d| d.remove(chat, &users), &[], &on_server).await
+    Ok(commit(s, chat, move |d| d.remove(chat, &users), &[], &on_server).await?)
 }
 
 /// Encrypts and sends `payload`; answers its seq once this device has seen it back.
@@ -1064,5 +1187,24 @@ mod tests {
         };
         assert_eq!(Payload::parse(&serde_json::to_vec(&p).unwrap()), p);
         assert_eq!(Payload::parse(b"plain words").text, "plain words");
+    }
+
+    #[test]
+    fn a_commit_fits_in_a_frame_or_is_split() {
+        let c = |data: usize, welcome: Option<usize>| chatd_e2e::Commit {
+            data: vec![0; data],
+            welcome: welcome.map(|w| vec![0; w]),
+            epoch: 0,
+        };
+        // Measured (`chat-cli e2e bench --devices 100`): adding 99 devices at once does
+        // not fit; one device added to a 100-leaf group does.
+        assert!(!fits_in_a_frame(&c(28_715, Some(33_730))));
+        assert!(fits_in_a_frame(&c(9_000, Some(34_000))));
+        assert!(fits_in_a_frame(&c(40_000, None)));
+        assert!(!fits_in_a_frame(&c(46_001, None)));
+        // At the frame's bound exactly.
+        let room = chatd_proto::FRAME_BYTES_MAX - COMMIT_FRAME_OVERHEAD_BYTES;
+        assert!(fits_in_a_frame(&c(room / 8 * 3, Some(room / 8 * 3))));
+        assert!(!fits_in_a_frame(&c(room / 8 * 3 + 3, Some(room / 8 * 3))));
     }
 }

@@ -65,6 +65,7 @@
 //! * Attachments ([`encrypt_file`]) get a fresh key each; the key travels inside an MLS
 //!   application message, the ciphertext through the server's file store.
 
+pub mod bench;
 mod device;
 mod error;
 pub mod files;
