@@ -28,7 +28,7 @@ fi
 export CARGO_TARGET_DIR="${CHATD_FUZZ_TARGET_DIR:-$HOME/.cache/chatd-fuzz-target}"
 cargo afl build --release --quiet
 
-targets=(codec snapshot_frame client_frame transport config)
+targets=(codec snapshot_frame client_frame transport config e2e_entry)
 failed=()
 for t in "${targets[@]}"; do
   if ! ./run.sh "$t" "$seconds"; then

@@ -2,7 +2,7 @@
 # Fuzzes one target with AFL++ (cargo-afl) for a bounded time:
 #   fuzz/run.sh TARGET SECONDS
 # TARGET is a binary of fuzz/src/bin (codec, snapshot_frame, client_frame, transport,
-# config); its seeds are fuzz/seeds/TARGET. FUZZ_EXECS=N also stops after about N
+# config, e2e_entry); its seeds are fuzz/seeds/TARGET. FUZZ_EXECS=N also stops after about N
 # executions; FUZZ_OUT=DIR keeps the findings there (default: a fresh directory under the
 # target directory). Prints one summary line (executions, executions/s, corpus paths,
 # crashes, hangs) and exits non-zero if AFL saved a crash or a hang.
