@@ -13,7 +13,16 @@
 //! * **non_monotonic**: a connection got a chat's messages with a seq below one it had;
 //! * **unexpected**: a message text nobody sent;
 //! * **stale_read**: a read or sync that began after an ack and does not reflect it;
-//! * **receipt_backwards**: a pushed receipt (or a sync's read cursor) went down.
+//! * **receipt_backwards**: a pushed receipt (or a sync's read cursor) went down;
+//! * **epoch_order**: in an end-to-end encrypted chat, the `mls_commit` entries of a final
+//!   read (or of the part of the chat a read page shows) do not name the epochs 0, 1, 2, …
+//!   in seq order (two commits for one epoch, or a skipped epoch), a welcome or an
+//!   application message names an epoch the chat is not at (a welcome: the epoch its
+//!   commit moved to; an application message: not past it), or an acknowledged E2E
+//!   message is stored with another epoch than its send named.
+//!
+//! E2E messages (`e2e_send`, entry kinds `mls_application` and `mls_commit`) are held to
+//! the rules of text messages, identified by their ciphertext (the entry's text).
 //!
 //! Also: availability (share of completed sends that succeeded) per fault, ack latency,
 //! the longest time without any acknowledged write, and the membership changes (faults
@@ -54,11 +63,16 @@ pub enum AnomalyKind {
     /// A file whose bytes differ from what was sent: an acknowledged hash unlike the
     /// upload's, or a download hashing to something else.
     FileCorrupt,
+    /// An E2E chat's commits not one per epoch in log order (0, 1, 2, … with no repeat
+    /// and no gap, in every final read and in what each read page shows), a welcome or
+    /// application message at an epoch the chat is not at, or an acknowledged E2E message
+    /// stored with another epoch than the one its send named.
+    EpochOrder,
 }
 
 impl AnomalyKind {
     /// Every kind, in report order.
-    pub const ALL: [AnomalyKind; 10] = [
+    pub const ALL: [AnomalyKind; 11] = [
         AnomalyKind::Lost,
         AnomalyKind::Duplicate,
         AnomalyKind::Inconsistent,
@@ -69,6 +83,7 @@ impl AnomalyKind {
         AnomalyKind::ReceiptBackwards,
         AnomalyKind::FileLost,
         AnomalyKind::FileCorrupt,
+        AnomalyKind::EpochOrder,
     ];
 }
 
@@ -239,6 +254,23 @@ pub struct Results {
     pub membership: MembershipReport,
     /// The file workload.
     pub files: FileStats,
+    /// The end-to-end encrypted chats.
+    pub e2e: E2eStats,
+}
+
+/// What the E2E workload did.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct E2eStats {
+    /// Application messages: send attempts, distinct messages acknowledged.
+    pub sends: u64,
+    pub messages_acked: u64,
+    /// Commits: attempts (the setup's included), distinct commits acknowledged, attempts
+    /// refused `stale_epoch` (another commit took the epoch first).
+    pub commits: u64,
+    pub commits_acked: u64,
+    pub commits_stale: u64,
+    /// The highest epoch an E2E chat reached in its final reads (commits stored).
+    pub epoch_max: u64,
 }
 
 /// What the file workload did.
@@ -445,6 +477,81 @@ struct Ack {
     seq: u64,
     at_us: u64,
     op: u64,
+    /// The entry kind it must be stored as: `text`, or `mls_application` / `mls_commit`.
+    kind: String,
+    /// E2E: the epoch its send named.
+    epoch: Option<u64>,
+}
+
+/// The log entry kind of a send with MLS kind `mls` (none: a text message).
+fn entry_kind(mls: Option<&str>) -> String {
+    match mls {
+        None => "text".to_string(),
+        Some(k) => format!("mls_{k}"),
+    }
+}
+
+/// Entry kinds of messages the workload sends: each must have been sent, once.
+fn is_sent_kind(kind: &str) -> bool {
+    matches!(
+        kind,
+        "text" | "mls_application" | "mls_commit" | "mls_proposal"
+    )
+}
+
+/// The epoch violations of `entries` (a contiguous part of an E2E chat's log, in seq
+/// order): commits must name 0, 1, 2, … from the chat's start, each the epoch the one
+/// before it moved to; a welcome names the epoch its commit moved to; an application
+/// message or proposal names none past the chat's. When `entries` does not begin at seq 1,
+/// the epoch is known from the first commit shown on. (After a wrong commit the check goes
+/// on from the later of the two epochs, so one wrong commit is one violation.)
+fn epoch_violations(entries: &[Entry]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut at: Option<u64> = (entries.first().map(|e| e.seq) == Some(1)).then_some(0);
+    for e in entries {
+        let Some(epoch) = e.epoch else {
+            if e.kind.starts_with("mls_") {
+                out.push(format!("{} at seq {} has no epoch", e.kind, e.seq));
+            }
+            continue;
+        };
+        match e.kind.as_str() {
+            "mls_commit" => {
+                if let Some(now) = at.filter(|now| *now != epoch) {
+                    out.push(format!(
+                        "the commit at seq {} names epoch {epoch}, the chat is at epoch {now} \
+                         ({})",
+                        e.seq,
+                        if epoch < now {
+                            "a second commit for one epoch"
+                        } else {
+                            "an epoch skipped"
+                        }
+                    ));
+                }
+                // A repeat leaves the epoch past both; a skip moves it past the one named.
+                at = Some(at.map_or(epoch, |now| now.max(epoch)) + 1);
+            }
+            "mls_welcome" => {
+                if let Some(now) = at.filter(|now| *now != epoch) {
+                    out.push(format!(
+                        "the welcome at seq {} names epoch {epoch}, the chat is at epoch {now}",
+                        e.seq
+                    ));
+                }
+            }
+            "mls_application" | "mls_proposal" => {
+                if let Some(now) = at.filter(|now| epoch > *now) {
+                    out.push(format!(
+                        "the {} at seq {} names epoch {epoch}, ahead of the chat's {now}",
+                        e.kind, e.seq
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -558,6 +665,11 @@ pub fn check(ops: &[Op]) -> Results {
                 if let Some(m) = &op.msg {
                     invoked_msgs.insert(m);
                 }
+                match op.mls.as_deref() {
+                    Some("commit") => res.e2e.commits += 1,
+                    Some(_) => res.e2e.sends += 1,
+                    None => {}
+                }
             }
             pending.insert(&op.process, op);
             continue;
@@ -587,10 +699,22 @@ pub fn check(ops: &[Op]) -> Results {
                                 seq,
                                 at_us: op.time_us,
                                 op: op.index,
+                                kind: entry_kind(inv.mls.as_deref()),
+                                epoch: inv.epoch,
                             });
                         }
                     }
-                    Kind::Fail => res.sends_failed += 1,
+                    Kind::Fail => {
+                        res.sends_failed += 1;
+                        if inv.mls.as_deref() == Some("commit")
+                            && op
+                                .error
+                                .as_deref()
+                                .is_some_and(|e| e.starts_with("stale_epoch"))
+                        {
+                            res.e2e.commits_stale += 1;
+                        }
+                    }
                     _ => res.sends_info += 1,
                 }
             }
@@ -689,7 +813,7 @@ pub fn check(ops: &[Op]) -> Results {
             }
             Some(_) => {}
         }
-        if kind != "text" {
+        if !is_sent_kind(kind) {
             return;
         }
         if !invoked_msgs.contains(text) {
@@ -725,7 +849,7 @@ pub fn check(ops: &[Op]) -> Results {
     };
     for (chat, list) in &acks {
         for a in list {
-            observe(&mut r, chat, a.seq, "text", &a.msg, a.op);
+            observe(&mut r, chat, a.seq, &a.kind, &a.msg, a.op);
         }
     }
     let entries_of = |op: &Op| -> Vec<Entry> { op.entries.clone().unwrap_or_default() };
@@ -919,13 +1043,12 @@ pub fn check(ops: &[Op]) -> Results {
                     break;
                 }
             }
-            let have: HashSet<&str> = entries
+            let have: HashSet<(&str, &str)> = entries
                 .iter()
-                .filter(|e| e.kind == "text")
-                .map(|e| e.text.as_str())
+                .map(|e| (e.kind.as_str(), e.text.as_str()))
                 .collect();
             for a in acks.get(chat).map(Vec::as_slice).unwrap_or_default() {
-                if !have.contains(a.msg.as_str()) {
+                if !have.contains(&(a.kind.as_str(), a.msg.as_str())) {
                     r.add(
                         AnomalyKind::Lost,
                         chat,
@@ -955,6 +1078,98 @@ pub fn check(ops: &[Op]) -> Results {
             );
         }
     }
+    // E2E chats: one commit per epoch, in log order, in every final read and in what each
+    // read page shows; every entry at one seq with one epoch; acknowledged E2E messages
+    // stored with the epoch their send named.
+    for (op, _) in &reads {
+        let chat = op.chat.as_deref().unwrap_or_default();
+        let mut entries = entries_of(op);
+        entries.sort_by_key(|e| e.seq);
+        for v in epoch_violations(&entries) {
+            r.add(
+                AnomalyKind::EpochOrder,
+                chat,
+                format!("a read page: {v}"),
+                vec![op.index],
+            );
+        }
+    }
+    for (chat, list) in &finals {
+        for (op, node) in list {
+            let entries = entries_of(op);
+            for v in epoch_violations(&entries) {
+                r.add(
+                    AnomalyKind::EpochOrder,
+                    chat,
+                    format!("the final read from node {}: {v}", node.unwrap_or(0)),
+                    vec![op.index],
+                );
+            }
+            let commits = entries.iter().filter(|e| e.kind == "mls_commit").count() as u64;
+            res.e2e.epoch_max = res.e2e.epoch_max.max(commits);
+        }
+    }
+    // Every E2E entry observed: (chat, seq) → (epoch, op, kind, text) of the first
+    // observation; two epochs at one seq are inconsistent.
+    let mut seq_epoch: HashMap<(&str, u64), (u64, u64, &str, &str)> = HashMap::new();
+    let observed = reads
+        .iter()
+        .map(|(op, _)| *op)
+        .chain(finals.values().flatten().map(|(op, _)| *op))
+        .chain(ops.iter().filter(|o| o.is(Kind::Ok, F::Deliver)));
+    for op in observed {
+        let Some(chat) = op.chat.as_deref() else {
+            continue;
+        };
+        for e in op.entries.as_deref().unwrap_or_default() {
+            let Some(epoch) = e.epoch.filter(|_| e.kind.starts_with("mls_")) else {
+                continue;
+            };
+            match seq_epoch.get(&(chat, e.seq)) {
+                None => {
+                    seq_epoch.insert((chat, e.seq), (epoch, op.index, &e.kind, &e.text));
+                }
+                Some((first, first_op, _, _)) if *first != epoch => {
+                    if reported_seq.insert((chat.to_string(), e.seq)) {
+                        r.add(
+                            AnomalyKind::Inconsistent,
+                            chat,
+                            format!(
+                                "seq {} is at epoch {first} (op {first_op}) and epoch {epoch} \
+                                 (op {})",
+                                e.seq, op.index
+                            ),
+                            vec![*first_op, op.index],
+                        );
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    for (chat, list) in &acks {
+        for a in list {
+            let Some(named) = a.epoch else {
+                continue;
+            };
+            let Some((stored, seen_op, kind, text)) = seq_epoch.get(&(chat.as_str(), a.seq)) else {
+                continue;
+            };
+            // (Another entry at the ack's seq is `inconsistent` or `lost`, not this.)
+            if *kind == a.kind && *text == a.msg && *stored != named {
+                r.add(
+                    AnomalyKind::EpochOrder,
+                    chat,
+                    format!(
+                        "{} acked at seq {} named epoch {named}, stored with epoch {stored}",
+                        a.kind, a.seq
+                    ),
+                    vec![a.op, *seen_op],
+                );
+            }
+        }
+    }
+
     // A chat with acks but no final read at all cannot be judged.
     for chat in acks.keys() {
         if !finals.contains_key(chat) {
@@ -970,6 +1185,17 @@ pub fn check(ops: &[Op]) -> Results {
                 .is_some_and(|l| l.iter().any(|a| &a.msg == m))
         })
         .count() as u64;
+    for list in acks.values() {
+        let distinct = |kind: &str| {
+            list.iter()
+                .filter(|a| a.kind == kind)
+                .map(|a| a.msg.as_str())
+                .collect::<HashSet<_>>()
+                .len() as u64
+        };
+        res.e2e.messages_acked += distinct("mls_application");
+        res.e2e.commits_acked += distinct("mls_commit");
+    }
     res.counts = r.counts;
     res.examples = r.examples;
     res.valid = res.anomalies() == 0 && res.incomplete.is_empty();

@@ -29,7 +29,9 @@ pub enum Kind {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum F {
-    /// Send `msg` (the client_msg_id, also the text) to `chat`; `ok` carries `seq`.
+    /// Send `msg` (the client_msg_id, also the text) to `chat`; `ok` carries `seq`. In an
+    /// E2E chat (`mls` set: `application` or `commit`, with the `epoch` named), an
+    /// `e2e_send` whose `msg` is the base64 "ciphertext" (the entry's text).
     Send,
     /// Read the newest page of `chat`'s history; `ok` carries `entries`.
     Read,
@@ -63,8 +65,13 @@ pub struct Entry {
     pub kind: String,
     /// Who wrote it.
     pub sender: String,
-    /// The text (for the workload's messages: the client_msg_id).
+    /// The text (for the workload's messages: the client_msg_id; for E2E entries, the
+    /// base64 MLS message).
     pub text: String,
+    /// For E2E entries (`mls_*` kinds): the MLS epoch the sender named (a commit's: the
+    /// epoch it moves the chat from; a welcome's: the epoch it joins at).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 /// A chat's cursors in a sync answer.
@@ -139,6 +146,12 @@ pub struct Op {
     /// A file's size in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<u64>,
+    /// An E2E send: its MLS kind (`application`, `commit`), absent for a plain send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mls: Option<String>,
+    /// An E2E send: the MLS epoch it named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
 }
 
 impl Op {
@@ -330,5 +343,23 @@ mod tests {
             other => panic!("{other:?}"),
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn histories_without_e2e_fields_still_parse_and_plain_ops_write_none() {
+        let old = r#"{"index":3,"time_us":9,"process":"c1","kind":"ok","f":"read","chat":"g:1","entries":[{"seq":1,"kind":"text","sender":"u1","text":"c1-1"}]}"#;
+        let op: Op = serde_json::from_str(old).unwrap();
+        let entries = op.entries.as_ref().unwrap();
+        assert_eq!(
+            (entries[0].epoch, op.mls.as_ref(), op.epoch),
+            (None, None, None)
+        );
+        assert_eq!(serde_json::to_string(&op).unwrap(), old);
+        let mut e2e = Op::new("c2", Kind::Invoke, F::Send);
+        e2e.mls = Some("commit".into());
+        e2e.epoch = Some(0);
+        let line = serde_json::to_string(&e2e).unwrap();
+        assert!(line.contains(r#""mls":"commit","epoch":0"#), "{line}");
+        assert_eq!(serde_json::from_str::<Op>(&line).unwrap(), e2e);
     }
 }

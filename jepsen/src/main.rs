@@ -112,6 +112,10 @@ struct TestArgs {
     /// Group chats, every client a member of each.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=100))]
     chats: u16,
+    /// End-to-end encrypted chats (MLS, opaque to the server), every client (up to 20) a
+    /// member of each: application messages and, now and then, competing commits.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(0..=100))]
+    e2e_chats: u16,
     /// Operations per second over all clients.
     #[arg(long, default_value_t = 120.0)]
     rate: f64,
@@ -219,6 +223,14 @@ fn summary(r: &Results) -> String {
             m.failed
         ));
     }
+    let e = &r.e2e;
+    if e.sends + e.commits > 0 {
+        s.push_str(&format!(
+            "e2e: {} application messages acked ({} attempts), {} commits acked ({} attempts, \
+             {} refused stale_epoch), highest epoch reached {}\n",
+            e.messages_acked, e.sends, e.commits_acked, e.commits, e.commits_stale, e.epoch_max
+        ));
+    }
     s.push_str("availability (sends completed while each fault was active):\n");
     for (fault, a) in &r.availability {
         s.push_str(&format!(
@@ -276,6 +288,7 @@ async fn test(args: TestArgs) -> anyhow::Result<bool> {
         seed,
         clients: usize::from(args.clients),
         chats: usize::from(args.chats),
+        e2e_chats: usize::from(args.e2e_chats),
         rate: args.rate,
         quiet_ms: (args.quiet_ms[0], args.quiet_ms[1].max(args.quiet_ms[0])),
         hold_ms: (args.hold_ms[0], args.hold_ms[1].max(args.hold_ms[0])),

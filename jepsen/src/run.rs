@@ -10,10 +10,12 @@ use anyhow::{bail, Context};
 use chat_cli::ws::Connection;
 use chatd_proto::{ClientFrame, ServerFrame};
 use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
 
 use crate::checker::{self, Results};
 use crate::cluster::{self, Cluster, Standing, READY_TIMEOUT};
-use crate::history::History;
+use crate::history::{History, Kind, Op, F};
 use crate::nemesis::{self, FaultKind, Nemesis, Schedule};
 use crate::workload::{self, ClientSpec, NodeDirectory, Setup};
 
@@ -37,6 +39,8 @@ pub struct TestSpec {
     pub clients: usize,
     /// Group chats (every client is a member of each).
     pub chats: usize,
+    /// End-to-end encrypted chats (every client, up to 20, is a member of each).
+    pub e2e_chats: usize,
     /// Operations per second over all clients.
     pub rate: f64,
     /// Quiet time between faults (ms, range).
@@ -66,13 +70,38 @@ pub struct Outcome {
     pub dir: PathBuf,
 }
 
-/// Creates the users (one per client) and the groups; returns the setup and the Raft
-/// groups holding the chats.
+/// The setup's commit of one E2E chat (epoch 0, adding every member), recorded at the
+/// start of the history as an acknowledged send of process `setup`.
+#[derive(Clone, Debug)]
+pub struct SetupCommit {
+    /// The chat.
+    pub chat: String,
+    /// Its base64 data (the `mls_commit` entry's text).
+    pub data: String,
+    /// The seq it was acknowledged at.
+    pub seq: u64,
+}
+
+/// The Raft group (partition) holding `chat`, from the admin API.
+async fn partition_of(first: &str, admin: &str, chat: &str) -> anyhow::Result<Option<u64>> {
+    let (first, admin, path) = (
+        first.to_string(),
+        admin.to_string(),
+        format!("/v1/admin/chats/{chat}"),
+    );
+    let v = tokio::task::spawn_blocking(move || crate::http::get_json(&first, &path, &admin))
+        .await?
+        .context("cannot inspect a chat")?;
+    Ok(v["partition"].as_u64())
+}
+
+/// Creates the users (one per client), the groups and the E2E chats; returns the setup,
+/// the Raft groups holding the chats and the E2E chats' setup commits.
 async fn prepare(
     nodes: NodeDirectory,
     admin: String,
     spec: &TestSpec,
-) -> anyhow::Result<(Setup, Vec<u64>)> {
+) -> anyhow::Result<(Setup, Vec<u64>, Vec<SetupCommit>)> {
     let Some((_, first)) = nodes.list().into_iter().next() else {
         bail!("no node to set up the test through");
     };
@@ -113,19 +142,66 @@ async fn prepare(
         let Some(ServerFrame::Done { chat, .. }) = answer.frame else {
             bail!("unexpected answer to create_group: {}", answer.raw);
         };
-        let (first, admin, path) = (
-            first.clone(),
-            admin.clone(),
-            format!("/v1/admin/chats/{chat}"),
-        );
-        let v = tokio::task::spawn_blocking(move || crate::http::get_json(&first, &path, &admin))
-            .await?
-            .context("cannot inspect a chat")?;
-        if let Some(p) = v["partition"].as_u64() {
+        if let Some(p) = partition_of(&first, &admin, &chat).await? {
             if !partitions.contains(&p) {
                 partitions.push(p);
             }
         }
+        chats.push(chat);
+    }
+    // E2E chats: u1 creates each (epoch 0) and commits epoch 0 adding the others, with a
+    // welcome; the server never decrypts, so opaque bytes stand for the MLS messages.
+    let e2e_members = users.len().min(chatd_proto::e2e::GROUP_MEMBERS_MAX);
+    let added: Vec<String> = users
+        .iter()
+        .take(e2e_members)
+        .skip(1)
+        .map(|u| u.0.clone())
+        .collect();
+    let mut rng = StdRng::seed_from_u64(spec.seed ^ 0xe2e);
+    let mut commits = Vec::new();
+    for i in 1..=spec.e2e_chats {
+        let answer = conn
+            .request(|id| ClientFrame::CreateE2e {
+                id,
+                name: String::new(),
+                direct: false,
+            })
+            .await
+            .context("cannot create an E2E chat")?;
+        let Some(ServerFrame::Done { chat, .. }) = answer.frame else {
+            bail!("unexpected answer to create_e2e: {}", answer.raw);
+        };
+        let data = workload::ciphertext(&mut rng, &format!("setup-commit-{i}"));
+        let welcome = workload::ciphertext(&mut rng, &format!("setup-welcome-{i}"));
+        let answer = conn
+            .request(|id| ClientFrame::E2eSend {
+                id,
+                chat: chat.clone(),
+                client_msg_id: format!("setup-e2e-{i}"),
+                kind: workload::MLS_COMMIT.into(),
+                epoch: 0,
+                data: data.clone(),
+                welcome: Some(welcome),
+                add: added.clone(),
+                remove: Vec::new(),
+                files: Vec::new(),
+            })
+            .await
+            .with_context(|| format!("cannot commit the members into {chat}"))?;
+        let Some(ServerFrame::Ack { seq, .. }) = answer.frame else {
+            bail!("unexpected answer to e2e_send: {}", answer.raw);
+        };
+        if let Some(p) = partition_of(&first, &admin, &chat).await? {
+            if !partitions.contains(&p) {
+                partitions.push(p);
+            }
+        }
+        commits.push(SetupCommit {
+            chat: chat.clone(),
+            data,
+            seq,
+        });
         chats.push(chat);
     }
     conn.close().await;
@@ -134,9 +210,32 @@ async fn prepare(
             nodes,
             users,
             chats,
+            e2e_members,
+            // The setup's commit named epoch 0: the chats are at epoch 1.
+            e2e_epoch: 1,
         },
         partitions,
+        commits,
     ))
+}
+
+/// Records the E2E chats' setup commits as acknowledged sends of process `setup` (so the
+/// checker holds them to the same rules as the clients' commits).
+fn record_setup_commits(history: &History, commits: &[SetupCommit]) {
+    for c in commits {
+        let mut inv = Op::new("setup", Kind::Invoke, F::Send);
+        inv.chat = Some(c.chat.clone());
+        inv.msg = Some(c.data.clone());
+        inv.mls = Some(workload::MLS_COMMIT.into());
+        inv.epoch = Some(0);
+        history.record(inv);
+        let mut ok = Op::new("setup", Kind::Ok, F::Send);
+        ok.chat = Some(c.chat.clone());
+        ok.seq = Some(c.seq);
+        ok.mls = Some(workload::MLS_COMMIT.into());
+        ok.epoch = Some(0);
+        history.record(ok);
+    }
 }
 
 /// Runs the test described by `spec`; `stop` ends it early (Ctrl-C). The cluster is
@@ -228,7 +327,7 @@ async fn run_on(
         let nodes: Vec<(usize, String)> = c.nodes.iter().map(|n| (n.id, n.api())).collect();
         (NodeDirectory::new(nodes), c.admin_token.clone())
     };
-    let (setup, partitions) = prepare(nodes.clone(), admin, spec).await?;
+    let (setup, partitions, setup_commits) = prepare(nodes.clone(), admin, spec).await?;
     let setup = Arc::new(setup);
     nemesis::tracing_line(&format!(
         "{} clients, chats {:?} on partitions {partitions:?}",
@@ -241,6 +340,7 @@ async fn run_on(
         start,
         OPS_MAX,
     )?);
+    record_setup_commits(&history, &setup_commits);
     let until = tokio::time::Instant::now() + Duration::from_secs(spec.time_limit_s);
     let fault_until = start + Duration::from_secs_f64(spec.time_limit_s as f64 * FAULT_SHARE);
 

@@ -4,12 +4,21 @@
 //! delivery, history and sync, and sending receipts. Every operation goes to the history.
 //! The nodes clients use are a [`NodeDirectory`] the nemesis changes as nodes join and
 //! leave. At the end, a final read of every chat from every node.
+//!
+//! End-to-end encrypted chats (ids `e:…`) take `e2e_send` instead of `send`: opaque
+//! "ciphertext" (16 random bytes and the message id, base64) of kind `application` in the
+//! epoch the client believes current, and now and then a `commit` naming that epoch, which
+//! the server stores only if no other commit took the epoch first (`stale_epoch`
+//! otherwise). A client's epoch of a chat is what it observed: one more than the largest
+//! `mls_commit` epoch it read or was delivered (or its own acknowledged commit), or the
+//! epoch of a welcome, from the setup's commit on.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine as _;
 use chat_cli::ws::Connection;
 use chat_cli::CliError;
 use chatd_proto::{ClientFrame, MessageView, ServerFrame};
@@ -179,8 +188,41 @@ pub struct Setup {
     pub nodes: NodeDirectory,
     /// (user, token) per client.
     pub users: Vec<(String, String)>,
-    /// The chats (every user is a member of each).
+    /// The chats: the groups (every user is a member of each), then the E2E chats (ids
+    /// `e:…`; the first [`Setup::e2e_members`] users are members of each).
     pub chats: Vec<String>,
+    /// Users (the first ones, by client number) in every E2E chat: all of them, up to
+    /// an E2E chat's bound (`e2e::GROUP_MEMBERS_MAX`).
+    pub e2e_members: usize,
+    /// The epoch of every E2E chat after the setup's commit (the one its welcome joins
+    /// at): where the clients' knowledge of each chat's epoch starts.
+    pub e2e_epoch: u64,
+}
+
+/// Whether `chat` is an end-to-end encrypted chat.
+pub fn is_e2e(chat: &str) -> bool {
+    chat.starts_with("e:")
+}
+
+/// MLS kind of an E2E application message.
+pub const MLS_APPLICATION: &str = "application";
+/// MLS kind of an E2E commit.
+pub const MLS_COMMIT: &str = "commit";
+/// Share of an E2E chat's sends that are commits (besides the answers below).
+pub const E2E_COMMIT_SHARE: f64 = 0.03;
+/// Chance that a client delivered another member's commit builds a commit of its own on
+/// the new epoch at once (as clients do to update their keys after a change), sent at
+/// its next turn: the members delivered one commit race for the next epoch, and all but
+/// the first are refused `stale_epoch`. (With 6 clients, fewer than one commit in two
+/// stored answers another, so the chains end.)
+pub const E2E_COMMIT_ANSWER: f64 = 0.15;
+
+/// Opaque "ciphertext" of an E2E message: 16 random bytes, then the message id; standard
+/// base64 with padding, as the server takes and stores it.
+pub fn ciphertext(rng: &mut StdRng, id: &str) -> String {
+    let mut bytes: Vec<u8> = (0..16).map(|_| rng.gen()).collect();
+    bytes.extend_from_slice(id.as_bytes());
+    base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// One client's parameters.
@@ -206,6 +248,7 @@ fn is_definite_refusal(code: &str) -> bool {
             | code::TOO_LARGE
             | code::FORBIDDEN
             | code::MALFORMED
+            | code::STALE_EPOCH
     ) || code == "unknown_file"
 }
 
@@ -215,7 +258,24 @@ fn entry(m: &MessageView) -> Entry {
         kind: m.kind.clone(),
         sender: m.sender.clone(),
         text: m.text.clone(),
+        epoch: m.epoch,
     }
+}
+
+/// A message being sent (and retried with the same id).
+struct Outgoing {
+    chat: String,
+    /// The client_msg_id (`c<k>-<n>`).
+    id: String,
+    /// What the entry's text will be: the id for a plain send, the base64 ciphertext for
+    /// an E2E one.
+    text: String,
+    /// Attempts so far.
+    attempts: u32,
+    /// An acknowledged upload it attaches.
+    file: Option<String>,
+    /// E2E: the MLS kind and the epoch named (fixed at the first attempt).
+    mls: Option<(&'static str, u64)>,
 }
 
 /// How waiting for an answer ended.
@@ -243,6 +303,14 @@ struct Client {
     http: reqwest::Client,
     /// This client's acknowledged uploads: (file id, SHA-256).
     files: Vec<(String, String)>,
+    /// Per E2E chat, the epoch this client believes current: one more than the largest
+    /// `mls_commit` epoch it has observed, or a welcome's epoch (knowledge, kept across
+    /// connections).
+    epochs: HashMap<String, u64>,
+    /// A commit built (chat, epoch named) on being delivered another member's commit,
+    /// sent at the client's next turn; and the coin deciding to build one.
+    built: Option<(String, u64)>,
+    coin: StdRng,
 }
 
 impl Client {
@@ -296,10 +364,87 @@ impl Client {
         }
     }
 
+    /// A new message `id` to `chat`: a plain send, or in an E2E chat an application
+    /// message in the epoch this client believes current or, now and then (never with a
+    /// file), a commit naming that epoch.
+    fn outgoing(
+        &self,
+        rng: &mut StdRng,
+        chat: String,
+        id: String,
+        file: Option<String>,
+    ) -> Outgoing {
+        if !is_e2e(&chat) {
+            return Outgoing {
+                chat,
+                text: id.clone(),
+                id,
+                attempts: 0,
+                file,
+                mls: None,
+            };
+        }
+        let epoch = self
+            .epochs
+            .get(&chat)
+            .copied()
+            .unwrap_or(0)
+            .max(self.setup.e2e_epoch);
+        let kind = if file.is_none() && rng.gen_bool(E2E_COMMIT_SHARE) {
+            MLS_COMMIT
+        } else {
+            MLS_APPLICATION
+        };
+        Outgoing {
+            text: ciphertext(rng, &id),
+            chat,
+            id,
+            attempts: 0,
+            file,
+            mls: Some((kind, epoch)),
+        }
+    }
+
+    /// The commit built on `epoch` of `chat`, as message `id`.
+    fn built_commit(&self, rng: &mut StdRng, chat: String, id: String, epoch: u64) -> Outgoing {
+        Outgoing {
+            text: ciphertext(rng, &id),
+            chat,
+            id,
+            attempts: 0,
+            file: None,
+            mls: Some((MLS_COMMIT, epoch)),
+        }
+    }
+
+    /// Learns a chat's epoch from an entry read or delivered.
+    fn learn_epoch(&mut self, chat: &str, e: &Entry) {
+        let at = match (e.kind.as_str(), e.epoch) {
+            ("mls_commit", Some(epoch)) => epoch + 1,
+            ("mls_welcome", Some(epoch)) => epoch,
+            _ => return,
+        };
+        let known = self.epochs.entry(chat.to_string()).or_insert(0);
+        *known = (*known).max(at);
+    }
+
     /// Records a push; `false` if it was not one.
     fn observe(&mut self, frame: &ServerFrame) -> bool {
         match frame {
             ServerFrame::Message { message } => {
+                let before = self.epochs.get(&message.chat).copied();
+                self.learn_epoch(&message.chat, &entry(message));
+                let after = self.epochs.get(&message.chat).copied();
+                if message.kind == "mls_commit"
+                    && message.sender != self.setup.users[self.k - 1].0
+                    && after > before
+                    && self.built.is_none()
+                    && self.coin.gen_bool(E2E_COMMIT_ANSWER)
+                {
+                    if let Some(epoch) = after {
+                        self.built = Some((message.chat.clone(), epoch));
+                    }
+                }
                 let mut op = self.op(Kind::Ok, F::Deliver);
                 op.chat = Some(message.chat.clone());
                 op.seq = Some(message.seq);
@@ -379,31 +524,50 @@ impl Client {
         }
     }
 
-    /// One attempt of sending `msg` to `chat`. `true` when settled (acked or refused).
-    async fn send(&mut self, chat: &str, msg: &str, n: u64, file: Option<&str>) -> bool {
+    /// One attempt of sending `out`. `true` when settled (acked or refused).
+    async fn send(&mut self, out: &Outgoing, n: u64) -> bool {
         let mut inv = self.op(Kind::Invoke, F::Send);
-        inv.chat = Some(chat.to_string());
-        inv.msg = Some(msg.to_string());
-        inv.file = file.map(str::to_string);
+        inv.chat = Some(out.chat.clone());
+        inv.msg = Some(out.text.clone());
+        inv.file = out.file.clone();
+        inv.mls = out.mls.map(|(k, _)| k.to_string());
+        inv.epoch = out.mls.map(|(_, e)| e);
         if !self.history.record(inv) {
             return true;
         }
         let id = format!("s{n}");
-        let frame = ClientFrame::Send {
-            id: id.clone(),
-            chat: chat.to_string(),
-            client_msg_id: msg.to_string(),
-            text: msg.to_string(),
-            reply_to: None,
-            files: file
-                .map(|f| chatd_proto::FileRef {
-                    file_id: f.to_string(),
-                    name: None,
-                    mime: None,
-                    size: None,
-                })
-                .into_iter()
-                .collect(),
+        let files: Vec<chatd_proto::FileRef> = out
+            .file
+            .as_ref()
+            .map(|f| chatd_proto::FileRef {
+                file_id: f.to_string(),
+                name: None,
+                mime: None,
+                size: None,
+            })
+            .into_iter()
+            .collect();
+        let frame = match out.mls {
+            None => ClientFrame::Send {
+                id: id.clone(),
+                chat: out.chat.clone(),
+                client_msg_id: out.id.clone(),
+                text: out.text.clone(),
+                reply_to: None,
+                files,
+            },
+            Some((kind, epoch)) => ClientFrame::E2eSend {
+                id: id.clone(),
+                chat: out.chat.clone(),
+                client_msg_id: out.id.clone(),
+                kind: kind.to_string(),
+                epoch,
+                data: out.text.clone(),
+                welcome: None,
+                add: Vec::new(),
+                remove: Vec::new(),
+                files,
+            },
         };
         if let Err(e) = self.send_frame(&frame).await {
             let mut op = self.op(Kind::Info, F::Send);
@@ -445,8 +609,15 @@ impl Client {
         let mut op = self.op(kind, F::Send);
         op.seq = seq;
         op.error = error;
-        op.file = file.map(str::to_string);
+        op.file = out.file.clone();
+        op.mls = out.mls.map(|(k, _)| k.to_string());
+        op.epoch = out.mls.map(|(_, e)| e);
         self.history.record(op);
+        if let (Some(_), Some((MLS_COMMIT, epoch))) = (seq, out.mls) {
+            // Its own commit is in the log: the chat moved past its epoch.
+            let known = self.epochs.entry(out.chat.clone()).or_insert(0);
+            *known = (*known).max(epoch + 1);
+        }
         settled
     }
 
@@ -575,8 +746,12 @@ impl Client {
         };
         let mut op = match answer {
             Answer::Frame(ServerFrame::History { messages, .. }) => {
+                let entries: Vec<Entry> = messages.iter().map(entry).collect();
+                for e in &entries {
+                    self.learn_epoch(chat, e);
+                }
                 let mut op = self.op(Kind::Ok, F::Read);
-                op.entries = Some(messages.iter().map(entry).collect());
+                op.entries = Some(entries);
                 op.complete = Some(false);
                 op
             }
@@ -697,13 +872,19 @@ pub async fn run_client(
         seen: HashMap::new(),
         http: reqwest::Client::new(),
         files: Vec::new(),
+        epochs: HashMap::new(),
+        built: None,
+        coin: StdRng::seed_from_u64(spec.seed ^ 0xc0),
     };
     let period = Duration::from_secs_f64(1.0 / spec.rate.max(0.01));
     let mut next_at = Instant::now();
     let mut counter: u64 = 0;
     let mut msg_n: u64 = 0;
-    // The message being sent (chat, msg, attempts so far, the file it attaches).
-    let mut retry: Option<(String, String, u32, Option<String>)> = None;
+    // The message being sent (retried while its outcome is unknown).
+    let mut retry: Option<Outgoing> = None;
+    // The other chats, for a client that is no member of the E2E chats.
+    let groups: Vec<String> = setup.chats.iter().filter(|c| !is_e2e(c)).cloned().collect();
+    let e2e_member = spec.k <= setup.e2e_members;
     while Instant::now() < spec.until && !stop.load(Ordering::Relaxed) && !c.history.full() {
         c.idle(next_at).await;
         next_at = (next_at + period).max(Instant::now() - period * 4);
@@ -724,16 +905,32 @@ pub async fn run_client(
             continue;
         }
         counter += 1;
-        let chat = setup.chats[rng.gen_range(0..setup.chats.len())].clone();
+        // A commit built when another member's commit was delivered goes out now, on the
+        // epoch it was built on (another member's may have taken it meanwhile).
+        if retry.is_none() {
+            if let Some((chat, epoch)) = c.built.take() {
+                msg_n += 1;
+                let out = c.built_commit(&mut rng, chat, format!("c{}-{msg_n}", spec.k), epoch);
+                retry = Some(out);
+            }
+        }
+        let mut chat = setup.chats[rng.gen_range(0..setup.chats.len())].clone();
+        if is_e2e(&chat) && !e2e_member && !groups.is_empty() {
+            chat = groups[rng.gen_range(0..groups.len())].clone();
+        }
         let roll: f64 = rng.gen();
         if retry.is_some() || roll < 0.75 {
-            let (chat, msg, attempts, file) = retry.take().unwrap_or_else(|| {
-                msg_n += 1;
-                (chat.clone(), format!("c{}-{msg_n}", spec.k), 0, None)
-            });
-            let settled = c.send(&chat, &msg, counter, file.as_deref()).await;
-            if !settled && attempts + 1 < SEND_ATTEMPTS_MAX {
-                retry = Some((chat, msg, attempts + 1, file));
+            let mut out = match retry.take() {
+                Some(out) => out,
+                None => {
+                    msg_n += 1;
+                    c.outgoing(&mut rng, chat, format!("c{}-{msg_n}", spec.k), None)
+                }
+            };
+            let settled = c.send(&out, counter).await;
+            out.attempts += 1;
+            if !settled && out.attempts < SEND_ATTEMPTS_MAX {
+                retry = Some(out);
             }
         } else if roll < 0.87 {
             c.read(&chat, counter).await;
@@ -743,7 +940,8 @@ pub async fn run_client(
             // A file, then (next) a message that attaches it.
             if let Some((file, _)) = c.upload(&mut rng).await {
                 msg_n += 1;
-                retry = Some((chat, format!("c{}-{msg_n}", spec.k), 0, Some(file)));
+                let id = format!("c{}-{msg_n}", spec.k);
+                retry = Some(c.outgoing(&mut rng, chat, id, Some(file)));
             }
         } else if roll < 0.97 {
             c.download(&mut rng).await;

@@ -32,6 +32,7 @@ fn run_one(kind: FaultKind, seed: u64, base_port: u16) -> (f64, std::path::PathB
         seed,
         clients: 6,
         chats: 3,
+        e2e_chats: 1,
         rate: 150.0,
         quiet_ms: (3_000, 3_000),
         hold_ms: (3_000, 3_000),

@@ -28,6 +28,7 @@ fn membership_changes_under_load_lose_nothing() {
         seed: 5,
         clients: 6,
         chats: 3,
+        e2e_chats: 1,
         rate: 150.0,
         quiet_ms: (2_000, 3_000),
         hold_ms: (0, 0),

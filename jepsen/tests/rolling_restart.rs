@@ -24,6 +24,7 @@ fn rolling_restart_under_load_loses_nothing() {
         seed: 11,
         clients: 6,
         chats: 3,
+        e2e_chats: 1,
         rate: 150.0,
         // Between restarts: 3 s of steady load.
         quiet_ms: (3_000, 3_000),

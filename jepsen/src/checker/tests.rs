@@ -85,6 +85,7 @@ fn text(seq: u64, msg: &str) -> Entry {
         kind: "text".into(),
         sender: "u".into(),
         text: msg.into(),
+        epoch: None,
     }
 }
 
@@ -460,4 +461,276 @@ fn membership_changes_are_counted_with_their_durations() {
     assert_eq!(res.availability["membership remove n2"].completed, 1);
     assert_eq!(res.fault_errors.len(), 1);
     assert_eq!(res.windows.len(), 5);
+}
+
+// --- End-to-end encrypted chats -------------------------------------------------------
+
+fn mls(seq: u64, kind: &str, text: &str, epoch: u64) -> Entry {
+    Entry {
+        seq,
+        kind: format!("mls_{kind}"),
+        sender: "u".into(),
+        text: text.into(),
+        epoch: Some(epoch),
+    }
+}
+
+fn marker(seq: u64, kind: &str, user: &str) -> Entry {
+    Entry {
+        seq,
+        kind: kind.into(),
+        sender: "u1".into(),
+        text: user.into(),
+        epoch: None,
+    }
+}
+
+const E: &str = "e:00000000000000e2";
+
+impl H {
+    /// An `e2e_send` of MLS `kind` naming `epoch`: acked at `seq`, or refused with
+    /// `error`, or of unknown outcome when neither is given.
+    fn e2e(
+        &mut self,
+        p: &str,
+        kind: &str,
+        msg: &str,
+        epoch: u64,
+        seq: Option<u64>,
+        error: Option<&str>,
+    ) -> &mut H {
+        let mut inv = Op::new(p, Kind::Invoke, F::Send);
+        inv.chat = Some(E.into());
+        inv.msg = Some(msg.into());
+        inv.mls = Some(kind.into());
+        inv.epoch = Some(epoch);
+        self.push(inv);
+        let outcome = match (seq, error) {
+            (Some(_), _) => Kind::Ok,
+            (None, Some(_)) => Kind::Fail,
+            (None, None) => Kind::Info,
+        };
+        let mut done = Op::new(p, outcome, F::Send);
+        done.seq = seq;
+        done.error = error.map(str::to_string);
+        done.mls = Some(kind.into());
+        done.epoch = Some(epoch);
+        self.push(done)
+    }
+
+    fn deliver_entry(&mut self, p: &str, session: u64, chat: &str, e: Entry) -> &mut H {
+        let mut op = Op::new(p, Kind::Ok, F::Deliver);
+        op.session = Some(session);
+        op.chat = Some(chat.into());
+        op.seq = Some(e.seq);
+        op.msg = Some(e.text.clone());
+        op.entries = Some(vec![e]);
+        self.push(op)
+    }
+
+    /// An E2E chat: created (u1's join), the setup's commit of epoch 0 adding u2 with a
+    /// welcome, an application message, a commit of epoch 1 that won over another one
+    /// (refused `stale_epoch`), a late application message of epoch 0 (allowed), a
+    /// message of unknown outcome never stored; delivered, read and read back from two
+    /// nodes: valid. The final log is [`H::e2e_log`].
+    fn e2e_clean() -> H {
+        let mut h = H::clean();
+        h.e2e("setup", "commit", "C0", 0, Some(2), None)
+            .e2e("c1", "application", "A1", 1, Some(5), None)
+            .deliver_entry("c2", 1, E, mls(5, "application", "A1", 1))
+            .e2e("c2", "commit", "C1", 1, Some(6), None)
+            .e2e(
+                "c3",
+                "commit",
+                "C1x",
+                1,
+                None,
+                Some("stale_epoch: e:… is at epoch 2"),
+            )
+            .deliver_entry("c2", 1, E, mls(6, "commit", "C1", 1))
+            .e2e("c1", "application", "A2", 0, Some(7), None)
+            .e2e("c3", "application", "A3", 2, None, None)
+            .read("c3", E, H::e2e_log()[3..].to_vec());
+        for node in [1, 2] {
+            h.final_read(node, E, H::e2e_log());
+        }
+        h
+    }
+
+    fn e2e_log() -> Vec<Entry> {
+        vec![
+            marker(1, "join", "u1"),
+            mls(2, "commit", "C0", 0),
+            marker(3, "join", "u2"),
+            mls(4, "welcome", "W1", 1),
+            mls(5, "application", "A1", 1),
+            mls(6, "commit", "C1", 1),
+            mls(7, "application", "A2", 0),
+        ]
+    }
+
+    /// [`H::e2e_clean`] with `more` entries appended to both final reads (instead of the
+    /// clean ones), after the ops `add` records.
+    fn e2e_with(add: impl FnOnce(&mut H), more: Vec<Entry>) -> H {
+        let mut h = H::e2e_clean();
+        h.ops
+            .retain(|o| !(o.f == Some(F::FinalRead) && o.chat.as_deref() == Some(E)));
+        for (i, o) in h.ops.iter_mut().enumerate() {
+            o.index = i as u64;
+        }
+        add(&mut h);
+        let mut log = H::e2e_log();
+        log.extend(more);
+        for node in [1, 2] {
+            h.final_read(node, E, log.clone());
+        }
+        h
+    }
+}
+
+#[test]
+fn an_e2e_chat_with_competing_commits_is_valid() {
+    let res = H::e2e_clean().check();
+    assert!(res.valid, "{:#?}", res.examples);
+    assert_eq!(res.anomalies(), 0);
+    let e = &res.e2e;
+    assert_eq!((e.sends, e.messages_acked), (3, 2));
+    assert_eq!((e.commits, e.commits_acked, e.commits_stale), (3, 2, 1));
+    assert_eq!(e.epoch_max, 2);
+    // The acks (mls_application, mls_commit) agree with the reads' kinds: with the text
+    // messages, 2 + 4 distinct messages acked.
+    assert_eq!(res.messages_acked, 6);
+}
+
+#[test]
+fn a_lost_acked_e2e_message_is_reported() {
+    let h = H::e2e_with(
+        |h| {
+            h.e2e("c4", "application", "A4", 2, Some(8), None);
+        },
+        vec![],
+    );
+    // Missing from the final reads of nodes 1 and 2.
+    assert_eq!(only(&h.check(), AnomalyKind::Lost), 2);
+    // Stored as a text message with that ciphertext is not the E2E message either.
+    let h = H::e2e_with(
+        |h| {
+            h.e2e("c4", "application", "A4", 2, Some(8), None);
+        },
+        vec![text(8, "A4")],
+    );
+    let res = h.check();
+    assert!(res.counts[&AnomalyKind::Lost] >= 2, "{:#?}", res.examples);
+}
+
+#[test]
+fn an_acked_commit_missing_from_a_final_read_is_lost() {
+    let h = H::e2e_with(
+        |h| {
+            h.e2e("c4", "commit", "C2", 2, Some(8), None);
+        },
+        vec![],
+    );
+    assert_eq!(only(&h.check(), AnomalyKind::Lost), 2);
+}
+
+#[test]
+fn two_commits_for_one_epoch_break_the_epoch_order() {
+    let h = H::e2e_with(
+        |h| {
+            h.e2e("c4", "commit", "C1y", 1, Some(8), None);
+        },
+        vec![mls(8, "commit", "C1y", 1)],
+    );
+    // In the final read of each node.
+    assert_eq!(only(&h.check(), AnomalyKind::EpochOrder), 2);
+}
+
+#[test]
+fn a_skipped_epoch_breaks_the_epoch_order() {
+    let h = H::e2e_with(
+        |h| {
+            h.e2e("c4", "commit", "C3", 3, Some(8), None);
+        },
+        vec![mls(8, "commit", "C3", 3)],
+    );
+    assert_eq!(only(&h.check(), AnomalyKind::EpochOrder), 2);
+    // Seen in a read page too (which shows the chat from a commit on, not from seq 1).
+    let mut h = H::new();
+    h.e2e("c1", "commit", "C1", 1, None, None)
+        .e2e("c2", "application", "A", 0, None, None)
+        .e2e("c3", "commit", "C4", 4, None, None)
+        .read(
+            "c1",
+            E,
+            vec![
+                mls(6, "commit", "C1", 1),
+                mls(7, "application", "A", 0),
+                mls(8, "commit", "C4", 4),
+            ],
+        );
+    let res = h.check();
+    assert_eq!(
+        res.counts[&AnomalyKind::EpochOrder],
+        1,
+        "{:#?}",
+        res.examples
+    );
+    assert_eq!(res.anomalies(), 1);
+}
+
+#[test]
+fn an_acked_e2e_message_stored_at_another_epoch_breaks_the_epoch_order() {
+    // The commit named epoch 5, the entry says 2 (the right epoch for the log, so only
+    // the ack tells).
+    let h = H::e2e_with(
+        |h| {
+            h.e2e("c4", "commit", "C2", 5, Some(8), None);
+        },
+        vec![mls(8, "commit", "C2", 2)],
+    );
+    assert_eq!(only(&h.check(), AnomalyKind::EpochOrder), 1);
+    // An application message ahead of the chat's epoch, or a welcome at the wrong one.
+    let h = H::e2e_with(
+        |h| {
+            h.e2e("c4", "application", "A9", 9, Some(8), None);
+        },
+        vec![mls(8, "application", "A9", 9), mls(9, "welcome", "W", 1)],
+    );
+    // Per final read: the application message and the welcome.
+    assert_eq!(only(&h.check(), AnomalyKind::EpochOrder), 4);
+}
+
+#[test]
+fn e2e_ciphertext_nobody_sent_or_stored_twice_is_reported() {
+    let h = H::e2e_with(|_| {}, vec![mls(8, "application", "forged", 2)]);
+    assert_eq!(only(&h.check(), AnomalyKind::Unexpected), 1);
+    let h = H::e2e_with(|_| {}, vec![mls(8, "application", "A1", 2)]);
+    assert_eq!(only(&h.check(), AnomalyKind::Duplicate), 1);
+    // One seq at two epochs (a delivery and the final reads) is inconsistent.
+    let mut h = H::e2e_clean();
+    h.deliver_entry("c4", 1, E, mls(5, "application", "A1", 0));
+    assert_eq!(only(&h.check(), AnomalyKind::Inconsistent), 1);
+}
+
+#[test]
+fn one_wrong_commit_is_one_epoch_violation() {
+    // A commit repeating epoch 1 where epoch 2 belongs, then the log goes on at epoch 3.
+    let log = |wrong: u64| {
+        vec![
+            mls(1, "commit", "a", 0),
+            mls(2, "commit", "b", 1),
+            mls(3, "commit", "c", wrong),
+            mls(4, "application", "d", 3),
+            mls(5, "commit", "e", 3),
+        ]
+    };
+    assert_eq!(epoch_violations(&log(2)), Vec::<String>::new());
+    let v = epoch_violations(&log(1));
+    assert_eq!(v.len(), 1, "{v:?}");
+    assert!(v[0].contains("a second commit for one epoch"), "{v:?}");
+    // A skipped epoch (3 where 2 belongs): the next commit must then name 4.
+    let v = epoch_violations(&log(3));
+    assert_eq!(v.len(), 2, "{v:?}");
+    assert!(v[0].contains("an epoch skipped"), "{v:?}");
 }
