@@ -154,6 +154,12 @@ pub enum E2eCommand {
         #[arg(long, default_value_t = 100)]
         message_bytes: usize,
     },
+    /// Leave an E2E chat: the server stops giving you its entries; the members' next
+    /// message commits your devices' removal from the group.
+    Leave {
+        /// The chat.
+        chat: String,
+    },
     /// Forget one of your devices (and its KeyPackages) on the server.
     RetireDevice {
         /// The device.
@@ -445,6 +451,16 @@ pub async fn run(cli: &Cli, args: &E2eArgs) -> Result<String, CliError> {
                 )));
             };
             open_file(cli, chat, &f, output.clone()).await
+        }
+        E2eCommand::Leave { chat } => {
+            let mut conn = connect(cli).await?;
+            conn.request(|id| ClientFrame::Leave {
+                id,
+                chat: chat.clone(),
+            })
+            .await
+            .map_err(|e| context(e, &format!("cannot leave {chat}")))?;
+            Ok(format!("left {chat}\n"))
         }
         E2eCommand::RetireDevice { device } => {
             let mut conn = connect(cli).await?;

@@ -60,7 +60,8 @@ fn rolling_restart_under_load_loses_nothing() {
     assert!(r.fault_errors.is_empty(), "{:?}", r.fault_errors);
     // Writes went on: thousands acknowledged, each read back from every node.
     assert!(r.messages_acked > 1_000, "{}", r.verdict());
-    assert_eq!(r.final_reads, 9);
+    // 3 group chats and 1 E2E chat, read whole from each of the 3 nodes.
+    assert_eq!(r.final_reads, 12);
     // A drain moves leadership away before the node stops: writes never stop for long.
     assert!(
         r.longest_unavailable_ms < 10_000.0,

@@ -254,6 +254,17 @@ fn golden_chat_queries() {
         },
         "01 0b 0163 0175",
     );
+    pin(
+        &ChatQuery::Devices {
+            user: "u".into(),
+            bounds: chatd_chat::e2e::KeyPackageBounds {
+                per_device_max: 3,
+                devices_max: 2,
+            },
+            now_ms: 300,
+        },
+        "01 0c 0175 03 02 fb2c01",
+    );
 }
 
 #[test]
@@ -382,5 +393,13 @@ fn golden_chat_query_replies() {
     pin(
         &ChatQueryReply::Cursors(vec![("u".into(), 7, 5)]),
         "01 0b 01 0175 07 05",
+    );
+    pin(
+        &ChatQueryReply::Devices(vec![chatd_chat::e2e::DeviceInfo {
+            device: "d".into(),
+            available: 2,
+            last_resort: true,
+        }]),
+        "01 0c 01 0164 02 01",
     );
 }

@@ -324,6 +324,16 @@ pub(super) async fn remove_departed(s: &mut Session, chat: &str) -> Result<(), C
 }
 
 pub(super) async fn add(s: &mut Session, chat: &str, users: &[String]) -> Result<u64, CliError> {
+    catch_up(s, chat).await?;
+    // Devices in the group already (this one among them) are not added again: adding a
+    // user adds its devices that are not in yet.
+    let present: std::collections::HashSet<String> = s
+        .dev
+        .members(chat)
+        .into_iter()
+        .map(|m| format!("{}/{}", m.user, m.device))
+        .chain([format!("{}/{}", s.dev.user(), s.dev.device_id())])
+        .collect();
     let mut packages = Vec::new();
     for user in users {
         let answer = s
@@ -346,6 +356,9 @@ pub(super) async fn add(s: &mut Session, chat: &str, users: &[String]) -> Result
             )));
         }
         for p in got {
+            if present.contains(&format!("{user}/{}", p.device)) {
+                continue;
+            }
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(&p.data)
                 .map_err(|e| {
@@ -353,6 +366,12 @@ pub(super) async fn add(s: &mut Session, chat: &str, users: &[String]) -> Result
                 })?;
             packages.push((user.clone(), bytes));
         }
+    }
+    if packages.is_empty() {
+        return Err(CliError::Failed(format!(
+            "every device of {} is in {chat} already",
+            users.join(", ")
+        )));
     }
     // As many devices per commit as fit in a frame with the welcome (which carries the
     // whole ratchet tree): all at once, else halves, and so on.
@@ -395,6 +414,13 @@ pub(super) async fn send(
     payload: &Payload,
     files: Vec<chatd_proto::FileRef>,
 ) -> Result<u64, CliError> {
+    catch_up(s, chat).await?;
+    if !s.dev.is_member(chat) {
+        return Err(CliError::Failed(format!(
+            "this device is not in {chat}'s group (yet): a member adds it with `chat-cli e2e add {chat} {}`",
+            s.dev.user()
+        )));
+    }
     remove_departed(s, chat).await?;
     let plain = serde_json::to_vec(payload)
         .map_err(|e| CliError::Failed(format!("cannot encode the message: {e}")))?;

@@ -385,6 +385,80 @@ fn e2e_group_across_three_nodes_keeps_plaintext_off_the_servers() {
         assert!(texts.contains(&secret(&format!("converged-{}", w.name.replace('/', "-")))));
     }
 
+    // Dave leaves; Alice's next message first commits the removal of Dave's device, so
+    // Dave's device cannot read it even given its bytes.
+    dave.e2e(&["leave", &chat]);
+    alice.e2e(&["send", &chat, &secret("after-dave-left")]);
+    let (epoch, m) = members(&alice, &chat);
+    assert_eq!(epoch, 5, "the removal was committed");
+    assert!(!m.contains(&"dave/laptop".to_string()), "{m:?}");
+    assert!(bob.texts(&chat).contains(&secret("after-dave-left")));
+    let history = crate::messaging::json_ok(&[
+        "--server", &s[0], "--token", &tokens[0], "--json", "history", &chat, "--all",
+    ]);
+    let last_app = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|m| m["kind"] == "mls_application")
+        .unwrap()
+        .clone();
+    let dave_key: [u8; 32] = std::fs::read(format!("{}.key", dave.state.display()))
+        .unwrap()
+        .try_into()
+        .unwrap();
+    let mut dave_dev =
+        chatd_e2e::Device::open(&dave.state, &chatd_e2e::StoreKey::from_bytes(dave_key)).unwrap();
+    // Even given the commit that removed it, first: it learns it was removed, no more.
+    let removal = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|m| m["kind"] == "mls_commit")
+        .unwrap()
+        .clone();
+    let b64 = |v: &Value| {
+        base64::engine::general_purpose::STANDARD
+            .decode(v["text"].as_str().unwrap())
+            .unwrap()
+    };
+    let seen = dave_dev
+        .process(
+            &chat,
+            removal["seq"].as_u64().unwrap(),
+            "alice",
+            chatd_e2e::Kind::Commit,
+            &b64(&removal),
+            0,
+        )
+        .unwrap();
+    assert!(
+        matches!(
+            seen,
+            chatd_e2e::Event::Epoch {
+                removed_self: true,
+                ..
+            }
+        ),
+        "{seen:?}"
+    );
+    let event = dave_dev
+        .process(
+            &chat,
+            last_app["seq"].as_u64().unwrap(),
+            "alice",
+            chatd_e2e::Kind::Application,
+            &b64(&last_app),
+            0,
+        )
+        .unwrap();
+    assert!(
+        !matches!(event, chatd_e2e::Event::Message { .. }),
+        "a member who left decrypted a later message: {event:?}"
+    );
+
     // `chat-cli chat` on Bob's laptop: the E2E chat is marked, its messages decrypted with
     // this device's state, and what Bob types goes out encrypted.
     let typed = secret("typed-in-chat");
@@ -464,6 +538,7 @@ fn e2e_group_across_three_nodes_keeps_plaintext_off_the_servers() {
         .collect();
     secrets.push(file_secret.clone());
     secrets.push(typed.clone());
+    secrets.push(secret("after-dave-left"));
     secrets.push("the plans".into());
     for w in [&alice, &bob, &dave, &erin] {
         secrets.push(secret(&format!("converged-{}", w.name.replace('/', "-"))));

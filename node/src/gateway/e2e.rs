@@ -50,6 +50,11 @@ fn devices_frame(id: String, user: &str, devices: Vec<chatd_chat::e2e::DeviceInf
     }
 }
 
+/// The KeyPackage writes share the sender's send bucket (`send_rate_per_sec`).
+fn rate_limited(id: String) -> ServerFrame {
+    err(Some(id), code::RATE_LIMITED, "rate limit: slow down")
+}
+
 fn unexpected(id: String, other: impl std::fmt::Debug) -> ServerFrame {
     err(
         Some(id),
@@ -146,6 +151,9 @@ pub(super) async fn handle(node: &Node, user: &str, frame: ClientFrame) -> Serve
             if packages.is_empty() && last_resort.is_none() {
                 return err(Some(id), code::INVALID_FIELD, "no KeyPackage to store");
             }
+            if !node.gateway.take_send_token(user) {
+                return rate_limited(id);
+            }
             let now = now_ms();
             let check = |p: KeyPackageUpload| -> Result<KeyPackage, (&'static str, String)> {
                 decoded_len(&p.data, limits::KEY_PACKAGE_BYTES_MAX, "KeyPackage")
@@ -186,6 +194,10 @@ pub(super) async fn handle(node: &Node, user: &str, frame: ClientFrame) -> Serve
             if let Err((c, m)) = check_users(node, std::slice::from_ref(&owner)).await {
                 return err(Some(id), &c, m);
             }
+            // Each claim is a write (and takes a KeyPackage): bounded like sends.
+            if !node.gateway.take_send_token(user) {
+                return rate_limited(id);
+            }
             let cmd = ChatCommand::KeyPackagesClaim {
                 user: owner.clone(),
                 bounds: KEY_PACKAGE_BOUNDS,
@@ -224,6 +236,9 @@ pub(super) async fn handle(node: &Node, user: &str, frame: ClientFrame) -> Serve
         ClientFrame::RetireDevice { id, device } => {
             if !device_ok(&device) {
                 return err(Some(id), code::INVALID_FIELD, "bad device id");
+            }
+            if !node.gateway.take_send_token(user) {
+                return rate_limited(id);
             }
             let cmd = ChatCommand::RetireDevice {
                 user: user.to_string(),

@@ -363,3 +363,47 @@ async fn e2e_chats_take_opaque_messages_and_one_commit_per_epoch() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_package_writes_share_the_senders_rate_limit() {
+    bounded(async {
+        let mut c = crate::harness::Cluster::init(3, &[]);
+        c.set_everywhere("gateway", "send_burst", toml::Value::Float(4.0));
+        c.set_everywhere("gateway", "send_rate_per_sec", toml::Value::Float(0.1));
+        c.start_all();
+        c.wait_ready(crate::chat::READY).await;
+        let bob_token = create_user(&c, 1, "bob").await;
+        let mallory_token = create_user(&c, 1, "mallory").await;
+        let mut bob = Ws::connect(c.node(1).api, "bob", &bob_token).await;
+        let mut mallory = Ws::connect(c.node(2).api, "mallory", &mallory_token).await;
+        let expires = now_ms() + 3_600_000;
+        let up = bob
+            .request(json!({"type": "key_packages_upload", "device": "phone",
+                "packages": packages("kp", 10, expires)}))
+            .await;
+        assert_eq!(up["type"], "devices", "{up}");
+        // A flood of claims: the burst (4) is served, then `rate_limited`, and the
+        // KeyPackages it did not take are still there.
+        let mut served: u64 = 0;
+        let mut limited: u64 = 0;
+        for _ in 0..10 {
+            let a = mallory
+                .request(json!({"type": "key_packages_claim", "user": "bob"}))
+                .await;
+            match a["type"].as_str() {
+                Some("key_packages") => served += 1,
+                _ => {
+                    assert_error(&a, "rate_limited", None);
+                    limited += 1;
+                }
+            }
+        }
+        assert!((4..=5).contains(&served), "{served} served");
+        assert_eq!(served + limited, 10);
+        assert_eq!(
+            available(&mut bob, "bob").await,
+            [("phone".to_string(), 10 - served, false)]
+        );
+    })
+    .await;
+}
