@@ -75,6 +75,44 @@ impl Device {
     }
 }
 
+/// The newest entry of `kind` in a whole-history answer.
+fn newest(history: &Value, kind: &str) -> Value {
+    history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|m| m["kind"] == kind)
+        .unwrap()
+        .clone()
+}
+
+/// Feeds a log entry (from `history --json`) to an opened device, as `sender`'s.
+fn feed(
+    dev: &mut chatd_e2e::Device,
+    chat: &str,
+    m: &Value,
+    sender: &str,
+    kind: chatd_e2e::Kind,
+) -> chatd_e2e::Event {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(m["text"].as_str().unwrap())
+        .unwrap();
+    dev.process(chat, m["seq"].as_u64().unwrap(), sender, kind, &bytes, 0)
+        .unwrap()
+}
+
+impl Device {
+    /// This device's state, opened in the test's process with chat-cli's key file.
+    fn open_state(&self) -> chatd_e2e::Device {
+        let key: [u8; 32] = std::fs::read(format!("{}.key", self.state.display()))
+            .unwrap()
+            .try_into()
+            .unwrap();
+        chatd_e2e::Device::open(&self.state, &chatd_e2e::StoreKey::from_bytes(key)).unwrap()
+    }
+}
+
 fn ok(who: &str, args: &[&str], out: &Output) -> String {
     assert_eq!(
         out.status.code(),
@@ -288,33 +326,14 @@ fn e2e_group_across_three_nodes_keeps_plaintext_off_the_servers() {
     let history = crate::messaging::json_ok(&[
         "--server", &s[0], "--token", &tokens[0], "--json", "history", &chat, "--all",
     ]);
-    let last_app = history["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|m| m["kind"] == "mls_application")
-        .unwrap()
-        .clone();
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(last_app["text"].as_str().unwrap())
-        .unwrap();
-    let key_bytes: [u8; 32] = std::fs::read(format!("{}.key", carol.state.display()))
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let mut carol_dev =
-        chatd_e2e::Device::open(&carol.state, &chatd_e2e::StoreKey::from_bytes(key_bytes)).unwrap();
-    let event = carol_dev
-        .process(
-            &chat,
-            last_app["seq"].as_u64().unwrap(),
-            "bob",
-            chatd_e2e::Kind::Application,
-            &bytes,
-            0,
-        )
-        .unwrap();
+    let last_app = newest(&history, "mls_application");
+    let event = feed(
+        &mut carol.open_state(),
+        &chat,
+        &last_app,
+        "bob",
+        chatd_e2e::Kind::Application,
+    );
     assert!(
         !matches!(event, chatd_e2e::Event::Message { .. }),
         "a removed member decrypted a later message: {event:?}"
@@ -396,44 +415,17 @@ fn e2e_group_across_three_nodes_keeps_plaintext_off_the_servers() {
     let history = crate::messaging::json_ok(&[
         "--server", &s[0], "--token", &tokens[0], "--json", "history", &chat, "--all",
     ]);
-    let last_app = history["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|m| m["kind"] == "mls_application")
-        .unwrap()
-        .clone();
-    let dave_key: [u8; 32] = std::fs::read(format!("{}.key", dave.state.display()))
-        .unwrap()
-        .try_into()
-        .unwrap();
-    let mut dave_dev =
-        chatd_e2e::Device::open(&dave.state, &chatd_e2e::StoreKey::from_bytes(dave_key)).unwrap();
+    let last_app = newest(&history, "mls_application");
+    let mut dave_dev = dave.open_state();
     // Even given the commit that removed it, first: it learns it was removed, no more.
-    let removal = history["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .rev()
-        .find(|m| m["kind"] == "mls_commit")
-        .unwrap()
-        .clone();
-    let b64 = |v: &Value| {
-        base64::engine::general_purpose::STANDARD
-            .decode(v["text"].as_str().unwrap())
-            .unwrap()
-    };
-    let seen = dave_dev
-        .process(
-            &chat,
-            removal["seq"].as_u64().unwrap(),
-            "alice",
-            chatd_e2e::Kind::Commit,
-            &b64(&removal),
-            0,
-        )
-        .unwrap();
+    let removal = newest(&history, "mls_commit");
+    let seen = feed(
+        &mut dave_dev,
+        &chat,
+        &removal,
+        "alice",
+        chatd_e2e::Kind::Commit,
+    );
     assert!(
         matches!(
             seen,
@@ -444,16 +436,13 @@ fn e2e_group_across_three_nodes_keeps_plaintext_off_the_servers() {
         ),
         "{seen:?}"
     );
-    let event = dave_dev
-        .process(
-            &chat,
-            last_app["seq"].as_u64().unwrap(),
-            "alice",
-            chatd_e2e::Kind::Application,
-            &b64(&last_app),
-            0,
-        )
-        .unwrap();
+    let event = feed(
+        &mut dave_dev,
+        &chat,
+        &last_app,
+        "alice",
+        chatd_e2e::Kind::Application,
+    );
     assert!(
         !matches!(event, chatd_e2e::Event::Message { .. }),
         "a member who left decrypted a later message: {event:?}"

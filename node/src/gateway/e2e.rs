@@ -8,7 +8,7 @@ use chatd_chat::e2e::{E2eMessage, KeyPackage, KeyPackageBounds, MlsKind};
 use chatd_proto::e2e as limits;
 use chatd_proto::{ClaimedKeyPackage, DeviceView, KeyPackageUpload};
 
-use super::handlers::{check_users, index_chat, propose_chat, propose_error};
+use super::handlers::{acked, check_users, index_chat, propose_chat, propose_error};
 use super::*;
 
 /// The bounds every KeyPackage command and read is applied with.
@@ -327,22 +327,11 @@ async fn e2e_send(
     let cmd = ChatCommand::E2eSend(m);
     match propose_chat(node, chat_group(node, &chat), &cmd).await {
         Ok(ChatReply::Acked { seq, ts, duplicate }) => {
-            node.gateway
-                .metrics
-                .ack_latency
-                .record(started.elapsed().as_millis() as u64);
             // Idempotent: a retried commit indexes again.
             if !added.is_empty() {
                 index_chat(node, &chat, &added).await;
             }
-            ServerFrame::Ack {
-                id,
-                msg_id: format!("{chat}/{seq}"),
-                chat,
-                seq,
-                ts,
-                duplicate,
-            }
+            acked(node, started, id, chat, seq, ts, duplicate)
         }
         Ok(ChatReply::Rejected { code, message }) => err(Some(id), &code, message),
         Ok(other) => unexpected(id, other),

@@ -29,6 +29,30 @@ pub(super) async fn propose_chat(
     })
 }
 
+/// The `ack` of a stored send (or the original's, for a retry), with its latency counted.
+pub(super) fn acked(
+    node: &Node,
+    started: Instant,
+    id: String,
+    chat: String,
+    seq: u64,
+    ts: u64,
+    duplicate: bool,
+) -> ServerFrame {
+    node.gateway
+        .metrics
+        .ack_latency
+        .record(started.elapsed().as_millis() as u64);
+    ServerFrame::Ack {
+        id,
+        msg_id: format!("{chat}/{seq}"),
+        chat,
+        seq,
+        ts,
+        duplicate,
+    }
+}
+
 /// Records `chat` in each user's chat index (idempotent; retried by the next change).
 pub(super) async fn index_chat(node: &Node, chat: &str, users: &[String]) {
     for u in users {
@@ -221,18 +245,7 @@ pub(super) async fn handle(
             }
             match reply {
                 Ok(ChatReply::Acked { seq, ts, duplicate }) => {
-                    node.gateway
-                        .metrics
-                        .ack_latency
-                        .record(started.elapsed().as_millis() as u64);
-                    ServerFrame::Ack {
-                        id,
-                        msg_id: format!("{chat}/{seq}"),
-                        chat,
-                        seq,
-                        ts,
-                        duplicate,
-                    }
+                    acked(node, started, id, chat, seq, ts, duplicate)
                 }
                 Ok(ChatReply::Rejected { code, message }) => err(Some(id), &code, message),
                 Ok(other) => err(

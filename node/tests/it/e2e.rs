@@ -59,6 +59,16 @@ async fn claim(ws: &mut Ws, user: &str) -> Vec<String> {
         .collect()
 }
 
+/// Alice, Bob and Carol, connected to nodes 1, 2 and 3.
+async fn three_people(c: &crate::harness::Cluster) -> [Ws; 3] {
+    let mut out = Vec::new();
+    for (node, u) in [(1, "alice"), (2, "bob"), (3, "carol")] {
+        let token = create_user(c, 1, u).await;
+        out.push(Ws::connect(c.node(node).api, u, &token).await);
+    }
+    <[Ws; 3]>::try_from(out).unwrap_or_else(|_| unreachable!("three connections"))
+}
+
 fn e2e_send(chat: &str, cmid: &str, kind: &str, epoch: u64, data: &[u8]) -> Value {
     json!({"type": "e2e_send", "chat": chat, "client_msg_id": cmid, "kind": kind,
         "epoch": epoch, "data": b64(data)})
@@ -68,13 +78,7 @@ fn e2e_send(chat: &str, cmid: &str, kind: &str, epoch: u64, data: &[u8]) -> Valu
 async fn key_packages_are_claimed_once_across_nodes_within_their_bounds() {
     bounded(async {
         let c = cluster3(&[]).await;
-        let mut t = std::collections::HashMap::new();
-        for u in ["alice", "bob", "carol"] {
-            t.insert(u, create_user(&c, 1, u).await);
-        }
-        let mut alice = Ws::connect(c.node(1).api, "alice", &t["alice"]).await;
-        let mut bob = Ws::connect(c.node(2).api, "bob", &t["bob"]).await;
-        let mut carol = Ws::connect(c.node(3).api, "carol", &t["carol"]).await;
+        let [mut alice, mut bob, mut carol] = three_people(&c).await;
         let expires = now_ms() + 3_600_000;
         let up = bob
             .request(json!({"type": "key_packages_upload", "device": "phone",
@@ -216,13 +220,7 @@ async fn key_packages_are_claimed_once_across_nodes_within_their_bounds() {
 async fn e2e_chats_take_opaque_messages_and_one_commit_per_epoch() {
     bounded(async {
         let c = cluster3(&[]).await;
-        let mut t = std::collections::HashMap::new();
-        for u in ["alice", "bob", "carol"] {
-            t.insert(u, create_user(&c, 1, u).await);
-        }
-        let mut alice = Ws::connect(c.node(1).api, "alice", &t["alice"]).await;
-        let mut bob = Ws::connect(c.node(2).api, "bob", &t["bob"]).await;
-        let mut carol = Ws::connect(c.node(3).api, "carol", &t["carol"]).await;
+        let [mut alice, mut bob, mut carol] = three_people(&c).await;
         let done = alice
             .request(json!({"type": "create_e2e", "name": "", "direct": false}))
             .await;
