@@ -420,7 +420,7 @@ impl Device {
 
     /// Parses and verifies one uploaded KeyPackage.
     fn validate_key_package(&self, bytes: &[u8]) -> Result<KeyPackage, E2eError> {
-        let msg = MlsMessageIn::tls_deserialize_exact_bytes(bytes)
+        let msg = crate::process::parse_mls_message(bytes)
             .map_err(|e| E2eError::BadKeyPackage(format!("does not parse: {e}")))?;
         let MlsMessageBodyIn::KeyPackage(kp) = msg.extract() else {
             return Err(E2eError::BadKeyPackage("not a key package message".into()));

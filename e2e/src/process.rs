@@ -6,6 +6,20 @@ use crate::device::{identity, identity_string, join_config, sha256};
 use crate::error::mls;
 use crate::{Device, E2eError, Event, Kind, Stored};
 
+/// Decodes one whole MLS message. Not openmls's `tls_deserialize_exact_bytes`: openmls 0.8.3
+/// finds the remainder there by re-serializing the message, and a non-canonical encoding
+/// whose re-serialization is longer than the input panics (slice out of range; found by
+/// the `e2e_entry` fuzz target, inputs in `tests/fuzz_regressions/`). This reads from
+/// the bytes and checks that nothing is left.
+pub(crate) fn parse_mls_message(data: &[u8]) -> Result<MlsMessageIn, tls_codec::Error> {
+    let mut rest = data;
+    let msg = <MlsMessageIn as tls_codec::Deserialize>::tls_deserialize(&mut rest)?;
+    if !rest.is_empty() {
+        return Err(tls_codec::Error::TrailingData);
+    }
+    Ok(msg)
+}
+
 fn ignored(seq: u64, reason: impl Into<String>) -> Event {
     Event::Ignored {
         seq,
@@ -95,7 +109,7 @@ impl Device {
         data: &[u8],
         ts_ms: u64,
     ) -> Result<Event, E2eError> {
-        let msg = match MlsMessageIn::tls_deserialize_exact_bytes(data) {
+        let msg = match parse_mls_message(data) {
             Ok(msg) => msg,
             Err(e) => return Ok(undecryptable(seq, format!("malformed MLS message: {e}"))),
         };

@@ -274,3 +274,36 @@ fn names_are_checked() {
     }
     assert_eq!(Kind::parse("nope"), None);
 }
+
+/// Inputs the `e2e_entry` fuzz target found (openmls 0.8.3 panicked re-serializing a
+/// non-canonical encoding to find the remainder): refused, never a panic.
+#[test]
+fn fuzz_regressions_are_refused_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = StoreKey::from_bytes([7; 32]);
+    let mut dev = Device::create(&dir.path().join("d.mls"), &key, "alice", "phone").unwrap();
+    dev.create_group("e:fuzz").unwrap();
+    let inputs: [&[u8]; 2] = [
+        include_bytes!("fuzz_regressions/noncanonical-1.bin"),
+        include_bytes!("fuzz_regressions/noncanonical-2.bin"),
+    ];
+    for (i, input) in inputs.iter().enumerate() {
+        // As the fuzz target reads them: a kind selector, then the message.
+        let (selector, message) = input.split_first().unwrap();
+        let kind = match selector % 4 {
+            0 => Kind::Application,
+            1 => Kind::Commit,
+            2 => Kind::Welcome,
+            _ => Kind::Proposal,
+        };
+        for k in [kind, Kind::Application, Kind::Commit, Kind::Welcome] {
+            let seq = dev.processed_seq("e:fuzz") + 1;
+            match dev.process("e:fuzz", seq, "bob", k, message, 0) {
+                Ok(Event::Undecryptable { .. } | Event::Ignored { .. }) | Err(_) => {}
+                Ok(other) => panic!("input {i} as {k:?} was taken: {other:?}"),
+            }
+        }
+        // And as a KeyPackage to add.
+        assert!(dev.add("e:fuzz", &[message.to_vec()]).is_err(), "input {i}");
+    }
+}
