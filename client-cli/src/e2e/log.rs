@@ -304,7 +304,7 @@ pub(super) async fn server_members(s: &mut Session, chat: &str) -> Result<Vec<St
 /// Commits the removal of group members who are no longer members on the server (they
 /// left): nothing is sent to a chat whose group still holds someone who left.
 pub(super) async fn remove_departed(s: &mut Session, chat: &str) -> Result<(), CliError> {
-    catch_up(s, chat).await?;
+    // The caller (`send`) has just caught up: the group is as the log says.
     let current = server_members(s, chat).await?;
     let mut gone: Vec<String> = s
         .dev
